@@ -1,0 +1,73 @@
+"""Checkpoints as single safetensors files, written atomically.
+
+A checkpoint is one nested dictionary (model, optimizer, scheduler, step, config, method state,
+sampler and RNG states). Its tensors are stored as safetensors tensors; everything else (numbers,
+strings, lists, dictionaries with any keys) is stored as JSON in the file's metadata, with a
+reference where each tensor was. The file is written to a temporary name and renamed, so a
+crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from subnets.files import atomic_write
+
+_TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
+
+
+def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and k not in (_TENSOR, _DICT, _TUPLE) for k in value):
+            return {k: _flatten(v, tensors) for k, v in value.items()}
+        return {_DICT: [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_flatten(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_flatten(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint: {value!r:.80}")
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _DICT in value:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in value[_DICT]}
+        if _TUPLE in value:
+            return tuple(_unflatten(v, tensors) for v in value[_TUPLE])
+        return {k: _unflatten(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write the nested ``state`` to ``path`` (atomically)."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, tensors)
+    metadata = {"format": "subnets-checkpoint-1", "state": json.dumps(skeleton)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != "subnets-checkpoint-1":
+            raise ValueError(f"{path} is not a subnets checkpoint (format {metadata.get('format')!r})")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return _unflatten(json.loads(metadata["state"]), tensors)

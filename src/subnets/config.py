@@ -1,0 +1,167 @@
+"""Structured-config schemas of the experiment runner.
+
+The dataclasses below are registered in Hydra's ConfigStore and act as schemas: the YAML files
+under ``subnets/configs`` fill them in, and a misspelt key, a wrong type or a value outside an
+enumeration fails when the config is composed, with the full key in the message. The library
+functions do not need Hydra; :func:`default_config` gives the same tree for notebook use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class Task(str, Enum):
+    parsing = "parsing"
+    pos = "pos"
+    parsing_pos = "parsing_pos"
+
+
+class DataSource(str, Enum):
+    synthetic = "synthetic"
+    ud = "ud"
+
+
+OnError = Enum("OnError", {"raise": "raise", "skip": "skip"}, type=str)  # 'raise' is a keyword
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    constant = "constant"
+
+
+class MethodName(str, Enum):
+    baseline = "baseline"
+
+
+@dataclass
+class TinyModelConfig:
+    """Settings of the built-in random BERT (``model.name_or_path=tiny``)."""
+
+    architecture: str = "bert"  # bert | xlm-roberta
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    vocab_size: int = 2000  # WordPiece vocabulary trained on the training text
+    max_length: int = 128  # positions, special tokens included
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # 'tiny', a hub name or a local folder
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_implementation: str | None = None  # eager | sdpa | None (the model's default)
+    max_subwords: int | None = None  # window length in subwords; None: the model's limit
+    mix_dropout: float = 0.0  # UDify layer dropout of the scalar mix
+
+
+@dataclass
+class TaskConfig:
+    name: Task = Task.parsing
+    arc_dim: int = 256
+    label_dim: int = 128
+    dropout: float = 0.33
+    word_dropout: float = 0.1
+
+
+@dataclass
+class SyntheticLanguageConfig:
+    order: str = "SVO"
+    adjective: str = "before"
+    adposition: str = "pre"
+    parent: str | None = None
+    overlap: float = 0.0
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0
+    train: int = 600
+    dev: int = 100
+    test: int = 200
+    languages: dict[str, SyntheticLanguageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class LanguagesConfig:
+    source: DataSource = DataSource.synthetic
+    ud_root: str | None = None  # UD folder (source=ud); default: $SUBNETS_UD_ROOT
+    train: list[str] = field(default_factory=list)
+    dev: list[str] = field(default_factory=list)
+    target: list[str] = field(default_factory=list)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    on_error: OnError = OnError["raise"]
+    max_train_sentences: int | None = None  # per language
+    max_eval_sentences: int | None = None  # per language and split (the first N)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr_encoder: float = 1e-3
+    lr_head: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 40
+    schedule: Schedule = Schedule.linear
+    clip_norm: float = 5.0
+    sampling_alpha: float = 0.5  # language sampling temperature: p(l) ~ size^alpha
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 20
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "subnets"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = MethodName.baseline
+
+
+@dataclass
+class Config:
+    name: str = "default"  # experiment name: outputs/<name>/...
+    seed: int = 1
+    resume: bool = True  # continue from the run folder's last checkpoint if there is one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    languages: LanguagesConfig = field(default_factory=LanguagesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (named first in ``config.yaml``'s defaults)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def default_config(**overrides: Any) -> DictConfig:
+    """The schema's defaults as a structured ``DictConfig`` (for notebooks and tests).
+
+    The defaults of the YAML files (e.g. the synthetic languages) are not included; compose
+    with Hydra (:func:`subnets.train.compose_config`) for the runner's full default.
+    """
+    cfg = OmegaConf.structured(Config)
+    return OmegaConf.merge(cfg, overrides) if overrides else cfg

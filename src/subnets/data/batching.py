@@ -1,0 +1,176 @@
+"""Subword alignment and batch collation.
+
+Each word is represented by its first subword. Word ``0`` of every sentence is the artificial
+root, represented by the first window's ``[CLS]`` token. A sentence whose subwords do not fit
+into the encoder's length limit is split into overlapping windows at word boundaries; each word
+is read from the window in which it has the most context on both sides, so no word is ever
+dropped (the evaluation denominator equals the number of words in the gold file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from subnets.data.treebank import Sentence
+from subnets.data.vocab import DEPREL_INDEX, UPOS_INDEX, universal_deprel
+
+WordPieces = list[list[int]]  # subword ids of each word of a sentence
+
+
+def encode_words(tokenizer, sentences: Sequence[Sentence], chunk: int = 512) -> list[WordPieces]:
+    """Subword ids of every word of every sentence (no special tokens).
+
+    Uses the fast tokenizer's ``word_ids`` on pre-split words, so the pieces are those the
+    tokenizer produces in context. A word that yields no piece (a character the vocabulary
+    drops) is given the unknown token, so that it still has a representation.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; word alignment needs word_ids()"
+        )
+    unk = tokenizer.unk_token_id
+    encoded: list[WordPieces] = []
+    for start in range(0, len(sentences), chunk):
+        part = sentences[start : start + chunk]
+        batch = tokenizer([s.forms for s in part], is_split_into_words=True, add_special_tokens=False)
+        for row, sentence in enumerate(part):
+            pieces: WordPieces = [[] for _ in sentence.forms]
+            for piece, word in zip(batch["input_ids"][row], batch.word_ids(row)):
+                if word is not None:
+                    pieces[word].append(piece)
+            encoded.append([p if p else [unk] for p in pieces])
+    return encoded
+
+
+def plan_windows(lengths: Sequence[int], budget: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Split words with ``lengths`` subwords into windows of at most ``budget`` subwords.
+
+    Words longer than ``budget`` count as ``budget`` (only their first pieces are kept).
+    Consecutive windows overlap by about half. Returns the windows as ``(start, end)`` word
+    ranges and, for each word, the window it is read from: the one where its distance to the
+    nearer window edge (an edge at the sentence boundary does not count) is largest.
+    """
+    lengths = [min(n, budget) for n in lengths]
+    n = len(lengths)
+    windows = []
+    start = 0
+    while True:
+        end, used = start, 0
+        while end < n and used + lengths[end] <= budget:
+            used += lengths[end]
+            end += 1
+        windows.append((start, end))
+        if end == n:
+            break
+        start = max(start + 1, start + (end - start) // 2)
+    inf = float("inf")
+    owner = []
+    for i in range(n):
+        scores = [
+            min(i - s if s > 0 else inf, e - 1 - i if e < n else inf) if s <= i < e else -1
+            for s, e in windows
+        ]
+        owner.append(max(range(len(windows)), key=lambda w: (scores[w], -w)))
+    return windows, owner
+
+
+@dataclass
+class Batch:
+    """A batch of sentences of one language.
+
+    Word axis: position 0 is the root, positions ``1..n`` the words, then padding.
+
+    Attributes:
+        input_ids, attention_mask: ``[windows, T]`` subword input of the encoder.
+        word_index: ``[B, 1 + W]`` index into the flattened ``[windows * T]`` encoder output of
+            each word's first subword (position 0: the root's ``[CLS]``).
+        word_mask: ``[B, 1 + W]`` true at real words (not at the root nor padding).
+        heads, deprels, upos: ``[B, 1 + W]`` gold annotation (0 where ``word_mask`` is false).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_index: torch.Tensor
+    word_mask: torch.Tensor
+    heads: torch.Tensor
+    deprels: torch.Tensor
+    upos: torch.Tensor
+    sentences: list[Sentence] = field(default_factory=list)
+    lang: str = ""
+
+    @property
+    def num_words(self) -> int:
+        return int(self.word_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("input_ids", "attention_mask", "word_index", "word_mask", "heads", "deprels", "upos")
+        }
+        return Batch(**moved, sentences=self.sentences, lang=self.lang)
+
+
+class Collator:
+    """Turns sentences and their word pieces into a :class:`Batch` for one encoder.
+
+    Args:
+        tokenizer: gives the special-token ids (``[CLS]``/``<s>``, ``[SEP]``/``</s>``, padding).
+        max_length: the encoder's limit in subwords, special tokens included.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if self.cls_id is None or self.sep_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has neither cls/sep nor bos/eos tokens")
+        if max_length < 3:
+            raise ValueError(f"max_length must leave room for at least one subword, got {max_length}")
+        self.max_length = max_length
+
+    def __call__(self, sentences: Sequence[Sentence], pieces: Sequence[WordPieces], lang: str = "") -> Batch:
+        budget = self.max_length - 2
+        rows: list[list[int]] = []
+        positions: list[list[tuple[int, int]]] = []  # per sentence: (row, token position) of root and words
+        for word_pieces in pieces:
+            windows, owner = plan_windows([len(p) for p in word_pieces], budget)
+            first_row = len(rows)
+            starts = {}
+            for w, (s, e) in enumerate(windows):
+                ids = [self.cls_id]
+                for i in range(s, e):
+                    starts[(w, i)] = len(ids)
+                    ids.extend(word_pieces[i][:budget])
+                rows.append(ids + [self.sep_id])
+            positions.append(
+                [(first_row, 0)]
+                + [(first_row + owner[i], starts[(owner[i], i)]) for i in range(len(word_pieces))]
+            )
+
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention_mask[r, : len(ids)] = 1
+
+        num_words = max(len(p) for p in pieces) + 1
+        shape = (len(sentences), num_words)
+        word_index = torch.zeros(shape, dtype=torch.long)
+        word_mask = torch.zeros(shape, dtype=torch.bool)
+        heads, deprels, upos = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
+        for b, (sentence, where) in enumerate(zip(sentences, positions)):
+            n = len(sentence)
+            word_index[b, : n + 1] = torch.tensor([row * width + pos for row, pos in where])
+            word_mask[b, 1 : n + 1] = True
+            heads[b, 1 : n + 1] = torch.tensor(sentence.heads)
+            deprels[b, 1 : n + 1] = torch.tensor(
+                [DEPREL_INDEX[universal_deprel(d)] for d in sentence.deprels]
+            )
+            upos[b, 1 : n + 1] = torch.tensor([UPOS_INDEX[t] for t in sentence.upos])
+        return Batch(
+            input_ids, attention_mask, word_index, word_mask, heads, deprels, upos, list(sentences), lang
+        )

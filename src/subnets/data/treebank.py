@@ -1,0 +1,257 @@
+"""Reading, validating and writing CoNLL-U treebanks.
+
+Files are parsed with the ``conllu`` package into :class:`Sentence` objects that hold what the
+parser needs (forms, UPOS, heads, relations of the syntactic words) and keep the whole token list,
+multiword-token lines and empty nodes included, so that predictions can be written back in place.
+
+Every sentence is validated before it is used. A problem raises :class:`ConlluError`, whose
+message names the file, the line and the sentence id, or, with ``on_error="skip"``, the sentence
+is left out and the error is kept in :attr:`ConlluFile.skipped` so that the caller can report it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import conllu
+
+from subnets.data.vocab import DEPREL_INDEX, UPOS_INDEX, universal_deprel
+from subnets.files import atomic_write_text
+
+_WORD_ID = re.compile(r"[1-9][0-9]*\Z")
+_RANGE_ID = re.compile(r"[1-9][0-9]*-[1-9][0-9]*\Z")
+_EMPTY_ID = re.compile(r"[0-9]+\.[1-9][0-9]*\Z")
+ON_ERROR = ("raise", "skip")
+
+
+class ConlluError(ValueError):
+    """A CoNLL-U problem, located by file, line (1-based) and sentence id."""
+
+    def __init__(self, path: str | os.PathLike, line: int, sent_id: str | None, problem: str):
+        self.path, self.line, self.sent_id, self.problem = str(path), line, sent_id, problem
+        where = f"{self.path}:{line}" + (f" (sentence {sent_id})" if sent_id else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class Sentence:
+    """One sentence's syntactic words (multiword tokens and empty nodes are not words).
+
+    ``heads[i]`` is the 1-based index of word ``i + 1``'s head, 0 for the root.
+    ``tokens`` holds every line of the sentence as parsed by ``conllu`` (for writing back).
+    """
+
+    sent_id: str
+    forms: list[str]
+    upos: list[str]
+    heads: list[int]
+    deprels: list[str]
+    tokens: conllu.TokenList | None = field(default=None, repr=False)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.forms)
+
+
+@dataclass
+class ConlluFile:
+    """The valid sentences of a file, and the errors of the sentences skipped (``on_error="skip"``)."""
+
+    path: Path
+    sentences: list[Sentence]
+    skipped: list[ConlluError]
+
+    @property
+    def num_words(self) -> int:
+        return sum(len(s) for s in self.sentences)
+
+
+def read_conllu(path: str | os.PathLike, on_error: str = "raise") -> ConlluFile:
+    """Read and validate a CoNLL-U file.
+
+    Args:
+        path: the file.
+        on_error: ``"raise"`` raises :class:`ConlluError` at the first invalid sentence;
+            ``"skip"`` leaves invalid sentences out and lists their errors in ``skipped``.
+
+    Raises:
+        ConlluError: an invalid sentence (with ``on_error="raise"``), or a file with no valid
+            sentence at all (in both modes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CoNLL-U file not found: {path}")
+    return parse_conllu(path.read_text(encoding="utf-8"), path, on_error)
+
+
+def parse_conllu(text: str, path: str | os.PathLike = "<string>", on_error: str = "raise") -> ConlluFile:
+    """Validate and parse CoNLL-U ``text``; ``path`` is used in error messages only."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    sentences, skipped = [], []
+    for number, (first_line, lines) in enumerate(_blocks(text), start=1):
+        try:
+            sentences.append(_parse_sentence(lines, first_line, number, path))
+        except ConlluError as error:
+            if on_error == "raise":
+                raise
+            skipped.append(error)
+    if not sentences:
+        problem = "no valid sentence" if skipped else "the file holds no sentence"
+        raise ConlluError(path, 1, None, problem + " (expected blank-line separated CoNLL-U sentences)")
+    return ConlluFile(Path(path), sentences, skipped)
+
+
+def _blocks(text: str):
+    """Yield (line number of the first line, lines) for each blank-line separated block."""
+    block, start = [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            yield start, block
+            block = []
+    if block:
+        yield start, block
+
+
+def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sentence:
+    sent_id = next((ln.split("=", 1)[1].strip() for ln in lines if re.match(r"#\s*sent_id\s*=", ln)), None)
+    name = sent_id or f"#{number}"
+
+    def fail(offset: int, problem: str):
+        raise ConlluError(path, first_line + offset, name, problem)
+
+    word_lines: list[tuple[int, list[str]]] = []
+    for offset, line in enumerate(lines):
+        if line.startswith("#"):
+            continue
+        columns = line.split("\t")
+        if len(columns) != 10:
+            fail(offset, f"expected 10 tab-separated columns, found {len(columns)}")
+        token_id = columns[0]
+        if _WORD_ID.match(token_id):
+            expected = len(word_lines) + 1
+            if int(token_id) != expected:
+                fail(offset, f"word ID {token_id} out of sequence (expected {expected})")
+            word_lines.append((offset, columns))
+        elif not (_RANGE_ID.match(token_id) or _EMPTY_ID.match(token_id)):
+            fail(offset, f"ID {token_id!r} is not a word index, a range (3-4) or an empty node (3.1)")
+    if not word_lines:
+        fail(0, "sentence has no word lines")
+
+    n = len(word_lines)
+    heads = []
+    for offset, columns in word_lines:
+        head = columns[6]
+        if not re.fullmatch(r"[0-9]+", head):
+            fail(offset, f"HEAD {head!r} is not an integer")
+        if int(head) > n:
+            fail(offset, f"HEAD {head} out of range (the sentence has {n} words; expected 0..{n})")
+        if columns[3] not in UPOS_INDEX:
+            fail(offset, f"UPOS {columns[3]!r} is not a universal POS tag")
+        if universal_deprel(columns[7]) not in DEPREL_INDEX:
+            fail(offset, f"DEPREL {columns[7]!r} is not a universal dependency relation")
+        heads.append(int(head))
+
+    roots = [i for i, h in enumerate(heads) if h == 0]
+    if not roots:
+        fail(word_lines[0][0], "no root: no word has HEAD 0 (expected exactly one)")
+    if len(roots) > 1:
+        fail(
+            word_lines[roots[1]][0],
+            f"several roots: words {', '.join(str(r + 1) for r in roots)} have HEAD 0",
+        )
+    cycle = _find_cycle(heads)
+    if cycle:
+        path_text = " -> ".join(str(w) for w in [*cycle, cycle[0]])
+        fail(word_lines[cycle[0] - 1][0], f"cycle in the tree: {path_text} (HEAD chain never reaches 0)")
+
+    try:
+        tokens = conllu.parse("\n".join(lines) + "\n\n")[0]
+    except conllu.exceptions.ParseException as error:
+        fail(0, f"conllu could not parse the sentence: {error}")
+    return Sentence(
+        sent_id=name,
+        forms=[c[1] for _, c in word_lines],
+        upos=[c[3] for _, c in word_lines],
+        heads=heads,
+        deprels=[c[7] for _, c in word_lines],
+        tokens=tokens,
+        source=f"{path}:{first_line}",
+    )
+
+
+def _find_cycle(heads: Sequence[int]) -> list[int] | None:
+    """A cycle of 1-based word indices in ``heads``, or None if every chain reaches 0."""
+    state = [0] * (len(heads) + 1)  # 0 unvisited, 1 on the current chain, 2 known to reach the root
+    state[0] = 2
+    for start in range(1, len(heads) + 1):
+        chain, node = [], start
+        while state[node] == 0:
+            state[node] = 1
+            chain.append(node)
+            node = heads[node - 1]
+        if state[node] == 1:
+            return chain[chain.index(node) :]
+        for visited in chain:
+            state[visited] = 2
+    return None
+
+
+def write_conllu(
+    path: str | os.PathLike,
+    sentences: Sequence[Sentence],
+    heads: Sequence[Sequence[int]] | None = None,
+    deprels: Sequence[Sequence[str]] | None = None,
+    upos: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """Write ``sentences`` as CoNLL-U (atomically), replacing HEAD, DEPREL or UPOS where given.
+
+    Every other line and column (comments, multiword tokens, empty nodes, lemmas, features)
+    is written as it was read, so the official scorer can compare the file with the gold one.
+    """
+    parts = []
+    for index, sentence in enumerate(sentences):
+        tokens = copy.deepcopy(sentence.tokens) if sentence.tokens is not None else _token_list(sentence)
+        words = [t for t in tokens if isinstance(t["id"], int)]
+        for column, values in (("head", heads), ("deprel", deprels), ("upos", upos)):
+            if values is None:
+                continue
+            if len(values[index]) != len(words):
+                raise ValueError(
+                    f"sentence {sentence.sent_id}: {len(values[index])} predicted {column}s for {len(words)} words"
+                )
+            for token, value in zip(words, values[index]):
+                token[column] = value
+        parts.append(tokens.serialize())
+    return atomic_write_text(path, "".join(parts))
+
+
+def _token_list(sentence: Sentence) -> conllu.TokenList:
+    tokens = [
+        conllu.Token(
+            id=i + 1,
+            form=form,
+            lemma="_",
+            upos=tag,
+            xpos=None,
+            feats=None,
+            head=head,
+            deprel=rel,
+            deps=None,
+            misc=None,
+        )
+        for i, (form, tag, head, rel) in enumerate(
+            zip(sentence.forms, sentence.upos, sentence.heads, sentence.deprels)
+        )
+    ]
+    return conllu.TokenList(tokens, metadata={"sent_id": sentence.sent_id})

@@ -1,0 +1,61 @@
+"""Prediction and scoring of a parser on one language."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from subnets.data.batching import Collator
+from subnets.data.dataset import LanguageData
+from subnets.data.treebank import write_conllu
+from subnets.metrics import attachment_scores
+from subnets.models.parser import DependencyParser, Prediction
+
+
+def predict(
+    model: DependencyParser,
+    data: LanguageData,
+    collator: Collator,
+    batch_size: int = 128,
+    gates: torch.Tensor | None = None,
+) -> list[Prediction]:
+    """Predictions for every sentence of ``data`` in order, under head ``gates`` if given.
+
+    Sentences are batched by length for speed; the model is left in the mode it was in.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(data)), key=lambda i: sum(len(p) for p in data.pieces[i]))
+    predictions: list[Prediction | None] = [None] * len(data)
+    was_training = model.training
+    model.eval()
+    try:
+        with model.gates.applied(gates):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = collator(
+                    [data.sentences[i] for i in chunk], [data.pieces[i] for i in chunk], data.code
+                )
+                for i, prediction in zip(chunk, model.predict(batch.to(device))):
+                    predictions[i] = prediction
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def evaluate(
+    model: DependencyParser,
+    data: LanguageData,
+    collator: Collator,
+    batch_size: int = 128,
+    gates: torch.Tensor | None = None,
+    predictions_path: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """UAS/LAS (and UPOS) of ``model`` on ``data``; writes the predictions as CoNLL-U if asked."""
+    predictions = predict(model, data, collator, batch_size, gates)
+    heads = [p.heads for p in predictions] if model.parsing else None
+    deprels = [p.deprels for p in predictions] if model.parsing else None
+    upos = [p.upos for p in predictions] if model.tagging else None
+    if predictions_path is not None:
+        write_conllu(predictions_path, data.sentences, heads, deprels, upos)
+    return attachment_scores(data.sentences, heads, deprels, upos)

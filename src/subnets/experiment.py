@@ -1,0 +1,539 @@
+"""The experiment recipe: set up data and model, train with a method, evaluate, checkpoint, resume.
+
+:func:`run` is what ``python -m subnets.train`` calls; it needs a config (see
+:mod:`subnets.config`) and a run folder, not Hydra, so a notebook can call it too. Everything a
+run produces lands in the run folder::
+
+    checkpoints/last.safetensors   full training state (resume)
+    checkpoints/best.safetensors   model and method state at the best development score
+    metrics.jsonl                  one JSON record per logged step and evaluation
+    results.json                   final per-language UAS/LAS/UPOS
+    predictions/<code>-<split>.conllu
+    tokenizer/                     the tiny model's trained tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from subnets.checkpoint import load_checkpoint, save_checkpoint
+from subnets.data.batching import Batch, Collator
+from subnets.data.dataset import LanguageData, load_language
+from subnets.data.sampling import LanguageSampler
+from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
+from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
+from subnets.evaluate import evaluate
+from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from subnets.methods.base import build_method
+from subnets.models.encoder import (
+    Encoder,
+    build_tiny_transformer,
+    load_pretrained,
+    max_subwords,
+    train_wordpiece_tokenizer,
+)
+from subnets.models.parser import DependencyParser
+from subnets.training import linear_schedule, parameter_groups
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resumption without changing its results.
+RESUME_IGNORED = (
+    "resume",
+    "wandb.",
+    "train.device",
+    "train.log_every",
+    "train.eval_batch_size",
+    "languages.ud_root",
+)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _value(setting: Any) -> Any:
+    """An enum setting's plain value (structured configs hold enum members)."""
+    return getattr(setting, "value", setting)
+
+
+def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(container, dict):
+        out = {}
+        for key, value in container.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: container}
+
+
+class Experiment:
+    """One training run, in the shape of a recipe: :meth:`setup`, :meth:`train`,
+    :meth:`final_evaluation`, :meth:`save_checkpoint`.
+
+    Attributes (after :meth:`setup`): ``model``, ``optimizer``, ``scheduler``, ``sampler``,
+    ``method``, ``collator``, ``tokenizer``, and the data: ``train_data`` (source languages,
+    train split), ``dev_data`` (development languages, dev split), ``eval_data`` (every
+    language and split evaluated at the end, keyed ``(role, code)``).
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.step = 0
+        self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
+        self.wandb_run = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.device = self._device(cfg.train.device)
+        self.treebanks, self.data_root = self._treebanks()
+        self._load_data()
+        self.tokenizer, transformer = self._encoder()
+        for data in self._all_data():
+            data.tokenize(self.tokenizer)
+        limit = max_subwords(transformer, self.tokenizer)
+        if cfg.model.max_subwords:
+            if cfg.model.max_subwords > limit:
+                raise ValueError(
+                    f"model.max_subwords={cfg.model.max_subwords} exceeds the encoder's limit {limit}"
+                )
+            limit = cfg.model.max_subwords
+        self.collator = Collator(self.tokenizer, limit)
+        encoder = Encoder(transformer, cfg.model.mix_dropout)
+        task = cfg.task
+        self.model = DependencyParser(
+            encoder, _value(task.name), task.arc_dim, task.label_dim, task.dropout, task.word_dropout
+        ).to(self.device)
+        self.method = build_method(cfg.method)
+        self.optimizer, self.scheduler = self._optimizer()
+        sizes = {code: len(data) for code, data in self.train_data.items()}
+        self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
+        self.resumed = self._resume()
+        self.method.setup(self)
+        self._init_wandb()
+
+    def _device(self, setting: str) -> torch.device:
+        if setting == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(setting)
+
+    def _treebanks(self) -> tuple[dict[str, TreebankFiles], Path]:
+        languages = self.cfg.languages
+        if _value(languages.source) == "synthetic":
+            synthetic = languages.synthetic
+            specs = {code: SyntheticLanguage(code, **spec) for code, spec in synthetic.languages.items()}
+            root = write_synthetic_treebanks(
+                self.run_dir / "data",
+                specs,
+                {"train": synthetic.train, "dev": synthetic.dev, "test": synthetic.test},
+                synthetic.seed,
+            )
+        else:
+            setting = languages.ud_root or os.environ.get("SUBNETS_UD_ROOT")
+            if not setting:
+                raise ValueError(
+                    "languages.source=ud needs languages.ud_root or the SUBNETS_UD_ROOT variable"
+                )
+            root = Path(setting).expanduser()
+        return discover_treebanks(root), root
+
+    def _load_data(self) -> None:
+        languages, treebanks, root = self.cfg.languages, self.treebanks, self.data_root
+        on_error = _value(languages.on_error)
+        if not languages.train:
+            raise ValueError("languages.train is empty: name at least one training language")
+
+        def load(code: str, split: str, cap: int | None) -> LanguageData:
+            return load_language(treebanks[code], split, on_error, cap)
+
+        train = select_treebanks(treebanks, languages.train, "languages.train", root)
+        dev = select_treebanks(treebanks, languages.dev, "languages.dev", root)
+        target = select_treebanks(treebanks, languages.target, "languages.target", root)
+        for tb in train:
+            if "train" not in tb.files:
+                raise ValueError(f"languages.train: {tb.code} has no train split in {tb.folder}")
+        for tb in dev:
+            if "dev" not in tb.files:
+                raise ValueError(f"languages.dev: {tb.code} has no dev split in {tb.folder}")
+        for tb in target:
+            if "test" not in tb.files:
+                raise ValueError(f"languages.target: {tb.code} has no test split in {tb.folder}")
+        self.train_data = {tb.code: load(tb.code, "train", languages.max_train_sentences) for tb in train}
+        cap = languages.max_eval_sentences
+        self.dev_data = {tb.code: load(tb.code, "dev", cap) for tb in dev}
+        self.eval_data: dict[tuple[str, str], LanguageData] = {}
+        for tb in train:
+            if "dev" in tb.files:
+                self.eval_data[("source", tb.code)] = load(tb.code, "dev", cap)
+        for code, data in self.dev_data.items():
+            self.eval_data[("dev", code)] = data
+        for tb in target:
+            self.eval_data[("target", tb.code)] = load(tb.code, "test", cap)
+        skipped = sum(d.skipped for d in self._all_data())
+        if skipped:
+            log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", skipped)
+        self.skipped_sentences = {f"{d.code}-{d.split}": d.skipped for d in self._all_data() if d.skipped}
+
+    def _all_data(self) -> list[LanguageData]:
+        unique = {
+            id(d): d for d in [*self.train_data.values(), *self.dev_data.values(), *self.eval_data.values()]
+        }
+        return list(unique.values())
+
+    def _encoder(self):
+        model = self.cfg.model
+        if model.name_or_path != "tiny":
+            return load_pretrained(model.name_or_path, model.attn_implementation)
+        from transformers import PreTrainedTokenizerFast
+
+        tiny = model.tiny
+        folder = self.run_dir / "tokenizer"
+        if (folder / "tokenizer.json").exists():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        else:
+            texts = (" ".join(s.forms) for d in self.train_data.values() for s in d.sentences)
+            tokenizer = train_wordpiece_tokenizer(texts, tiny.vocab_size, tiny.max_length)
+            tokenizer.save_pretrained(folder)
+        transformer = build_tiny_transformer(
+            len(tokenizer),
+            tiny.hidden_size,
+            tiny.num_layers,
+            tiny.num_heads,
+            tiny.intermediate_size,
+            tiny.max_length,
+            tiny.architecture,
+            model.attn_implementation,
+            self.cfg.seed,
+            tokenizer.pad_token_id,
+        )
+        return tokenizer, transformer
+
+    def _optimizer(self):
+        train = self.cfg.train
+        groups = parameter_groups(self.model, train.lr_encoder, train.lr_head, train.weight_decay)
+        optimizer = self.method.wrap_optimizer(torch.optim.AdamW(groups), self.model)
+        decay = _value(train.schedule) == "linear"
+        return optimizer, linear_schedule(optimizer, train.warmup_steps, train.steps, decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.safetensors"
+
+    def _config_container(self) -> dict:
+        return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to ``checkpoints/last.safetensors``."""
+        state = {
+            "step": self.step,
+            "config": self._config_container(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "method": self.method.state_dict(),
+            "best": self.best,
+            "rng": _rng_state(),
+        }
+        return save_checkpoint(self.last_checkpoint, state)
+
+    def _resume(self) -> bool:
+        path = self.last_checkpoint
+        if not path.exists():
+            return False
+        if not self.cfg.resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run (checkpoint {path}); pass resume=true to continue it, "
+                "or choose another folder (hydra.run.dir=...)"
+            )
+        state = load_checkpoint(path, self.device)
+        saved, current = _flat(state["config"]), _flat(self._config_container())
+        differences = [
+            f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key) and not key.startswith(RESUME_IGNORED)
+        ]
+        if differences:
+            raise ValueError(
+                f"cannot resume {path}: the config differs from the one it was trained with:\n  "
+                + "\n  ".join(differences)
+                + "\nUse the same settings, or another run folder (hydra.run.dir=...) for a new run."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.method.load_state_dict(state["method"])
+        self.step, self.best = state["step"], state["best"]
+        _set_rng_state(state["rng"])
+        # Records logged after the checkpoint will be logged again by the resumed run.
+        metrics = self.run_dir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step]
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _init_wandb(self) -> None:
+        import wandb
+
+        settings = self.cfg.wandb
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.wandb_run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group or self.cfg.name,
+            name=f"{self.cfg.name}/{self.run_dir.name}",
+            dir=str(self.run_dir),
+            mode=_value(settings.mode),
+            config=self._config_container(),
+            id=run_id,
+            resume="allow",
+            tags=list(settings.tags),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with the current step) to metrics.jsonl and send it to W&B."""
+        record = {"step": self.step, **record}
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+
+    def close(self) -> None:
+        """Finish the W&B run (each Hydra job gets its own)."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    # ------------------------------------------------------------------ training
+    def batch(self, lang: str, indices: list[int]) -> Batch:
+        data = self.train_data[lang]
+        return self.collator(
+            [data.sentences[i] for i in indices], [data.pieces[i] for i in indices], lang
+        ).to(self.device)
+
+    def train(self) -> None:
+        """Run the training loop from the current step to ``train.steps``."""
+        train = self.cfg.train
+        if self.step >= train.steps:
+            return
+        bar = tqdm(
+            total=train.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=None,
+            file=sys.stderr,
+        )
+        totals: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.step < train.steps:
+            lang, indices = self.sampler.next()
+            result = self.method.train_step(self, lang, self.batch(lang, indices))
+            extra = self.method.after_step(self, lang, result)
+            self.step += 1
+            bar.update(1)
+            for key, value in {
+                "loss": result.loss,
+                **result.losses,
+                "grad_norm": result.grad_norm,
+                **extra,
+            }.items():
+                totals[key] = totals.get(key, 0.0) + value
+            totals["steps"] = totals.get("steps", 0) + 1
+            totals["words"] = totals.get("words", 0) + result.words
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                seconds = time.perf_counter() - start
+                n = totals.pop("steps")
+                words = totals.pop("words")
+                record = {f"train/{k}": v / n for k, v in totals.items()}
+                record["train/words_per_second"] = words / seconds
+                for group in self.optimizer.param_groups:
+                    record[f"lr/{group.get('name', 'group')}"] = group["lr"]
+                self.log(record)
+                bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+                totals, start = {}, time.perf_counter()
+            if self.step % train.eval_every == 0 or self.step == train.steps:
+                self.validate()
+            if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def validation_metric(self, scores: dict[str, float]) -> float:
+        """LAS for parsing tasks, UPOS accuracy for ``task=pos``."""
+        return scores["las"] if "las" in scores else scores["upos"]
+
+    def validate(self) -> float | None:
+        """Evaluate the development languages; keep the best model in ``checkpoints/best.safetensors``."""
+        if not self.dev_data:
+            return None
+        record, metrics = {}, []
+        for code, data in self.dev_data.items():
+            scores = evaluate(
+                self.model, data, self.collator, self.cfg.train.eval_batch_size, self.method.eval_gates(code)
+            )
+            metrics.append(self.validation_metric(scores))
+            record.update({f"dev/{code}/{k}": v for k, v in scores.items() if k != "words"})
+        metric = float(np.mean(metrics))
+        record["dev/metric"] = metric
+        self.log(record)
+        if self.best is None or metric > self.best["metric"]:
+            self.best = {"metric": metric, "step": self.step}
+            save_checkpoint(
+                self.best_checkpoint,
+                {
+                    "step": self.step,
+                    "metric": metric,
+                    "model": self.model.state_dict(),
+                    "method": self.method.state_dict(),
+                },
+            )
+        return metric
+
+    # ------------------------------------------------------------------ evaluation
+    def final_evaluation(self) -> dict[str, Any]:
+        """Evaluate the best model on every language and split; write predictions and results.json."""
+        if self.best is not None and self.best_checkpoint.exists():
+            best = load_checkpoint(self.best_checkpoint, self.device)
+            self.model.load_state_dict(best["model"])
+            self.method.load_state_dict(best["method"])
+        scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
+        for (role, code), data in self.eval_data.items():
+            path = self.run_dir / "predictions" / f"{code}-{data.split}.conllu"
+            result = evaluate(
+                self.model,
+                data,
+                self.collator,
+                self.cfg.train.eval_batch_size,
+                self.method.eval_gates(code),
+                path,
+            )
+            scores[role][code] = {"split": data.split, **result}
+        results = {
+            "method": self.method.name,
+            "seed": self.cfg.seed,
+            "steps": self.step,
+            "best_step": self.best["step"] if self.best else None,
+            "dev_metric": self.best["metric"] if self.best else None,
+            "skipped_sentences": self.skipped_sentences,
+            **scores,
+        }
+        for role in ("dev", "target"):
+            if scores[role]:
+                results[f"{role}_mean"] = {
+                    key: float(np.mean([s[key] for s in scores[role].values()]))
+                    for key in ("uas", "las", "upos")
+                    if key in next(iter(scores[role].values()))
+                }
+        atomic_write_json(self.run_dir / "results.json", results)
+        self.log(
+            {
+                f"final/{role}/{code}/{k}": v
+                for role in scores
+                for code, s in scores[role].items()
+                for k, v in s.items()
+                if k not in ("split", "words")
+            }
+        )
+        return results
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table of the per-language scores in ``results``."""
+    rows = []
+    for role in ("source", "dev", "target"):
+        for code, s in results.get(role, {}).items():
+            rows.append(
+                (
+                    code,
+                    role,
+                    s["split"],
+                    str(s["words"]),
+                    *(f"{s[k]:.2f}" if k in s else "-" for k in ("uas", "las", "upos")),
+                )
+            )
+    for role in ("dev", "target"):
+        if f"{role}_mean" in results:
+            mean = results[f"{role}_mean"]
+            rows.append(
+                (
+                    "mean",
+                    role,
+                    "",
+                    "",
+                    *(f"{mean[k]:.2f}" if k in mean else "-" for k in ("uas", "las", "upos")),
+                )
+            )
+    header = ("language", "role", "split", "words", "UAS", "LAS", "UPOS")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Set up, train, evaluate; returns the results (also in ``run_dir/results.json``).
+
+    A run folder that already holds a checkpoint is resumed (``resume=true``); one whose
+    training finished and whose results exist is not run again.
+    """
+    experiment = Experiment(cfg, run_dir)
+    results_path = Path(run_dir) / "results.json"
+    try:
+        experiment.setup()
+        if experiment.resumed and experiment.step >= cfg.train.steps and results_path.exists():
+            log.info("%s already finished; results in %s", run_dir, results_path)
+            return json.loads(results_path.read_text())
+        experiment.train()
+        results = experiment.final_evaluation()
+    finally:
+        experiment.close()
+    print(format_results(results))
+    return results

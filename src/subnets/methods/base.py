@@ -1,0 +1,90 @@
+"""Training methods: the small decisions in which the methods differ, owned by one object.
+
+A method answers, for a step of language ``l``: which head gates the forward pass uses, which
+coordinates the update may change, what happens after the backward pass, and how one outer step
+is computed. It owns its state (masks, importance averages, ...) and saves it with
+:meth:`Method.state_dict`, so the training loop, the evaluation and checkpoints are the same
+for every method. It also answers the test-time question: which gates a language is evaluated
+with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from subnets.data.batching import Batch
+from subnets.training import StepResult, training_step
+
+if TYPE_CHECKING:
+    from subnets.experiment import Experiment
+
+
+class Method:
+    """Ordinary multilingual fine-tuning with language-homogeneous batches (``baseline``)."""
+
+    name = "baseline"
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg  # the ``method`` config node
+
+    def setup(self, experiment: Experiment) -> None:
+        """Prepare state before training (called after a resume has restored :meth:`state_dict`)."""
+
+    def wrap_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+    ) -> torch.optim.Optimizer:
+        """The optimizer the runner steps (masked methods wrap it to make masked updates exact)."""
+        return optimizer
+
+    def head_gates(self, lang: str) -> torch.Tensor | None:
+        """Forward head gates ``[layers, heads]`` for a step of ``lang`` (None: all heads)."""
+        return None
+
+    def update_mask(self, lang: str) -> dict[str, torch.Tensor] | None:
+        """Coordinates a step of ``lang`` may update (None: all)."""
+        return None
+
+    def track_gates(self, lang: str) -> bool:
+        """Whether a step of ``lang`` needs ``dL/dgate`` (dynamic importance)."""
+        return False
+
+    def after_step(self, experiment: Experiment, lang: str, result: StepResult) -> dict[str, float]:
+        """React to a finished step (e.g. update importance); returns values to log."""
+        return {}
+
+    def train_step(self, experiment: Experiment, lang: str, batch: Batch) -> StepResult:
+        """One outer step on a batch of ``lang``."""
+        return training_step(
+            experiment.model,
+            batch,
+            experiment.optimizer,
+            gates=self.head_gates(lang),
+            track_gates=self.track_gates(lang),
+            update_mask=self.update_mask(lang),
+            clip_norm=experiment.cfg.train.clip_norm,
+            scheduler=experiment.scheduler,
+        )
+
+    def eval_gates(self, lang: str) -> torch.Tensor | None:
+        """Head gates for evaluating ``lang`` (training languages: their subnetwork; others:
+        the test-time policy). The baseline uses every head."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+METHODS: dict[str, type[Method]] = {"baseline": Method}
+
+
+def build_method(method_cfg) -> Method:
+    """The method named by ``method_cfg.name`` (``cfg.method``)."""
+    name = str(getattr(method_cfg.name, "value", method_cfg.name))
+    if name not in METHODS:
+        raise ValueError(f"method.name: unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name](method_cfg)

@@ -1,0 +1,167 @@
+"""Multilingual encoders: loading, the built-in tiny model, and the learned scalar mix of layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+from subnets.models.head_gates import HeadGates
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# Models whose BPE tokenizer needs a leading space to tokenize pre-split words as in running text.
+_PREFIX_SPACE_TYPES = {"roberta", "longformer", "bart", "deberta", "gpt2"}
+
+
+class ScalarMix(nn.Module):
+    """``gamma * sum_i softmax(w)_i * layer_i`` over the encoder's layers (UDify).
+
+    With ``dropout > 0``, each layer's weight is dropped (set to -inf before the softmax) with
+    that probability during training, as UDify's layer dropout; at least one layer is kept.
+    """
+
+    def __init__(self, num_layers: int, dropout: float = 0.0):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(num_layers))
+        self.gamma = nn.Parameter(torch.ones(()))
+        self.dropout = dropout
+
+    def forward(self, layers: Iterable[torch.Tensor]) -> torch.Tensor:
+        layers = list(layers)
+        weights = self.weights
+        if self.training and self.dropout > 0:
+            drop = torch.rand(len(layers), device=weights.device) < self.dropout
+            if not drop.all():
+                weights = weights.masked_fill(drop, float("-inf"))
+        probabilities = torch.softmax(weights, dim=0)
+        mixed = probabilities[0] * layers[0]
+        for p, layer in zip(probabilities[1:], layers[1:]):
+            mixed = mixed + p * layer
+        return self.gamma * mixed
+
+
+class Encoder(nn.Module):
+    """A Hugging Face encoder with head gates and a scalar mix, returning word representations.
+
+    ``forward`` maps a :class:`~subnets.data.batching.Batch`'s subword input to ``[B, 1 + W, D]``
+    first-subword representations (position 0: the root's ``[CLS]``).
+    """
+
+    def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0):
+        super().__init__()
+        self.transformer = transformer
+        self.mix = ScalarMix(transformer.config.num_hidden_layers, mix_dropout)
+        self.gates = HeadGates(transformer)
+        self.hidden_size = int(transformer.config.hidden_size)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_index: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        mixed = self.mix(out.hidden_states[1:])
+        return mixed.reshape(-1, mixed.shape[-1])[word_index]
+
+
+def max_subwords(transformer: nn.Module, tokenizer) -> int:
+    """The encoder's input limit in subwords (special tokens included)."""
+    config = transformer.config
+    limit = int(config.max_position_embeddings)
+    if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"}:
+        limit -= int(config.pad_token_id) + 1  # positions start after the padding index
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if model_max and model_max < 1_000_000:
+        limit = min(limit, int(model_max))
+    return limit
+
+
+def load_pretrained(name_or_path: str, attn_implementation: str | None = None) -> tuple[nn.Module, object]:
+    """``AutoModel`` and fast ``AutoTokenizer`` from a hub name or a local folder, in float32."""
+    dtype_key = "dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
+    kwargs = {dtype_key: torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        tokenizer_kwargs = {"add_prefix_space": True} if config.model_type in _PREFIX_SPACE_TYPES else {}
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+        try:
+            model = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+        except TypeError:  # architectures without a pooler option
+            model = AutoModel.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        raise OSError(
+            f"could not load encoder {name_or_path!r} (model.name_or_path): {error}\n"
+            "Use a local folder (e.g. ../shared/models/multilingual-e5-small) when the hub is unreachable."
+        ) from error
+    return model, tokenizer
+
+
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int, max_length: int
+) -> PreTrainedTokenizerFast:
+    """A cased BERT-style WordPiece tokenizer trained offline on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_transformer(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_length: int = 128,
+    architecture: str = "bert",
+    attn_implementation: str | None = None,
+    seed: int = 0,
+    pad_token_id: int = 0,
+) -> nn.Module:
+    """A small randomly initialised BERT (or XLM-R style) encoder, deterministic for ``seed``."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        pad_token_id=pad_token_id,
+    )
+    if architecture == "bert":
+        config = transformers.BertConfig(max_position_embeddings=max_length, **common)
+        model_class = transformers.BertModel
+    elif architecture == "xlm-roberta":
+        config = transformers.XLMRobertaConfig(
+            max_position_embeddings=max_length + pad_token_id + 1, **common
+        )
+        model_class = transformers.XLMRobertaModel
+    else:
+        raise ValueError(f"model.tiny.architecture must be 'bert' or 'xlm-roberta', got {architecture!r}")
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config, add_pooling_layer=False)

@@ -1,0 +1,121 @@
+"""One training step, and the optimizer and schedule of the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from subnets.data.batching import Batch
+from subnets.models.parser import DependencyParser
+
+
+@dataclass
+class StepResult:
+    """What one step did: losses, the gradient norm before clipping, and ``dL/dgate`` if tracked."""
+
+    loss: float
+    losses: dict[str, float]
+    grad_norm: float
+    words: int
+    gate_grad: torch.Tensor | None = None
+
+
+def training_step(
+    model: DependencyParser,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gates: torch.Tensor | None = None,
+    track_gates: bool = False,
+    update_mask: Mapping[str, torch.Tensor] | None = None,
+    clip_norm: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> StepResult:
+    """Forward, backward, clip and update on one batch.
+
+    Args:
+        gates: head gates ``[layers, heads]`` for the forward pass (None: all heads, no hooks cost).
+        track_gates: return ``dL/dgate`` (the gates, or all-ones, are made differentiable).
+        update_mask: parameter name -> boolean tensor of the coordinates this step may update.
+            Gradients outside the mask are zeroed before clipping, and the optimizer (a
+            :class:`~subnets.optim.MaskedOptimizer`) leaves those coordinates bit-identical.
+        clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    if track_gates:
+        gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
+        gates = gates.to(batch.input_ids.device).requires_grad_(True)
+    with model.gates.applied(gates):
+        out = model(batch)
+    out.loss.backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if update_mask is not None:
+        named = dict(model.named_parameters())
+        for name, mask in update_mask.items():
+            grad = named[name].grad
+            if grad is not None:
+                grad.mul_(mask)
+    if clip_norm and clip_norm > 0:
+        grad_norm = nn.utils.clip_grad_norm_(parameters, clip_norm)
+    else:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if update_mask is None:
+        optimizer.step()
+    else:
+        optimizer.step(update_mask=update_mask)
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(
+        loss=float(out.loss.detach()),
+        losses={k: float(v.detach()) for k, v in out.losses.items()},
+        grad_norm=float(grad_norm),
+        words=batch.num_words,
+        gate_grad=gates.grad.detach().clone() if track_gates else None,
+    )
+
+
+def parameter_groups(
+    model: DependencyParser, lr_encoder: float, lr_head: float, weight_decay: float
+) -> list[dict]:
+    """AdamW groups: encoder and task head at their own learning rates; no decay on biases,
+    LayerNorm weights and the scalar mix."""
+    encoder_ids = {id(p) for _, p in model.encoder_parameters()}
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_encoder = id(parameter) in encoder_ids
+        decay = parameter.ndim >= 2 and "LayerNorm" not in name and "layer_norm" not in name
+        group = groups.setdefault(
+            (is_encoder, decay),
+            {
+                "params": [],
+                "names": [],
+                "lr": lr_encoder if is_encoder else lr_head,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{'encoder' if is_encoder else 'head'}{'' if decay else '_no_decay'}",
+            },
+        )
+        group["params"].append(parameter)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: bool = True
+):
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``total_steps`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not decay:
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
