@@ -107,7 +107,7 @@ class Experiment:
         self.device = self._device(cfg.train.device)
         self.treebanks, self.data_root = self._treebanks()
         self._load_data()
-        self.tokenizer, transformer = self._encoder()
+        transformer, self.tokenizer = self._encoder()
         for data in self._all_data():
             data.tokenize(self.tokenizer)
         limit = max_subwords(transformer, self.tokenizer)
@@ -225,7 +225,7 @@ class Experiment:
             self.cfg.seed,
             tokenizer.pad_token_id,
         )
-        return tokenizer, transformer
+        return transformer, tokenizer
 
     def _optimizer(self):
         train = self.cfg.train

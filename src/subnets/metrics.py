@@ -29,6 +29,9 @@ def attachment_scores(
     words = sum(len(s) for s in gold)
     if words == 0:
         raise ValueError("no gold words to score")
+    for name, values in (("heads", heads), ("deprels", deprels), ("upos", upos)):
+        if values is not None and len(values) != len(gold):
+            raise ValueError(f"{len(values)} sentences of predicted {name} for {len(gold)} gold sentences")
     counts = {"uas": 0, "las": 0, "upos": 0}
     for i, sentence in enumerate(gold):
         n = len(sentence)

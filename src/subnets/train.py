@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import hydra
@@ -18,8 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 from subnets.config import register_configs
 from subnets.experiment import run
 
+
+def run_folder_name(overrides: str) -> str:
+    """A run folder name from Hydra's ``override_dirname``: readable, one path level, and unique
+    (long names are cut and end in a hash of the whole)."""
+    name = overrides.replace("/", "_") or "run"
+    if len(name) > 120:
+        name = f"{name[:100]}...{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+    return name
+
+
 register_configs()
-OmegaConf.register_new_resolver("subnets_run_name", lambda overrides: overrides or "run", replace=True)
+OmegaConf.register_new_resolver("subnets_run_name", run_folder_name, replace=True)
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

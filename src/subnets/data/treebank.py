@@ -11,7 +11,6 @@ is left out and the error is kept in :attr:`ConlluFile.skipped` so that the call
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Sequence
@@ -43,7 +42,8 @@ class Sentence:
     """One sentence's syntactic words (multiword tokens and empty nodes are not words).
 
     ``heads[i]`` is the 1-based index of word ``i + 1``'s head, 0 for the root.
-    ``tokens`` holds every line of the sentence as parsed by ``conllu`` (for writing back).
+    ``tokens`` holds every token of the sentence as parsed by ``conllu`` (typed fields,
+    metadata); ``lines`` its original text lines, from which predictions are written back.
     """
 
     sent_id: str
@@ -52,6 +52,7 @@ class Sentence:
     heads: list[int]
     deprels: list[str]
     tokens: conllu.TokenList | None = field(default=None, repr=False)
+    lines: list[str] | None = field(default=None, repr=False)
     source: str = ""
 
     def __len__(self) -> int:
@@ -110,7 +111,7 @@ def parse_conllu(text: str, path: str | os.PathLike = "<string>", on_error: str 
 def _blocks(text: str):
     """Yield (line number of the first line, lines) for each blank-line separated block."""
     block, start = [], 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: only \n ends a line
         line = line.rstrip("\r")
         if line.strip():
             if not block:
@@ -179,13 +180,15 @@ def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sen
         tokens = conllu.parse("\n".join(lines) + "\n\n")[0]
     except conllu.exceptions.ParseException as error:
         fail(0, f"conllu could not parse the sentence: {error}")
+    words = [t for t in tokens if isinstance(t["id"], int)]
     return Sentence(
         sent_id=name,
-        forms=[c[1] for _, c in word_lines],
-        upos=[c[3] for _, c in word_lines],
-        heads=heads,
-        deprels=[c[7] for _, c in word_lines],
+        forms=[t["form"] for t in words],
+        upos=[t["upos"] for t in words],
+        heads=[t["head"] for t in words],
+        deprels=[t["deprel"] for t in words],
         tokens=tokens,
+        lines=lines,
         source=f"{path}:{first_line}",
     )
 
@@ -216,42 +219,36 @@ def write_conllu(
 ) -> Path:
     """Write ``sentences`` as CoNLL-U (atomically), replacing HEAD, DEPREL or UPOS where given.
 
-    Every other line and column (comments, multiword tokens, empty nodes, lemmas, features)
-    is written as it was read, so the official scorer can compare the file with the gold one.
+    Every other line and column (comments, multiword tokens, empty nodes, lemmas, features,
+    MISC) is written byte for byte as it was read, so the official scorer can compare the file
+    with the gold one. (The ``conllu`` serializer is not used: it drops free-form comments and
+    cuts MISC values that contain ``=``.)
     """
+    replacements = [(3, upos), (6, heads), (7, deprels)]
     parts = []
     for index, sentence in enumerate(sentences):
-        tokens = copy.deepcopy(sentence.tokens) if sentence.tokens is not None else _token_list(sentence)
-        words = [t for t in tokens if isinstance(t["id"], int)]
-        for column, values in (("head", heads), ("deprel", deprels), ("upos", upos)):
-            if values is None:
-                continue
-            if len(values[index]) != len(words):
+        for _, values in replacements:
+            if values is not None and len(values[index]) != len(sentence):
                 raise ValueError(
-                    f"sentence {sentence.sent_id}: {len(values[index])} predicted {column}s for {len(words)} words"
+                    f"sentence {sentence.sent_id}: {len(values[index])} predicted values for {len(sentence)} words"
                 )
-            for token, value in zip(words, values[index]):
-                token[column] = value
-        parts.append(tokens.serialize())
+        word = 0
+        for line in sentence.lines if sentence.lines is not None else _lines(sentence):
+            columns = line.split("\t")
+            if not line.startswith("#") and _WORD_ID.match(columns[0]):
+                for column, values in replacements:
+                    if values is not None:
+                        columns[column] = str(values[index][word])
+                word += 1
+            parts.append("\t".join(columns) + "\n")
+        parts.append("\n")
     return atomic_write_text(path, "".join(parts))
 
 
-def _token_list(sentence: Sentence) -> conllu.TokenList:
-    tokens = [
-        conllu.Token(
-            id=i + 1,
-            form=form,
-            lemma="_",
-            upos=tag,
-            xpos=None,
-            feats=None,
-            head=head,
-            deprel=rel,
-            deps=None,
-            misc=None,
-        )
-        for i, (form, tag, head, rel) in enumerate(
-            zip(sentence.forms, sentence.upos, sentence.heads, sentence.deprels)
-        )
+def _lines(sentence: Sentence) -> list[str]:
+    """CoNLL-U lines for a sentence built in code (no lines read from a file)."""
+    rows = zip(sentence.forms, sentence.upos, sentence.heads, sentence.deprels)
+    return [f"# sent_id = {sentence.sent_id}"] + [
+        f"{i}\t{form}\t_\t{tag}\t_\t_\t{head}\t{rel}\t_\t_"
+        for i, (form, tag, head, rel) in enumerate(rows, 1)
     ]
-    return conllu.TokenList(tokens, metadata={"sent_id": sentence.sent_id})

@@ -29,7 +29,7 @@ def decode_mst(scores: np.ndarray) -> np.ndarray:
         ``heads`` of length ``n + 1`` with ``heads[0] = -1`` and ``heads[d]`` in ``0..n``.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    size = scores.shape[0]
+    size = scores.shape[0] if scores.ndim else 0
     if scores.shape != (size, size) or size < 2:
         raise ValueError(f"scores must be a square [n+1, n+1] matrix with n >= 1, got {scores.shape}")
     scores = scores.copy()

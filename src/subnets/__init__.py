@@ -1,0 +1,3 @@
+"""subnets: language-specific subnetworks for cross-lingual transfer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""Subword alignment, windows for long sentences, and collation."""
+
+import pytest
+import torch
+
+from subnets.data.batching import Collator, encode_words, plan_windows
+from subnets.data.treebank import Sentence
+from subnets.models.encoder import train_wordpiece_tokenizer
+
+TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "a dog sleeps under the old tree",
+    "foxes and dogs are animals",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_wordpiece_tokenizer(TEXT, vocab_size=60, max_length=64)
+
+
+def sentence(words):
+    n = len(words)
+    heads = [0] + [1] * (n - 1)
+    return Sentence("s", list(words), ["NOUN"] * n, heads, ["root"] + ["dep"] * (n - 1))
+
+
+def test_first_subword_alignment_matches_running_text(tokenizer):
+    words = ["foxes", "sleeping", "under", "brownish", "trees"]
+    pieces = encode_words(tokenizer, [sentence(words)])[0]
+    assert len(pieces) == len(words)
+    assert any(len(p) > 1 for p in pieces)  # the small vocabulary splits some words
+    running = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    assert [i for p in pieces for i in p] == running
+    for word, word_pieces in zip(words, pieces):
+        first, *rest = tokenizer.convert_ids_to_tokens(word_pieces)
+        assert word.startswith(first)  # the first piece begins the word
+        assert all(piece.startswith("##") for piece in rest)
+
+
+def test_word_without_pieces_gets_unknown_token(tokenizer):
+    pieces = encode_words(tokenizer, [sentence(["dog", "\u200b"])])[0]  # zero-width space: no pieces
+    assert pieces[1] == [tokenizer.unk_token_id]
+
+
+def test_plan_windows_single_window_when_it_fits():
+    windows, owner = plan_windows([1, 2, 3], budget=6)
+    assert windows == [(0, 3)] and owner == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "lengths,budget", [([1] * 30, 8), ([3, 1, 2, 5, 1, 1, 4, 2, 2, 3, 1, 1] * 3, 7), ([9, 1, 9], 4)]
+)
+def test_plan_windows_covers_every_word_within_budget(lengths, budget):
+    windows, owner = plan_windows(lengths, budget)
+    assert windows[0][0] == 0 and windows[-1][1] == len(lengths)
+    for start, end in windows:
+        assert end > start
+        assert sum(min(n, budget) for n in lengths[start:end]) <= budget
+    for word, window in enumerate(owner):
+        start, end = windows[window]
+        assert start <= word < end
+    for (s1, e1), (s2, _) in zip(windows, windows[1:]):
+        assert s1 < s2 <= e1  # consecutive windows overlap or touch, and advance
+
+
+def test_plan_windows_reads_each_word_where_it_has_most_context():
+    windows, owner = plan_windows([1] * 20, budget=8)
+    # a word in the middle of the sentence is never read at the edge of a window when another
+    # window gives it context on both sides
+    for word in range(4, 16):
+        start, end = windows[owner[word]]
+        assert min(word - start, end - 1 - word) >= 2
+
+
+def test_collator_indexes_first_subwords_and_root(tokenizer):
+    sentences = [sentence(["the", "foxes", "jumps"]), sentence(["a", "lazy", "dog", "sleeps", "brownish"])]
+    pieces = encode_words(tokenizer, sentences)
+    batch = Collator(tokenizer, max_length=64)(sentences, pieces, "xx")
+    flat = batch.input_ids.flatten()
+    assert batch.input_ids.shape[0] == 2  # one window each
+    assert batch.word_index.shape == (2, 6)
+    for b, sent_pieces in enumerate(pieces):
+        assert flat[batch.word_index[b, 0]] == tokenizer.cls_token_id
+        for j, word_pieces in enumerate(sent_pieces, start=1):
+            assert flat[batch.word_index[b, j]] == word_pieces[0]
+    assert batch.word_mask.tolist() == [[False, True, True, True, False, False], [False] + [True] * 5]
+    assert batch.heads[1].tolist() == [0, 0, 1, 1, 1, 1]
+    assert batch.num_words == 8
+    assert batch.attention_mask.sum().item() == sum(len(p) for s in pieces for p in s) + 4
+
+
+def test_long_sentence_is_split_into_windows_without_losing_words(tokenizer):
+    words = (TEXT[0].split() + TEXT[1].split()) * 4  # 64 words, more subwords than the limit
+    pieces = encode_words(tokenizer, [sentence(words)])
+    collator = Collator(tokenizer, max_length=16)
+    batch = collator([sentence(words)], pieces)
+    assert batch.input_ids.shape[0] > 4 and batch.input_ids.shape[1] <= 16
+    flat = batch.input_ids.flatten()
+    assert batch.word_mask.sum() == len(words)
+    for j, word_pieces in enumerate(pieces[0], start=1):
+        assert flat[batch.word_index[0, j]] == word_pieces[0]
+    rows = batch.word_index[0, 1:] // batch.input_ids.shape[1]
+    assert len(set(rows.tolist())) > 1
+
+
+def test_batch_to_keeps_sentences():
+    batch_tokenizer = train_wordpiece_tokenizer(TEXT, vocab_size=60, max_length=64)
+    sentences = [sentence(["dog"])]
+    batch = Collator(batch_tokenizer, 64)(sentences, encode_words(batch_tokenizer, sentences), "en")
+    moved = batch.to("cpu")
+    assert moved.sentences == sentences and moved.lang == "en"
+    assert torch.equal(moved.input_ids, batch.input_ids)

@@ -1,0 +1,115 @@
+"""The command line, run as a subprocess: single runs, resume, multirun, a non-editable install."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+from hydra import compose, initialize_config_module
+
+from subnets.train import run_folder_name
+
+
+def cli(*args, cwd, env=None, timeout=300):
+    environment = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "subnets.train", *args],
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_single_run_prints_las_writes_outputs_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    done = cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LAS" in done.stdout and "syn_vos" in done.stdout
+    for name in [
+        ".hydra/config.yaml",
+        "results.json",
+        "metrics.jsonl",
+        "checkpoints/last.safetensors",
+        "train.log",
+    ]:
+        assert (run_dir / name).exists(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    # the printed table holds the LAS of results.json
+    assert f"{results['target']['syn_vos']['las']:.2f}" in done.stdout
+
+    again = cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout + again.stderr
+    assert json.loads((run_dir / "results.json").read_text()) == results
+
+
+def test_default_run_folder_is_named_by_overrides(tmp_path):
+    done = cli(*TINY, "seed=5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = list((tmp_path / "outputs" / "default").iterdir())
+    assert len(folders) == 1
+    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=[*TINY, "seed=5"], return_hydra_config=True)
+    overrides = hydra_cfg.hydra.job.override_dirname
+    assert "seed=5" in overrides and "wandb.mode" not in overrides  # excluded: does not change results
+    assert folders[0].name == run_folder_name(overrides)
+    assert (folders[0] / "results.json").exists()
+
+
+def test_run_folder_names_are_single_unique_path_levels():
+    assert run_folder_name("") == "run"
+    assert run_folder_name("+method=static,seed=2") == "+method=static,seed=2"
+    assert run_folder_name("masks.path=a/b") == "masks.path=a_b"
+    long_a, long_b = "x=1," * 60 + "seed=1", "x=1," * 60 + "seed=2"
+    assert run_folder_name(long_a) != run_folder_name(long_b)
+    assert len(run_folder_name(long_a)) <= 120
+
+
+def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = cli("-m", *TINY, "+method=baseline", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(results) == 2  # one folder per job
+    by_seed = {r["seed"]: r for r in results}
+    assert sorted(by_seed) == [1, 2]
+    assert by_seed[1]["source"] != by_seed[2]["source"]
+
+
+def test_misspelt_setting_fails_with_its_name(tmp_path):
+    done = cli("train.stepz=3", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "stepz" in done.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+
+
+def test_non_editable_install_runs_outside_the_repository(tmp_path):
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "subnets" / "configs" / "config.yaml").exists()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import subnets; print(subnets.__file__)"],
+        cwd=work, env={**os.environ, **env}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    done = cli(*TINY, "train.steps=4", "+method=baseline", cwd=work, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((work / "outputs").rglob("results.json"))
+
+
+@pytest.mark.parametrize(
+    "group", ["model=e5_small", "model=mbert", "model=xlmr_base", "languages=ud", "task=pos"]
+)
+def test_every_group_option_composes(group):
+    from conftest import tiny_config
+
+    cfg = tiny_config(group)
+    assert cfg.model.name_or_path and cfg.languages.train

@@ -1,0 +1,154 @@
+"""The runner in process: outputs, checkpoints, resume, config errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from subnets.checkpoint import load_checkpoint
+from subnets.experiment import Experiment, run
+from subnets.files import read_jsonl
+from subnets.metrics import score_conllu
+
+
+def test_run_writes_every_output(tmp_path):
+    results = run(tiny_config(), tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == results
+    evaluated = {("source", c) for c in ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]}
+    evaluated |= {("dev", "syn_svo_na"), ("target", "syn_vos"), ("target", "syn_sov_an")}
+    assert {(role, code) for role in ("source", "dev", "target") for code in results[role]} == evaluated
+    for role, code in evaluated:
+        scores = results[role][code]
+        split = scores["split"]
+        gold = tmp_path / "data" / code / f"{split}.conllu"
+        predicted = tmp_path / "predictions" / f"{code}-{split}.conllu"
+        # predictions are valid CoNLL-U trees, and rescoring them reproduces results.json
+        rescored = score_conllu(gold, predicted)
+        assert rescored["words"] == scores["words"]
+        assert rescored["las"] == pytest.approx(scores["las"])
+        assert rescored["uas"] == pytest.approx(scores["uas"])
+    assert results["target_mean"]["las"] == pytest.approx(
+        (results["target"]["syn_vos"]["las"] + results["target"]["syn_sov_an"]["las"]) / 2
+    )
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == [3, 6, 9, 12]
+    assert [r["step"] for r in records if "dev/metric" in r] == [6, 12]
+    assert results["best_step"] in (6, 12)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
+    assert last["step"] == 12 and last["config"]["train"]["steps"] == 12
+    assert set(last) >= {"model", "optimizer", "scheduler", "sampler", "method", "rng", "best"}
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
+    assert best["step"] == results["best_step"]
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_task_pos_and_parsing_pos(tmp_path):
+    pos = run(tiny_config("task=pos"), tmp_path / "pos")
+    assert set(pos["source"]["syn_svo"]) == {"split", "words", "upos"}
+    both = run(tiny_config("task=parsing_pos"), tmp_path / "both")
+    assert {"uas", "las", "upos"} <= set(both["source"]["syn_svo"])
+
+
+def test_same_seed_same_result_other_seed_other_result(tmp_path):
+    first = run(tiny_config("seed=3"), tmp_path / "a")
+    second = run(tiny_config("seed=3"), tmp_path / "b")
+    other = run(tiny_config("seed=4"), tmp_path / "c")
+    assert first["source"] == second["source"] and first["target"] == second["target"]
+    assert first["source"] != other["source"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    reference = run(tiny_config(), tmp_path / "reference")
+
+    original = Experiment.save_checkpoint
+
+    def crash_after_step_8(self):
+        path = original(self)
+        if self.step == 8:
+            raise Crash("simulated crash")
+        return path
+
+    monkeypatch.setattr(Experiment, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(Crash):
+        run(tiny_config(), tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.safetensors")["step"] == 8
+    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    resumed = run(tiny_config(), tmp_path / "resumed")
+
+    assert resumed == reference
+    a = load_checkpoint(tmp_path / "reference/checkpoints/last.safetensors")
+    b = load_checkpoint(tmp_path / "resumed/checkpoints/last.safetensors")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    # the metrics log holds each step once, as the uninterrupted run's does
+    steps = lambda path: [r["step"] for r in read_jsonl(path / "metrics.jsonl")]  # noqa: E731
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "reference")
+
+
+def test_finished_run_is_not_run_again(tmp_path, monkeypatch):
+    first = run(tiny_config(), tmp_path)
+    monkeypatch.setattr(Experiment, "train", lambda self: pytest.fail("a finished run was trained again"))
+    assert run(tiny_config(), tmp_path) == first
+
+
+def test_resume_refuses_a_different_config_and_resume_false(tmp_path):
+    run(tiny_config(), tmp_path)
+    with pytest.raises(ValueError, match=r"train.lr_head: 0.002 -> 0.01"):
+        run(tiny_config("train.lr_head=0.01"), tmp_path)
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run(tiny_config("resume=false"), tmp_path)
+    assert (tmp_path / "results.json").exists()  # nothing already written was lost
+
+
+def test_misspelt_or_mistyped_settings_fail_at_compose():
+    with pytest.raises(ConfigCompositionException) as error:
+        tiny_config("train.stepz=3")
+    assert "stepz" in str(error.value.__cause__ or error.value)
+    with pytest.raises((ConfigCompositionException, ValidationError)) as error:
+        tiny_config("train.steps=many")
+    assert "train.steps" in str(error.value.__cause__ or error.value)
+    with pytest.raises((ConfigCompositionException, ValidationError)) as error:
+        tiny_config("task.name=chunking")
+    assert "parsing, pos, parsing_pos" in str(error.value.__cause__ or error.value)
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        tiny_config("method=baseline")  # optional groups are appended with +
+
+
+def test_unknown_language_lists_available(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"languages.train: unknown language code\(s\) xx_yy.*available: syn_osv"
+    ):
+        run(tiny_config("languages.train=[syn_svo,xx_yy]"), tmp_path)
+
+
+def test_skip_mode_counts_invalid_sentences(tmp_path):
+    experiment = Experiment(tiny_config("languages.on_error=skip"), tmp_path)
+    # corrupt one training sentence of the generated data before it is read
+    from subnets.data import synthetic
+
+    original = synthetic.generate_treebank
+
+    def corrupt(lang, lexicon, size, seed, split):
+        text = original(lang, lexicon, size, seed, split)
+        if lang.code == "syn_svo" and split == "train":
+            text = text.replace("\t0\troot\t", "\t99\troot\t", 1)
+        return text
+
+    import subnets.data.synthetic as module
+
+    module.generate_treebank = corrupt
+    try:
+        experiment.setup()
+    finally:
+        module.generate_treebank = original
+        experiment.close()
+    assert experiment.skipped_sentences == {"syn_svo-train": 1}
+    assert len(experiment.train_data["syn_svo"]) == 79
