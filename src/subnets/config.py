@@ -43,6 +43,38 @@ class Schedule(str, Enum):
 
 class MethodName(str, Enum):
     baseline = "baseline"
+    static = "static"
+
+
+class ApplyMode(str, Enum):
+    forward = "forward"  # heads outside the subnetwork are gated off in the forward pass
+    gradient = "gradient"  # the full model runs; only the subnetwork is updated
+    both = "both"
+
+
+class Importance(str, Enum):
+    head = "head"  # Michel et al. 2019: |dL/dgate|
+    fisher = "fisher"  # diagonal Fisher information summed per head
+
+
+class Selection(str, Enum):
+    iterative = "iterative"
+    keep_ratio = "keep_ratio"
+    top_k = "top_k"
+
+
+ParamScope = Enum("ParamScope", {"tensor": "tensor", "global": "global"}, type=str)  # 'global' is a keyword
+
+
+class ParamMasks(str, Enum):
+    none = "none"
+    fisher = "fisher"
+
+
+class TargetPolicy(str, Enum):
+    full = "full"
+    support = "support"
+    nearest = "nearest"
 
 
 @dataclass
@@ -137,6 +169,37 @@ class WandbConfig:
 @dataclass
 class MethodConfig:
     name: MethodName = MethodName.baseline
+    apply: ApplyMode = ApplyMode.gradient  # how a language's subnetwork is used (subnetwork methods)
+
+
+@dataclass
+class MasksConfig:
+    """How subnetworks are found (static and dynamic methods) and used for unseen languages."""
+
+    path: str | None = None  # reuse a saved mask set (masks.safetensors) instead of computing one
+    importance: Importance = Importance.head
+    importance_batches: int = 8  # batches of `batch_size` sentences per language
+    batch_size: int = 16
+    finetune_steps: int = 100  # brief fine-tuning of a copy on the language before scoring (0: none)
+    selection: Selection = Selection.iterative
+    keep_ratio: float = 0.5  # selection=keep_ratio
+    top_k: int | None = None  # selection=top_k
+    prune_fraction: float = 0.1  # selection=iterative: share of the remaining heads removed per round
+    threshold: float = 0.9  # selection=iterative: stop below this share of the unpruned dev metric
+    min_heads_per_layer: int = 1
+    params: ParamMasks = ParamMasks.none  # unstructured parameter masks from Fisher information
+    param_keep_ratio: float = 0.5
+    param_scope: ParamScope = ParamScope["tensor"]
+    param_include: list[str] = field(default_factory=lambda: [r"\.intermediate\.dense\.weight$"])  # regexes
+    param_samples: int = 32  # single-sentence samples for the Fisher information
+    target_policy: TargetPolicy = TargetPolicy.full  # unseen (dev and target) languages
+
+
+@dataclass
+class FewShotConfig:
+    """Few-shot adaptation to unseen languages."""
+
+    k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
 
 
 @dataclass
@@ -149,6 +212,8 @@ class Config:
     languages: LanguagesConfig = field(default_factory=LanguagesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

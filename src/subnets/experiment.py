@@ -36,8 +36,9 @@ from subnets.data.sampling import LanguageSampler
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
 from subnets.evaluate import evaluate
+from subnets.fewshot import draw_support
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from subnets.methods.base import build_method
+from subnets.methods.base import build_method, setting
 from subnets.models.encoder import (
     Encoder,
     build_tiny_transformer,
@@ -66,11 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _value(setting: Any) -> Any:
-    """An enum setting's plain value (structured configs hold enum members)."""
-    return getattr(setting, "value", setting)
 
 
 def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,10 +101,14 @@ class Experiment:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         self.device = self._device(cfg.train.device)
+        self.method = build_method(cfg)
         self.treebanks, self.data_root = self._treebanks()
         self._load_data()
         transformer, self.tokenizer = self._encoder()
-        for data in self._all_data():
+        self.support: dict[str, LanguageData] = {}
+        if self.method.needs_support:
+            self._draw_support()
+        for data in [*self._all_data(), *self.support.values()]:
             data.tokenize(self.tokenizer)
         limit = max_subwords(transformer, self.tokenizer)
         if cfg.model.max_subwords:
@@ -121,24 +121,23 @@ class Experiment:
         encoder = Encoder(transformer, cfg.model.mix_dropout)
         task = cfg.task
         self.model = DependencyParser(
-            encoder, _value(task.name), task.arc_dim, task.label_dim, task.dropout, task.word_dropout
+            encoder, setting(task.name), task.arc_dim, task.label_dim, task.dropout, task.word_dropout
         ).to(self.device)
-        self.method = build_method(cfg.method)
         self.optimizer, self.scheduler = self._optimizer()
         sizes = {code: len(data) for code, data in self.train_data.items()}
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
         self.resumed = self._resume()
-        self.method.setup(self)
         self._init_wandb()
+        self.method.setup(self)
 
-    def _device(self, setting: str) -> torch.device:
-        if setting == "auto":
+    def _device(self, name: str) -> torch.device:
+        if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(setting)
+        return torch.device(name)
 
     def _treebanks(self) -> tuple[dict[str, TreebankFiles], Path]:
         languages = self.cfg.languages
-        if _value(languages.source) == "synthetic":
+        if setting(languages.source) == "synthetic":
             synthetic = languages.synthetic
             specs = {code: SyntheticLanguage(code, **spec) for code, spec in synthetic.languages.items()}
             root = write_synthetic_treebanks(
@@ -148,17 +147,17 @@ class Experiment:
                 synthetic.seed,
             )
         else:
-            setting = languages.ud_root or os.environ.get("SUBNETS_UD_ROOT")
-            if not setting:
+            configured = languages.ud_root or os.environ.get("SUBNETS_UD_ROOT")
+            if not configured:
                 raise ValueError(
                     "languages.source=ud needs languages.ud_root or the SUBNETS_UD_ROOT variable"
                 )
-            root = Path(setting).expanduser()
+            root = Path(configured).expanduser()
         return discover_treebanks(root), root
 
     def _load_data(self) -> None:
         languages, treebanks, root = self.cfg.languages, self.treebanks, self.data_root
-        on_error = _value(languages.on_error)
+        on_error = setting(languages.on_error)
         if not languages.train:
             raise ValueError("languages.train is empty: name at least one training language")
 
@@ -192,6 +191,24 @@ class Experiment:
         if skipped:
             log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", skipped)
         self.skipped_sentences = {f"{d.code}-{d.split}": d.skipped for d in self._all_data() if d.skipped}
+
+    def _draw_support(self) -> None:
+        """k support sentences per development and target language (the test-time policy's
+        data); when drawn from the evaluated split they are removed from it."""
+        for (role, code), data in list(self.eval_data.items()):
+            if role == "source":
+                continue
+            support, rest = draw_support(
+                self.treebanks[code],
+                data,
+                self.cfg.fewshot.k,
+                self.cfg.seed,
+                setting(self.cfg.languages.on_error),
+            )
+            self.support[code] = support
+            self.eval_data[(role, code)] = rest
+            if role == "dev":
+                self.dev_data[code] = rest
 
     def _all_data(self) -> list[LanguageData]:
         unique = {
@@ -231,7 +248,7 @@ class Experiment:
         train = self.cfg.train
         groups = parameter_groups(self.model, train.lr_encoder, train.lr_head, train.weight_decay)
         optimizer = self.method.wrap_optimizer(torch.optim.AdamW(groups), self.model)
-        decay = _value(train.schedule) == "linear"
+        decay = setting(train.schedule) == "linear"
         return optimizer, linear_schedule(optimizer, train.warmup_steps, train.steps, decay)
 
     # ------------------------------------------------------------------ checkpoints
@@ -311,19 +328,23 @@ class Experiment:
             group=settings.group or self.cfg.name,
             name=f"{self.cfg.name}/{self.run_dir.name}",
             dir=str(self.run_dir),
-            mode=_value(settings.mode),
+            mode=setting(settings.mode),
             config=self._config_container(),
             id=run_id,
             resume="allow",
             tags=list(settings.tags),
         )
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (with the current step) to metrics.jsonl and send it to W&B."""
+    def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """Append ``record`` (with the current step) to metrics.jsonl and send it, and any
+        matplotlib ``images``, to W&B."""
         record = {"step": self.step, **record}
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+            import wandb
+
+            media = {k: wandb.Image(v) for k, v in (images or {}).items()}
+            self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=self.step)
 
     def close(self) -> None:
         """Finish the W&B run (each Hydra job gets its own)."""
@@ -393,6 +414,7 @@ class Experiment:
         """Evaluate the development languages; keep the best model in ``checkpoints/best.safetensors``."""
         if not self.dev_data:
             return None
+        self.method.prepare_evaluation(self)
         record, metrics = {}, []
         for code, data in self.dev_data.items():
             scores = evaluate(
@@ -423,6 +445,7 @@ class Experiment:
             best = load_checkpoint(self.best_checkpoint, self.device)
             self.model.load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])
+        self.method.prepare_evaluation(self)
         scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
         for (role, code), data in self.eval_data.items():
             path = self.run_dir / "predictions" / f"{code}-{data.split}.conllu"
@@ -442,6 +465,8 @@ class Experiment:
             "best_step": self.best["step"] if self.best else None,
             "dev_metric": self.best["metric"] if self.best else None,
             "skipped_sentences": self.skipped_sentences,
+            "support": {code: {"split": d.split, "sentences": len(d)} for code, d in self.support.items()},
+            **self.method.summary(),
             **scores,
         }
         for role in ("dev", "target"):

@@ -21,13 +21,20 @@ if TYPE_CHECKING:
     from subnets.experiment import Experiment
 
 
+def setting(value: Any) -> Any:
+    """A config value as plain Python (structured configs hold enum members for choices)."""
+    return getattr(value, "value", value)
+
+
 class Method:
     """Ordinary multilingual fine-tuning with language-homogeneous batches (``baseline``)."""
 
     name = "baseline"
 
+    needs_support = False  # whether unseen languages need support sentences (test-time policy)
+
     def __init__(self, cfg: Any = None):
-        self.cfg = cfg  # the ``method`` config node
+        self.cfg = cfg  # the run's config
 
     def setup(self, experiment: Experiment) -> None:
         """Prepare state before training (called after a resume has restored :meth:`state_dict`)."""
@@ -72,6 +79,13 @@ class Method:
         the test-time policy). The baseline uses every head."""
         return None
 
+    def prepare_evaluation(self, experiment: Experiment) -> None:
+        """Called before each evaluation round (e.g. to estimate unseen languages' masks)."""
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific figures for results.json."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -79,12 +93,12 @@ class Method:
         pass
 
 
-METHODS: dict[str, type[Method]] = {"baseline": Method}
+def build_method(cfg: Any) -> Method:
+    """The method named by ``cfg.method.name``."""
+    from subnets.methods.subnetworks import StaticSubnetworks
 
-
-def build_method(method_cfg) -> Method:
-    """The method named by ``method_cfg.name`` (``cfg.method``)."""
-    name = str(getattr(method_cfg.name, "value", method_cfg.name))
-    if name not in METHODS:
-        raise ValueError(f"method.name: unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name](method_cfg)
+    methods: dict[str, type[Method]] = {"baseline": Method, "static": StaticSubnetworks}
+    name = str(setting(cfg.method.name))
+    if name not in methods:
+        raise ValueError(f"method.name: unknown method {name!r}; available: {', '.join(methods)}")
+    return methods[name](cfg)
