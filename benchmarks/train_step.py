@@ -5,8 +5,13 @@ batches of real UD sentences and reports:
 
 * throughput of the baseline step (forward, backward, clipping, AdamW) in words per second;
 * peak memory of a process that runs those steps (RSS on CPU, allocated memory on GPU);
-* the head-gate cost: a step with every gate at 1 against the same model without hooks,
-  timed in the same run, blocks interleaved, as a ratio of median step times.
+* the head-gate cost: a step with every gate at 1 against the same model without hooks;
+* the masked training step (exact update restricted to half the heads, ``method.apply=gradient``)
+  against the baseline step on the same model and batches;
+* the masked optimizer step against the bare AdamW step on the same gradients;
+* head importance on one batch against one forward and backward pass.
+
+Ratios compare median times of variants run in the same process, rounds interleaved.
 
 Usage::
 
@@ -34,6 +39,8 @@ import torch
 from subnets.data.batching import Collator
 from subnets.data.dataset import load_language
 from subnets.data.ud import discover_treebanks
+from subnets.masks.importance import head_importance
+from subnets.masks.subnetwork import head_parameter_masks
 from subnets.models.encoder import (
     Encoder,
     build_tiny_transformer,
@@ -43,6 +50,7 @@ from subnets.models.encoder import (
 )
 from subnets.models.head_gates import HeadGates
 from subnets.models.parser import DependencyParser
+from subnets.optim.masked import MaskedOptimizer
 from subnets.training import parameter_groups, training_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,11 +104,24 @@ def timed(step, batch) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(variants: dict, inputs, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each variant over ``inputs``, rounds interleaved."""
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, call in variants.items():
+            times[name] += [timed(call, x) for x in inputs]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure(model_name: str, args) -> dict:
     torch.manual_seed(0)
     model, optimizer, collator, data, device = build(model_name, args.sentences)
+    masked_optimizer = MaskedOptimizer(optimizer, model.named_parameters())
     batch_list = batches(collator, data, args.batch_size, args.steps, device)
     words = sum(b.num_words for b in batch_list)
+    generator = torch.Generator().manual_seed(0)
+    head_mask = torch.rand(model.gates.shape, generator=generator).argsort(dim=1) < model.gates.num_heads // 2
+    update_mask = head_parameter_masks(model, head_mask.to(device))
 
     def baseline(batch):
         training_step(model, batch, optimizer, clip_norm=5.0)
@@ -110,8 +131,12 @@ def measure(model_name: str, args) -> dict:
             model, batch, optimizer, gates=torch.ones(model.gates.shape, device=device), clip_norm=5.0
         )
 
+    def masked_step(batch):
+        training_step(model, batch, masked_optimizer, update_mask=update_mask, clip_norm=5.0)
+
     for b in batch_list[: args.warmup]:
         baseline(b)
+        masked_step(b)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -125,14 +150,51 @@ def measure(model_name: str, args) -> dict:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
 
+    # The masked training step (exact update of half the heads) against the baseline step.
+    steps = interleaved({"baseline": baseline, "masked": masked_step}, batch_list, args.rounds)
+
+    # The optimizer step alone, with and without the mask, on the same gradients.
+    model.zero_grad()
+    model(batch_list[0]).loss.backward()
+    grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+
+    def restore_grads(_=None):
+        for p, g in grads.items():
+            p.grad.copy_(g)
+
+    optimizer_steps = interleaved(
+        {
+            "bare": lambda _: (restore_grads(), optimizer.step()),
+            "masked": lambda _: (restore_grads(), masked_optimizer.step(update_mask=update_mask)),
+            "copy_only": restore_grads,
+        },
+        range(args.steps),
+        args.rounds,
+    )
+
+    # Head importance on one batch against one forward and backward pass (both in eval mode).
+    def forward_backward(batch):
+        model.eval()
+        model.zero_grad()
+        model(batch).loss.backward()
+        model.train()
+
+    scoring = interleaved(
+        {"forward_backward": forward_backward, "importance": lambda b: head_importance(model, [b])},
+        batch_list,
+        args.rounds,
+    )
+
     # Head gates at 1 versus the same model with its hooks removed, rounds interleaved.
-    times = {"gates_at_1": [], "no_hooks": []}
+    gate_times = {"gates_at_1": [], "no_hooks": []}
     for _ in range(args.rounds):
-        times["gates_at_1"] += [timed(gates_at_one, b) for b in batch_list]
+        gate_times["gates_at_1"] += [timed(gates_at_one, b) for b in batch_list]
         model.gates.remove()
-        times["no_hooks"] += [timed(baseline, b) for b in batch_list]
+        gate_times["no_hooks"] += [timed(baseline, b) for b in batch_list]
         model.encoder.gates = HeadGates(model.encoder.transformer)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    gates = {name: statistics.median(t) for name, t in gate_times.items()}
+    bare = optimizer_steps["bare"] - optimizer_steps["copy_only"]
+    masked = optimizer_steps["masked"] - optimizer_steps["copy_only"]
     return {
         "model": model_name,
         "device": str(device),
@@ -142,7 +204,11 @@ def measure(model_name: str, args) -> dict:
         "seconds_per_step": seconds / len(batch_list),
         "peak_memory_mib": peak,
         "memory_before_steps_mib": rss_before,
-        "gate_cost_ratio": median["gates_at_1"] / median["no_hooks"],
+        "gate_cost_ratio": gates["gates_at_1"] / gates["no_hooks"],
+        "masked_step_ratio": steps["masked"] / steps["baseline"],
+        "optimizer_step_seconds": bare,
+        "masked_optimizer_ratio": masked / bare,
+        "importance_ratio": scoring["importance"] / scoring["forward_backward"],
     }
 
 
@@ -154,6 +220,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the ratios")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sentences", type=int, default=200, help="sentences read per language")
+    parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
     if args.one:
@@ -165,14 +232,19 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(
-        f"{'model':6} {'device':6} {'words/step':>10} {'words/s':>9} {'s/step':>7} {'peak MiB':>9} {'gates@1 / no hooks':>19}"
-    )
+    columns = [
+        ("model", "model", "{}"), ("device", "device", "{}"), ("words/step", "words_per_step", "{:.0f}"),
+        ("words/s", "words_per_second", "{:.0f}"), ("s/step", "seconds_per_step", "{:.3f}"),
+        ("peak MiB", "peak_memory_mib", "{:.0f}"), ("gates@1/no hooks", "gate_cost_ratio", "{:.3f}"),
+        ("masked/baseline step", "masked_step_ratio", "{:.3f}"),
+        ("masked/bare optimizer", "masked_optimizer_ratio", "{:.3f}"),
+        ("importance/fwd+bwd", "importance_ratio", "{:.3f}"),
+    ]  # fmt: skip
+    print(" | ".join(title for title, _, _ in columns))
     for r in rows:
-        print(
-            f"{r['model']:6} {r['device']:6} {r['words_per_step']:10.0f} {r['words_per_second']:9.0f} "
-            f"{r['seconds_per_step']:7.3f} {r['peak_memory_mib']:9.0f} {r['gate_cost_ratio']:19.3f}"
-        )
+        print(" | ".join(fmt.format(r[key]) for _, key, fmt in columns))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

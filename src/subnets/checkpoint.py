@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from subnets.files import atomic_write
@@ -65,9 +65,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != "subnets-checkpoint-1":
-            raise ValueError(f"{path} is not a subnets checkpoint (format {metadata.get('format')!r})")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a subnets checkpoint (not safetensors: {error})") from error
+    if metadata.get("format") != "subnets-checkpoint-1":
+        raise ValueError(f"{path} is not a subnets checkpoint (format {metadata.get('format')!r})")
     return _unflatten(json.loads(metadata["state"]), tensors)

@@ -73,7 +73,7 @@ def head_importance(
     loss_fn = loss_fn or _default_loss(model)
     device = next(model.parameters()).device
     values = (torch.ones(gates.shape) if mask is None else mask.detach().float()).to(device)
-    total = torch.zeros(gates.shape, device=device)
+    total = torch.zeros(gates.shape, device=device, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -85,7 +85,7 @@ def head_importance(
             total += grad.abs()
     finally:
         model.train(was_training)
-    total = total.cpu()
+    total = total.float().cpu()
     return normalize_importance(total) if normalize else total
 
 

@@ -58,7 +58,7 @@ def prune_lowest(
     """Remove the lowest-scoring ``ceil(fraction * remaining)`` heads of ``mask`` (at least one),
     never leaving a layer with fewer than ``min_per_layer`` heads."""
     mask = mask.clone().bool()
-    count = max(1, math.ceil(fraction * int(mask.sum())))
+    count = max(1, math.ceil(fraction * int(mask.sum()) - 1e-9))  # 0.55 * 100 is 55.000000000000007
     kept_per_layer = mask.sum(dim=1)
     removed = 0
     for index in reversed(_order(scores).tolist()):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -142,6 +142,10 @@ class SubnetworkSet(Mapping):
     def from_state_dict(
         cls, state: dict, param_shapes: Mapping[str, tuple[int, ...]] | None = None
     ) -> SubnetworkSet:
+        if param_shapes is None:  # the masks' own shapes
+            param_shapes = {
+                n: tuple(m.shape) for entry in state["masks"].values() for n, m in entry["params"].items()
+            }
         masks = cls(state["num_layers"], state["num_heads"], param_shapes)
         for language, entry in state["masks"].items():
             masks[language] = Subnetwork(entry["heads"], entry["params"], entry.get("scores"))
@@ -174,12 +178,15 @@ class SubnetworkSet(Mapping):
         Raises:
             MaskMismatchError: the masks were made for another model (the message names both shapes).
         """
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "subnets-masks-1":
-                raise ValueError(f"{path} is not a subnets mask file (format {meta.get('format')!r})")
-            masks = cls(int(meta["num_layers"]), int(meta["num_heads"]), json.loads(meta["param_shapes"]))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a subnets mask file (not safetensors: {error})") from error
+        if meta.get("format") != "subnets-masks-1":
+            raise ValueError(f"{path} is not a subnets mask file (format {meta.get('format')!r})")
+        masks = cls(int(meta["num_layers"]), int(meta["num_heads"]), json.loads(meta["param_shapes"]))
         if expect is not None:
             reference = expect if isinstance(expect, SubnetworkSet) else cls.for_model(expect)
             masks.check_compatible(reference, str(path))

@@ -30,7 +30,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
       ``square_avg``, Adagrad's ``sum``, ...) keeps its value at that coordinate, so moments
       are not decayed while a coordinate sits outside the mask. State a step creates for the
       first time is zero at masked coordinates (the initial value of Adam's, RMSprop's and
-      Adamax's state; SGD would have started its momentum at the first gradient);
+      Adamax's state; SGD would have started its momentum at the first gradient, and Rprop
+      its step sizes at ``lr``, so a coordinate masked at Rprop's first step hardly moves later:
+      take one unmasked step first with such optimizers);
     * when the coordinate re-enters a later mask, it continues from that frozen state;
     * per-tensor state (Adam's ``step`` counter, used for bias correction) advances whenever
       any coordinate of the tensor is updated; a tensor masked entirely is skipped, counters
@@ -60,7 +62,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._share_inner_state()
         self.names = dict(named_parameters)
-        self._frozen_cache: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._frozen_cache: dict[int, tuple[torch.Tensor, _Frozen]] = {}
 
     def _share_inner_state(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -75,16 +77,17 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return self.names[key]
         return key
 
-    def _frozen_indices(self, mask: torch.Tensor) -> torch.Tensor:
-        """Flat indices where ``mask`` is False (cached while the mask object is unchanged)."""
+    def _frozen(self, mask: torch.Tensor) -> _Frozen:
+        """Where ``mask`` is False. The plan is cached per mask object and reused only while
+        the mask's content is unchanged (compared each step: cheap next to the step itself)."""
         cached = self._frozen_cache.get(id(mask))
-        if cached is not None and cached[0] is mask and cached[1] == mask._version:
-            return cached[2]
+        if cached is not None and cached[0].shape == mask.shape and torch.equal(cached[0], mask.bool()):
+            return cached[1]
         if len(self._frozen_cache) > 512:
             self._frozen_cache.clear()
-        indices = (~mask.bool()).flatten().nonzero().squeeze(1)
-        self._frozen_cache[id(mask)] = (mask, mask._version, indices)
-        return indices
+        frozen = _Frozen(mask)
+        self._frozen_cache[id(mask)] = (mask.bool().clone(), frozen)
+        return frozen
 
     @torch.no_grad()
     def step(
@@ -95,39 +98,40 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """One step; with ``update_mask``, coordinates outside it stay bit-identical (class docstring)."""
         if not update_mask:
             return self.optimizer.step(closure)
-        partial, skipped = [], []
-        for key, mask in update_mask.items():
+        resolved = []
+        for key, mask in update_mask.items():  # validate everything before changing anything
             parameter = self._parameter(key)
             if tuple(mask.shape) != tuple(parameter.shape):
                 raise ValueError(f"update_mask for {key if isinstance(key, str) else 'a parameter'}: shape "
                                  f"{tuple(mask.shape)}, parameter shape {tuple(parameter.shape)}")  # fmt: skip
+            resolved.append((parameter, mask))
+        partial, skipped = [], []
+        for parameter, mask in resolved:
             if parameter.grad is None:
                 continue
-            frozen = self._frozen_indices(mask)
-            if frozen.numel() == 0:
+            frozen = self._frozen(mask)
+            if frozen.none:
                 continue
-            if frozen.numel() == parameter.numel():
+            if frozen.all:
                 skipped.append((parameter, parameter.grad))
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
                 continue
-            parameter.grad.view(-1).index_fill_(0, frozen, 0.0)
+            frozen.fill(parameter.grad, 0.0)
             state = self.optimizer.state.get(parameter, {})
-            existing = {
-                k: v.view(-1).index_select(0, frozen) for k, v in state.items() if _same_shape(v, parameter)
-            }
-            partial.append((parameter, frozen, parameter.view(-1).index_select(0, frozen), existing))
+            saved = {k: frozen.save(v) for k, v in state.items() if _same_shape(v, parameter)}
+            partial.append((parameter, frozen, frozen.save(parameter), saved))
         try:
             loss = self.optimizer.step(closure)
         finally:
             for parameter, grad in skipped:
                 parameter.grad = grad
-        for parameter, frozen, value, existing in partial:
-            parameter.view(-1).index_copy_(0, frozen, value)
+        for parameter, frozen, value, saved in partial:
+            frozen.restore(parameter, value)
             for key, tensor in self.optimizer.state.get(parameter, {}).items():
-                if key in existing:
-                    tensor.view(-1).index_copy_(0, frozen, existing[key])
+                if key in saved:
+                    frozen.restore(tensor, saved[key])
                 elif _same_shape(tensor, parameter):  # created by this step
-                    tensor.view(-1).index_fill_(0, frozen, 0)
+                    frozen.fill(tensor, 0.0)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -147,6 +151,53 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"MaskedOptimizer({self.optimizer!r})"
+
+
+class _Frozen:
+    """The coordinates a mask protects, in the cheapest form to save and restore: runs of whole
+    rows or columns of a 2-D tensor when the mask is constant along the other axis (head masks
+    own row or column blocks: plain memory copies), else the boolean mask itself."""
+
+    def __init__(self, mask: torch.Tensor):
+        frozen = ~mask.bool()
+        self.none, self.all = not bool(frozen.any()), bool(frozen.all())
+        self.dim, self.runs, self.mask = None, [], frozen
+        if frozen.dim() == 2:
+            for dim, line in ((0, frozen[:, 0]), (1, frozen[0])):
+                if bool((frozen == (line[:, None] if dim == 0 else line[None, :])).all()):
+                    self.dim, self.runs = dim, _runs(line)
+                    break
+
+    def save(self, tensor: torch.Tensor):
+        if self.dim is None:
+            return tensor.clone()
+        return [tensor.narrow(self.dim, start, length).clone() for start, length in self.runs]
+
+    def restore(self, tensor: torch.Tensor, saved) -> None:
+        if self.dim is None:
+            torch.where(self.mask, saved, tensor, out=tensor)
+            return
+        for (start, length), block in zip(self.runs, saved):
+            tensor.narrow(self.dim, start, length).copy_(block)
+
+    def fill(self, tensor: torch.Tensor, value: float) -> None:
+        if self.dim is None:
+            tensor.masked_fill_(self.mask, value)
+            return
+        for start, length in self.runs:
+            tensor.narrow(self.dim, start, length).fill_(value)
+
+
+def _runs(line: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs of True in a 1-D boolean tensor as (start, length)."""
+    runs, start = [], None
+    for i, value in enumerate(line.tolist() + [False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
 
 
 def _same_shape(value, parameter: torch.Tensor) -> bool:

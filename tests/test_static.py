@@ -1,0 +1,144 @@
+"""+method=static end to end: masks found, cached, reused, respected, and used for unseen languages."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from subnets.experiment import Experiment, run
+from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, head_parameter_masks
+from subnets.methods.subnetworks import StaticSubnetworks
+
+STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4"]
+KEEP_HALF = [*STATIC, "masks.selection=keep_ratio", "masks.keep_ratio=0.5"]
+
+
+def test_static_run_writes_masks_and_figure(tmp_path):
+    results = run(tiny_config(*STATIC), tmp_path)
+    folder = tmp_path / "masks"
+    for name in ("masks.safetensors", "summary.json", "overlap.png", "pruning.json"):
+        assert (folder / name).stat().st_size > 0, name
+    masks = SubnetworkSet.load(folder / "masks.safetensors")
+    assert list(masks) == ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["jaccard"]["languages"] == list(masks)
+    assert results["sparsity"] == {lang: pytest.approx(s.sparsity()) for lang, s in masks.items()}
+    pruning = json.loads((folder / "pruning.json").read_text())
+    for lang, history in pruning.items():
+        # iterative pruning kept the last mask at or above 90% of the unpruned dev LAS
+        kept = masks[lang].num_heads_kept
+        accepted = [metric for heads, metric in history["rounds"] if heads == kept]
+        assert accepted and accepted[0] >= 0.9 * history["baseline"]
+    assert results["source"]["syn_svo"]["las"] >= 0
+
+
+@pytest.mark.parametrize("mode", ["gradient", "both", "forward"])
+def test_heads_outside_a_languages_subnetwork_receive_no_update_from_its_batches(tmp_path, mode):
+    experiment = Experiment(tiny_config(*KEEP_HALF, f"method.apply={mode}"), tmp_path)
+    experiment.setup()
+    model, method = experiment.model, experiment.method
+    try:
+        for _ in range(6):
+            lang, indices = experiment.sampler.next()
+            owned = head_parameter_masks(model, method.masks[lang].head_mask)
+            before = {name: p.detach().clone() for name, p in model.named_parameters()}
+            method.train_step(experiment, lang, experiment.batch(lang, indices))
+            after = dict(model.named_parameters())
+            moved_inside = False
+            for name, mask in owned.items():
+                if mode == "forward":
+                    # gated off, the heads get no gradient from the batch (AdamW's decay and
+                    # momentum from other languages' steps may still move them: not exact)
+                    assert not after[name].grad[~mask].any(), (lang, name)
+                else:
+                    assert torch.equal(after[name][~mask], before[name][~mask]), (lang, name)
+                moved_inside |= not torch.equal(after[name][mask], before[name][mask])
+            assert moved_inside
+            gates = method.head_gates(lang)
+            assert (gates is None) == (mode == "gradient")
+    finally:
+        experiment.close()
+
+
+def test_forward_mode_gates_off_heads_outside_the_subnetwork(tmp_path):
+    experiment = Experiment(tiny_config(*KEEP_HALF, "method.apply=forward"), tmp_path)
+    experiment.setup()
+    try:
+        lang = "syn_sov"
+        gates = experiment.method.head_gates(lang)
+        assert torch.equal(gates.bool(), experiment.method.masks[lang].head_mask)
+        assert experiment.method.update_mask(lang) is None
+        assert torch.equal(experiment.method.eval_gates(lang), gates)
+    finally:
+        experiment.close()
+
+
+def test_masks_path_reuses_a_saved_set_and_rejects_another_models(tmp_path, monkeypatch):
+    run(tiny_config(*KEEP_HALF), tmp_path / "first")
+    saved = tmp_path / "first" / "masks" / "masks.safetensors"
+    monkeypatch.setattr(StaticSubnetworks, "compute_masks", lambda *a: pytest.fail("masks were recomputed"))
+    run(tiny_config(*KEEP_HALF, f"masks.path={saved}"), tmp_path / "second")
+    first = SubnetworkSet.load(saved)
+    second = SubnetworkSet.load(tmp_path / "second" / "masks" / "masks.safetensors")
+    assert all(torch.equal(first[k].head_mask, second[k].head_mask) for k in first)
+    with pytest.raises(MaskMismatchError, match=r"\(layers, heads\) = \(2, 4\).*\(3, 4\)"):
+        run(tiny_config(*KEEP_HALF, f"masks.path={saved}", "model.tiny.num_layers=3"), tmp_path / "third")
+
+
+def test_resumed_static_run_restores_masks_without_recomputing(tmp_path, monkeypatch):
+    reference = run(tiny_config(*KEEP_HALF), tmp_path / "reference")
+    original = Experiment.save_checkpoint
+
+    def crash(self):
+        path = original(self)
+        if self.step == 8:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Experiment, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(*KEEP_HALF), tmp_path / "resumed")
+    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    (tmp_path / "resumed" / "masks" / "masks.safetensors").unlink()  # must come from the checkpoint
+    monkeypatch.setattr(StaticSubnetworks, "compute_masks", lambda *a: pytest.fail("masks were recomputed"))
+    assert run(tiny_config(*KEEP_HALF), tmp_path / "resumed") == reference
+
+
+@pytest.mark.parametrize("policy", ["support", "nearest"])
+def test_target_policies_estimate_masks_from_support_sentences(tmp_path, policy):
+    results = run(
+        tiny_config(*KEEP_HALF, "method.apply=both", f"masks.target_policy={policy}", "fewshot.k=5"), tmp_path
+    )
+    assert set(results["support"]) == {"syn_svo_na", "syn_vos", "syn_sov_an"}
+    assert all(s == {"split": "train", "sentences": 5} for s in results["support"].values())
+    assert set(results["target_sparsity"]) == {"syn_svo_na", "syn_vos", "syn_sov_an"}
+    if policy == "nearest":
+        assert set(results["nearest"].values()) <= {"syn_svo", "syn_sov", "syn_vso", "syn_osv"}
+        masks = SubnetworkSet.load(tmp_path / "masks" / "masks.safetensors")
+        for target, source in results["nearest"].items():
+            assert results["target_sparsity"][target] == pytest.approx(masks[source].sparsity())
+    else:
+        mean_source = sum(results["sparsity"].values()) / len(results["sparsity"])
+        assert all(abs(s - mean_source) < 0.2 for s in results["target_sparsity"].values())
+
+
+def test_support_drawn_from_the_test_file_is_excluded_from_scoring(tmp_path):
+    # targets whose only split is test: support comes from it and leaves the scored set
+    overrides = [*KEEP_HALF, "masks.target_policy=support", "fewshot.k=5", "languages.synthetic.train=80"]
+    experiment = Experiment(tiny_config(*overrides), tmp_path)
+    experiment.setup()
+    experiment.close()
+    from subnets.data.dataset import LanguageData
+    from subnets.fewshot import draw_support
+
+    treebank = experiment.treebanks["syn_vos"]
+    del treebank.files["train"], treebank.files["dev"]
+    test = experiment.eval_data[("target", "syn_vos")]
+    full = LanguageData("syn_vos", "test", list(test.sentences), list(test.pieces))
+    support, rest = draw_support(treebank, full, 5, seed=1)
+    assert support.split == "test" and len(rest) == len(full) - 5
+    ids = {s.sent_id for s in support.sentences}
+    assert ids.isdisjoint(s.sent_id for s in rest.sentences)
+    assert draw_support(treebank, full, 5, seed=1)[0].sentences == support.sentences  # seeded
+    assert draw_support(treebank, full, 5, seed=2)[0].sentences != support.sentences
