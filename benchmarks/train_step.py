@@ -9,6 +9,8 @@ batches of real UD sentences and reports:
 * the masked training step (exact update restricted to half the heads, ``method.apply=gradient``)
   against the baseline step on the same model and batches;
 * the masked optimizer step against the bare AdamW step on the same gradients;
+* the dynamic steps (rule ema: differentiable gates and the moving average; rule learned:
+  sampled hard-concrete gates, sparsity penalty, gate-logit update) against the static step;
 * head importance on one batch against one forward and backward pass.
 
 Ratios compare median times of variants run in the same process, rounds interleaved.
@@ -39,6 +41,7 @@ import torch
 from subnets.data.batching import Collator
 from subnets.data.dataset import load_language
 from subnets.data.ud import discover_treebanks
+from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
 from subnets.masks.importance import head_importance
 from subnets.masks.subnetwork import head_parameter_masks
 from subnets.models.encoder import (
@@ -134,6 +137,25 @@ def measure(model_name: str, args) -> dict:
     def masked_step(batch):
         training_step(model, batch, masked_optimizer, update_mask=update_mask, clip_norm=5.0)
 
+    ema = ImportanceEMA(model.gates.shape, 0.9)
+
+    def dynamic_ema_step(batch):  # the masked step with differentiable gates, then the average
+        result = training_step(
+            model, batch, masked_optimizer, update_mask=update_mask, clip_norm=5.0, track_gates=True
+        )
+        ema.update(batch.lang, result.gate_grad)
+
+    learned = HardConcreteGates(LANGUAGES, model.gates.shape).to(device)
+    gate_optimizer = torch.optim.Adam(learned.parameters(), lr=0.05)
+
+    def dynamic_learned_step(batch):  # sampled hard-concrete gates, sparsity penalty, gate update
+        gate_optimizer.zero_grad(set_to_none=True)
+        training_step(
+            model, batch, masked_optimizer, gates=learned.sample(batch.lang), update_mask=update_mask,
+            clip_norm=5.0, extra_loss=lambda: learned.sparsity_penalty(batch.lang, 0.5),
+        )  # fmt: skip
+        gate_optimizer.step()
+
     for b in batch_list[: args.warmup]:
         baseline(b)
         masked_step(b)
@@ -150,8 +172,18 @@ def measure(model_name: str, args) -> dict:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
 
-    # The masked training step (exact update of half the heads) against the baseline step.
-    steps = interleaved({"baseline": baseline, "masked": masked_step}, batch_list, args.rounds)
+    # The masked training step (exact update of half the heads: a static step) against the
+    # baseline step, and the dynamic steps (ema and learned rules) against the static step.
+    steps = interleaved(
+        {
+            "baseline": baseline,
+            "masked": masked_step,
+            "ema": dynamic_ema_step,
+            "learned": dynamic_learned_step,
+        },
+        batch_list,
+        args.rounds,
+    )
 
     # The optimizer step alone, with and without the mask, on the same gradients.
     model.zero_grad()
@@ -206,6 +238,8 @@ def measure(model_name: str, args) -> dict:
         "memory_before_steps_mib": rss_before,
         "gate_cost_ratio": gates["gates_at_1"] / gates["no_hooks"],
         "masked_step_ratio": steps["masked"] / steps["baseline"],
+        "dynamic_ema_ratio": steps["ema"] / steps["masked"],
+        "dynamic_learned_ratio": steps["learned"] / steps["masked"],
         "optimizer_step_seconds": bare,
         "masked_optimizer_ratio": masked / bare,
         "importance_ratio": scoring["importance"] / scoring["forward_backward"],
@@ -238,6 +272,8 @@ def main() -> None:
         ("peak MiB", "peak_memory_mib", "{:.0f}"), ("gates@1/no hooks", "gate_cost_ratio", "{:.3f}"),
         ("masked/baseline step", "masked_step_ratio", "{:.3f}"),
         ("masked/bare optimizer", "masked_optimizer_ratio", "{:.3f}"),
+        ("dynamic ema/static step", "dynamic_ema_ratio", "{:.3f}"),
+        ("dynamic learned/static step", "dynamic_learned_ratio", "{:.3f}"),
         ("importance/fwd+bwd", "importance_ratio", "{:.3f}"),
     ]  # fmt: skip
     print(" | ".join(title for title, _, _ in columns))

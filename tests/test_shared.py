@@ -60,3 +60,49 @@ def test_e5_small_forward_backward_on_real_batches():
         layer0 = model.encoder.transformer.encoder.layer[0].attention.self.query.weight
         assert layer0.grad is not None and layer0.grad.abs().sum() > 0
         model.zero_grad()
+
+
+@needs_ud
+@needs_e5
+@pytest.mark.parametrize(
+    "method",
+    [
+        [
+            "+method=static",
+            "masks.selection=keep_ratio",
+            "masks.finetune_steps=0",
+            "masks.importance_batches=1",
+        ],
+        ["+method=dynamic", "dynamic.update_every=2"],
+    ],
+    ids=["static", "dynamic"],
+)
+def test_methods_run_on_real_ud_with_e5_by_settings_only(tmp_path, method):
+    from subnets.experiment import run
+    from subnets.train import compose_config
+
+    budget = ["languages.max_train_sentences=16", "languages.max_eval_sentences=4", "train.steps=4",
+              "train.eval_every=4", "train.batch_size=4", "masks.batch_size=4", "wandb.mode=disabled"]  # fmt: skip
+    env = [f"languages.ud_root={UD_ROOT}", f"model.name_or_path={E5_PATH}"]
+    results = run(compose_config(["+experiment=ud_e5", *method, *budget, *env]), tmp_path)
+    assert set(results["target"]) == {
+        "br_keb",
+        "bxr_bdt",
+        "kk_ktb",
+        "hsb_ufal",
+        "fi_tdt",
+        "de_gsd",
+        "hu_szeged",
+        "fa_seraji",
+    }
+    assert set(results["sparsity"]) == {
+        "en_ewt",
+        "it_isdt",
+        "no_nynorsk",
+        "ko_kaist",
+        "ar_pud",
+        "cs_pud",
+        "ru_pud",
+        "hi_pud",
+    }
+    assert (tmp_path / "masks" / "overlap.png").exists()

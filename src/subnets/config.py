@@ -44,6 +44,7 @@ class Schedule(str, Enum):
 class MethodName(str, Enum):
     baseline = "baseline"
     static = "static"
+    dynamic = "dynamic"
 
 
 class ApplyMode(str, Enum):
@@ -69,6 +70,23 @@ ParamScope = Enum("ParamScope", {"tensor": "tensor", "global": "global"}, type=s
 class ParamMasks(str, Enum):
     none = "none"
     fisher = "fisher"
+
+
+class DynamicRule(str, Enum):
+    ema = "ema"  # exponential moving average of |dL/dgate| from the training steps
+    learned = "learned"  # hard-concrete gate logits trained with the model
+
+
+class DynamicInit(str, Enum):
+    full = "full"
+    static = "static"
+
+
+class DynamicSelection(str, Enum):
+    keep_ratio = "keep_ratio"
+    top_k = "top_k"
+    threshold = "threshold"
+    same_size = "same_size"
 
 
 class TargetPolicy(str, Enum):
@@ -196,6 +214,21 @@ class MasksConfig:
 
 
 @dataclass
+class DynamicConfig:
+    """Dynamic subnetworks (``+method=dynamic``): masks updated jointly with the model."""
+
+    rule: DynamicRule = DynamicRule.ema
+    update_every: int = 50  # re-select every language's mask every N training steps
+    decay: float = 0.9  # ema: weight of the old average at each of the language's steps
+    init: DynamicInit = DynamicInit.full  # initial masks: all heads, or the static procedure's
+    selection: DynamicSelection = DynamicSelection.keep_ratio  # uses masks.keep_ratio / top_k
+    score_threshold: float = 0.3  # selection=threshold: keep heads whose normalised score reaches it
+    gate_lr: float = 0.05  # learned: Adam learning rate of the gate logits
+    sparsity_weight: float = 1.0  # learned: weight of (expected kept share - masks.keep_ratio)^2
+    temperature: float = 0.6667  # learned: hard-concrete temperature (beta)
+
+
+@dataclass
 class FewShotConfig:
     """Few-shot adaptation to unseen languages."""
 
@@ -213,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     masks: MasksConfig = field(default_factory=MasksConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -126,6 +126,7 @@ class Experiment:
         self.optimizer, self.scheduler = self._optimizer()
         sizes = {code: len(data) for code, data in self.train_data.items()}
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
+        self.method.attach(self)
         self.resumed = self._resume()
         self._init_wandb()
         self.method.setup(self)
@@ -377,8 +378,8 @@ class Experiment:
         while self.step < train.steps:
             lang, indices = self.sampler.next()
             result = self.method.train_step(self, lang, self.batch(lang, indices))
-            extra = self.method.after_step(self, lang, result)
             self.step += 1
+            extra = self.method.after_step(self, lang, result)
             bar.update(1)
             for key, value in {
                 "loss": result.loss,
@@ -402,6 +403,8 @@ class Experiment:
                 totals, start = {}, time.perf_counter()
             if self.step % train.eval_every == 0 or self.step == train.steps:
                 self.validate()
+            if self.step == train.steps:
+                self.method.on_train_end(self)
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                 self.save_checkpoint()
         bar.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ def training_step(
     update_mask: Mapping[str, torch.Tensor] | None = None,
     clip_norm: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> StepResult:
     """Forward, backward, clip and update on one batch.
 
@@ -43,6 +44,8 @@ def training_step(
             Gradients outside the mask are zeroed before clipping, and the optimizer (a
             :class:`~subnets.optim.MaskedOptimizer`) leaves those coordinates bit-identical.
         clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
+        extra_loss: a term added to the task loss before the backward pass (e.g. a sparsity
+            penalty on learned gates); ``gates`` that already require grad are used as given.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -51,7 +54,7 @@ def training_step(
         gates = gates.to(batch.input_ids.device).requires_grad_(True)
     with model.gates.applied(gates):
         out = model(batch)
-    out.loss.backward()
+    (out.loss + extra_loss() if extra_loss is not None else out.loss).backward()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if update_mask is not None:
         named = dict(model.named_parameters())

@@ -36,8 +36,15 @@ class Method:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg  # the run's config
 
+    def attach(self, experiment: Experiment) -> None:
+        """Bind to the experiment's model and data before a resume restores :meth:`state_dict`
+        (cheap: build the state objects that checkpoints fill in)."""
+
     def setup(self, experiment: Experiment) -> None:
         """Prepare state before training (called after a resume has restored :meth:`state_dict`)."""
+
+    def on_train_end(self, experiment: Experiment) -> None:
+        """Called once when training reaches its last step (before the final evaluation)."""
 
     def wrap_optimizer(
         self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
@@ -95,9 +102,13 @@ class Method:
 
 def build_method(cfg: Any) -> Method:
     """The method named by ``cfg.method.name``."""
-    from subnets.methods.subnetworks import StaticSubnetworks
+    from subnets.methods.subnetworks import DynamicSubnetworks, StaticSubnetworks
 
-    methods: dict[str, type[Method]] = {"baseline": Method, "static": StaticSubnetworks}
+    methods: dict[str, type[Method]] = {
+        "baseline": Method,
+        "static": StaticSubnetworks,
+        "dynamic": DynamicSubnetworks,
+    }
     name = str(setting(cfg.method.name))
     if name not in methods:
         raise ValueError(f"method.name: unknown method {name!r}; available: {', '.join(methods)}")

@@ -32,13 +32,14 @@ import torch
 
 from subnets.evaluate import evaluate
 from subnets.files import atomic_write_json
+from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.importance import head_importance
 from subnets.masks.search import find_subnetwork, matching_parameters
 from subnets.masks.selection import select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
 from subnets.methods.base import Method, setting
 from subnets.optim.masked import MaskedOptimizer
-from subnets.training import parameter_groups
+from subnets.training import StepResult, parameter_groups, training_step
 
 if TYPE_CHECKING:
     from subnets.data.dataset import LanguageData
@@ -295,3 +296,183 @@ class StaticSubnetworks(SubnetworkMethod):
             atomic_write_json(folder / "pruning.json", history)
             log.info("pruning history: %s", json.dumps(history))
         return masks
+
+
+class DynamicSubnetworks(StaticSubnetworks):
+    """Masks updated jointly with the model (``+method=dynamic``).
+
+    Initial masks come from the static procedure (``dynamic.init=static``) or keep every head
+    (``full``). Every ``dynamic.update_every`` steps each language's mask is re-selected
+    (:func:`~subnets.masks.dynamic.reselect`, minimum heads per layer as ``masks.min_heads_per_layer``):
+
+    * rule ``ema``: from the moving average of ``|dL/dgate|`` of the language's own training
+      steps (the gates carry gradients in every step, so tracking costs no extra pass);
+    * rule ``learned``: from per-language hard-concrete gate logits trained with the model and
+      a penalty towards ``masks.keep_ratio``; the training forward pass always uses the sampled
+      gates, and the mask is the deterministic one (a head is kept when its logit is positive).
+
+    ``method.apply`` decides, as for static masks, whether the current mask gates the forward
+    pass, restricts the update, or both. A coordinate that re-enters a language's subnetwork
+    continues from the optimizer state it had when it left (:class:`MaskedOptimizer`: frozen,
+    not advanced). The mask after every update and the number of heads that changed are kept
+    per language and written, with figures, to ``<run>/masks/`` at the end of training.
+    """
+
+    name = "dynamic"
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.dynamic = cfg.dynamic
+        self.rule = setting(cfg.dynamic.rule)
+        self.ema: ImportanceEMA | None = None
+        self.learned: HardConcreteGates | None = None
+        self.gate_optimizer: torch.optim.Optimizer | None = None
+        self.history: dict[str, list[dict[str, Any]]] = {}
+
+    def attach(self, experiment: Experiment) -> None:
+        shape = experiment.model.gates.shape
+        self.ema = ImportanceEMA(shape, self.dynamic.decay)
+        if self.rule == "learned":
+            self.learned = HardConcreteGates(
+                list(experiment.train_data), shape, beta=self.dynamic.temperature
+            )
+            self.learned.to(experiment.device)
+            self.gate_optimizer = torch.optim.Adam(self.learned.parameters(), lr=self.dynamic.gate_lr)
+
+    def setup(self, experiment: Experiment) -> None:
+        self.model = experiment.model
+        if self.masks is not None:  # restored from a checkpoint
+            return
+        if setting(self.dynamic.init) == "static":
+            super().setup(experiment)
+            if self.learned is not None:  # start the logits at the static masks
+                with torch.no_grad():
+                    for lang, subnetwork in self.masks.items():
+                        self.learned.log_alpha[lang].copy_(subnetwork.head_mask.float() * 4 - 2)
+        else:
+            masks = SubnetworkSet.for_model(experiment.model)
+            for lang in experiment.train_data:
+                masks[lang] = Subnetwork(torch.ones(experiment.model.gates.shape, dtype=torch.bool))
+            self.set_masks(masks)
+        self._record(0, {lang: 0 for lang in self.masks})
+
+    # ---------------------------------------------------------------- training
+    def track_gates(self, lang: str) -> bool:
+        return self.rule == "ema"
+
+    def train_step(self, experiment: Experiment, lang: str, batch) -> StepResult:
+        if self.rule == "ema":
+            return super().train_step(experiment, lang, batch)
+        target = experiment.cfg.masks.keep_ratio
+        self.gate_optimizer.zero_grad(set_to_none=True)
+        result = training_step(
+            experiment.model,
+            batch,
+            experiment.optimizer,
+            gates=self.learned.sample(lang),
+            update_mask=self.update_mask(lang),
+            clip_norm=experiment.cfg.train.clip_norm,
+            scheduler=experiment.scheduler,
+            extra_loss=lambda: self.dynamic.sparsity_weight * self.learned.sparsity_penalty(lang, target),
+        )
+        self.gate_optimizer.step()
+        return result
+
+    def after_step(self, experiment: Experiment, lang: str, result: StepResult) -> dict[str, float]:
+        if self.rule == "ema":
+            self.ema.update(lang, result.gate_grad)
+        logs = {}
+        if self.rule == "learned":
+            logs["masks/open_probability"] = float(self.learned.open_probability(lang).detach().mean())
+        if experiment.step % self.dynamic.update_every == 0:
+            changed = self.update_masks(experiment.step)
+            logs["masks/heads_changed"] = float(sum(changed.values()))
+            logs.update({f"masks/{lang}/sparsity": self.masks[lang].sparsity() for lang in self.masks})
+        return logs
+
+    def update_masks(self, step: int) -> dict[str, int]:
+        """Re-select every language's mask; returns the number of heads that changed per language."""
+        settings = self.settings
+        masks, changed = SubnetworkSet.for_model(self.model), {}
+        for lang, current in self.masks.items():
+            if self.rule == "learned":
+                mask = self.learned.mask(lang, settings.min_heads_per_layer)
+                scores = self.learned.open_probability(lang).detach()
+            elif lang in self.ema.averages:
+                scores = self.ema.scores(lang)
+                mask = reselect(
+                    scores, current.head_mask, setting(self.dynamic.selection), settings.keep_ratio,
+                    settings.top_k, self.dynamic.score_threshold, settings.min_heads_per_layer,
+                )  # fmt: skip
+            else:  # no step of this language yet
+                mask, scores = current.head_mask, current.scores
+            masks[lang] = Subnetwork(mask, current.param_masks, scores)
+            changed[lang] = int((mask != current.head_mask).sum())
+        self.set_masks(masks)
+        self._record(step, changed)
+        return changed
+
+    def _record(self, step: int, changed: dict[str, int]) -> None:
+        for lang, subnetwork in self.masks.items():
+            self.history.setdefault(lang, []).append({
+                "step": step, "changed": changed.get(lang, 0), "sparsity": subnetwork.sparsity(),
+                "mask": subnetwork.head_mask.int().tolist(),
+            })  # fmt: skip
+
+    # ---------------------------------------------------------------- outputs and state
+    def on_train_end(self, experiment: Experiment) -> None:
+        """Write the final masks, overlap heatmap, and the mask history with its figure."""
+        self.write_summary(experiment)
+        folder = experiment.run_dir / "masks"
+        atomic_write_json(folder / "history.json", self.history)
+        figure = history_figure(self.history)
+        figure.savefig(folder / "history.png", dpi=120)
+        experiment.log({}, images={"masks/history": figure})
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out["mask_changes"] = {
+            lang: sum(h["changed"] for h in entries) for lang, entries in self.history.items()
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["ema"] = self.ema.state_dict()
+        state["history"] = self.history
+        if self.learned is not None:
+            state["learned"] = self.learned.state_dict()
+            state["gate_optimizer"] = self.gate_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ema.load_state_dict(state["ema"])
+        self.history = {lang: [dict(h) for h in entries] for lang, entries in state["history"].items()}
+        if self.learned is not None:
+            self.learned.load_state_dict(state["learned"])
+            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+
+
+def history_figure(history: dict[str, list[dict[str, Any]]]):
+    """Sparsity and heads changed per mask update, one line per language."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for lang, entries in history.items():
+        steps = [h["step"] for h in entries]
+        top.plot(steps, [h["sparsity"] for h in entries], marker=".", label=lang)
+        bottom.plot(steps, [h["changed"] for h in entries], marker=".", label=lang)
+    top.set_ylabel("share of heads removed")
+    bottom.set_ylabel("heads changed")
+    bottom.set_xlabel("training step")
+    top.legend(fontsize=8, ncol=2)
+    top.set_title("Dynamic subnetworks")
+    figure.tight_layout()
+    return figure

@@ -105,33 +105,47 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"update_mask for {key if isinstance(key, str) else 'a parameter'}: shape "
                                  f"{tuple(mask.shape)}, parameter shape {tuple(parameter.shape)}")  # fmt: skip
             resolved.append((parameter, mask))
-        partial, skipped = [], []
+        skipped, partial = [], []
         for parameter, mask in resolved:
             if parameter.grad is None:
                 continue
             frozen = self._frozen(mask)
-            if frozen.none:
-                continue
             if frozen.all:
                 skipped.append((parameter, parameter.grad))
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
-                continue
-            frozen.fill(parameter.grad, 0.0)
+            elif not frozen.none:
+                partial.append((parameter, frozen, set(self.optimizer.state.get(parameter, {}))))
+        # Save the frozen coordinates of each parameter and its state tensors, step, write them back.
+        blocks, rows, unstructured = [], [], []
+        for parameter, frozen, _ in partial:
             state = self.optimizer.state.get(parameter, {})
-            saved = {k: frozen.save(v) for k, v in state.items() if _same_shape(v, parameter)}
-            partial.append((parameter, frozen, frozen.save(parameter), saved))
+            tensors = [parameter, *(v for v in state.values() if _same_shape(v, parameter))]
+            frozen.zero(parameter.grad)
+            if frozen.rows is not None:
+                rows += [(t, frozen.rows, t.index_select(0, frozen.rows)) for t in tensors]
+            elif frozen.runs:
+                blocks += [b for t in tensors for b in frozen.blocks(t)]
+            else:
+                unstructured += [(t, frozen.mask, t.clone()) for t in tensors]
+        saved = [torch.empty_like(b) for b in blocks]
+        if blocks:
+            torch._foreach_copy_(saved, blocks)
         try:
             loss = self.optimizer.step(closure)
         finally:
             for parameter, grad in skipped:
                 parameter.grad = grad
-        for parameter, frozen, value, saved in partial:
-            frozen.restore(parameter, value)
+        if blocks:
+            torch._foreach_copy_(blocks, saved)
+        for tensor, index, old in rows:
+            tensor.index_copy_(0, index, old)
+        for tensor, mask, old in unstructured:
+            torch.where(mask, old, tensor, out=tensor)
+        # State the step created for the first time starts at zero on frozen coordinates.
+        for parameter, frozen, before in partial:
             for key, tensor in self.optimizer.state.get(parameter, {}).items():
-                if key in saved:
-                    frozen.restore(tensor, saved[key])
-                elif _same_shape(tensor, parameter):  # created by this step
-                    frozen.fill(tensor, 0.0)
+                if key not in before and _same_shape(tensor, parameter):
+                    frozen.zero(tensor)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -154,38 +168,36 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
 
 class _Frozen:
-    """The coordinates a mask protects, in the cheapest form to save and restore: runs of whole
-    rows or columns of a 2-D tensor when the mask is constant along the other axis (head masks
-    own row or column blocks: plain memory copies), else the boolean mask itself."""
+    """The coordinates a mask protects, in the cheapest form to save and restore. Whole rows
+    (a mask constant along every other axis, as a head mask on query/key/value weights and
+    biases): ``rows``, an index for ``index_select``/``index_copy_``. Whole columns of a 2-D
+    tensor (a head mask on the output projection): ``runs`` of ``(start, length)`` copied as
+    views in one fused call. Otherwise ``mask`` (True where frozen) with ``torch.where``."""
+
+    max_runs = 64
 
     def __init__(self, mask: torch.Tensor):
         frozen = ~mask.bool()
         self.none, self.all = not bool(frozen.any()), bool(frozen.all())
-        self.dim, self.runs, self.mask = None, [], frozen
-        if frozen.dim() == 2:
-            for dim, line in ((0, frozen[:, 0]), (1, frozen[0])):
-                if bool((frozen == (line[:, None] if dim == 0 else line[None, :])).all()):
-                    self.dim, self.runs = dim, _runs(line)
-                    break
+        self.mask, self.rows, self.runs = frozen, None, []
+        first_column = frozen.reshape(frozen.shape[0], -1)[:, 0] if frozen.dim() else frozen
+        if frozen.dim() >= 1 and bool((frozen == first_column.view(-1, *[1] * (frozen.dim() - 1))).all()):
+            self.rows = first_column.nonzero().squeeze(1)
+        elif frozen.dim() == 2 and bool((frozen == frozen[:1]).all()):
+            runs = _runs(frozen[0])
+            if len(runs) <= self.max_runs:
+                self.runs = runs
 
-    def save(self, tensor: torch.Tensor):
-        if self.dim is None:
-            return tensor.clone()
-        return [tensor.narrow(self.dim, start, length).clone() for start, length in self.runs]
+    def blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor.narrow(1, start, length) for start, length in self.runs]
 
-    def restore(self, tensor: torch.Tensor, saved) -> None:
-        if self.dim is None:
-            torch.where(self.mask, saved, tensor, out=tensor)
-            return
-        for (start, length), block in zip(self.runs, saved):
-            tensor.narrow(self.dim, start, length).copy_(block)
-
-    def fill(self, tensor: torch.Tensor, value: float) -> None:
-        if self.dim is None:
-            tensor.masked_fill_(self.mask, value)
-            return
-        for start, length in self.runs:
-            tensor.narrow(self.dim, start, length).fill_(value)
+    def zero(self, tensor: torch.Tensor) -> None:
+        if self.rows is not None:
+            tensor.index_fill_(0, self.rows, 0.0)
+        elif self.runs:
+            torch._foreach_zero_(self.blocks(tensor))
+        else:
+            tensor.masked_fill_(self.mask, 0.0)
 
 
 def _runs(line: torch.Tensor) -> list[tuple[int, int]]:
