@@ -33,6 +33,9 @@ TINY = [
     "train.eval_every=6",
     "train.checkpoint_every=4",
     "train.log_every=3",
+    "fewshot.k=5",
+    "fewshot.repetitions=2",
+    "fewshot.steps=2",
 ]
 
 

@@ -85,7 +85,7 @@ def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
             language, indices = experiment.sampler.next()
             result = method.train_step(experiment, language, experiment.batch(language, indices))
             experiment.step += 1
-            method.after_step(experiment, language, result)
+            method.after_step(experiment, result)
 
     train(60)
     before = method.masks[lang].head_mask.clone()
@@ -174,7 +174,7 @@ def test_no_update_reaches_a_coordinate_outside_the_mask_of_its_step(tmp_path, a
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             result = method.train_step(experiment, lang, experiment.batch(lang, indices))
             experiment.step += 1
-            method.after_step(experiment, lang, result)
+            method.after_step(experiment, result)
             for name, m in owned.items():
                 assert torch.equal(dict(model.named_parameters())[name][~m], before[name][~m]), name
         assert len(masks_seen) > 4  # the masks did change along the way

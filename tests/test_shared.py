@@ -82,7 +82,8 @@ def test_methods_run_on_real_ud_with_e5_by_settings_only(tmp_path, method):
     from subnets.train import compose_config
 
     budget = ["languages.max_train_sentences=16", "languages.max_eval_sentences=4", "train.steps=4",
-              "train.eval_every=4", "train.batch_size=4", "masks.batch_size=4", "wandb.mode=disabled"]  # fmt: skip
+              "train.eval_every=4", "train.batch_size=4", "masks.batch_size=4", "wandb.mode=disabled",
+              "fewshot.k=2", "fewshot.repetitions=1", "fewshot.steps=1"]  # fmt: skip
     env = [f"languages.ud_root={UD_ROOT}", f"model.name_or_path={E5_PATH}"]
     results = run(compose_config(["+experiment=ud_e5", *method, *budget, *env]), tmp_path)
     assert set(results["target"]) == {

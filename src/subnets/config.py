@@ -45,6 +45,9 @@ class MethodName(str, Enum):
     baseline = "baseline"
     static = "static"
     dynamic = "dynamic"
+    maml = "maml"
+    maml_static = "maml_static"
+    maml_dynamic = "maml_dynamic"
 
 
 class ApplyMode(str, Enum):
@@ -229,10 +232,30 @@ class DynamicConfig:
 
 
 @dataclass
+class MetaConfig:
+    """MAML over languages (``+method=maml``, ``maml_static``, ``maml_dynamic``)."""
+
+    first_order: bool = True
+    inner_steps: int = 1
+    inner_lr_encoder: float = 0.001  # inner SGD learning rate of the encoder
+    inner_lr_head: float = 0.01  # inner SGD learning rate of the task head
+    learn_inner_lr: bool = False  # Meta-SGD: train the two inner rates in the outer step
+    inner_lr_lr: float = 1e-3  # outer learning rate of the (log) inner rates
+    languages_per_episode: int = 2
+    support_size: int = 16  # sentences per language for the inner steps
+    query_size: int = 16  # sentences per language for the query loss
+
+
+@dataclass
 class FewShotConfig:
-    """Few-shot adaptation to unseen languages."""
+    """The few-shot protocol on target languages, shared by every method."""
 
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
+    repetitions: int = 5  # R draws of the support set, each with its own seed
+    steps: int = 20  # fine-tuning steps on the k sentences (one batch of all k)
+    lr_encoder: float = 1e-3
+    lr_head: float = 2e-3
+    weight_decay: float = 0.01
 
 
 @dataclass
@@ -247,6 +270,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     masks: MasksConfig = field(default_factory=MasksConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -36,7 +36,7 @@ from subnets.data.sampling import LanguageSampler
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
 from subnets.evaluate import evaluate
-from subnets.fewshot import draw_support
+from subnets.fewshot import draw_support, few_shot
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from subnets.methods.base import build_method, setting
 from subnets.models.encoder import (
@@ -123,10 +123,10 @@ class Experiment:
         self.model = DependencyParser(
             encoder, setting(task.name), task.arc_dim, task.label_dim, task.dropout, task.word_dropout
         ).to(self.device)
+        self.method.attach(self)
         self.optimizer, self.scheduler = self._optimizer()
         sizes = {code: len(data) for code, data in self.train_data.items()}
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
-        self.method.attach(self)
         self.resumed = self._resume()
         self._init_wandb()
         self.method.setup(self)
@@ -188,6 +188,8 @@ class Experiment:
             self.eval_data[("dev", code)] = data
         for tb in target:
             self.eval_data[("target", tb.code)] = load(tb.code, "test", cap)
+        # the whole (capped) test split, from which each few-shot repetition draws its support
+        self.target_test = {tb.code: self.eval_data[("target", tb.code)] for tb in target}
         skipped = sum(d.skipped for d in self._all_data())
         if skipped:
             log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", skipped)
@@ -248,6 +250,7 @@ class Experiment:
     def _optimizer(self):
         train = self.cfg.train
         groups = parameter_groups(self.model, train.lr_encoder, train.lr_head, train.weight_decay)
+        groups += self.method.parameter_groups()
         optimizer = self.method.wrap_optimizer(torch.optim.AdamW(groups), self.model)
         decay = setting(train.schedule) == "linear"
         return optimizer, linear_schedule(optimizer, train.warmup_steps, train.steps, decay)
@@ -376,10 +379,9 @@ class Experiment:
         totals: dict[str, float] = {}
         start = time.perf_counter()
         while self.step < train.steps:
-            lang, indices = self.sampler.next()
-            result = self.method.train_step(self, lang, self.batch(lang, indices))
+            result = self.method.step(self)
             self.step += 1
-            extra = self.method.after_step(self, lang, result)
+            extra = self.method.after_step(self, result)
             bar.update(1)
             for key, value in {
                 "loss": result.loss,
@@ -479,6 +481,8 @@ class Experiment:
                     for key in ("uas", "las", "upos")
                     if key in next(iter(scores[role].values()))
                 }
+        if self.target_test and self.cfg.fewshot.repetitions > 0:
+            results["fewshot"] = few_shot(self)
         atomic_write_json(self.run_dir / "results.json", results)
         self.log(
             {
@@ -541,9 +545,39 @@ def format_results(results: dict[str, Any]) -> str:
                 )
             )
     header = ("language", "role", "split", "words", "UAS", "LAS", "UPOS")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in [header, *rows]]
+    lines = _table(header, rows)
+    fewshot = results.get("fewshot", {})
+    if fewshot.get("languages"):
+        lines += ["", f"few-shot: k={fewshot['k']} support sentences, {fewshot['steps']} steps, "
+                      f"{fewshot['repetitions']} repetitions (mean +- sd)"]  # fmt: skip
+        keys = [k for k in ("las", "uas", "upos") if f"{k}_mean" in next(iter(fewshot["languages"].values()))]
+        rows = []
+        for code, s in fewshot["languages"].items():
+            zero = results["target"][code]
+            rows.append((code, *(f"{zero[k]:.2f}" for k in keys),
+                         *(f"{s[f'{k}_mean']:.2f} +- {s[f'{k}_sd']:.2f}" for k in keys), s["support_split"]))  # fmt: skip
+        mean = fewshot["mean"]
+        rows.append(
+            (
+                "mean",
+                *(f"{results['target_mean'][k]:.2f}" for k in keys),
+                *(f"{mean[k]:.2f}" for k in keys),
+                "",
+            )
+        )
+        header = (
+            "language",
+            *(f"zero-shot {k.upper()}" for k in keys),
+            *(f"few-shot {k.upper()}" for k in keys),
+            "support from",
+        )
+        lines += _table(header, rows)
     return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:

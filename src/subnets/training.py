@@ -21,6 +21,7 @@ class StepResult:
     grad_norm: float
     words: int
     gate_grad: torch.Tensor | None = None
+    language: str = ""  # the step's language (the first of a meta-learning episode)
 
 
 def training_step(
@@ -74,6 +75,7 @@ def training_step(
     if scheduler is not None:
         scheduler.step()
     return StepResult(
+        language=batch.lang,
         loss=float(out.loss.detach()),
         losses={k: float(v.detach()) for k, v in out.losses.items()},
         grad_norm=float(grad_norm),

@@ -47,9 +47,10 @@ class LanguageSampler:
     def next_language(self) -> str:
         return self.codes[int(self._rng.choice(len(self.codes), p=self._p))]
 
-    def next_batch(self, code: str) -> list[int]:
-        """The next ``batch_size`` sentence indices of language ``code`` (fewer if it is smaller)."""
-        size = min(self.batch_size, self.sizes[code])
+    def next_batch(self, code: str, size: int | None = None) -> list[int]:
+        """The next ``size`` (default ``batch_size``) sentence indices of language ``code``
+        (fewer if the language is smaller)."""
+        size = min(size or self.batch_size, self.sizes[code])
         queue = self._queues[code]
         if len(queue) < size:
             # a new epoch; the leftovers of the last one go to its end, so a batch never repeats a sentence

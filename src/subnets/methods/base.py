@@ -18,6 +18,7 @@ from subnets.data.batching import Batch
 from subnets.training import StepResult, training_step
 
 if TYPE_CHECKING:
+    from subnets.data.dataset import LanguageData
     from subnets.experiment import Experiment
 
 
@@ -46,6 +47,10 @@ class Method:
     def on_train_end(self, experiment: Experiment) -> None:
         """Called once when training reaches its last step (before the final evaluation)."""
 
+    def parameter_groups(self) -> list[dict]:
+        """Extra parameter groups for the outer optimizer (e.g. learned inner learning rates)."""
+        return []
+
     def wrap_optimizer(
         self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
     ) -> torch.optim.Optimizer:
@@ -64,12 +69,17 @@ class Method:
         """Whether a step of ``lang`` needs ``dL/dgate`` (dynamic importance)."""
         return False
 
-    def after_step(self, experiment: Experiment, lang: str, result: StepResult) -> dict[str, float]:
+    def after_step(self, experiment: Experiment, result: StepResult) -> dict[str, float]:
         """React to a finished step (e.g. update importance); returns values to log."""
         return {}
 
+    def step(self, experiment: Experiment) -> StepResult:
+        """One outer step of training: draw a language and a batch, and train on it."""
+        lang, indices = experiment.sampler.next()
+        return self.train_step(experiment, lang, experiment.batch(lang, indices))
+
     def train_step(self, experiment: Experiment, lang: str, batch: Batch) -> StepResult:
-        """One outer step on a batch of ``lang``."""
+        """One optimisation step on a batch of ``lang``."""
         return training_step(
             experiment.model,
             batch,
@@ -85,6 +95,13 @@ class Method:
         """Head gates for evaluating ``lang`` (training languages: their subnetwork; others:
         the test-time policy). The baseline uses every head."""
         return None
+
+    def adaptation(
+        self, experiment: Experiment, model: torch.nn.Module, lang: str, support: LanguageData
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Head gates and update mask for adapting ``model`` to an unseen language from its
+        ``support`` sentences (the few-shot protocol; the test-time policy). Baseline: none."""
+        return None, None
 
     def prepare_evaluation(self, experiment: Experiment) -> None:
         """Called before each evaluation round (e.g. to estimate unseen languages' masks)."""
@@ -102,12 +119,16 @@ class Method:
 
 def build_method(cfg: Any) -> Method:
     """The method named by ``cfg.method.name``."""
+    from subnets.methods.meta import MetaDynamic, MetaLearning, MetaStatic
     from subnets.methods.subnetworks import DynamicSubnetworks, StaticSubnetworks
 
     methods: dict[str, type[Method]] = {
         "baseline": Method,
         "static": StaticSubnetworks,
         "dynamic": DynamicSubnetworks,
+        "maml": MetaLearning,
+        "maml_static": MetaStatic,
+        "maml_dynamic": MetaDynamic,
     }
     name = str(setting(cfg.method.name))
     if name not in methods:

@@ -131,33 +131,43 @@ class SubnetworkMethod(Method):
     def prepare_evaluation(self, experiment: Experiment) -> None:
         """Subnetworks of the development and target languages by the test-time policy, from
         their support sentences and the current model."""
-        policy = setting(self.settings.target_policy)
         self.target_masks.clear()
         self._update_masks = {k: v for k, v in self._update_masks.items() if k in (self.masks or {})}
-        if policy == "full":
-            return
-        size = self.settings.batch_size
         for code, support in experiment.support.items():
-            batches = language_batches(experiment, support, size, max(1, -(-len(support) // size)), "support")
-            scores = head_importance(experiment.model, batches)
-            if policy == "support":
-                keep = float(np.mean([s.head_mask.float().mean() for s in self.masks.values()]))
-                mask = select_keep_ratio(scores, keep, self.settings.min_heads_per_layer)
-                self.target_masks[code] = Subnetwork(mask, scores=scores)
-            else:  # nearest
-                similarity = {
-                    source: float(
-                        torch.nn.functional.cosine_similarity(scores.flatten(), s.scores.flatten(), dim=0)
-                    )
-                    for source, s in self.masks.items()
-                    if s.scores is not None
-                }
-                if not similarity:
-                    raise ValueError("target_policy=nearest needs the source masks' importance scores")
-                source = max(similarity, key=similarity.get)
-                self.nearest[code] = source
-                chosen = self.masks[source]
-                self.target_masks[code] = Subnetwork(chosen.head_mask, chosen.param_masks, scores)
+            subnetwork = self.policy_subnetwork(experiment, experiment.model, code, support)
+            if subnetwork is not None:
+                self.target_masks[code] = subnetwork
+
+    def policy_subnetwork(
+        self, experiment: Experiment, model: torch.nn.Module, code: str, support: LanguageData
+    ) -> Subnetwork | None:
+        """The subnetwork of unseen language ``code`` by ``masks.target_policy`` (module docstring)."""
+        policy = setting(self.settings.target_policy)
+        if policy == "full":
+            return None
+        size = self.settings.batch_size
+        batches = language_batches(experiment, support, size, max(1, -(-len(support) // size)), "support")
+        scores = head_importance(model, batches)
+        if policy == "support":
+            keep = float(np.mean([s.head_mask.float().mean() for s in self.masks.values()]))
+            return Subnetwork(
+                select_keep_ratio(scores, keep, self.settings.min_heads_per_layer), scores=scores
+            )
+        similarity = {
+            source: float(torch.nn.functional.cosine_similarity(scores.flatten(), s.scores.flatten(), dim=0))
+            for source, s in self.masks.items()
+            if s.scores is not None
+        }
+        if not similarity:
+            raise ValueError("target_policy=nearest needs the source masks' importance scores")
+        source = max(similarity, key=similarity.get)
+        self.nearest[code] = source
+        chosen = self.masks[source]
+        return Subnetwork(chosen.head_mask, chosen.param_masks, scores)
+
+    def adaptation(self, experiment: Experiment, model: torch.nn.Module, lang: str, support: LanguageData):
+        subnetwork = self.policy_subnetwork(experiment, model, lang, support)
+        return self.gates_of(subnetwork), self.update_mask_of(subnetwork)
 
     # ---------------------------------------------------------------- outputs and state
     def write_summary(self, experiment: Experiment) -> None:
@@ -378,12 +388,19 @@ class DynamicSubnetworks(StaticSubnetworks):
         self.gate_optimizer.step()
         return result
 
-    def after_step(self, experiment: Experiment, lang: str, result: StepResult) -> dict[str, float]:
+    def record_gate_grad(self, lang: str, gate_grad: torch.Tensor) -> None:
+        """Fold one step's ``dL/dgate`` of ``lang`` into its moving average (rule ``ema``)."""
         if self.rule == "ema":
-            self.ema.update(lang, result.gate_grad)
+            self.ema.update(lang, gate_grad)
+
+    def after_step(self, experiment: Experiment, result: StepResult) -> dict[str, float]:
+        if result.gate_grad is not None:
+            self.record_gate_grad(result.language, result.gate_grad)
         logs = {}
         if self.rule == "learned":
-            logs["masks/open_probability"] = float(self.learned.open_probability(lang).detach().mean())
+            logs["masks/open_probability"] = float(
+                self.learned.open_probability(result.language).detach().mean()
+            )
         if experiment.step % self.dynamic.update_every == 0:
             changed = self.update_masks(experiment.step)
             logs["masks/heads_changed"] = float(sum(changed.values()))

@@ -1,0 +1,113 @@
+"""The few-shot protocol: support sampling, exclusion from the scored set, repetitions, masks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from subnets.data.treebank import read_conllu
+from subnets.experiment import Experiment, run
+from subnets.fewshot import draw_support, few_shot, fine_tune, support_split
+
+
+@pytest.fixture
+def trained(tmp_path):
+    experiment = Experiment(tiny_config("fewshot.k=6", "fewshot.repetitions=3", "fewshot.steps=3"), tmp_path)
+    experiment.setup()
+    experiment.train()
+    yield experiment
+    experiment.close()
+
+
+def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
+    code = "syn_vos"
+    treebank = trained.treebanks[code]
+    del treebank.files["train"], treebank.files["dev"]  # only a test file: support comes from it
+    trained.target_test = {code: trained.target_test[code]}
+    result = few_shot(trained)["languages"][code]
+    test = trained.target_test[code]
+    predicted = read_conllu(trained.run_dir / "predictions" / "fewshot" / f"{code}-test.conllu").sentences
+    for repetition, run_ in enumerate(result["runs"]):
+        support, _ = draw_support(treebank, test, 6, run_["seed"])
+        assert run_["support_split"] == "test"
+        assert run_["words"] == test.num_words - support.num_words  # the denominator excludes them
+        if repetition == 0:
+            support_ids = {s.sent_id for s in support.sentences}
+            assert support_ids.isdisjoint(s.sent_id for s in predicted)
+            assert len(predicted) == len(test) - 6
+    seeds = [r["seed"] for r in result["runs"]]
+    assert len(set(seeds)) == 3
+    supports = [
+        tuple(s.sent_id for s in draw_support(treebank, test, 6, seed)[0].sentences) for seed in seeds
+    ]
+    assert len(set(supports)) == 3  # each repetition draws its own support set
+
+
+def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
+    result = few_shot(trained)
+    for summary in result["languages"].values():
+        las = np.array([r["las"] for r in summary["runs"]])
+        assert summary["las_mean"] == pytest.approx(las.mean())
+        assert summary["las_sd"] == pytest.approx(las.std(ddof=1))
+        assert summary["support_split"] == "train"
+    assert result["mean"]["las"] == pytest.approx(
+        np.mean([s["las_mean"] for s in result["languages"].values()])
+    )
+    again = few_shot(trained)
+    assert again == result  # seeded: the same draws and the same fine-tuning
+
+
+def test_support_split_rule():
+    from subnets.data.ud import TreebankFiles
+
+    treebank = TreebankFiles("xx_yy", None, {"train": "t", "dev": "d", "test": "e"})
+    assert support_split(treebank, 20, {"train": 31, "dev": 5, "test": 900}) == "train"
+    assert support_split(treebank, 20, {"train": 19, "dev": 100, "test": 900}) == "dev"  # train too small
+    assert support_split(treebank, 20, {"train": 19, "dev": 5, "test": 900}) == "test"
+    with pytest.raises(ValueError, match="no split holds k=20"):
+        support_split(treebank, 20, {"train": 19, "dev": 5, "test": 10})
+
+
+def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained):
+    import copy
+
+    from subnets.masks.subnetwork import head_parameter_masks
+
+    model = copy.deepcopy(trained.model)
+    data = trained.target_test["syn_vos"]
+    batch = trained.collator(data.sentences[:6], data.pieces[:6], "syn_vos")
+    head_mask = torch.ones(model.gates.shape, dtype=torch.bool)
+    head_mask[:, :2] = False
+    mask = head_parameter_masks(model, head_mask)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fine_tune(model, batch, 3, 1e-3, 1e-3, 0.01, 5.0, update_mask=mask)
+    after = dict(model.named_parameters())
+    for name, owned in mask.items():
+        assert torch.equal(after[name][~owned], before[name][~owned])
+        assert not torch.equal(after[name][owned], before[name][owned])
+
+
+def test_few_shot_results_and_table_in_a_run(tmp_path, capsys):
+    results = run(tiny_config("+method=static", "masks.finetune_steps=2", "masks.selection=keep_ratio",
+                              "masks.importance_batches=1", "masks.batch_size=4", "masks.target_policy=nearest",
+                              "method.apply=both"), tmp_path)  # fmt: skip
+    fewshot = results["fewshot"]
+    assert set(fewshot["languages"]) == {"syn_vos", "syn_sov_an"}
+    assert fewshot["k"] == 5 and fewshot["repetitions"] == 2 and fewshot["steps"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["fewshot"] == fewshot
+    out = capsys.readouterr().out
+    assert "few-shot: k=5 support sentences, 2 steps, 2 repetitions" in out
+    assert f"{fewshot['languages']['syn_vos']['las_mean']:.2f} +- " in out
+    assert (tmp_path / "predictions" / "fewshot" / "syn_vos-test.conllu").exists()
+
+
+def test_few_shot_adaptation_improves_on_zero_shot(tmp_path):
+    settings = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "task.arc_dim=64", "task.label_dim=32",
+                "languages.synthetic.train=300", "train.steps=200", "train.batch_size=32", "train.eval_every=100",
+                "train.warmup_steps=20", "fewshot.k=20", "fewshot.steps=20", "fewshot.repetitions=3"]  # fmt: skip
+    results = run(tiny_config(*settings), tmp_path)
+    # syn_vos: a verb-initial order no source language has; 20 sentences teach it
+    zero, few = results["target"]["syn_vos"]["las"], results["fewshot"]["languages"]["syn_vos"]["las_mean"]
+    assert few > zero + 10, (zero, few)
