@@ -31,7 +31,9 @@ def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int] | None 
     for split in SPLITS:
         if split not in treebank.files:
             continue
-        found[split] = sizes[split] if sizes and split in sizes else len(load_language(treebank, split).sentences)
+        found[split] = (
+            sizes[split] if sizes and split in sizes else len(load_language(treebank, split).sentences)
+        )
         if found[split] >= k:
             return split
     listed = ", ".join(f"{split} ({n} sentences)" for split, n in found.items()) or "none"
