@@ -446,7 +446,11 @@ class Experiment:
     # ------------------------------------------------------------------ evaluation
     def final_evaluation(self) -> dict[str, Any]:
         """Evaluate the best model on every language and split; write predictions and results.json."""
-        if self.best is not None and self.best_checkpoint.exists():
+        if self.best is not None:
+            if not self.best_checkpoint.exists():
+                raise FileNotFoundError(
+                    f"{self.best_checkpoint} is missing, but the run recorded a best model at step {self.best['step']}"
+                )
             best = load_checkpoint(self.best_checkpoint, self.device)
             self.model.load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])

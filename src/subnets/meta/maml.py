@@ -221,29 +221,28 @@ class MAML(nn.Module):
                 probe = start.to(next(self.net.parameters()).device).requires_grad_(True)
                 gates = probe
             adapted, support_loss = self.adapt(task.support, initial, gates, task.update_mask)
-            with self._context():
-                query_loss = self.task_loss(adapted, task.query, gates)
-                wrt = [initial[n] for n in names] + learned + ([probe] if probe is not None else [])
-                grads = torch.autograd.grad(query_loss / len(tasks), wrt, allow_unused=True)
-            for name, grad in zip(names, grads[: len(names)]):
-                if grad is None:
-                    continue
-                if task.update_mask is not None and name in task.update_mask:
-                    grad = grad * task.update_mask[name]
-                parameter = initial[name]
-                parameter.grad = grad.detach() if parameter.grad is None else parameter.grad + grad.detach()
-            for parameter, grad in zip(learned, grads[len(names) : len(names) + len(learned)]):
-                if grad is not None:
-                    parameter.grad = (
-                        grad.detach() if parameter.grad is None else parameter.grad + grad.detach()
-                    )
+            # The task's meta-gradient accumulates into .grad in place, masked on the way by
+            # temporary hooks on the initial parameters (no second copy of the gradients).
+            hooks = [
+                initial[name].register_hook(lambda grad, mask=mask: grad * mask)
+                for name, mask in (task.update_mask or {}).items()
+                if name in initial
+            ]
+            try:
+                with self._context():
+                    query_loss = self.task_loss(adapted, task.query, gates)
+                    inputs = [initial[n] for n in names] + learned + ([probe] if probe is not None else [])
+                    torch.autograd.backward(query_loss / len(tasks), inputs=inputs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             if probe is not None:
-                result.gate_grads[task.name] = grads[-1].detach() * len(tasks)
+                result.gate_grads[task.name] = probe.grad.detach() * len(tasks)
             result.task_losses[task.name] = float(query_loss.detach())
             result.loss += float(query_loss.detach()) / len(tasks)
             result.support_loss += support_loss / len(tasks)
             result.words += int(getattr(task.query, "num_words", 0))
-            del adapted, query_loss, grads
+            del adapted, query_loss
         parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if clip_norm and clip_norm > 0:
             result.grad_norm = float(nn.utils.clip_grad_norm_(parameters, clip_norm))

@@ -1,0 +1,222 @@
+"""MAML meta-step benchmark: subnets.meta.MAML (torch.func) against `higher` on the same episode.
+
+For the tiny model and multilingual-e5-small, first and second order, it times one meta-step
+(an episode of 2 languages with 8 support and 8 query sentences of real UD data, 1 inner SGD
+step, an AdamW outer step) and reports the median seconds per step and the peak memory of a
+process that runs only that variant (RSS on CPU, allocated memory on GPU).
+
+`higher` (a dev dependency) monkeypatches modules into functional copies. On transformers 5
+those copies lose the layer outputs that the model collects by module class, so `higher`
+cannot run these encoders there: run this script with transformers 4 installed for the
+comparison (the `higher` rows then say what it measured; on transformers 5 they say
+"unsupported").
+
+Usage::
+
+    python benchmarks/meta_step.py                       # tiny and e5, both orders
+    python benchmarks/meta_step.py --models tiny --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from subnets.data.batching import Collator
+from subnets.data.dataset import load_language
+from subnets.data.ud import discover_treebanks
+from subnets.meta import MAML, Task
+from subnets.models.encoder import (
+    Encoder,
+    build_tiny_transformer,
+    load_pretrained,
+    max_subwords,
+    train_wordpiece_tokenizer,
+)
+from subnets.models.parser import DependencyParser
+from subnets.training import parameter_groups
+
+REPO = Path(__file__).resolve().parents[1]
+UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
+E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
+LANGUAGES = ["en_ewt", "ko_kaist"]
+INNER_LR = {"encoder": 1e-3, "head": 1e-2}
+
+
+def setup(model_name: str):
+    treebanks = discover_treebanks(UD_ROOT)
+    data = [load_language(treebanks[code], "train", max_sentences=64) for code in LANGUAGES]
+    if model_name == "tiny":
+        tokenizer = train_wordpiece_tokenizer(
+            [" ".join(s.forms) for d in data for s in d.sentences], 2000, 128
+        )
+        transformer = build_tiny_transformer(len(tokenizer), 128, 4, 4, 256, 128, attn_implementation="eager",
+                                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    else:
+        transformer, tokenizer = load_pretrained(E5_PATH, attn_implementation="eager")
+    for d in data:
+        d.tokenize(tokenizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = DependencyParser(Encoder(transformer)).to(device)
+    collator = Collator(tokenizer, max_subwords(transformer, tokenizer))
+
+    def batch(d, start):
+        return collator(d.sentences[start : start + 8], d.pieces[start : start + 8], d.code).to(device)
+
+    episodes = [[Task(batch(d, 16 * i), batch(d, 16 * i + 8), d.code) for d in data] for i in range(4)]
+    return model, episodes
+
+
+def ours(model, first_order: bool):
+    names = {n for n, _ in model.encoder_parameters()}
+    maml = MAML(
+        model,
+        inner_lr=INNER_LR,
+        first_order=first_order,
+        group_of=lambda n: "encoder" if n in names else "head",
+    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, 5e-5, 1e-3, 0.01))
+    return lambda tasks: maml.meta_step(tasks, optimizer)
+
+
+def with_higher(model, first_order: bool):
+    import higher
+
+    names = {n for n, _ in model.encoder_parameters()}
+    encoder = [p for n, p in model.named_parameters() if n in names]
+    head = [p for n, p in model.named_parameters() if n not in names]
+    inner = torch.optim.SGD(
+        [{"params": encoder, "lr": INNER_LR["encoder"]}, {"params": head, "lr": INNER_LR["head"]}]
+    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, 5e-5, 1e-3, 0.01))
+
+    def step(tasks):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        for task in tasks:
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
+                                      track_higher_grads=not first_order) as (fmodel, diffopt):  # fmt: skip
+                diffopt.step(fmodel(task.support).loss)
+                query = fmodel(task.query).loss / len(tasks)
+                if first_order:
+                    grads = torch.autograd.grad(query, list(fmodel.parameters()), allow_unused=True)
+                    for p, g in zip(model.parameters(), grads):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+                else:
+                    query.backward()
+        optimizer.step()
+
+    return step
+
+
+def build_step(model_name: str, implementation: str, order: str):
+    model, episodes = setup(model_name)
+    step = (ours if implementation == "subnets" else with_higher)(model, order == "first")
+    step(episodes[0])  # warm-up; raises if the variant cannot run
+    return step, episodes
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory(model_name: str, implementation: str, order: str, steps: int) -> dict:
+    """Peak memory of a process running only this variant."""
+    try:
+        step, episodes = build_step(model_name, implementation, order)
+    except Exception as error:  # noqa: BLE001 (report why a variant cannot run)
+        return {"error": f"{type(error).__name__}: {error}"[:160]}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        step(episodes[(i + 1) % len(episodes)])
+    sync()
+    if torch.cuda.is_available():
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def step_times(model_name: str, order: str, steps: int) -> dict:
+    """Median seconds per meta-step of both implementations, timed in one process, alternating."""
+    variants = {}
+    for implementation in ("subnets", "higher"):
+        with contextlib.suppress(Exception):  # the memory run reports why a variant cannot run
+            variants[implementation] = build_step(model_name, implementation, order)
+    times = {name: [] for name in variants}
+    for i in range(steps):
+        for name, (step, episodes) in variants.items():
+            sync()
+            start = time.perf_counter()
+            step(episodes[(i + 1) % len(episodes)])
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,e5")
+    parser.add_argument("--orders", default="first,second")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)  # internal: model implementation order
+    parser.add_argument("--times", nargs=2, help=argparse.SUPPRESS)  # internal: model order
+    args = parser.parse_args()
+    if args.memory:
+        print(json.dumps(peak_memory(*args.memory, args.steps)))
+        return
+    if args.times:
+        print(json.dumps(step_times(*args.times, args.steps)))
+        return
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}")  # fmt: skip
+
+    def child(*flags):
+        command = [sys.executable, __file__, *flags, "--steps", str(args.steps)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for model in args.models.split(","):
+        for order in args.orders.split(","):
+            times = child("--times", model, order)
+            for implementation in ("subnets", "higher"):
+                row = {"model": model, "order": order, "implementation": implementation}
+                row.update(child("--memory", model, implementation, order))
+                if implementation in times:
+                    row["seconds_per_step"] = times[implementation]
+                rows.append(row)
+    print("model | order | implementation | s/step | peak MiB | time / higher | memory / higher")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['model']} | {row['order']} | {row['implementation']} | unsupported: {row['error']}")
+            continue
+        other = next(
+            r for r in rows if (r["model"], r["order"]) == (row["model"], row["order"]) and r is not row
+        )
+        comparable = row["implementation"] == "subnets" and "error" not in other
+        ratios = [
+            f"{row[k] / other[k]:.3f}" if comparable else "" for k in ("seconds_per_step", "peak_memory_mib")
+        ]
+        print(f"{row['model']} | {row['order']} | {row['implementation']} | {row['seconds_per_step']:.3f} | "
+              f"{row['peak_memory_mib']:.0f} | {ratios[0]} | {ratios[1]}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
