@@ -42,7 +42,7 @@ from subnets.models.encoder import (
     build_tiny_transformer,
     load_pretrained,
     max_subwords,
-    train_wordpiece_tokenizer,
+    train_subword_tokenizer,
 )
 from subnets.models.parser import DependencyParser
 from subnets.training import parameter_groups
@@ -58,7 +58,7 @@ def setup(model_name: str):
     treebanks = discover_treebanks(UD_ROOT)
     data = [load_language(treebanks[code], "train", max_sentences=64) for code in LANGUAGES]
     if model_name == "tiny":
-        tokenizer = train_wordpiece_tokenizer(
+        tokenizer = train_subword_tokenizer(
             [" ".join(s.forms) for d in data for s in d.sentences], 2000, 128
         )
         transformer = build_tiny_transformer(len(tokenizer), 128, 4, 4, 256, 128, attn_implementation="eager",

@@ -49,7 +49,7 @@ from subnets.models.encoder import (
     build_tiny_transformer,
     load_pretrained,
     max_subwords,
-    train_wordpiece_tokenizer,
+    train_subword_tokenizer,
 )
 from subnets.models.head_gates import HeadGates
 from subnets.models.parser import DependencyParser
@@ -70,7 +70,7 @@ def build(model_name: str, sentences_per_language: int):
     ]
     if model_name == "tiny":
         texts = [" ".join(s.forms) for d in data for s in d.sentences]
-        tokenizer = train_wordpiece_tokenizer(texts, vocab_size=2000, max_length=128)
+        tokenizer = train_subword_tokenizer(texts, vocab_size=2000, max_length=128)
         transformer = build_tiny_transformer(
             len(tokenizer), 128, 4, 4, 256, 128, pad_token_id=tokenizer.pad_token_id
         )

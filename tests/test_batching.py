@@ -5,7 +5,7 @@ import torch
 
 from subnets.data.batching import Collator, encode_words, plan_windows
 from subnets.data.treebank import Sentence
-from subnets.models.encoder import train_wordpiece_tokenizer
+from subnets.models.encoder import train_subword_tokenizer
 
 TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -16,7 +16,7 @@ TEXT = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_wordpiece_tokenizer(TEXT, vocab_size=60, max_length=64)
+    return train_subword_tokenizer(TEXT, vocab_size=60, max_length=64)
 
 
 def sentence(words):
@@ -33,9 +33,16 @@ def test_first_subword_alignment_matches_running_text(tokenizer):
     running = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
     assert [i for p in pieces for i in p] == running
     for word, word_pieces in zip(words, pieces):
-        first, *rest = tokenizer.convert_ids_to_tokens(word_pieces)
-        assert word.startswith(first)  # the first piece begins the word
-        assert all(piece.startswith("##") for piece in rest)
+        assert "".join(tokenizer.convert_ids_to_tokens(word_pieces)) == word  # in order, nothing lost
+
+
+def test_tokenizer_training_is_deterministic():
+    # huggingface/tokenizers#1794: the WordPiece trainer breaks merge ties in hash-map order;
+    # on this text it gave two different vocabularies within 200 trainings.
+    first = train_subword_tokenizer(TEXT, vocab_size=60, max_length=64)
+    for _ in range(200):
+        again = train_subword_tokenizer(TEXT, vocab_size=60, max_length=64)
+        assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
 
 
 def test_word_without_pieces_gets_unknown_token(tokenizer):
@@ -105,7 +112,7 @@ def test_long_sentence_is_split_into_windows_without_losing_words(tokenizer):
 
 
 def test_batch_to_keeps_sentences():
-    batch_tokenizer = train_wordpiece_tokenizer(TEXT, vocab_size=60, max_length=64)
+    batch_tokenizer = train_subword_tokenizer(TEXT, vocab_size=60, max_length=64)
     sentences = [sentence(["dog"])]
     batch = Collator(batch_tokenizer, 64)(sentences, encode_words(batch_tokenizer, sentences), "en")
     moved = batch.to("cpu")

@@ -16,7 +16,7 @@ from subnets.data.treebank import Sentence
 from subnets.experiment import Experiment, run
 from subnets.files import read_jsonl
 from subnets.meta import MAML, Task
-from subnets.models.encoder import Encoder, train_wordpiece_tokenizer
+from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
 
 
@@ -26,7 +26,7 @@ def sentence(words, heads):
 
 @pytest.fixture(scope="module")
 def episode():
-    tokenizer = train_wordpiece_tokenizer(["a b c d e f g h"] * 3, 50, 64)
+    tokenizer = train_subword_tokenizer(["a b c d e f g h"] * 3, 50, 64)
     collator = Collator(tokenizer, 64)
     support = [sentence("abcd", [0, 1, 1, 2]), sentence("efg", [2, 0, 2])]
     query = [sentence("hgfe", [0, 1, 2, 3]), sentence("bad", [3, 3, 0])]

@@ -107,7 +107,7 @@ class TinyModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
-    vocab_size: int = 2000  # WordPiece vocabulary trained on the training text
+    vocab_size: int = 2000  # byte-pair vocabulary trained on the training text
     max_length: int = 128  # positions, special tokens included
 
 

@@ -44,7 +44,7 @@ from subnets.models.encoder import (
     build_tiny_transformer,
     load_pretrained,
     max_subwords,
-    train_wordpiece_tokenizer,
+    train_subword_tokenizer,
 )
 from subnets.models.parser import DependencyParser
 from subnets.training import linear_schedule, parameter_groups
@@ -231,7 +231,7 @@ class Experiment:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         else:
             texts = (" ".join(s.forms) for d in self.train_data.values() for s in d.sentences)
-            tokenizer = train_wordpiece_tokenizer(texts, tiny.vocab_size, tiny.max_length)
+            tokenizer = train_subword_tokenizer(texts, tiny.vocab_size, tiny.max_length)
             tokenizer.save_pretrained(folder)
         transformer = build_tiny_transformer(
             len(tokenizer),

@@ -99,33 +99,28 @@ def load_pretrained(name_or_path: str, attn_implementation: str | None = None) -
     return model, tokenizer
 
 
-def train_wordpiece_tokenizer(
+def train_subword_tokenizer(
     texts: Iterable[str], vocab_size: int, max_length: int
 ) -> PreTrainedTokenizerFast:
-    """A cased BERT-style WordPiece tokenizer trained offline on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A cased byte-pair-encoding tokenizer trained offline on ``texts``, with BERT's special
+    tokens and ``[CLS] ... [SEP]`` framing; the same text always gives the same vocabulary.
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    Word-internal pieces carry no ``##`` prefix: the trainers of ``tokenizers`` number such
+    prefixed pieces in hash-map order and so break ties between merges differently from call
+    to call (huggingface/tokenizers#1794), which would make runs with the same seed differ.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-    def empty(vocab=None) -> Tokenizer:
-        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece()
-        return tokenizer
-
-    trained = empty()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    trained.train_from_iterator(texts, trainer)
-    # The trainer numbers its alphabet in hash-map order, which changes from process to process;
-    # renumber (specials first, then sorted) so that the same text always gives the same ids.
-    pieces = sorted(set(trained.get_vocab()) - set(specials))
-    tokenizer = empty({piece: i for i, piece in enumerate(specials + pieces)})
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0-4, in this order
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+        special_tokens=[("[CLS]", specials.index("[CLS]")), ("[SEP]", specials.index("[SEP]"))],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
