@@ -58,9 +58,7 @@ def setup(model_name: str):
     treebanks = discover_treebanks(UD_ROOT)
     data = [load_language(treebanks[code], "train", max_sentences=64) for code in LANGUAGES]
     if model_name == "tiny":
-        tokenizer = train_subword_tokenizer(
-            [" ".join(s.forms) for d in data for s in d.sentences], 2000, 128
-        )
+        tokenizer = train_subword_tokenizer([" ".join(s.forms) for d in data for s in d.sentences], 2000, 128)
         transformer = build_tiny_transformer(len(tokenizer), 128, 4, 4, 256, 128, attn_implementation="eager",
                                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     else:
