@@ -118,6 +118,7 @@ class ModelConfig:
     attn_implementation: str | None = None  # eager | sdpa | None (the model's default)
     max_subwords: int | None = None  # window length in subwords; None: the model's limit
     mix_dropout: float = 0.0  # UDify layer dropout of the scalar mix
+    encoder_dropout: float | None = None  # every dropout inside the encoder; None: the model's own
 
 
 @dataclass
@@ -175,7 +176,8 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 20
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
+    max_nonfinite_steps: int = 10  # NaN/inf losses are skipped; this many in a row stop the run
 
 
 @dataclass
@@ -263,6 +265,7 @@ class Config:
     name: str = "default"  # experiment name: outputs/<name>/...
     seed: int = 1
     resume: bool = True  # continue from the run folder's last checkpoint if there is one
+    overwrite: bool = False  # delete the run folder's earlier outputs and start again
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     languages: LanguagesConfig = field(default_factory=LanguagesConfig)

@@ -35,6 +35,7 @@ from subnets.data.dataset import LanguageData, load_language
 from subnets.data.sampling import LanguageSampler
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
+from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
 from subnets.fewshot import draw_support, few_shot
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 # Settings that may change between a run and its resumption without changing its results.
 RESUME_IGNORED = (
     "resume",
+    "overwrite",
     "wandb.",
     "train.device",
     "train.log_every",
@@ -83,9 +85,10 @@ class Experiment:
     :meth:`final_evaluation`, :meth:`save_checkpoint`.
 
     Attributes (after :meth:`setup`): ``model``, ``optimizer``, ``scheduler``, ``sampler``,
-    ``method``, ``collator``, ``tokenizer``, and the data: ``train_data`` (source languages,
-    train split), ``dev_data`` (development languages, dev split), ``eval_data`` (every
-    language and split evaluated at the end, keyed ``(role, code)``).
+    ``method``, ``collator``, ``tokenizer``, ``parallel`` (this process's place in a
+    ``torchrun`` job, :mod:`subnets.distributed`), and the data: ``train_data`` (source
+    languages, train split), ``dev_data`` (development languages, dev split), ``eval_data``
+    (every language and split evaluated at the end, keyed ``(role, code)``).
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
@@ -94,17 +97,25 @@ class Experiment:
         self.step = 0
         self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
         self.wandb_run = None
+        self.parallel = DataParallel()
+        self.nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
+        self.parallel = DataParallel.from_environment(cfg.train.device)
+        main = self.parallel.is_main
         self.device = self._device(cfg.train.device)
         self.method = build_method(cfg)
+        if not main:
+            self.parallel.barrier()  # rank 0 writes the data and the tokenizer first
         self.treebanks, self.data_root = self._treebanks()
         self._load_data()
         transformer, self.tokenizer = self._encoder()
+        if main:
+            self.parallel.barrier()
         self.support: dict[str, LanguageData] = {}
         if self.method.needs_support:
             self._draw_support()
@@ -118,6 +129,10 @@ class Experiment:
                 )
             limit = cfg.model.max_subwords
         self.collator = Collator(self.tokenizer, limit)
+        if cfg.model.encoder_dropout is not None:
+            for module in transformer.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = cfg.model.encoder_dropout
         encoder = Encoder(transformer, cfg.model.mix_dropout)
         task = cfg.task
         self.model = DependencyParser(
@@ -126,14 +141,27 @@ class Experiment:
         self.method.attach(self)
         self.optimizer, self.scheduler = self._optimizer()
         sizes = {code: len(data) for code, data in self.train_data.items()}
+        small = [f"{code} ({n})" for code, n in sizes.items() if n < self.parallel.world_size]
+        if small:
+            raise ValueError(f"{self.parallel.world_size} processes need at least as many training sentences "
+                             f"per language; too few in {', '.join(small)}")  # fmt: skip
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
         self.resumed = self._resume()
-        self._init_wandb()
-        self.method.setup(self)
+        if main:
+            self._init_wandb()
+            self.method.setup(self)
+        if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
+            state = self.parallel.broadcast(self.method.state_dict() if main else None)
+            if not main:
+                self.method.load_state_dict(state)
+                self.method.setup(self)
+            self.parallel.broadcast_parameters(self.model)
 
     def _device(self, name: str) -> torch.device:
         if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda" and self.parallel.world_size > 1:
+            name = f"cuda:{self.parallel.local_rank}"
         return torch.device(name)
 
     def _treebanks(self) -> tuple[dict[str, TreebankFiles], Path]:
@@ -268,7 +296,9 @@ class Experiment:
         return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
 
     def save_checkpoint(self) -> Path:
-        """Write the full training state to ``checkpoints/last.safetensors``."""
+        """Write the full training state to ``checkpoints/last.safetensors`` (rank 0 only)."""
+        if not self.parallel.is_main:
+            return self.last_checkpoint
         state = {
             "step": self.step,
             "config": self._config_container(),
@@ -342,6 +372,8 @@ class Experiment:
     def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
         """Append ``record`` (with the current step) to metrics.jsonl and send it, and any
         matplotlib ``images``, to W&B."""
+        if not self.parallel.is_main:
+            return
         record = {"step": self.step, **record}
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         if self.wandb_run is not None:
@@ -351,12 +383,20 @@ class Experiment:
             self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=self.step)
 
     def close(self) -> None:
-        """Finish the W&B run (each Hydra job gets its own)."""
+        """Finish the W&B run (each Hydra job gets its own) and leave the process group."""
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+        self.parallel.close()
 
     # ------------------------------------------------------------------ training
+    def next_indices(self, lang: str, size: int | None = None) -> list[int]:
+        """Sentence indices of this process's next batch of ``lang`` (``size`` defaults to
+        ``train.batch_size``): every process draws the same ``size x world_size`` sentences
+        and keeps its own share."""
+        drawn = self.sampler.next_batch(lang, (size or self.cfg.train.batch_size) * self.parallel.world_size)
+        return self.parallel.shard(drawn)
+
     def batch(self, lang: str, indices: list[int]) -> Batch:
         data = self.train_data[lang]
         return self.collator(
@@ -373,7 +413,7 @@ class Experiment:
             initial=self.step,
             desc="train",
             dynamic_ncols=True,
-            disable=None,
+            disable=None if self.parallel.is_main else True,
             file=sys.stderr,
         )
         totals: dict[str, float] = {}
@@ -381,12 +421,14 @@ class Experiment:
         while self.step < train.steps:
             result = self.method.step(self)
             self.step += 1
+            self._check_finite(result)
             extra = self.method.after_step(self, result)
             bar.update(1)
             for key, value in {
                 "loss": result.loss,
                 **result.losses,
                 "grad_norm": result.grad_norm,
+                "skipped_steps": float(result.skipped),
                 **extra,
             }.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -403,13 +445,33 @@ class Experiment:
                 self.log(record)
                 bar.set_postfix(loss=f"{record['train/loss']:.3f}")
                 totals, start = {}, time.perf_counter()
-            if self.step % train.eval_every == 0 or self.step == train.steps:
+            main = self.parallel.is_main
+            if main and (self.step % train.eval_every == 0 or self.step == train.steps):
                 self.validate()
-            if self.step == train.steps:
+            if main and self.step == train.steps:
                 self.method.on_train_end(self)
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                 self.save_checkpoint()
         bar.close()
+
+    def _check_finite(self, result) -> None:
+        """Count steps skipped for a NaN or infinite loss; stop after ``train.max_nonfinite_steps``
+        in a row (the last checkpoint, written before them, stays as it was)."""
+        if not result.skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d (%s): loss %s, gradient norm %s; the step was skipped",
+                    self.step, result.language, result.loss, result.grad_norm)  # fmt: skip
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            last = f"{self.last_checkpoint}" if self.last_checkpoint.exists() else "none was written"
+            raise FloatingPointError(
+                f"{self.run_dir}: {self.nonfinite_in_a_row} steps in a row (steps "
+                f"{self.step - self.nonfinite_in_a_row + 1}-{self.step}, train.max_nonfinite_steps={limit}) "
+                f"had a NaN or infinite loss or gradient; the last good checkpoint is {last}. Lower the "
+                "learning rates (train.lr_encoder, train.lr_head) or check the data."
+            )
 
     def validation_metric(self, scores: dict[str, float]) -> float:
         """LAS for parsing tasks, UPOS accuracy for ``task=pos``."""
@@ -588,18 +650,41 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Set up, train, evaluate; returns the results (also in ``run_dir/results.json``).
 
     A run folder that already holds a checkpoint is resumed (``resume=true``); one whose
-    training finished and whose results exist is not run again.
+    training finished and whose results exist is not run again, unless ``overwrite=true``,
+    which first deletes the folder's earlier outputs. Under ``torchrun`` every process trains;
+    rank 0 evaluates and returns the results, the others return an empty dict.
     """
-    experiment = Experiment(cfg, run_dir)
     results_path = Path(run_dir) / "results.json"
+    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        clear_outputs(run_dir)
+    experiment = Experiment(cfg, run_dir)
     try:
         experiment.setup()
         if experiment.resumed and experiment.step >= cfg.train.steps and results_path.exists():
-            log.info("%s already finished; results in %s", run_dir, results_path)
-            return json.loads(results_path.read_text())
+            message = (
+                f"{run_dir} already finished; its results are in {results_path} (overwrite=true reruns it)"
+            )
+            log.info(message)
+            print(message)
+            return json.loads(results_path.read_text()) if experiment.parallel.is_main else {}
         experiment.train()
+        if not experiment.parallel.is_main:
+            return {}
         results = experiment.final_evaluation()
     finally:
         experiment.close()
     print(format_results(results))
     return results
+
+
+def clear_outputs(run_dir: str | os.PathLike) -> None:
+    """Delete what a run wrote into ``run_dir`` (Hydra's ``.hydra/`` and log files stay)."""
+    import shutil
+
+    for path in Path(run_dir).glob("*"):
+        if path.name == ".hydra" or path.suffix == ".log":
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -40,11 +40,15 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file; a missing file reads as an empty list."""
+    """Read a JSON-lines file; a missing file reads as an empty list. A last line without its
+    newline (a process killed while appending it) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # after the final newline: "" or an unfinished line
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from subnets.data.batching import Batch
+from subnets.distributed import DataParallel
 from subnets.models.parser import DependencyParser
 
 
@@ -22,6 +23,12 @@ class StepResult:
     words: int
     gate_grad: torch.Tensor | None = None
     language: str = ""  # the step's language (the first of a meta-learning episode)
+    skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
+
+
+def finite(*values: torch.Tensor | float) -> bool:
+    """Whether every value is finite (neither NaN nor infinite)."""
+    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
 
 def training_step(
@@ -35,6 +42,8 @@ def training_step(
     clip_norm: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    parallel: DataParallel | None = None,
+    also_average: Sequence[torch.Tensor] = (),
 ) -> StepResult:
     """Forward, backward, clip and update on one batch.
 
@@ -47,6 +56,12 @@ def training_step(
         clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
         extra_loss: a term added to the task loss before the backward pass (e.g. a sparsity
             penalty on learned gates); ``gates`` that already require grad are used as given.
+        parallel: data parallelism: average the gradients, ``dL/dgate`` and the loss over
+            processes, weighted by words, before clipping and updating; and the gradients of
+            ``also_average`` (parameters outside ``optimizer``, e.g. learned gate logits).
+
+    A step whose loss or gradient norm is NaN or infinite updates nothing (no optimizer or
+    scheduler step) and returns ``skipped=True``.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -57,6 +72,15 @@ def training_step(
         out = model(batch)
     (out.loss + extra_loss() if extra_loss is not None else out.loss).backward()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    loss = out.loss.detach().reshape(1).clone()
+    losses = {k: v.detach().reshape(1).clone() for k, v in out.losses.items()}
+    words = batch.num_words
+    if parallel is not None and parallel.world_size > 1:
+        shared = [p.grad for p in [*parameters, *also_average] if p.grad is not None] + [
+            loss,
+            *losses.values(),
+        ]
+        words = int(round(parallel.average(shared + ([gates.grad] if track_gates else []), words)))
     if update_mask is not None:
         named = dict(model.named_parameters())
         for name, mask in update_mask.items():
@@ -68,19 +92,23 @@ def training_step(
     else:
         grads = [p.grad for p in parameters if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if update_mask is None:
+    skipped = not finite(loss, grad_norm)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    elif update_mask is None:
         optimizer.step()
     else:
         optimizer.step(update_mask=update_mask)
-    if scheduler is not None:
+    if scheduler is not None and not skipped:
         scheduler.step()
     return StepResult(
         language=batch.lang,
-        loss=float(out.loss.detach()),
-        losses={k: float(v.detach()) for k, v in out.losses.items()},
+        loss=float(loss),
+        losses={k: float(v) for k, v in losses.items()},
         grad_norm=float(grad_norm),
-        words=batch.num_words,
-        gate_grad=gates.grad.detach().clone() if track_gates else None,
+        words=words,
+        gate_grad=gates.grad.detach().clone() if track_gates and not skipped else None,
+        skipped=skipped,
     )
 
 

@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from subnets.distributed import DataParallel
+
 Params = dict[str, torch.Tensor]
 
 
@@ -67,6 +69,7 @@ class MetaStepResult:
     words: int
     task_losses: dict[str, float] = field(default_factory=dict)
     gate_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: bool = False  # a NaN or infinite query loss or gradient: nothing was updated
 
 
 def attention_implementations(model: nn.Module) -> set[str]:
@@ -204,15 +207,31 @@ class MAML(nn.Module):
         *,
         clip_norm: float | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        parallel: DataParallel | None = None,
     ) -> MetaStepResult:
-        """One outer step on an episode of ``tasks`` (the module docstring gives the update)."""
+        """One outer step on an episode of ``tasks`` (the module docstring gives the update).
+
+        With ``parallel`` (data parallelism) each process holds the same tasks' support
+        batches and its share of their query batches; each task's query loss is weighted by
+        the process's share of that task's query words and the meta-gradients, gate gradients
+        and losses are summed over processes, which gives the gradient of the whole episode.
+        An episode whose query loss or meta-gradient is not finite updates nothing.
+        """
+        distributed = parallel is not None and parallel.world_size > 1
+        share = [1.0] * len(tasks)  # this process's share of each task's query words
+        if distributed:
+            local = torch.tensor([float(getattr(t.query, "num_words", 1)) for t in tasks])
+            total = local.clone()
+            parallel.sum([total])
+            share = (local / total).tolist()
         self.net.train()
         optimizer.zero_grad(set_to_none=True)
         initial = self.parameters_to_adapt()
         names = list(initial)
         learned = [p for p in self.log_inner_lr.values() if p.requires_grad]
         result = MetaStepResult(0.0, 0.0, 0.0, 0)
-        for task in tasks:
+        probes: dict[str, torch.Tensor] = {}
+        for task, weight in zip(tasks, share):
             probe = None
             gates = task.gates
             if task.track_gates:
@@ -232,18 +251,24 @@ class MAML(nn.Module):
                 with self._context():
                     query_loss = self.task_loss(adapted, task.query, gates)
                     inputs = [initial[n] for n in names] + learned + ([probe] if probe is not None else [])
-                    torch.autograd.backward(query_loss / len(tasks), inputs=inputs)
+                    torch.autograd.backward(query_loss * weight / len(tasks), inputs=inputs)
             finally:
                 for hook in hooks:
                     hook.remove()
             if probe is not None:
-                result.gate_grads[task.name] = probe.grad.detach() * len(tasks)
-            result.task_losses[task.name] = float(query_loss.detach())
-            result.loss += float(query_loss.detach()) / len(tasks)
+                probes[task.name] = probe.grad
+            result.task_losses[task.name] = float(query_loss.detach()) * weight
+            result.loss += float(query_loss.detach()) * weight / len(tasks)
             result.support_loss += support_loss / len(tasks)
             result.words += int(getattr(task.query, "num_words", 0))
             del adapted, query_loss
         parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if distributed:  # the support losses are the same on every process
+            losses = torch.tensor([result.loss, float(result.words), *result.task_losses.values()])
+            parallel.sum([p.grad for p in parameters] + list(probes.values()) + [losses])
+            result.loss, words, *task_losses = losses.tolist()
+            result.words, result.task_losses = int(round(words)), dict(zip(result.task_losses, task_losses))
+        result.gate_grads = {name: grad.detach() * len(tasks) for name, grad in probes.items()}
         if clip_norm and clip_norm > 0:
             result.grad_norm = float(nn.utils.clip_grad_norm_(parameters, clip_norm))
         else:
@@ -251,6 +276,11 @@ class MAML(nn.Module):
                 torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))
             )
         union = _union([t.update_mask for t in tasks])
+        result.skipped = not math.isfinite(result.loss) or not math.isfinite(result.grad_norm)
+        if result.skipped:
+            optimizer.zero_grad(set_to_none=True)
+            result.gate_grads = {}
+            return result
         if union is None:
             optimizer.step()
         else:

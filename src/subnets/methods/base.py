@@ -75,8 +75,8 @@ class Method:
 
     def step(self, experiment: Experiment) -> StepResult:
         """One outer step of training: draw a language and a batch, and train on it."""
-        lang, indices = experiment.sampler.next()
-        return self.train_step(experiment, lang, experiment.batch(lang, indices))
+        lang = experiment.sampler.next_language()
+        return self.train_step(experiment, lang, experiment.batch(lang, experiment.next_indices(lang)))
 
     def train_step(self, experiment: Experiment, lang: str, batch: Batch) -> StepResult:
         """One optimisation step on a batch of ``lang``."""
@@ -89,6 +89,7 @@ class Method:
             update_mask=self.update_mask(lang),
             clip_norm=experiment.cfg.train.clip_norm,
             scheduler=experiment.scheduler,
+            parallel=experiment.parallel,
         )
 
     def eval_gates(self, lang: str) -> torch.Tensor | None:

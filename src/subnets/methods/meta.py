@@ -63,10 +63,14 @@ class MetaTraining:
     def step(self, experiment: Experiment) -> StepResult:
         meta, tasks = self._meta, []
         for lang in self.episode_languages(experiment):
-            indices = experiment.sampler.next_batch(lang, meta.support_size + meta.query_size)
+            # Data parallelism: every process adapts on the same support batch and takes its
+            # share of the query batch, so the averaged meta-gradient is the whole episode's.
+            world = experiment.parallel.world_size
+            indices = experiment.sampler.next_batch(lang, meta.support_size + meta.query_size * world)
             split = min(meta.support_size, max(1, len(indices) // 2))
+            query = experiment.parallel.shard(indices[split:])
             tasks.append(Task(
-                support=experiment.batch(lang, indices[:split]), query=experiment.batch(lang, indices[split:]),
+                support=experiment.batch(lang, indices[:split]), query=experiment.batch(lang, query),
                 name=lang, gates=self.head_gates(lang), update_mask=self.update_mask(lang),
                 track_gates=self.track_gates(lang),
             ))  # fmt: skip
@@ -75,13 +79,15 @@ class MetaTraining:
             experiment.optimizer,
             clip_norm=experiment.cfg.train.clip_norm,
             scheduler=experiment.scheduler,
+            parallel=experiment.parallel,
         )
         for lang, gate_grad in result.gate_grads.items():
             self.record_gate_grad(lang, gate_grad)
         losses = {"query": result.loss, "support": result.support_loss}
         for group, log_lr in self.maml.log_inner_lr.items():
             losses[f"inner_lr_{group}"] = float(log_lr.detach().exp())
-        return StepResult(result.loss, losses, result.grad_norm, result.words, language=tasks[0].name)
+        return StepResult(result.loss, losses, result.grad_norm, result.words, language=tasks[0].name,
+                          skipped=result.skipped)  # fmt: skip
 
     def record_gate_grad(self, lang: str, gate_grad: torch.Tensor) -> None:
         """Dynamic methods fold gate gradients into their importance; others ignore them."""

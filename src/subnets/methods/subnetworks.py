@@ -384,8 +384,13 @@ class DynamicSubnetworks(StaticSubnetworks):
             clip_norm=experiment.cfg.train.clip_norm,
             scheduler=experiment.scheduler,
             extra_loss=lambda: self.dynamic.sparsity_weight * self.learned.sparsity_penalty(lang, target),
+            parallel=experiment.parallel,
+            also_average=list(self.learned.parameters()),
         )
-        self.gate_optimizer.step()
+        if result.skipped:
+            self.gate_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.gate_optimizer.step()
         return result
 
     def record_gate_grad(self, lang: str, gate_grad: torch.Tensor) -> None:
