@@ -76,6 +76,23 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     assert by_seed[1]["source"] != by_seed[2]["source"]
 
 
+@pytest.mark.parametrize("launcher", ["parallel", "slurm_local"])
+def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    args = ("-m", f"hydra/launcher={launcher}", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}")
+    done = cli(*args, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = sorted(sweep.glob("*/results.json"))
+    assert sorted(json.loads(p.read_text())["seed"] for p in paths) == [1, 2]
+    written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+
+    again = cli(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == written
+    for path in paths:  # each job said so in its log
+        assert "already finished" in (path.parent / "train.log").read_text()
+
+
 def test_misspelt_setting_fails_with_its_name(tmp_path):
     done = cli("train.stepz=3", cwd=tmp_path)
     assert done.returncode != 0
