@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,8 @@ class DataParallel:
             cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
             if cuda:
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if cuda else "gloo")
+            # Other ranks wait while rank 0 searches masks or evaluates: allow for long waits.
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
     @property

@@ -26,7 +26,7 @@ class StepResult:
     skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
 
 
-def finite(*values: torch.Tensor | float) -> bool:
+def _finite(*values: torch.Tensor | float) -> bool:
     """Whether every value is finite (neither NaN nor infinite)."""
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
@@ -76,11 +76,9 @@ def training_step(
     losses = {k: v.detach().reshape(1).clone() for k, v in out.losses.items()}
     words = batch.num_words
     if parallel is not None and parallel.world_size > 1:
-        shared = [p.grad for p in [*parameters, *also_average] if p.grad is not None] + [
-            loss,
-            *losses.values(),
-        ]
-        words = int(round(parallel.average(shared + ([gates.grad] if track_gates else []), words)))
+        grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]
+        probes = [gates.grad] if track_gates else []
+        words = int(round(parallel.average([*grads, *probes, loss, *losses.values()], words)))
     if update_mask is not None:
         named = dict(model.named_parameters())
         for name, mask in update_mask.items():
@@ -92,7 +90,7 @@ def training_step(
     else:
         grads = [p.grad for p in parameters if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    skipped = not finite(loss, grad_norm)
+    skipped = not _finite(loss, grad_norm)
     if skipped:
         optimizer.zero_grad(set_to_none=True)
     elif update_mask is None:
