@@ -27,14 +27,16 @@ def train_command(run_dir, *extra):
     return [sys.executable, "-m", "subnets.train", *TINY, *extra, f"hydra.run.dir={run_dir}"]
 
 
-def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
+@pytest.mark.parametrize("method", [[], ["+method=dynamic", "dynamic.update_every=2"], ["+method=maml_dynamic"]],
+                         ids=["baseline", "dynamic", "maml_dynamic"])  # fmt: skip
+def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path, method):
     environment = {**os.environ, "WANDB_MODE": "disabled"}
-    reference = subprocess.run(train_command(tmp_path / "reference"), env=environment, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    reference = subprocess.run(train_command(tmp_path / "reference", *method), env=environment,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     folder = tmp_path / "killed"
-    process = subprocess.Popen(train_command(folder), env=environment, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(train_command(folder, *method), env=environment, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     checkpoint = folder / "checkpoints" / "last.safetensors"
     deadline = time.monotonic() + 240
@@ -47,7 +49,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
     assert 4 <= killed_at < 12
 
     resumed = subprocess.run(
-        train_command(folder), env=environment, capture_output=True, text=True, timeout=300
+        train_command(folder, *method), env=environment, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -58,6 +60,10 @@ def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
     )
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    if method:  # the masks, their history and the importance averages too
+        assert a["method"]["history"] == b["method"]["history"]
+        for lang, average in a["method"]["ema"]["averages"].items():
+            assert torch.equal(average, b["method"]["ema"]["averages"][lang]), lang
 
 
 def tiny_parser_step_inputs():
