@@ -70,6 +70,13 @@ def test_support_split_rule():
         support_split(treebank, 20, {"train": 19, "dev": 5, "test": 10})
 
 
+def test_support_that_would_empty_the_scored_split_fails_at_start(tmp_path):
+    # train (80) and dev (20) are smaller than k, so the support comes from the 90 test sentences
+    with pytest.raises(ValueError, match=r"syn_vos: the k=90 .* test split.* none\s+would be left to score"):
+        run(tiny_config("fewshot.k=90", "languages.synthetic.test=90"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # before any training
+
+
 def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained):
     import copy
 

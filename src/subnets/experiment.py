@@ -37,7 +37,7 @@ from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
 from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
-from subnets.fewshot import draw_support, few_shot
+from subnets.fewshot import check_support, draw_support, few_shot
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from subnets.methods.base import build_method, setting
 from subnets.models.encoder import (
@@ -218,6 +218,9 @@ class Experiment:
             self.eval_data[("target", tb.code)] = load(tb.code, "test", cap)
         # the whole (capped) test split, from which each few-shot repetition draws its support
         self.target_test = {tb.code: self.eval_data[("target", tb.code)] for tb in target}
+        if self.cfg.fewshot.repetitions > 0:  # fail now, not after training
+            for code, test in self.target_test.items():
+                check_support(self.treebanks[code], test, self.cfg.fewshot.k)
         skipped = sum(d.skipped for d in self._all_data())
         if skipped:
             log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", skipped)

@@ -43,13 +43,25 @@ def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int] | None 
     )
 
 
+def check_support(treebank: TreebankFiles, evaluated: LanguageData, k: int) -> str:
+    """The split ``k`` support sentences for ``evaluated``'s language come from; raises if
+    drawing them from the evaluated split itself would leave nothing to score."""
+    split = support_split(treebank, k, {evaluated.split: len(evaluated)})
+    if split == evaluated.split and len(evaluated) <= k:
+        raise ValueError(
+            f"{treebank.code}: the k={k} few-shot support sentences (fewshot.k) come from its {split} "
+            f"split, which is also the one scored, and it holds only {len(evaluated)} sentences: none "
+            "would be left to score (lower fewshot.k, or raise languages.max_eval_sentences if set)"
+        )
+    return split
+
+
 def draw_support(
     treebank: TreebankFiles, evaluated: LanguageData, k: int, seed: int, on_error: str = "raise"
 ) -> tuple[LanguageData, LanguageData]:
     """Draw ``k`` support sentences for ``evaluated``'s language; returns (support, evaluated
     data without the support sentences). Deterministic for (seed, language)."""
-    sizes = {evaluated.split: len(evaluated)}
-    split = support_split(treebank, k, sizes)
+    split = check_support(treebank, evaluated, k)
     pool = evaluated if split == evaluated.split else load_language(treebank, split, on_error)
     rng = np.random.default_rng([seed, zlib.crc32(treebank.code.encode())])
     chosen = sorted(int(i) for i in rng.choice(len(pool), size=k, replace=False))
