@@ -26,6 +26,7 @@ class DataParallel:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # whether this object started the process group (and ends it)
+    device: str = "cpu"  # where collectives run: the process's GPU with NCCL, else the CPU
 
     @classmethod
     def from_environment(cls, device: str) -> DataParallel:
@@ -38,14 +39,17 @@ class DataParallel:
         if world_size == 1:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         owns = not dist.is_initialized()
         if owns:
-            cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
             if cuda:
                 torch.cuda.set_device(local_rank)
             # Other ranks wait while rank 0 searches masks or evaluates: allow for long waits.
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+        nccl = dist.get_backend() == "nccl"
+        return cls(
+            dist.get_rank(), dist.get_world_size(), local_rank, owns, f"cuda:{local_rank}" if nccl else "cpu"
+        )
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +63,7 @@ class DataParallel:
         """Replace each tensor, in place, by its sum over processes (one all-reduce)."""
         if self.world_size == 1 or not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
         dist.all_reduce(flat)
         offset = 0
         for tensor in tensors:
@@ -72,7 +76,7 @@ class DataParallel:
         returns the total weight. Nothing happens in a single process."""
         if self.world_size == 1:
             return weight
-        total = torch.tensor([float(weight)], device=tensors[0].device if tensors else "cpu")
+        total = torch.tensor([float(weight)])
         for tensor in tensors:
             tensor.mul_(weight)
         self.sum([*tensors, total])
