@@ -44,6 +44,28 @@ def tiny_config(*overrides: str):
     return compose_config([*TINY, *overrides])
 
 
+class Crash(RuntimeError):
+    """The simulated crash of :func:`crash_after_checkpoint`."""
+
+
+def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
+    """Run ``cfg`` in ``folder`` until the checkpoint at ``step`` is written, then crash."""
+    from subnets.experiment import Experiment, run
+
+    original = Experiment.save_checkpoint
+
+    def save_then_crash(self):
+        path = original(self)
+        if self.step == step:
+            raise Crash(f"simulated crash after the checkpoint at step {step}")
+        return path
+
+    monkeypatch.setattr(Experiment, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(cfg, folder)
+    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_deterministic(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")

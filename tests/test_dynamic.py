@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_after_checkpoint, tiny_config
 
 from subnets.data.dataset import load_language
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
@@ -227,18 +227,7 @@ def test_dynamic_runs_are_deterministic_and_resume_to_the_same_masks(tmp_path, m
     again = run(tiny_config(*settings), tmp_path / "again")
     assert again == reference
 
-    original = Experiment.save_checkpoint
-
-    def crash(self):
-        path = original(self)
-        if self.step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(Experiment, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(*settings), tmp_path / "resumed")
-    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    crash_after_checkpoint(monkeypatch, tiny_config(*settings), tmp_path / "resumed")
     resumed = run(tiny_config(*settings), tmp_path / "resumed")
     assert resumed == reference
     history = [

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_after_checkpoint, tiny_config
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -61,26 +61,11 @@ def test_same_seed_same_result_other_seed_other_result(tmp_path):
     assert first["source"] != other["source"]
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     reference = run(tiny_config(), tmp_path / "reference")
 
-    original = Experiment.save_checkpoint
-
-    def crash_after_step_8(self):
-        path = original(self)
-        if self.step == 8:
-            raise Crash("simulated crash")
-        return path
-
-    monkeypatch.setattr(Experiment, "save_checkpoint", crash_after_step_8)
-    with pytest.raises(Crash):
-        run(tiny_config(), tmp_path / "resumed")
+    crash_after_checkpoint(monkeypatch, tiny_config(), tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed/checkpoints/last.safetensors")["step"] == 8
-    monkeypatch.setattr(Experiment, "save_checkpoint", original)
     resumed = run(tiny_config(), tmp_path / "resumed")
 
     assert resumed == reference

@@ -8,7 +8,7 @@ import json
 import higher
 import pytest
 import torch
-from conftest import tiny_config, tiny_transformer
+from conftest import crash_after_checkpoint, tiny_config, tiny_transformer
 from torch import nn
 
 from subnets.data.batching import Collator, encode_words
@@ -288,18 +288,7 @@ def test_masked_meta_methods_run_and_respect_masks(tmp_path, method):
 def test_maml_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     settings = [*META, "+method=maml", "meta.learn_inner_lr=true"]
     reference = run(tiny_config(*settings), tmp_path / "reference")
-    original = Experiment.save_checkpoint
-
-    def crash(self):
-        path = original(self)
-        if self.step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(Experiment, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(*settings), tmp_path / "resumed")
-    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    crash_after_checkpoint(monkeypatch, tiny_config(*settings), tmp_path / "resumed")
     assert run(tiny_config(*settings), tmp_path / "resumed") == reference
     lrs = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/inner_lr_encoder" in r for r in lrs)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_after_checkpoint, tiny_config
 
 from subnets.experiment import Experiment, run
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, head_parameter_masks
@@ -88,18 +88,7 @@ def test_masks_path_reuses_a_saved_set_and_rejects_another_models(tmp_path, monk
 
 def test_resumed_static_run_restores_masks_without_recomputing(tmp_path, monkeypatch):
     reference = run(tiny_config(*KEEP_HALF), tmp_path / "reference")
-    original = Experiment.save_checkpoint
-
-    def crash(self):
-        path = original(self)
-        if self.step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(Experiment, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(*KEEP_HALF), tmp_path / "resumed")
-    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    crash_after_checkpoint(monkeypatch, tiny_config(*KEEP_HALF), tmp_path / "resumed")
     (tmp_path / "resumed" / "masks" / "masks.safetensors").unlink()  # must come from the checkpoint
     monkeypatch.setattr(StaticSubnetworks, "compute_masks", lambda *a: pytest.fail("masks were recomputed"))
     assert run(tiny_config(*KEEP_HALF), tmp_path / "resumed") == reference

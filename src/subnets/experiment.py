@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -682,8 +683,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def clear_outputs(run_dir: str | os.PathLike) -> None:
     """Delete what a run wrote into ``run_dir`` (Hydra's ``.hydra/`` and log files stay)."""
-    import shutil
-
     for path in Path(run_dir).glob("*"):
         if path.name == ".hydra" or path.suffix == ".log":
             continue
