@@ -130,3 +130,27 @@ def test_every_group_option_composes(group):
 
     cfg = tiny_config(group)
     assert cfg.model.name_or_path and cfg.languages.train
+
+
+@pytest.mark.parametrize("budget", ["cpu", "paper"])
+@pytest.mark.parametrize("method", ["baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic"])
+def test_study_budget_sets_its_values_whatever_the_order_of_the_groups(method, budget):
+    from omegaconf import OmegaConf
+
+    first = compose_overrides("+experiment=ud_fewshot", f"+method={method}", f"budget={budget}")
+    second = compose_overrides(f"+method={method}", "+experiment=ud_fewshot", f"budget={budget}")
+    assert first == second
+    written = OmegaConf.load(REPO / "src" / "subnets" / "configs" / "budget" / f"{budget}.yaml")
+    for key, value in OmegaConf.to_container(written).items():
+        if isinstance(value, dict):
+            for name, setting in value.items():
+                actual = first[key][name]
+                assert getattr(actual, "value", actual) == setting, f"{key}.{name}"
+        else:
+            assert first[key] == value
+    assert list(first.languages.target) == ["auto"] and first.method.name.value == method
+
+
+def compose_overrides(*overrides):
+    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

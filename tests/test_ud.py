@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from subnets.data.ud import SPLITS, TreebankFiles, discover_treebanks, select_treebanks
+from subnets.data.ud import SPLITS, TreebankFiles, discover_treebanks, manifest_targets, select_treebanks
 
 
 def touch(path):
@@ -127,3 +129,24 @@ def test_same_code_in_two_folders_is_an_error(tmp_path):
     touch(tmp_path / "UD_English-EWT" / "en_ewt-ud-dev.conllu")
     with pytest.raises(ValueError, match="en_ewt found in two folders"):
         discover_treebanks(tmp_path)
+
+
+def test_manifest_targets_are_test_roles_and_unlisted_folders(tmp_path):
+    for code in ("aa_one", "bb_two", "cc_three", "dd_four", "ee_five"):
+        touch(tmp_path / code / "test.conllu")
+    manifest = [{"code": "aa_one", "role": "train"}, {"code": "bb_two", "role": "test"},
+                {"code": "cc_three", "role": "dev"}, {"code": "ee_five", "role": "test"}]  # fmt: skip
+    (tmp_path / "MANIFEST.json").write_text(json.dumps(manifest))
+    found = discover_treebanks(tmp_path)
+    # bb and ee by role; dd because no manifest lists it; ee excluded as a training language
+    assert manifest_targets(tmp_path, found, exclude=["ee_five"]) == ["bb_two", "dd_four"]
+    (tmp_path / "MANIFEST.json").unlink()
+    assert manifest_targets(tmp_path, found, exclude=["aa_one"]) == [
+        "bb_two",
+        "cc_three",
+        "dd_four",
+        "ee_five",
+    ]
+    (tmp_path / "MANIFEST.json").write_text('{"code": "aa_one"')
+    with pytest.raises(ValueError, match=r"MANIFEST\.json: expected a JSON list"):
+        manifest_targets(tmp_path, found)

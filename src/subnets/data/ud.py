@@ -10,6 +10,7 @@ Two layouts are recognised under a root folder, and may be mixed:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -74,3 +75,24 @@ def select_treebanks(
             + f"; available: {', '.join(sorted(available)) or 'none'}"
         )
     return [available[c] for c in codes]
+
+
+def manifest_targets(
+    root: str | os.PathLike, available: dict[str, TreebankFiles], exclude: Iterable[str] = ()
+) -> list[str]:
+    """Target languages of a UD root (``languages.target=[auto]``): the treebanks its
+    ``MANIFEST.json`` gives the role ``test``, plus every treebank found under ``root`` that the
+    manifest does not list (so a language is added by dropping its folder in), minus ``exclude``
+    (the training and development languages). Without a manifest: every treebank not excluded."""
+    path = Path(root) / "MANIFEST.json"
+    listed: dict[str, str] = {}
+    if path.exists():
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            listed = {entry["code"]: entry.get("role", "") for entry in entries}
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(
+                f"{path}: expected a JSON list of objects with 'code' and 'role' ({error})"
+            ) from error
+    excluded = set(exclude)
+    return [code for code in sorted(available) if code not in excluded and listed.get(code, "test") == "test"]
