@@ -261,8 +261,18 @@ class FewShotConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Measurements taken during a run for :mod:`subnets.analysis` (0 switches each off)."""
+
+    conflict_every: int = 0  # cosines between the languages' gradients every N steps (and at step 0)
+    conflict_batch_size: int = 8  # sentences per language for each measurement
+    cka_sentences: int = 0  # parallel development sentences per language for CKA, before and after training
+
+
+@dataclass
 class Config:
     name: str = "default"  # experiment name: outputs/<name>/...
+    budget: str = "none"  # the budget config that set steps and sizes (+experiment=ud_fewshot: cpu | paper)
     seed: int = 1
     resume: bool = True  # continue from the run folder's last checkpoint if there is one
     overwrite: bool = False  # delete the run folder's earlier outputs and start again
@@ -275,6 +285,7 @@ class Config:
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -10,6 +10,8 @@ run produces lands in the run folder::
     results.json                   final per-language UAS/LAS/UPOS
     predictions/<code>-<split>.conllu
     tokenizer/                     the tiny model's trained tokenizer
+    analysis/gradient_conflict.jsonl  languages' gradient cosines every analysis.conflict_every steps
+    analysis/cka_{before,after}.json  linear CKA between languages (analysis.cka_sentences)
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from subnets.analysis.conflict import conflict_matrix
+from subnets.analysis.similarity import cka_matrix, parallel_sentence_ids, sentence_representations
 from subnets.checkpoint import load_checkpoint, save_checkpoint
 from subnets.data.batching import Batch, Collator
 from subnets.data.dataset import LanguageData, load_language
 from subnets.data.sampling import LanguageSampler
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
-from subnets.data.ud import TreebankFiles, discover_treebanks, select_treebanks
+from subnets.data.ud import TreebankFiles, discover_treebanks, manifest_targets, select_treebanks
 from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
 from subnets.fewshot import check_support, draw_support, few_shot
@@ -62,6 +66,7 @@ RESUME_IGNORED = (
     "train.log_every",
     "train.eval_batch_size",
     "languages.ud_root",
+    "analysis.",
 )
 
 
@@ -151,6 +156,8 @@ class Experiment:
         if main:
             self._init_wandb()
             self.method.setup(self)
+            if self.cfg.analysis.cka_sentences > 0 and not self.resumed:
+                self.measure_cka("before")
         if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
             state = self.parallel.broadcast(self.method.state_dict() if main else None)
             if not main:
@@ -196,7 +203,10 @@ class Experiment:
 
         train = select_treebanks(treebanks, languages.train, "languages.train", root)
         dev = select_treebanks(treebanks, languages.dev, "languages.dev", root)
-        target = select_treebanks(treebanks, languages.target, "languages.target", root)
+        target_codes = list(languages.target)
+        if target_codes == ["auto"]:
+            target_codes = manifest_targets(root, treebanks, [*languages.train, *languages.dev])
+        target = select_treebanks(treebanks, target_codes, "languages.target", root)
         for tb in train:
             if "train" not in tb.files:
                 raise ValueError(f"languages.train: {tb.code} has no train split in {tb.folder}")
@@ -422,6 +432,9 @@ class Experiment:
         )
         totals: dict[str, float] = {}
         start = time.perf_counter()
+        conflict_every = self.cfg.analysis.conflict_every
+        if self.step == 0 and conflict_every > 0 and self.parallel.is_main:
+            self.measure_conflict()
         while self.step < train.steps:
             result = self.method.step(self)
             self.step += 1
@@ -454,6 +467,8 @@ class Experiment:
                 self.validate()
             if main and self.step == train.steps:
                 self.method.on_train_end(self)
+            if main and conflict_every > 0 and self.step % conflict_every == 0:
+                self.measure_conflict()
             if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                 self.save_checkpoint()
         bar.close()
@@ -521,6 +536,8 @@ class Experiment:
             self.model.load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])
         self.method.prepare_evaluation(self)
+        if self.cfg.analysis.cka_sentences > 0:
+            self.measure_cka("after")
         scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
         for (role, code), data in self.eval_data.items():
             path = self.run_dir / "predictions" / f"{code}-{data.split}.conllu"
@@ -536,6 +553,7 @@ class Experiment:
         results = {
             "method": self.method.name,
             "seed": self.cfg.seed,
+            "data": setting(self.cfg.languages.source),
             "steps": self.step,
             "best_step": self.best["step"] if self.best else None,
             "dev_metric": self.best["metric"] if self.best else None,
@@ -564,6 +582,51 @@ class Experiment:
             }
         )
         return results
+
+    # ------------------------------------------------------------------ analyses
+    def measure_conflict(self) -> dict[str, Any]:
+        """Cosines between the training languages' gradients of the shared parameters at this
+        step (:func:`subnets.analysis.conflict_matrix`; each language's batch of
+        ``analysis.conflict_batch_size`` sentences is fixed by seed and step, its gates and update
+        mask are the method's), appended to ``analysis/gradient_conflict.jsonl``."""
+        size = self.cfg.analysis.conflict_batch_size
+        batches = {}
+        for lang, data in self.train_data.items():
+            rng = random.Random(f"{self.cfg.seed}/conflict/{self.step}/{lang}")
+            batches[lang] = self.batch(lang, sorted(rng.sample(range(len(data)), min(size, len(data)))))
+        record = conflict_matrix(
+            self.model, batches, gates=self.method.eval_gates, update_mask=self.method.update_mask
+        )
+        record = {"step": self.step, "method": self.method.name, **record}
+        append_jsonl(self.run_dir / "analysis" / "gradient_conflict.jsonl", record)
+        self.log(
+            {
+                "analysis/negative_share": record["negative_share"],
+                "analysis/mean_cosine": record["mean_cosine"],
+            }
+        )
+        return record
+
+    def measure_cka(self, when: str) -> dict[str, Any] | None:
+        """Linear CKA between the languages that share evaluated sentences (the largest such
+        group, up to ``analysis.cka_sentences`` sentences; :mod:`subnets.analysis.similarity`),
+        written to ``analysis/cka_<when>.json``. ``before`` (at the start) uses the pretrained
+        encoder with every head; later calls use each language's evaluation gates."""
+        datasets = {code: data for (_, code), data in self.eval_data.items()}
+        languages, ids = parallel_sentence_ids(datasets, self.cfg.analysis.cka_sentences)
+        if not languages:
+            log.warning("analysis.cka_sentences: no two evaluated languages share sentence ids; no CKA")
+            return None
+        batch_size = self.cfg.train.eval_batch_size
+        representations = {
+            lang: sentence_representations(self.model, datasets[lang], self.collator, batch_size,
+                                           None if when == "before" else self.method.eval_gates(lang), set(ids))
+            for lang in languages
+        }  # fmt: skip
+        languages, matrix = cka_matrix(representations, ids)
+        record = {"step": self.step, "languages": languages, "sentences": len(ids), "matrix": matrix.tolist()}
+        atomic_write_json(self.run_dir / "analysis" / f"cka_{when}.json", record)
+        return record
 
 
 def _rng_state() -> dict[str, Any]:

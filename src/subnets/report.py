@@ -1,0 +1,532 @@
+"""The study report: ``python -m subnets.report <folder>`` turns a (multi)run folder into tables,
+significance statements and figures.
+
+Every run folder under ``<folder>`` (one that holds ``results.json``) is one method and seed.
+The report goes to ``<folder>/report/`` (``--out`` to change it)::
+
+    report.md                 tables, significance statements, analyses, figure links
+    results.csv               every table cell: setting, metric, language, method, mean, sd, n
+    fewshot_las.png           per-language few-shot LAS, one bar per method (+- sd)
+    mask_overlap.png          Jaccard overlap of the languages' head masks (subnetwork methods)
+    dynamic_masks.png         sparsity and heads changed per mask update (dynamic methods)
+    gradient_conflict.png     share of language pairs with conflicting gradients over training
+    conflict_matrices.png     gradient cosines between languages at the last measurement
+    overlap_typology.png      mask overlap against URIEL syntactic similarity
+    cka.png                   linear CKA between parallel languages, before and after training
+
+Each piece is also a function (:func:`load_runs`, :func:`score_table`, :func:`significance`, the
+``*_figure`` functions) for notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from subnets.analysis.conflict import load_conflict
+from subnets.analysis.similarity import load_cka
+from subnets.analysis.typology import overlap_typology_correlation, typological_similarity, uriel_code
+
+BASELINE = "baseline"
+METHOD_ORDER = ("baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic")
+
+
+@dataclass
+class Run:
+    """One finished run: its folder, method, seed and ``results.json``."""
+
+    path: Path
+    method: str
+    seed: int
+    results: dict[str, Any]
+
+    def masks_summary(self) -> dict[str, Any] | None:
+        """``masks/summary.json`` (sparsity and Jaccard overlap), or None for a method without masks."""
+        path = self.path / "masks" / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def mask_history(self) -> dict[str, list[dict[str, Any]]] | None:
+        """``masks/history.json`` of a dynamic run, or None."""
+        path = self.path / "masks" / "history.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_runs(folder: str | os.PathLike) -> list[Run]:
+    """The finished runs in ``folder`` (a run folder, or a multirun folder of run folders),
+    ordered by method (:data:`METHOD_ORDER`) and seed. Raises FileNotFoundError when none is found."""
+    folder = Path(folder)
+    paths = (
+        [folder / "results.json"]
+        if (folder / "results.json").exists()
+        else sorted(folder.glob("*/results.json"))
+    )
+    runs = []
+    for path in paths:
+        try:
+            results = json.loads(path.read_text())
+            runs.append(Run(path.parent, results["method"], int(results["seed"]), results))
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{path}: not a results.json written by subnets ({error})") from error
+    if not runs:
+        raise FileNotFoundError(f"no run folders with results.json under {folder}")
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(runs, key=lambda r: (rank.get(r.method, len(rank)), r.method, r.seed))
+
+
+def methods_of(runs: Sequence[Run]) -> list[str]:
+    """The methods of ``runs`` in report order."""
+    return list(dict.fromkeys(r.method for r in runs))
+
+
+# ---------------------------------------------------------------------------- scores
+def scores(
+    runs: Sequence[Run], setting: str = "fewshot", metric: str = "las"
+) -> dict[tuple[str, str], dict[int, list[float]]]:
+    """``(method, language) -> seed -> values`` of the target languages: the few-shot
+    repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``)."""
+    out: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(dict)
+    for run in runs:
+        if setting == "fewshot":
+            for code, summary in run.results.get("fewshot", {}).get("languages", {}).items():
+                out[(run.method, code)][run.seed] = [r[metric] for r in summary["runs"]]
+        else:
+            for code, s in run.results.get("target", {}).items():
+                out[(run.method, code)][run.seed] = [s[metric]]
+    return dict(out)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def score_table(runs: Sequence[Run], setting: str = "fewshot", metric: str = "las") -> list[dict[str, Any]]:
+    """Rows ``{language, method, mean, sd, n}``: per target language and method, the mean and
+    standard deviation (ddof 1) over every seed and repetition; then per method the ``average``
+    row: the mean over languages, its sd over the (seed, repetition) draws of the
+    language-averaged score."""
+    table = scores(runs, setting, metric)
+    rows = []
+    languages = list(dict.fromkeys(code for _, code in table))
+    for code in languages:
+        for method in methods_of(runs):
+            if (method, code) in table:
+                values = [v for seed_values in table[(method, code)].values() for v in seed_values]
+                mean, sd = _mean_sd(values)
+                rows.append({"language": code, "method": method, "mean": mean, "sd": sd, "n": len(values)})
+    for method in methods_of(runs):
+        per_language = [table[(method, code)] for code in languages if (method, code) in table]
+        if not per_language:
+            continue
+        seeds = sorted(set.intersection(*(set(by_seed) for by_seed in per_language)))
+        draws = [
+            float(np.mean([by_seed[seed][r] for by_seed in per_language]))
+            for seed in seeds
+            for r in range(min(len(by_seed[seed]) for by_seed in per_language))
+        ]
+        mean = float(
+            np.mean([np.mean([v for vs in by_seed.values() for v in vs]) for by_seed in per_language])
+        )
+        rows.append(
+            {"language": "average", "method": method, "mean": mean, "sd": _mean_sd(draws)[1], "n": len(draws)}
+        )
+    return rows
+
+
+def wilcoxon_test(differences: Sequence[float]) -> dict[str, Any]:
+    """Two-sided Wilcoxon signed-rank test of paired differences (scipy; exact for small
+    samples without ties). All differences zero: p = 1."""
+    differences = np.asarray(differences, dtype=float)
+    if not differences.size:
+        raise ValueError("wilcoxon_test: no paired differences")
+    if np.all(differences == 0):
+        return {"test": "Wilcoxon signed-rank (two-sided)", "statistic": 0.0, "p": 1.0, "n": len(differences)}
+    result = stats.wilcoxon(differences, alternative="two-sided")
+    return {"test": "Wilcoxon signed-rank (two-sided)", "statistic": float(result.statistic),
+            "p": float(result.pvalue), "n": len(differences)}  # fmt: skip
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given)."""
+    order = np.argsort(p_values)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def significance(
+    runs: Sequence[Run], setting: str = "fewshot", metric: str = "las", alpha: float = 0.05
+) -> list[dict[str, Any]]:
+    """Per method other than the baseline: its gain over the baseline, paired by target language
+    and seed (each side the mean over that seed's repetitions), tested with
+    :func:`wilcoxon_test`; p-values Holm-adjusted over the methods compared."""
+    table = scores(runs, setting, metric)
+    out = []
+    for method in methods_of(runs):
+        if method == BASELINE:
+            continue
+        differences = [
+            float(np.mean(values) - np.mean(table[(BASELINE, code)][seed]))
+            for (m, code), by_seed in table.items()
+            if m == method
+            for seed, values in by_seed.items()
+            if seed in table.get((BASELINE, code), {})
+        ]
+        if differences:
+            out.append(
+                {"method": method, "mean_gain": float(np.mean(differences)), **wilcoxon_test(differences)}
+            )
+    for entry, adjusted in zip(out, holm([e["p"] for e in out])):
+        entry["p_holm"] = adjusted
+        entry["significant"] = adjusted < alpha
+    return out
+
+
+def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: float = 0.05) -> str:
+    """One sentence for a :func:`significance` entry."""
+    verdict = "significant" if entry["significant"] else "not significant"
+    return (f"{entry['method']}: {entry['mean_gain']:+.2f} {metric} over the baseline (mean of {entry['n']} "
+            f"language x seed pairs); {entry['test']} p = {entry['p']:.3g}, Holm-adjusted {entry['p_holm']:.3g}: "
+            f"{verdict} at alpha = {alpha}.")  # fmt: skip
+
+
+def markdown_table(rows: list[dict[str, Any]], methods: Sequence[str]) -> str:
+    """A language x method Markdown table of ``mean +- sd`` cells from :func:`score_table` rows."""
+    cells = {(r["language"], r["method"]): f"{r['mean']:.2f} ± {r['sd']:.2f}" for r in rows}
+    languages = list(dict.fromkeys(r["language"] for r in rows))
+    lines = ["| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for code in languages:
+        name = f"**{code}**" if code == "average" else code
+        lines.append(f"| {name} | " + " | ".join(cells.get((code, m), "-") for m in methods) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- analyses
+def conflict_over_time(runs: Sequence[Run]) -> dict[str, dict[int, list[float]]]:
+    """``method -> step -> negative shares`` (one per seed) from the runs' gradient-conflict files."""
+    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for record in load_conflict(run.path):
+            out[run.method][record["step"]].append(record["negative_share"])
+    return {m: dict(by_step) for m, by_step in out.items()}
+
+
+def overlap_typology(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per subnetwork method (its first seed's final masks): Spearman correlation of head-mask
+    Jaccard overlap with URIEL syntactic similarity over language pairs
+    (:func:`~subnets.analysis.overlap_typology_correlation`). Methods whose languages URIEL does
+    not know (e.g. synthetic ones) are left out."""
+    out, seen = [], set()
+    for run in runs:
+        summary = run.masks_summary()
+        if summary is None or run.method in seen:
+            continue
+        languages = summary["jaccard"]["languages"]
+        synthetic = run.results.get("data") == "synthetic"
+        if len(languages) < 3 or synthetic or any(uriel_code(c) is None for c in languages):
+            continue
+        seen.add(run.method)
+        overlap = np.array(summary["jaccard"]["matrix"])
+        _, similarity = typological_similarity(languages)
+        out.append({"method": run.method, "seed": run.seed, "languages": languages, "overlap": overlap,
+                    "similarity": similarity, **overlap_typology_correlation(languages, overlap, similarity)})  # fmt: skip
+    return out
+
+
+def cka_summary(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per run with CKA files: mean off-diagonal linear CKA before and after training."""
+    out = []
+    for run in runs:
+        cka = load_cka(run.path)
+        if "before" in cka and "after" in cka:
+            means = {}
+            for when in ("before", "after"):
+                matrix = np.array(cka[when]["matrix"])
+                means[when] = float(matrix[np.triu_indices(len(matrix), k=1)].mean())
+            out.append({"method": run.method, "seed": run.seed, "languages": cka["after"]["languages"],
+                        "sentences": cka["after"]["sentences"], **means})  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------- figures
+def _pyplot():
+    # no matplotlib.use(): a notebook keeps its inline backend; without a display pyplot picks Agg
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scores_figure(runs: Sequence[Run], setting: str = "fewshot", metric: str = "las"):
+    """Grouped bars: per target language (and the average) the score of each method, +- sd."""
+    plt = _pyplot()
+    rows = score_table(runs, setting, metric)
+    methods = methods_of(runs)
+    languages = list(dict.fromkeys(r["language"] for r in rows))
+    cell = {(r["language"], r["method"]): r for r in rows}
+    figure, ax = plt.subplots(figsize=(max(6, 1.1 * len(languages) * max(1, len(methods)) / 3), 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        x = [j + i * width for j, code in enumerate(languages) if (code, method) in cell]
+        present = [code for code in languages if (code, method) in cell]
+        ax.bar(x, [cell[(c, method)]["mean"] for c in present], width, yerr=[cell[(c, method)]["sd"] for c in present],
+               label=method, capsize=2)  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(languages))], languages, rotation=30)
+    ax.set_ylabel(f"{'few-shot' if setting == 'fewshot' else 'zero-shot'} {metric.upper()}")
+    ax.legend(fontsize=8, ncol=min(3, len(methods)))
+    figure.tight_layout()
+    return figure
+
+
+def _heatmaps(matrices: list[tuple[str, list[str], np.ndarray]], vmin: float, vmax: float, cmap: str):
+    plt = _pyplot()
+    columns = min(3, len(matrices))
+    rows = math.ceil(len(matrices) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(matrices) :]:
+        ax.axis("off")
+    for ax, (title, languages, matrix) in zip(axes.flat, matrices):
+        image = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap)
+        ax.set_xticks(range(len(languages)), languages, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(languages)), languages, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for (a, b), value in np.ndenumerate(matrix):
+            ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=5)
+        figure.colorbar(image, ax=ax, fraction=0.046)
+    figure.tight_layout()
+    return figure
+
+
+def mask_overlap_figure(runs: Sequence[Run]):
+    """Jaccard overlap heatmaps of the head masks, one per subnetwork method (its first seed)."""
+    matrices, seen = [], set()
+    for run in runs:
+        summary = run.masks_summary()
+        if summary and run.method not in seen:
+            seen.add(run.method)
+            jaccard = summary["jaccard"]
+            matrices.append(
+                (f"{run.method} (seed {run.seed})", jaccard["languages"], np.array(jaccard["matrix"]))
+            )
+    return _heatmaps(matrices, 0, 1, "viridis") if matrices else None
+
+
+def dynamic_masks_figure(runs: Sequence[Run]):
+    """Share of heads removed and heads changed at each mask update, per language, one column
+    per dynamic method (its first seed)."""
+    histories, seen = [], set()
+    for run in runs:
+        history = run.mask_history()
+        if history and run.method not in seen:
+            seen.add(run.method)
+            histories.append((run, history))
+    if not histories:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(
+        2, len(histories), figsize=(5 * len(histories), 5.5), squeeze=False, sharex="col"
+    )
+    for column, (run, history) in enumerate(histories):
+        top, bottom = axes[0, column], axes[1, column]
+        for lang, entries in history.items():
+            steps = [h["step"] for h in entries]
+            top.plot(steps, [h["sparsity"] for h in entries], marker=".", label=lang)
+            bottom.plot(steps, [h["changed"] for h in entries], marker=".", label=lang)
+        top.set_title(f"{run.method} (seed {run.seed})")
+        top.set_ylabel("share of heads removed")
+        bottom.set_ylabel("heads changed")
+        bottom.set_xlabel("training step")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def conflict_figure(runs: Sequence[Run]):
+    """Share of language pairs whose gradients conflict (negative cosine) against the training
+    step, one line per method (mean over seeds)."""
+    over_time = conflict_over_time(runs)
+    if not over_time:
+        return None
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 3.8))
+    for method, by_step in over_time.items():
+        steps = sorted(by_step)
+        ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", label=method)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of language pairs with cosine < 0")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def conflict_matrices_figure(runs: Sequence[Run]):
+    """Gradient cosines between languages at each method's last measurement (first seed)."""
+    matrices, seen = [], set()
+    for run in runs:
+        records = load_conflict(run.path)
+        if records and run.method not in seen:
+            seen.add(run.method)
+            last = records[-1]
+            matrices.append(
+                (f"{run.method}, step {last['step']}", last["languages"], np.array(last["cosine"]))
+            )
+    return _heatmaps(matrices, -1, 1, "coolwarm") if matrices else None
+
+
+def overlap_typology_figure(runs: Sequence[Run]):
+    """Mask overlap against URIEL syntactic similarity, one point per language pair and method."""
+    correlations = overlap_typology(runs)
+    if not correlations:
+        return None
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(5.5, 4))
+    for entry in correlations:
+        upper = np.triu_indices(len(entry["languages"]), k=1)
+        ax.scatter(entry["similarity"][upper], entry["overlap"][upper], s=14,
+                   label=f"{entry['method']} (rho={entry['rho']:.2f}, p={entry['p']:.2g})")  # fmt: skip
+    ax.set_xlabel("URIEL syntactic similarity (cosine)")
+    ax.set_ylabel("head-mask Jaccard overlap")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def cka_figure(runs: Sequence[Run]):
+    """Linear CKA between parallel languages: before training (first run) and after, per method."""
+    matrices, seen = [], set()
+    for run in runs:
+        cka = load_cka(run.path)
+        if "before" in cka and not matrices:
+            matrices.append(
+                ("before training", cka["before"]["languages"], np.array(cka["before"]["matrix"]))
+            )
+        if "after" in cka and run.method not in seen:
+            seen.add(run.method)
+            matrices.append(
+                (
+                    f"{run.method} (seed {run.seed})",
+                    cka["after"]["languages"],
+                    np.array(cka["after"]["matrix"]),
+                )
+            )
+    return _heatmaps(matrices, 0, 1, "magma") if matrices else None
+
+
+FIGURES = {
+    "fewshot_las.png": scores_figure,
+    "mask_overlap.png": mask_overlap_figure,
+    "dynamic_masks.png": dynamic_masks_figure,
+    "gradient_conflict.png": conflict_figure,
+    "conflict_matrices.png": conflict_matrices_figure,
+    "overlap_typology.png": overlap_typology_figure,
+    "cka.png": cka_figure,
+}
+
+
+# ---------------------------------------------------------------------------- the report
+def write_report(
+    folder: str | os.PathLike, out: str | os.PathLike | None = None, alpha: float = 0.05
+) -> Path:
+    """Write ``report.md``, ``results.csv`` and the figures for the runs under ``folder``
+    into ``out`` (default ``<folder>/report``); returns the path of ``report.md``."""
+    runs = load_runs(folder)
+    out = Path(out) if out else Path(folder) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    methods = methods_of(runs)
+    seeds = {m: sorted({r.seed for r in runs if r.method == m}) for m in methods}
+    lines = [f"# Report: {Path(folder).resolve().name}", "",
+             f"{len(runs)} runs; seeds per method: " + ", ".join(f"{m} {seeds[m]}" for m in methods) + "."]  # fmt: skip
+    fewshot = runs[0].results.get("fewshot", {})
+    if fewshot:
+        lines.append(f"Few-shot: k = {fewshot['k']} support sentences, {fewshot['steps']} steps, "
+                     f"{fewshot['repetitions']} repetitions per seed. Cells: mean ± sd over seeds and repetitions.")  # fmt: skip
+    csv_rows = []
+    for setting, title in (("fewshot", "Few-shot"), ("zeroshot", "Zero-shot")):
+        for metric in ("las", "uas"):
+            rows = score_table(runs, setting, metric)
+            if not rows:
+                continue
+            csv_rows += [{"setting": setting, "metric": metric, **r} for r in rows]
+            lines += [
+                "",
+                f"## {title} {metric.upper()} on the target languages",
+                "",
+                markdown_table(rows, methods),
+            ]
+    if BASELINE in methods and len(methods) > 1:
+        lines += ["", "## Gains over the baseline (few-shot LAS)", ""]
+        entries = significance(runs, "fewshot", "las", alpha)
+        lines += [f"- {significance_statement(e, 'LAS', alpha)}" for e in entries] or ["- no paired results"]
+        lines += ["", "Pairs: target language x seed, each side the mean over that seed's repetitions. "
+                  "Holm-Bonferroni adjustment over the methods compared."]  # fmt: skip
+    conflicts = conflict_over_time(runs)
+    if conflicts:
+        lines += ["", "## Gradient conflict", "",
+                  "Share of language pairs whose gradients on the shared parameters have negative cosine "
+                  "(mean over seeds), at the first and last measurement:", ""]  # fmt: skip
+        for method, by_step in conflicts.items():
+            first, last = min(by_step), max(by_step)
+            lines.append(
+                f"- {method}: step {first}: {np.mean(by_step[first]):.3f}, step {last}: {np.mean(by_step[last]):.3f}"
+            )
+    correlations = overlap_typology(runs)
+    if correlations:
+        lines += ["", "## Subnetwork overlap and typology", "",
+                  "Spearman correlation between head-mask Jaccard overlap and URIEL syntactic similarity "
+                  "(cosine of lang2vec `syntax_knn` vectors) over language pairs; p from a Mantel permutation test:", ""]  # fmt: skip
+        lines += [f"- {c['method']} (seed {c['seed']}): rho = {c['rho']:.3f}, p = {c['p']:.3g} ({c['pairs']} pairs)"
+                  for c in correlations]  # fmt: skip
+    cka = cka_summary(runs)
+    if cka:
+        lines += ["", "## Representation similarity (linear CKA)", "",
+                  f"Mean CKA between the parallel languages {', '.join(cka[0]['languages'])} "
+                  f"({cka[0]['sentences']} sentences, sentence-mean word representations):", "",
+                  "| method | seed | before | after |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {c['method']} | {c['seed']} | {c['before']:.3f} | {c['after']:.3f} |" for c in cka]
+    drawn = []
+    for name, draw in FIGURES.items():
+        figure = draw(runs)
+        if figure is not None:
+            figure.savefig(out / name, dpi=110)
+            _pyplot().close(figure)
+            drawn.append(name)
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in drawn]
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["setting", "metric", "language", "method", "mean", "sd", "n"])
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m subnets.report <folder> [--out DIR] [--alpha A]``."""
+    parser = argparse.ArgumentParser(prog="python -m subnets.report", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="a multirun folder (e.g. multirun/ud_fewshot) or one run folder")
+    parser.add_argument("--out", help="output folder (default: <folder>/report)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.folder, args.out, args.alpha)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(path.read_text(encoding="utf-8"))
+    print(f"report written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The study report (subnets.report) and the notebook: tables checked by hand on written results,
+the significance test on known inputs, and both run end to end on a real tiny multirun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SHARED, TINY
+
+from subnets import report
+
+UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(SHARED / "data" / "ud"))
+FIGURES = set(report.FIGURES)
+
+
+def write_run(folder, method, seed, fewshot, zeroshot):
+    """A results.json as the runner writes it: few-shot repetitions and zero-shot scores per language."""
+    run = folder / f"+method={method},seed={seed}"
+    run.mkdir(parents=True)
+    results = {
+        "method": method,
+        "seed": seed,
+        "data": "ud",
+        "target": {code: {"split": "test", "las": las, "uas": las + 10} for code, las in zeroshot.items()},
+        "fewshot": {
+            "k": 20,
+            "steps": 5,
+            "repetitions": 2,
+            "languages": {
+                code: {"runs": [{"las": v, "uas": v + 10} for v in values]}
+                for code, values in fewshot.items()
+            },
+        },
+    }
+    (run / "results.json").write_text(json.dumps(results))
+
+
+@pytest.fixture
+def written_study(tmp_path):
+    write_run(tmp_path, "baseline", 1, {"xx": [50.0, 52.0], "yy": [30.0, 34.0]}, {"xx": 40.0, "yy": 20.0})
+    write_run(tmp_path, "baseline", 2, {"xx": [54.0, 56.0], "yy": [32.0, 36.0]}, {"xx": 42.0, "yy": 24.0})
+    write_run(tmp_path, "static", 1, {"xx": [53.0, 55.0], "yy": [31.0, 35.0]}, {"xx": 41.0, "yy": 21.0})
+    return tmp_path
+
+
+def test_table_cells_are_mean_and_sd_over_seeds_and_repetitions(written_study):
+    rows = {(r["language"], r["method"]): r for r in report.score_table(report.load_runs(written_study))}
+    # baseline xx: 50, 52, 54, 56 -> mean 53, sd sqrt(((-3)^2 + 1 + 1 + 9) / 3) = sqrt(20/3)
+    assert rows[("xx", "baseline")]["mean"] == pytest.approx(53.0)
+    assert rows[("xx", "baseline")]["sd"] == pytest.approx((20 / 3) ** 0.5)
+    assert rows[("xx", "baseline")]["n"] == 4
+    # average: mean of the language means (53 and 33) = 43; sd over the (seed, repetition)
+    # draws of the language average: (50+30)/2=40, (52+34)/2=43, (54+32)/2=43, (56+36)/2=46
+    assert rows[("average", "baseline")]["mean"] == pytest.approx(43.0)
+    assert rows[("average", "baseline")]["sd"] == pytest.approx(np.std([40, 43, 43, 46], ddof=1))
+    assert rows[("yy", "static")]["mean"] == pytest.approx(33.0)
+    assert rows[("yy", "static")]["sd"] == pytest.approx(2 * 2**0.5)
+    zero = {
+        (r["language"], r["method"]): r
+        for r in report.score_table(report.load_runs(written_study), "zeroshot")
+    }
+    assert zero[("yy", "baseline")]["mean"] == pytest.approx(22.0) and zero[("yy", "baseline")]["n"] == 2
+
+
+def test_significance_pairs_language_and_seed_against_the_baseline(written_study):
+    (entry,) = report.significance(report.load_runs(written_study))
+    # static seed 1 vs baseline seed 1: xx 54 - 51 = +3, yy 33 - 32 = +1
+    assert entry["method"] == "static" and entry["n"] == 2
+    assert entry["mean_gain"] == pytest.approx(2.0)
+    assert entry["p"] == pytest.approx(0.5)  # exact: both signs positive, 2 of 4 sign patterns as extreme
+    assert entry["significant"] is False
+
+
+def test_wilcoxon_and_holm_on_known_inputs():
+    # n = 5, all positive: W- = 0; exact two-sided p = 2 * P(W- <= 0) = 2 / 2^5
+    assert report.wilcoxon_test([1, 2, 3, 4, 5])["p"] == pytest.approx(2 / 32)
+    # the smallest difference negative: W- = 1; P(W- <= 1) = 2 / 32 ({} and {1}); two-sided 4 / 32
+    assert report.wilcoxon_test([-1, 2, 3, 4, 5])["p"] == pytest.approx(4 / 32)
+    assert report.wilcoxon_test([0, 0, 0])["p"] == 1.0
+    with pytest.raises(ValueError, match="no paired differences"):
+        report.wilcoxon_test([])
+    # sorted 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> kept monotone at 0.06
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_report_writes_markdown_csv_and_figures(written_study):
+    path = report.write_report(written_study)
+    text = path.read_text()
+    assert f"| xx | 53.00 ± {(20 / 3) ** 0.5:.2f} | 54.00 ± 1.41 |" in text
+    assert "static: +2.00 LAS over the baseline" in text and "not significant" in text
+    with open(path.parent / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    cell = next(
+        r
+        for r in rows
+        if (r["setting"], r["metric"], r["language"], r["method"]) == ("fewshot", "uas", "yy", "static")
+    )
+    assert float(cell["mean"]) == pytest.approx(43.0) and cell["n"] == "2"
+    assert (path.parent / "fewshot_las.png").stat().st_size > 0
+
+
+def test_report_on_a_folder_without_runs_says_so(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "subnets.report", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and f"no run folders with results.json under {tmp_path}" in done.stderr
+
+
+# ------------------------------------------------------------------ a real tiny multirun
+TINY_UD = [
+    *TINY,
+    "languages=ud",
+    f"languages.ud_root={UD_ROOT}",
+    "languages.train=[ar_pud,cs_pud,ru_pud]",
+    "languages.dev=[bg_btb]",
+    "languages.target=[hsb_ufal,kk_ktb]",
+    "languages.max_train_sentences=60",
+    "languages.max_eval_sentences=30",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.checkpoint_every=3",
+    "dynamic.update_every=3",
+    "analysis.conflict_every=3",
+    "analysis.cka_sentences=20",
+    "fewshot.k=20",
+]
+
+
+needs_ud = pytest.mark.skipif(not os.path.isdir(UD_ROOT), reason=f"real UD data not found at {UD_ROOT}")
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """baseline and dynamic, seeds 1 and 2: the tiny model on three parallel PUD treebanks."""
+    folder = tmp_path_factory.mktemp("study") / "multi"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "subnets.train", "-m", "+method=baseline,dynamic", "seed=1,2", *TINY_UD,
+         f"hydra.sweep.dir={folder}"],
+        cwd=folder.parent, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@needs_ud
+@pytest.mark.shared
+def test_report_command_on_a_real_multirun(tiny_study):
+    done = subprocess.run(
+        [sys.executable, "-m", "subnets.report", str(tiny_study)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tiny_study / "report"
+    assert {p.name for p in out.glob("*.png")} == FIGURES
+    # one cell by hand: dynamic's few-shot LAS on kk_ktb over both seeds and both repetitions
+    values = []
+    for path in tiny_study.glob("+method=dynamic*/results.json"):
+        values += [r["las"] for r in json.loads(path.read_text())["fewshot"]["languages"]["kk_ktb"]["runs"]]
+    assert len(values) == 4
+    expected = f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} |"
+    line = next(row for row in done.stdout.splitlines() if row.startswith("| kk_ktb |"))
+    assert line.endswith(expected), (line, expected)
+    assert "Wilcoxon signed-rank" in done.stdout
+    # the analyses were measured and reported: conflict at steps 0, 3, 6; CKA of ar, cs, ru
+    runs = report.load_runs(tiny_study)
+    assert sorted(report.conflict_over_time(runs)["dynamic"]) == [0, 3, 6]
+    cka = report.cka_summary(runs)
+    assert len(cka) == 4 and all(c["languages"] == ["ar_pud", "cs_pud", "ru_pud"] for c in cka)
+    (typology,) = report.overlap_typology(runs)
+    assert typology["method"] == "dynamic" and typology["pairs"] == 3
+
+
+@needs_ud
+@pytest.mark.shared
+def test_notebook_runs_on_a_real_multirun(tiny_study):
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(report.Path(__file__).parents[1] / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["SUBNETS_RUN"] = str(tiny_study)
+    try:
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+    finally:
+        del os.environ["SUBNETS_RUN"]
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(FIGURES)
+    assert "dynamic       seed 2" in text and "mean CKA before" in text and "share of negative pairs" in text
+    assert (
+        report.markdown_table(report.score_table(report.load_runs(tiny_study)), ["baseline", "dynamic"])
+        in text
+    )
