@@ -90,10 +90,12 @@ def test_wilcoxon_and_holm_on_known_inputs():
 
 
 def test_report_writes_markdown_csv_and_figures(written_study):
+    (written_study / "+method=dynamic,seed=1" / ".hydra").mkdir(parents=True)  # a job that died
     path = report.write_report(written_study)
     text = path.read_text()
     assert f"| xx | 53.00 ± {(20 / 3) ** 0.5:.2f} | 54.00 ± 1.41 |" in text
     assert "static: +2.00 LAS over the baseline" in text and "not significant" in text
+    assert "3 runs" in text and "unfinished (no results.json): +method=dynamic,seed=1." in text
     with open(path.parent / "results.csv") as f:
         rows = list(csv.DictReader(f))
     cell = next(

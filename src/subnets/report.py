@@ -449,6 +449,11 @@ def write_report(
     seeds = {m: sorted({r.seed for r in runs if r.method == m}) for m in methods}
     lines = [f"# Report: {Path(folder).resolve().name}", "",
              f"{len(runs)} runs; seeds per method: " + ", ".join(f"{m} {seeds[m]}" for m in methods) + "."]  # fmt: skip
+    unfinished = sorted(
+        p.parent.name for p in Path(folder).glob("*/.hydra") if not (p.parent / "results.json").exists()
+    )
+    if unfinished:
+        lines.append(f"Left out, unfinished (no results.json): {', '.join(unfinished)}.")
     fewshot = runs[0].results.get("fewshot", {})
     if fewshot:
         lines.append(f"Few-shot: k = {fewshot['k']} support sentences, {fewshot['steps']} steps, "
