@@ -27,7 +27,7 @@ import math
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from scipy import stats
 from subnets.analysis.conflict import load_conflict
 from subnets.analysis.similarity import load_cka
 from subnets.analysis.typology import overlap_typology_correlation, typological_similarity, uriel_code
+from subnets.methods.subnetworks import plot_history
 
 BASELINE = "baseline"
 METHOD_ORDER = ("baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic")
@@ -88,6 +89,19 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
 def methods_of(runs: Sequence[Run]) -> list[str]:
     """The methods of ``runs`` in report order."""
     return list(dict.fromkeys(r.method for r in runs))
+
+
+def first_per_method(runs: Sequence[Run], load: Callable[[Run], Any]) -> list[tuple[Run, Any]]:
+    """``(run, load(run))`` for each method's first run (in report order) for which ``load``
+    returns something (neither None nor empty)."""
+    out, seen = [], set()
+    for run in runs:
+        if run.method not in seen:
+            value = load(run)
+            if value:
+                seen.add(run.method)
+                out.append((run, value))
+    return out
 
 
 # ---------------------------------------------------------------------------- scores
@@ -230,17 +244,19 @@ def overlap_typology(runs: Sequence[Run]) -> list[dict[str, Any]]:
     Jaccard overlap with URIEL syntactic similarity over language pairs
     (:func:`~subnets.analysis.overlap_typology_correlation`). Methods whose languages URIEL does
     not know (e.g. synthetic ones) are left out."""
-    out, seen = [], set()
-    for run in runs:
+
+    def usable_jaccard(run: Run) -> dict[str, Any] | None:
         summary = run.masks_summary()
-        if summary is None or run.method in seen:
-            continue
+        if summary is None or run.results.get("data") == "synthetic":
+            return None
         languages = summary["jaccard"]["languages"]
-        synthetic = run.results.get("data") == "synthetic"
-        if len(languages) < 3 or synthetic or any(uriel_code(c) is None for c in languages):
-            continue
-        seen.add(run.method)
-        overlap = np.array(summary["jaccard"]["matrix"])
+        known = len(languages) >= 3 and all(uriel_code(c) is not None for c in languages)
+        return summary["jaccard"] if known else None
+
+    out = []
+    for run, jaccard in first_per_method(runs, usable_jaccard):
+        languages = jaccard["languages"]
+        overlap = np.array(jaccard["matrix"])
         _, similarity = typological_similarity(languages)
         out.append({"method": run.method, "seed": run.seed, "languages": languages, "overlap": overlap,
                     "similarity": similarity, **overlap_typology_correlation(languages, overlap, similarity)})  # fmt: skip
@@ -312,27 +328,21 @@ def _heatmaps(matrices: list[tuple[str, list[str], np.ndarray]], vmin: float, vm
 
 def mask_overlap_figure(runs: Sequence[Run]):
     """Jaccard overlap heatmaps of the head masks, one per subnetwork method (its first seed)."""
-    matrices, seen = [], set()
-    for run in runs:
-        summary = run.masks_summary()
-        if summary and run.method not in seen:
-            seen.add(run.method)
-            jaccard = summary["jaccard"]
-            matrices.append(
-                (f"{run.method} (seed {run.seed})", jaccard["languages"], np.array(jaccard["matrix"]))
-            )
+    matrices = [
+        (
+            f"{run.method} (seed {run.seed})",
+            summary["jaccard"]["languages"],
+            np.array(summary["jaccard"]["matrix"]),
+        )
+        for run, summary in first_per_method(runs, Run.masks_summary)
+    ]
     return _heatmaps(matrices, 0, 1, "viridis") if matrices else None
 
 
 def dynamic_masks_figure(runs: Sequence[Run]):
     """Share of heads removed and heads changed at each mask update, per language, one column
     per dynamic method (its first seed)."""
-    histories, seen = [], set()
-    for run in runs:
-        history = run.mask_history()
-        if history and run.method not in seen:
-            seen.add(run.method)
-            histories.append((run, history))
+    histories = first_per_method(runs, Run.mask_history)
     if not histories:
         return None
     plt = _pyplot()
@@ -340,15 +350,8 @@ def dynamic_masks_figure(runs: Sequence[Run]):
         2, len(histories), figsize=(5 * len(histories), 5.5), squeeze=False, sharex="col"
     )
     for column, (run, history) in enumerate(histories):
-        top, bottom = axes[0, column], axes[1, column]
-        for lang, entries in history.items():
-            steps = [h["step"] for h in entries]
-            top.plot(steps, [h["sparsity"] for h in entries], marker=".", label=lang)
-            bottom.plot(steps, [h["changed"] for h in entries], marker=".", label=lang)
-        top.set_title(f"{run.method} (seed {run.seed})")
-        top.set_ylabel("share of heads removed")
-        bottom.set_ylabel("heads changed")
-        bottom.set_xlabel("training step")
+        plot_history(history, axes[0, column], axes[1, column])
+        axes[0, column].set_title(f"{run.method} (seed {run.seed})")
     axes[0, 0].legend(fontsize=7, ncol=2)
     figure.tight_layout()
     return figure
@@ -374,15 +377,14 @@ def conflict_figure(runs: Sequence[Run]):
 
 def conflict_matrices_figure(runs: Sequence[Run]):
     """Gradient cosines between languages at each method's last measurement (first seed)."""
-    matrices, seen = [], set()
-    for run in runs:
-        records = load_conflict(run.path)
-        if records and run.method not in seen:
-            seen.add(run.method)
-            last = records[-1]
-            matrices.append(
-                (f"{run.method}, step {last['step']}", last["languages"], np.array(last["cosine"]))
-            )
+    matrices = [
+        (
+            f"{run.method}, step {records[-1]['step']}",
+            records[-1]["languages"],
+            np.array(records[-1]["cosine"]),
+        )
+        for run, records in first_per_method(runs, lambda run: load_conflict(run.path))
+    ]
     return _heatmaps(matrices, -1, 1, "coolwarm") if matrices else None
 
 
@@ -405,23 +407,14 @@ def overlap_typology_figure(runs: Sequence[Run]):
 
 
 def cka_figure(runs: Sequence[Run]):
-    """Linear CKA between parallel languages: before training (first run) and after, per method."""
-    matrices, seen = [], set()
-    for run in runs:
-        cka = load_cka(run.path)
-        if "before" in cka and not matrices:
-            matrices.append(
-                ("before training", cka["before"]["languages"], np.array(cka["before"]["matrix"]))
-            )
-        if "after" in cka and run.method not in seen:
-            seen.add(run.method)
-            matrices.append(
-                (
-                    f"{run.method} (seed {run.seed})",
-                    cka["after"]["languages"],
-                    np.array(cka["after"]["matrix"]),
-                )
-            )
+    """Linear CKA between parallel languages: before training (the first run that measured it)
+    and after, per method (its first seed)."""
+    before = next((cka["before"] for cka in (load_cka(run.path) for run in runs) if "before" in cka), None)
+    matrices = [("before training", before["languages"], np.array(before["matrix"]))] if before else []
+    matrices += [
+        (f"{run.method} (seed {run.seed})", after["languages"], np.array(after["matrix"]))
+        for run, after in first_per_method(runs, lambda run: load_cka(run.path).get("after"))
+    ]
     return _heatmaps(matrices, 0, 1, "magma") if matrices else None
 
 
