@@ -20,7 +20,7 @@ from subnets.files import read_jsonl
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer
-from subnets.training import linear_schedule, training_step
+from subnets.training import DivergenceGuard, linear_schedule, training_step
 
 
 def train_command(run_dir, *extra):
@@ -137,6 +137,50 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path
     assert last["step"] == 4  # checkpoint_every=4; the one at step 8 was never written
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     assert not (tmp_path / "results.json").exists()
+
+
+def test_divergence_guard_flags_intervals_far_above_the_running_best():
+    guard = DivergenceGuard(factor=10.0, patience=2)
+    flags = [guard.check(step, loss) for step, loss in [(1, 5.0), (2, 2.0), (3, 25.0), (4, 19.0), (5, 21.0)]]
+    # 25 > 10 x 2 (flagged), 19 < 20 (not: the streak ends), 21 > 20 (flagged again)
+    assert flags == [False, False, True, False, True]
+    assert (guard.best, guard.best_step, guard.flagged, guard.in_a_row) == (2.0, 2, 2, 1)
+    assert not guard.exhausted
+    assert guard.check(6, 1e6) and guard.exhausted and guard.streak_start == 5
+    restored = DivergenceGuard(10.0, 2)
+    restored.load_state_dict(guard.state_dict())
+    assert restored == guard
+    assert not any(DivergenceGuard(factor=0).check(s, loss) for s, loss in [(1, 1.0), (2, 1e9)])
+
+
+# Adam at a learning rate of 3 (reached over 20 warm-up steps): the loss of steps 1-3 is about 14,
+# then hundreds and thousands (measured: 14, 388, 257, 1145, 49429, ...), never NaN.
+EXPLODING = ["train.lr_encoder=3", "train.lr_head=3", "train.warmup_steps=20", "train.steps=30"]
+
+
+def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, caplog):
+    with caplog.at_level("WARNING"), pytest.raises(FloatingPointError) as error:
+        run(tiny_config(*EXPLODING), tmp_path)
+    message = str(error.value)
+    assert "3 log intervals in a row (steps 6-12)" in message and "train.divergence_patience=3" in message
+    last = tmp_path / "checkpoints" / "last.safetensors"
+    assert f"{last} (step 4)" in message
+    # checkpoint_every=4: the one at step 8 fell inside the streak and was not written
+    assert load_checkpoint(last)["step"] == 4
+    assert "step 6: training loss" in caplog.text and "more than 10 times its best" in caplog.text
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_diverging_intervals_are_counted_in_the_results(tmp_path):
+    results = run(tiny_config(*EXPLODING, "train.divergence_patience=100", "fewshot.repetitions=0"), tmp_path)
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    best, flagged = math.inf, 0
+    for loss in losses:  # the rule, recomputed from the logged interval means
+        if loss > 10 * best:
+            flagged += 1
+        else:
+            best = min(best, loss)
+    assert flagged >= 5 and results["diverging_log_intervals"] == flagged
 
 
 def test_overwrite_reruns_a_finished_run_from_scratch(tmp_path, monkeypatch):

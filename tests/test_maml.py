@@ -121,6 +121,32 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(episode):
     assert not torch.allclose(second[PROBES[0][0]], grads[PROBES[0][0]])  # the Jacobian term matters
 
 
+def test_clipped_inner_steps_are_sgd_steps_with_the_clipped_support_gradient(episode):
+    support, query = episode
+    model = parser()
+    lrs = {"encoder": 0.05, "head": 0.1}
+    clip = 0.5
+    maml = MAML(model, inner_steps=2, inner_lr=lrs, group_of=group_of, inner_clip_norm=clip)
+    adapted, _ = maml.adapt(support)
+
+    # Independently: two SGD steps on a copy, each with the gradient clipped by clip_grad_norm_.
+    clone = copy.deepcopy(model)
+    norms = []
+    for _ in range(2):
+        clone.zero_grad()
+        clone(support).loss.backward()
+        norms.append(float(nn.utils.clip_grad_norm_(clone.parameters(), clip)))
+        with torch.no_grad():
+            for name, p in clone.named_parameters():
+                if p.grad is not None:
+                    p -= lrs[group_of(name)] * p.grad
+    assert min(norms) > clip  # both steps were clipped
+    for name, p in clone.named_parameters():
+        assert torch.allclose(adapted[name], p, rtol=1e-9, atol=1e-12), name
+    unclipped, _ = MAML(model, inner_steps=2, inner_lr=lrs, group_of=group_of).adapt(support)
+    assert not torch.allclose(unclipped[PROBES[0][0]], adapted[PROBES[0][0]])
+
+
 class Regressor(nn.Module):
     def __init__(self):
         super().__init__()

@@ -178,6 +178,11 @@ class TrainConfig:
     log_every: int = 20
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
     max_nonfinite_steps: int = 10  # NaN/inf losses are skipped; this many in a row stop the run
+    # A log interval whose mean loss exceeds divergence_factor x the best interval mean so far
+    # is flagged (a warning; counted in results.json; checkpoints are not replaced while it
+    # lasts); divergence_patience such intervals in a row stop the run. 0 switches it off.
+    divergence_factor: float = 10.0
+    divergence_patience: int = 3
 
 
 @dataclass
@@ -243,6 +248,10 @@ class MetaConfig:
     inner_lr_head: float = 0.01  # inner SGD learning rate of the task head
     learn_inner_lr: bool = False  # Meta-SGD: train the two inner rates in the outer step
     inner_lr_lr: float = 1e-3  # outer learning rate of the (log) inner rates
+    # Global norm the support gradient of each inner step is clipped to (0: no clipping). An
+    # unclipped inner step grows with the support loss, and the first-order meta-gradient, taken
+    # at the adapted weights, then no longer descends at the initial ones: maml_static diverged.
+    inner_clip_norm: float = "${train.clip_norm}"  # type: ignore[assignment]
     languages_per_episode: int = 2
     support_size: int = 16  # sentences per language for the inner steps
     query_size: int = 16  # sentences per language for the query loss

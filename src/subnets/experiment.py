@@ -53,7 +53,7 @@ from subnets.models.encoder import (
     train_subword_tokenizer,
 )
 from subnets.models.parser import DependencyParser
-from subnets.training import linear_schedule, parameter_groups
+from subnets.training import DivergenceGuard, linear_schedule, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class Experiment:
         self.wandb_run = None
         self.parallel = DataParallel()
         self.nonfinite_in_a_row = 0
+        self.checkpoint_step: int | None = None  # the step checkpoints/last.safetensors holds
+        self.divergence = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -322,9 +324,12 @@ class Experiment:
             "sampler": self.sampler.state_dict(),
             "method": self.method.state_dict(),
             "best": self.best,
+            "divergence": self.divergence.state_dict(),
             "rng": _rng_state(),
         }
-        return save_checkpoint(self.last_checkpoint, state)
+        path = save_checkpoint(self.last_checkpoint, state)
+        self.checkpoint_step = self.step
+        return path
 
     def _resume(self) -> bool:
         path = self.last_checkpoint
@@ -354,6 +359,8 @@ class Experiment:
         self.sampler.load_state_dict(state["sampler"])
         self.method.load_state_dict(state["method"])
         self.step, self.best = state["step"], state["best"]
+        self.checkpoint_step = self.step
+        self.divergence.load_state_dict(state["divergence"])
         _set_rng_state(state["rng"])
         # Records logged after the checkpoint will be logged again by the resumed run.
         metrics = self.run_dir / "metrics.jsonl"
@@ -462,6 +469,7 @@ class Experiment:
                 self.log(record)
                 bar.set_postfix(loss=f"{record['train/loss']:.3f}")
                 totals, start = {}, time.perf_counter()
+                self._check_divergence(record["train/loss"])
             main = self.parallel.is_main
             if main and (self.step % train.eval_every == 0 or self.step == train.steps):
                 self.validate()
@@ -469,7 +477,9 @@ class Experiment:
                 self.method.on_train_end(self)
             if main and conflict_every > 0 and self.step % conflict_every == 0:
                 self.measure_conflict()
-            if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+            # While the loss is flagged as diverging, last.safetensors stays the last good state.
+            diverging = self.divergence.in_a_row > 0
+            if (self.step % train.checkpoint_every == 0 and not diverging) or self.step == train.steps:
                 self.save_checkpoint()
         bar.close()
 
@@ -490,6 +500,30 @@ class Experiment:
                 f"{self.step - self.nonfinite_in_a_row + 1}-{self.step}, train.max_nonfinite_steps={limit}) "
                 f"had a NaN or infinite loss or gradient; the last good checkpoint is {last}. Lower the "
                 "learning rates (train.lr_encoder, train.lr_head) or check the data."
+            )
+
+    def _check_divergence(self, loss: float) -> None:
+        """Warn about a log interval whose loss is far above its best (:class:`DivergenceGuard`);
+        stop after ``train.divergence_patience`` in a row."""
+        guard = self.divergence
+        if not guard.check(self.step, loss):
+            return
+        factor = guard.factor
+        log.warning("step %d: training loss %.4g is more than %g times its best %.4g (step %d): diverging?",
+                    self.step, loss, factor, guard.best, guard.best_step)  # fmt: skip
+        if guard.exhausted:
+            path = self.last_checkpoint
+            last = (
+                f"{path} (step {self.checkpoint_step})"
+                if self.checkpoint_step is not None
+                else "none was written"
+            )
+            raise FloatingPointError(
+                f"{self.run_dir}: the training loss diverged: {guard.in_a_row} log intervals in a row (steps "
+                f"{guard.streak_start}-{self.step}) above {factor:g} x its best {guard.best:.4g} (step "
+                f"{guard.best_step}); the last was {loss:.4g} (train.divergence_factor={factor:g}, "
+                f"train.divergence_patience={guard.patience}). The last good checkpoint is {last}. Lower "
+                "the learning rates (train.lr_encoder, train.lr_head, meta.inner_lr_*) or check the data."
             )
 
     def validation_metric(self, scores: dict[str, float]) -> float:
@@ -558,6 +592,7 @@ class Experiment:
             "best_step": self.best["step"] if self.best else None,
             "dev_metric": self.best["metric"] if self.best else None,
             "skipped_sentences": self.skipped_sentences,
+            "diverging_log_intervals": self.divergence.flagged,
             "support": {code: {"split": d.split, "sentences": len(d)} for code, d in self.support.items()},
             **self.method.summary(),
             **scores,

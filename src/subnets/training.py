@@ -26,6 +26,52 @@ class StepResult:
     skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
 
 
+@dataclass
+class DivergenceGuard:
+    """Flags log intervals whose mean training loss exceeds ``factor`` times the best interval
+    mean so far; :meth:`check` says when ``patience`` intervals in a row were flagged.
+
+    The NaN/inf guard of :func:`training_step` catches non-finite values only; a loss that
+    climbs from 0.5 to 500 and stays finite is caught here. ``factor <= 0`` switches it off.
+    """
+
+    factor: float = 10.0
+    patience: int = 3
+    best: float | None = None  # the lowest interval mean so far
+    best_step: int = 0
+    in_a_row: int = 0  # flagged intervals in a row, ending at the latest
+    streak_start: int = 0  # the step of the first interval of the current streak
+    flagged: int = 0  # flagged intervals in the whole run
+
+    def check(self, step: int, loss: float) -> bool:
+        """Record the mean loss of the interval ending at ``step``; returns whether it is flagged."""
+        if self.factor <= 0 or loss != loss:  # off, or a NaN mean (the NaN guard's business)
+            return False
+        if self.best is not None and loss > self.factor * self.best:
+            self.in_a_row += 1
+            self.flagged += 1
+            if self.in_a_row == 1:
+                self.streak_start = step
+            return True
+        self.in_a_row = 0
+        if self.best is None or loss < self.best:
+            self.best, self.best_step = loss, step
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether ``patience`` intervals in a row were flagged."""
+        return self.factor > 0 and self.in_a_row >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "in_a_row": self.in_a_row,
+                "streak_start": self.streak_start, "flagged": self.flagged}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 def _finite(*values: torch.Tensor | float) -> bool:
     """Whether every value is finite (neither NaN nor infinite)."""
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)

@@ -110,10 +110,12 @@ class MAML(nn.Module):
         learn_inner_lr: bool = False,
         loss: Callable[[Callable, object], torch.Tensor] | None = None,
         gates=None,
+        inner_clip_norm: float | None = None,
     ):
         super().__init__()
         self.model = [model]  # a list, so the model is not registered as a submodule twice
         self.inner_steps, self.first_order, self.group_of = inner_steps, first_order, group_of
+        self.inner_clip_norm = inner_clip_norm
         rates = inner_lr if isinstance(inner_lr, Mapping) else {"default": inner_lr}
         if any(lr <= 0 for lr in rates.values()):
             raise ValueError(
@@ -189,16 +191,29 @@ class MAML(nn.Module):
                 grads = torch.autograd.grad(
                     loss, [params[n] for n in names], create_graph=not self.first_order, allow_unused=True
                 )
+                if update_mask is not None:
+                    grads = [g * update_mask[n] if g is not None and n in update_mask else g
+                             for n, g in zip(names, grads)]  # fmt: skip
+                scale = self._clip_factor(grads)
                 updated = {}
                 for name, grad in zip(names, grads):
                     if grad is None:
                         updated[name] = params[name]
                         continue
-                    if update_mask is not None and name in update_mask:
-                        grad = grad * update_mask[name]
-                    updated[name] = params[name] - self.inner_lr(name) * grad
+                    updated[name] = params[name] - self.inner_lr(name) * scale * grad
                 params = updated
         return params, (first_loss if first_loss is not None else float("nan"))
+
+    def _clip_factor(self, grads: Sequence[torch.Tensor | None]) -> float | torch.Tensor:
+        """``min(1, inner_clip_norm / ||grads||)`` as ``clip_grad_norm_`` computes it (a constant:
+        not differentiated through), or 1 without clipping."""
+        if not self.inner_clip_norm or self.inner_clip_norm <= 0:
+            return 1.0
+        norms = [torch.linalg.vector_norm(g.detach()) for g in grads if g is not None]
+        if not norms:
+            return 1.0
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        return (self.inner_clip_norm / (total + 1e-6)).clamp(max=1.0)
 
     def meta_step(
         self,

@@ -40,6 +40,7 @@ class MetaTraining:
             group_of=lambda name: "encoder" if name in encoder else "head",
             first_order=meta.first_order,
             learn_inner_lr=meta.learn_inner_lr,
+            inner_clip_norm=meta.inner_clip_norm,
         ).to(experiment.device)
         self._meta = meta
 
