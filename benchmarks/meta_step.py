@@ -33,19 +33,14 @@ from pathlib import Path
 import torch
 import transformers
 
+from subnets.config import compose_config
 from subnets.data.batching import Collator
-from subnets.data.dataset import load_language
+from subnets.data.dataset import Batcher, load_language
 from subnets.data.ud import discover_treebanks
-from subnets.meta import MAML, Task
-from subnets.models.encoder import (
-    Encoder,
-    build_tiny_transformer,
-    load_pretrained,
-    max_subwords,
-    train_subword_tokenizer,
-)
-from subnets.models.parser import DependencyParser
-from subnets.training import parameter_groups
+from subnets.meta import MAML, MetaTask
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import max_subwords
+from subnets.update import parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
@@ -57,23 +52,24 @@ INNER_LR = {"encoder": 1e-3, "head": 1e-2}
 def setup(model_name: str):
     treebanks = discover_treebanks(UD_ROOT)
     data = [load_language(treebanks[code], "train", max_sentences=64) for code in LANGUAGES]
-    if model_name == "tiny":
-        tokenizer = train_subword_tokenizer([" ".join(s.forms) for d in data for s in d.sentences], 2000, 128)
-        transformer = build_tiny_transformer(len(tokenizer), 128, 4, 4, 256, 128, attn_implementation="eager",
-                                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    else:
-        transformer, tokenizer = load_pretrained(E5_PATH, attn_implementation="eager")
+    # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH; eager
+    # attention (what higher needs for second order)
+    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+    cfg = compose_config([*model_settings, "model.mix_dropout=0.0", "model.attn_implementation=eager"])
+    transformer, tokenizer = build_encoder(
+        cfg.model, seed=0, texts=[" ".join(s.forms) for d in data for s in d.sentences]
+    )
     for d in data:
         d.tokenize(tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = DependencyParser(Encoder(transformer)).to(device)
-    collator = Collator(tokenizer, max_subwords(transformer, tokenizer))
+    model = build_model(cfg, transformer).to(device)
+    batcher = Batcher(Collator(tokenizer, max_subwords(transformer, tokenizer)), device)
 
     def batch(d, start):
-        return collator(d.sentences[start : start + 8], d.pieces[start : start + 8], d.code).to(device)
+        return batcher.of(d, range(start, start + 8))
 
-    episodes = [[Task(batch(d, 16 * i), batch(d, 16 * i + 8), d.code) for d in data] for i in range(4)]
+    episodes = [[MetaTask(batch(d, 16 * i), batch(d, 16 * i + 8), d.code) for d in data] for i in range(4)]
     return model, episodes
 
 

@@ -38,23 +38,18 @@ from pathlib import Path
 
 import torch
 
+from subnets.config import compose_config
 from subnets.data.batching import Collator
-from subnets.data.dataset import load_language
+from subnets.data.dataset import Batcher, load_language
 from subnets.data.ud import discover_treebanks
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
 from subnets.masks.importance import head_importance
 from subnets.masks.subnetwork import head_parameter_masks
-from subnets.models.encoder import (
-    Encoder,
-    build_tiny_transformer,
-    load_pretrained,
-    max_subwords,
-    train_subword_tokenizer,
-)
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import max_subwords
 from subnets.models.head_gates import HeadGates
-from subnets.models.parser import DependencyParser
 from subnets.optim.masked import MaskedOptimizer
-from subnets.training import parameter_groups, training_step
+from subnets.update import parameter_groups, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
@@ -68,32 +63,26 @@ def build(model_name: str, sentences_per_language: int):
     data = [
         load_language(treebanks[code], "train", max_sentences=sentences_per_language) for code in LANGUAGES
     ]
-    if model_name == "tiny":
-        texts = [" ".join(s.forms) for d in data for s in d.sentences]
-        tokenizer = train_subword_tokenizer(texts, vocab_size=2000, max_length=128)
-        transformer = build_tiny_transformer(
-            len(tokenizer), 128, 4, 4, 256, 128, pad_token_id=tokenizer.pad_token_id
-        )
-        arc_dim, label_dim = 256, 128
-    else:
-        transformer, tokenizer = load_pretrained(E5_PATH)
-        arc_dim, label_dim = 256, 128
+    # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH
+    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+    cfg = compose_config([*model_settings, "model.mix_dropout=0.0"])
+    texts = [" ".join(s.forms) for d in data for s in d.sentences]
+    transformer, tokenizer = build_encoder(cfg.model, seed=0, texts=texts)
     for d in data:
         d.tokenize(tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = DependencyParser(Encoder(transformer), "parsing", arc_dim, label_dim).to(device)
+    model = build_model(cfg, transformer).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 5e-5, 1e-3, 0.01))
     return model, optimizer, Collator(tokenizer, max_subwords(transformer, tokenizer)), data, device
 
 
 def batches(collator, data, batch_size: int, count: int, device):
     """``count`` language-homogeneous batches, cycling over the languages."""
-    out = []
+    batcher, out = Batcher(collator, device), []
     for i in range(count):
         d = data[i % len(data)]
         start = (i // len(data)) * batch_size % max(1, len(d) - batch_size)
-        idx = range(start, start + batch_size)
-        out.append(collator([d.sentences[j] for j in idx], [d.pieces[j] for j in idx], d.code).to(device))
+        out.append(batcher.of(d, range(start, start + batch_size)))
     return out
 
 
@@ -143,7 +132,7 @@ def measure(model_name: str, args) -> dict:
         result = training_step(
             model, batch, masked_optimizer, update_mask=update_mask, clip_norm=5.0, track_gates=True
         )
-        ema.update(batch.lang, result.gate_grad)
+        ema.update(batch.lang, result.gate_grads[batch.lang])
 
     learned = HardConcreteGates(LANGUAGES, model.gates.shape).to(device)
     gate_optimizer = torch.optim.Adam(learned.parameters(), lr=0.05)

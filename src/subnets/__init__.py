@@ -1,3 +1,69 @@
-"""subnets: language-specific subnetworks for cross-lingual transfer."""
+"""subnets: language-specific subnetworks for cross-lingual transfer.
+
+The names a notebook needs, in one place::
+
+    from subnets import compose_config, run                     # a whole run, as the CLI runs it
+    from subnets import HeadGates, head_importance, select_keep_ratio, MaskedOptimizer, MAML
+"""
+
+from subnets.analysis import (
+    cka_matrix,
+    conflict_matrix,
+    linear_cka,
+    overlap_typology_correlation,
+    typological_similarity,
+)
+from subnets.config import Config, compose_config, default_config
+from subnets.data import Batch, Collator, LanguageSampler, Sentence, read_conllu, write_conllu
+from subnets.data.dataset import Batcher, LanguageData, load_language
+from subnets.evaluate import evaluate, predict
+from subnets.fewshot import few_shot, fine_tune
+from subnets.masks import (
+    Subnetwork,
+    SubnetworkSet,
+    find_subnetwork,
+    fisher_information,
+    fisher_per_head,
+    head_importance,
+    head_parameter_masks,
+    iterative_pruning,
+    select_keep_ratio,
+    select_parameters,
+    select_top_k,
+)
+from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
+from subnets.meta import MAML, MetaTask
+from subnets.methods import (
+    BatchStep,
+    DynamicMasks,
+    MAMLEpisodes,
+    MaskPolicy,
+    Method,
+    NoMasks,
+    StaticMasks,
+    StepStrategy,
+    SubnetworkPolicy,
+)
+from subnets.metrics import attachment_scores, score_conllu
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import Encoder, load_pretrained
+from subnets.models.head_gates import HeadGates
+from subnets.models.parser import DependencyParser
+from subnets.optim import MaskedOptimizer
+from subnets.runner import Run, run
+from subnets.update import apply_update, training_step
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MAML", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser", "DynamicMasks", "Encoder",
+    "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData", "LanguageSampler", "MAMLEpisodes",
+    "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "Run", "Sentence", "StaticMasks",
+    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "apply_update", "attachment_scores",
+    "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config",
+    "evaluate", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",
+    "head_importance", "head_parameter_masks", "iterative_pruning", "linear_cka", "load_language",
+    "load_pretrained", "overlap_typology_correlation", "predict", "read_conllu", "run", "score_conllu",
+    "select_keep_ratio", "select_parameters", "select_top_k", "training_step", "typological_similarity",
+    "write_conllu",
+]  # fmt: skip

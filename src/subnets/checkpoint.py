@@ -1,4 +1,4 @@
-"""Checkpoints as single safetensors files, written atomically.
+"""Checkpoints as single safetensors files, written atomically, and the generator states they hold.
 
 A checkpoint is one nested dictionary (model, optimizer, scheduler, step, config, method state,
 sampler and RNG states). Its tensors are stored as safetensors tensors; everything else (numbers,
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -74,3 +76,34 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if metadata.get("format") != "subnets-checkpoint-1":
         raise ValueError(f"{path} is not a subnets checkpoint (format {metadata.get('format')!r})")
     return _unflatten(json.loads(metadata["state"]), tensors)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators from :func:`rng_state`'s result."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

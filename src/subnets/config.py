@@ -8,18 +8,13 @@ functions do not need Hydra; :func:`default_config` gives the same tree for note
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-
-
-class Task(str, Enum):
-    parsing = "parsing"
-    pos = "pos"
-    parsing_pos = "parsing_pos"
 
 
 class DataSource(str, Enum):
@@ -39,15 +34,6 @@ class WandbMode(str, Enum):
 class Schedule(str, Enum):
     linear = "linear"
     constant = "constant"
-
-
-class MethodName(str, Enum):
-    baseline = "baseline"
-    static = "static"
-    dynamic = "dynamic"
-    maml = "maml"
-    maml_static = "maml_static"
-    maml_dynamic = "maml_dynamic"
 
 
 class ApplyMode(str, Enum):
@@ -123,7 +109,13 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Task = Task.parsing
+    """The task model on top of the encoder, built by ``_target_(encoder=..., **settings)``
+    (the class must take the :class:`~subnets.models.encoder.Encoder` as ``encoder``; see
+    :class:`~subnets.models.parser.DependencyParser` for the rest of its contract)."""
+
+    _target_: str = "subnets.models.parser.DependencyParser"
+    parse: bool = True  # dependency arcs and labels
+    tag: bool = False  # UPOS tags
     arc_dim: int = 256
     label_dim: int = 128
     dropout: float = 0.33
@@ -164,6 +156,9 @@ class LanguagesConfig:
 @dataclass
 class TrainConfig:
     steps: int = 400
+    # The optimizer, called with the parameter groups (encoder and head rates, no decay on
+    # biases and LayerNorm) and wrapped by the masked optimizer where a method masks updates.
+    optimizer: Any = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True})
     batch_size: int = 32
     eval_batch_size: int = 128
     lr_encoder: float = 1e-3
@@ -196,8 +191,13 @@ class WandbConfig:
 
 @dataclass
 class MethodConfig:
-    name: MethodName = MethodName.baseline
+    """A method is a mask policy and a step strategy (:mod:`subnets.methods`), each built from
+    its ``_target_`` with the other keys as arguments."""
+
+    name: str = "baseline"  # the name in results.json and reports
     apply: ApplyMode = ApplyMode.gradient  # how a language's subnetwork is used (subnetwork methods)
+    policy: Any = field(default_factory=lambda: {"_target_": "subnets.methods.NoMasks"})
+    step: Any = field(default_factory=lambda: {"_target_": "subnets.methods.BatchStep"})
 
 
 @dataclass
@@ -264,9 +264,9 @@ class FewShotConfig:
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
     repetitions: int = 5  # R draws of the support set, each with its own seed
     steps: int = 20  # fine-tuning steps on the k sentences (one batch of all k)
-    lr_encoder: float = 1e-3
-    lr_head: float = 2e-3
-    weight_decay: float = 0.01
+    lr_encoder: float = "${train.lr_encoder}"  # type: ignore[assignment]
+    lr_head: float = "${train.lr_head}"  # type: ignore[assignment]
+    weight_decay: float = "${train.weight_decay}"  # type: ignore[assignment]
 
 
 @dataclass
@@ -298,16 +298,48 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+def setting(value: Any) -> Any:
+    """A config value as plain Python (structured configs hold enum members for choices)."""
+    return getattr(value, "value", value)
+
+
+def run_folder_name(overrides: str) -> str:
+    """A run folder name from Hydra's ``override_dirname``: readable, one path level, and unique
+    (long names are cut and end in a hash of the whole)."""
+    name = overrides.replace("/", "_") or "run"
+    if len(name) > 120:
+        name = f"{name[:100]}...{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+    return name
+
+
 def register_configs() -> None:
-    """Register the schema as ``base_config`` (named first in ``config.yaml``'s defaults)."""
+    """Register the schema as ``base_config`` (named first in ``config.yaml``'s defaults) and
+    the resolver that names run folders."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("subnets_run_name", run_folder_name, replace=True)
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The runner's config for ``overrides`` (command-line syntax), without starting a run.
+
+    For notebooks and tests; it is composed exactly as ``python -m subnets.train`` composes it::
+
+        cfg = compose_config(["+method=dynamic", "train.steps=200"])
+    """
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
 
 
 def default_config(**overrides: Any) -> DictConfig:
     """The schema's defaults as a structured ``DictConfig`` (for notebooks and tests).
 
     The defaults of the YAML files (e.g. the synthetic languages) are not included; compose
-    with Hydra (:func:`subnets.train.compose_config`) for the runner's full default.
+    with Hydra (:func:`compose_config`) for the runner's full default.
     """
     cfg = OmegaConf.structured(Config)
     return OmegaConf.merge(cfg, overrides) if overrides else cfg
+
+
+register_configs()  # importing the schema makes it available to Hydra's compose API

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from subnets.data.labels import universal_deprel
 from subnets.data.treebank import Sentence, read_conllu
-from subnets.data.vocab import universal_deprel
 
 
 def attachment_scores(

@@ -38,7 +38,7 @@ from scipy import stats
 from subnets.analysis.conflict import load_conflict
 from subnets.analysis.similarity import load_cka
 from subnets.analysis.typology import overlap_typology_correlation, typological_similarity, uriel_code
-from subnets.methods.subnetworks import plot_history
+from subnets.masks.figures import plot_history
 
 BASELINE = "baseline"
 METHOD_ORDER = ("baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic")

@@ -5,6 +5,7 @@ means a step of one language undoes part of another's; subnetworks should make s
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,19 @@ def conflict_matrix(
         "negative_share": negative_share(matrix),
         "mean_cosine": float(upper.mean()) if upper.size else float("nan"),
     }
+
+
+def probe_batches(data: Mapping[str, Any], batcher: Any, size: int, seed: int, step: int) -> dict[str, Batch]:
+    """Each language's fixed batch for a measurement at ``step``: ``size`` sentences of its
+    :class:`~subnets.data.dataset.LanguageData`, drawn by a generator seeded with the run's
+    ``seed``, the step and the language (so measuring consumes no training randomness)."""
+    batches = {}
+    for lang, language in data.items():
+        rng = random.Random(f"{seed}/conflict/{step}/{lang}")
+        batches[lang] = batcher.of(
+            language, sorted(rng.sample(range(len(language)), min(size, len(language))))
+        )
+    return batches
 
 
 def load_conflict(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

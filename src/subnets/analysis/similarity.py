@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,27 @@ def cka_matrix(
         for b in range(a + 1, len(languages)):
             matrix[a, b] = matrix[b, a] = linear_cka(stacked[first], stacked[languages[b]])
     return languages, matrix
+
+
+def cka_record(
+    model: nn.Module,
+    datasets: Mapping[str, Any],
+    collator: Any,
+    batch_size: int,
+    sentences: int,
+    gates: Callable[[str], torch.Tensor | None] = lambda lang: None,
+) -> dict[str, Any] | None:
+    """Linear CKA between the languages of ``datasets`` that share sentence ids (the largest such
+    group, up to ``sentences`` sentences: :func:`parallel_sentence_ids`), each language's
+    representations taken under ``gates(lang)``: ``{"languages", "sentences", "matrix"}``, or
+    None when no two languages share sentences."""
+    languages, ids = parallel_sentence_ids(datasets, sentences)
+    if not languages:
+        return None
+    representations = {lang: sentence_representations(model, datasets[lang], collator, batch_size, gates(lang), set(ids))
+                       for lang in languages}  # fmt: skip
+    languages, matrix = cka_matrix(representations, ids)
+    return {"languages": languages, "sentences": len(ids), "matrix": matrix.tolist()}
 
 
 def load_cka(run_dir: str | os.PathLike) -> dict[str, Any]:

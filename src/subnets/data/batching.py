@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from subnets.data.labels import DEPREL_INDEX, UPOS_INDEX, universal_deprel
 from subnets.data.treebank import Sentence
-from subnets.data.vocab import DEPREL_INDEX, UPOS_INDEX, universal_deprel
 
 WordPieces = list[list[int]]  # subword ids of each word of a sentence
 

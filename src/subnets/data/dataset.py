@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from subnets.data.batching import WordPieces, encode_words
+import numpy as np
+import torch
+
+from subnets.data.batching import Batch, Collator, WordPieces, encode_words
 from subnets.data.treebank import Sentence, read_conllu
 from subnets.data.ud import TreebankFiles
 
@@ -68,3 +73,38 @@ def load_language(
         )
     sentences = file.sentences[:max_sentences] if max_sentences else file.sentences
     return LanguageData(treebank.code, split, sentences, None, file.path, len(file.skipped))
+
+
+@dataclass
+class Batcher:
+    """Builds batches of :class:`LanguageData` for one encoder (``collator``) on ``device``.
+
+    Example::
+
+        batcher = Batcher(collator, "cpu", seed=1)
+        batch = batcher.of(data, [0, 5, 7])                 # those sentences
+        batches = batcher.fixed(data, 16, 8, "importance")  # 8 batches of 16, seeded order
+    """
+
+    collator: Collator
+    device: torch.device | str = "cpu"
+    seed: int = 0
+
+    def of(self, data: LanguageData, indices: Sequence[int] | None = None) -> Batch:
+        """The batch of ``data``'s sentences at ``indices`` (all, in order, by default)."""
+        if data.pieces is None:
+            raise ValueError(f"{data.code} {data.split}: tokenize the data before batching it")
+        indices = range(len(data)) if indices is None else indices
+        batch = self.collator(
+            [data.sentences[i] for i in indices], [data.pieces[i] for i in indices], data.code
+        )
+        return batch.to(self.device)
+
+    def fixed(self, data: LanguageData, size: int, count: int, salt: str = "") -> list[Batch]:
+        """``count`` batches of ``size`` sentences of ``data`` in a fixed shuffled order, seeded
+        by the batcher's seed, the language and ``salt`` (cycled when ``data`` is smaller)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(f"{data.code}/{salt}".encode())])
+        order = [int(i) for i in rng.permutation(len(data))]
+        while len(order) < size * count:
+            order += order
+        return [self.of(data, order[b * size : (b + 1) * size]) for b in range(count)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import conllu
 
-from subnets.data.vocab import DEPREL_INDEX, UPOS_INDEX, universal_deprel
+from subnets.data.labels import DEPREL_INDEX, UPOS_INDEX, universal_deprel
 from subnets.files import atomic_write_text
 
 _WORD_ID = re.compile(r"[1-9][0-9]*\Z")

@@ -1,5 +1,5 @@
-"""Meta-learning over languages: MAML with torch.func.functional_call."""
+"""Meta-learning: MAML over tasks (languages) with torch.func."""
 
-from subnets.meta.maml import MAML, MetaStepResult, Task, attention_implementations
+from subnets.meta.maml import MAML, MetaStepResult, MetaTask, attention_implementations
 
-__all__ = ["MAML", "MetaStepResult", "Task", "attention_implementations"]
+__all__ = ["MAML", "MetaStepResult", "MetaTask", "attention_implementations"]

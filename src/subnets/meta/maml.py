@@ -30,7 +30,7 @@ Example (any model whose call returns a loss)::
 
     maml = MAML(model, inner_steps=1, inner_lr={"encoder": 1e-3, "head": 1e-2}, first_order=False,
                 group_of=lambda name: "encoder" if name.startswith("encoder.") else "head")
-    result = maml.meta_step([Task(support, query), Task(support2, query2)], optimizer)
+    result = maml.meta_step([MetaTask(support, query), MetaTask(support2, query2)], optimizer)
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ from torch import nn
 from torch.func import functional_call
 
 from subnets.distributed import DataParallel
+from subnets.update import apply_update
 
 Params = dict[str, torch.Tensor]
 
 
 @dataclass
-class Task:
+class MetaTask:
     """One language's episode: support and query batches, and its subnetwork (if any)."""
 
     support: object
@@ -217,7 +218,7 @@ class MAML(nn.Module):
 
     def meta_step(
         self,
-        tasks: Sequence[Task],
+        tasks: Sequence[MetaTask],
         optimizer: torch.optim.Optimizer,
         *,
         clip_norm: float | None = None,
@@ -284,24 +285,12 @@ class MAML(nn.Module):
             result.loss, words, *task_losses = losses.tolist()
             result.words, result.task_losses = int(round(words)), dict(zip(result.task_losses, task_losses))
         result.gate_grads = {name: grad.detach() * len(tasks) for name, grad in probes.items()}
-        if clip_norm and clip_norm > 0:
-            result.grad_norm = float(nn.utils.clip_grad_norm_(parameters, clip_norm))
-        else:
-            result.grad_norm = float(
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))
-            )
-        union = _union([t.update_mask for t in tasks])
-        result.skipped = not math.isfinite(result.loss) or not math.isfinite(result.grad_norm)
+        result.grad_norm, result.skipped = apply_update(
+            self.net, optimizer, result.loss, update_mask=_union([t.update_mask for t in tasks]),
+            clip_norm=clip_norm, scheduler=scheduler,
+        )  # fmt: skip
         if result.skipped:
-            optimizer.zero_grad(set_to_none=True)
             result.gate_grads = {}
-            return result
-        if union is None:
-            optimizer.step()
-        else:
-            optimizer.step(update_mask=union)
-        if scheduler is not None:
-            scheduler.step()
         return result
 
 

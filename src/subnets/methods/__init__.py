@@ -1,6 +1,28 @@
-"""Training methods (baseline, static and dynamic subnetworks, meta-learning)."""
+"""Training methods: a mask policy combined with a step strategy (:mod:`subnets.methods.base`)."""
 
-from subnets.methods.base import Method, build_method
-from subnets.methods.subnetworks import StaticSubnetworks, SubnetworkMethod
+from subnets.methods.base import (
+    BatchStep,
+    MaskPolicy,
+    Method,
+    NoMasks,
+    Outputs,
+    SourceLanguages,
+    StepStrategy,
+    TrainingBatches,
+)
+from subnets.methods.episodes import MAMLEpisodes
+from subnets.methods.policies import (
+    DynamicMasks,
+    EMARule,
+    LearnedRule,
+    StaticMasks,
+    SubnetworkPolicy,
+    search_masks,
+    static_masks,
+)
 
-__all__ = ["Method", "StaticSubnetworks", "SubnetworkMethod", "build_method"]
+__all__ = [
+    "BatchStep", "DynamicMasks", "EMARule", "LearnedRule", "MAMLEpisodes", "MaskPolicy", "Method", "NoMasks",
+    "Outputs", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy", "TrainingBatches",
+    "search_masks", "static_masks",
+]  # fmt: skip

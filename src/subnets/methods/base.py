@@ -1,137 +1,269 @@
-"""Training methods: the small decisions in which the methods differ, owned by one object.
+"""A training method = a mask policy + a step strategy.
 
-A method answers, for a step of language ``l``: which head gates the forward pass uses, which
-coordinates the update may change, what happens after the backward pass, and how one outer step
-is computed. It owns its state (masks, importance averages, ...) and saves it with
-:meth:`Method.state_dict`, so the training loop, the evaluation and checkpoints are the same
-for every method. It also answers the test-time question: which gates a language is evaluated
-with.
+The six methods differ in two small, independent decisions, each answered by one object:
+
+* the **mask policy** (:class:`MaskPolicy`): which head gates a step of language ``l`` runs
+  with, which coordinates its update may change, what it learns from a finished step (e.g.
+  importance from ``dL/dgate``), and which subnetwork an unseen language is evaluated and
+  adapted with. Policies: :class:`~subnets.methods.policies.NoMasks`,
+  :class:`~subnets.methods.policies.StaticMasks`, :class:`~subnets.methods.policies.DynamicMasks`;
+* the **step strategy** (:class:`StepStrategy`): how one outer step is computed from the
+  training languages (one batch; a MAML episode over several languages).
+
+``maml_dynamic`` is the MAML episode with the dynamic (EMA) policy; nothing else. A user's own
+method is a policy or a strategy of their own, named by ``_target_`` in a method config::
+
+    method:
+      name: random_masks
+      policy:
+        _target_: my_module.RandomMasks
+        keep_ratio: 0.5
+
+Hooks receive what they use (the model, the batch source, the language, the step), never the
+whole run. A policy's and a strategy's state (masks, importance averages, learned rates) is
+saved with the checkpoint through ``state_dict``/``load_state_dict``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from subnets.data.batching import Batch
-from subnets.training import StepResult, training_step
-
-if TYPE_CHECKING:
-    from subnets.data.dataset import LanguageData
-    from subnets.experiment import Experiment
+from subnets.data.dataset import Batcher, LanguageData
+from subnets.distributed import DataParallel
+from subnets.update import StepResult, training_step
 
 
-def setting(value: Any) -> Any:
-    """A config value as plain Python (structured configs hold enum members for choices)."""
-    return getattr(value, "value", value)
+@dataclass
+class Outputs:
+    """Where a policy writes its files (``folder``, the run folder) and how it logs
+    (``log(record, images=None)``: metrics.jsonl and W&B)."""
+
+    folder: Path
+    log: Callable[..., None] = lambda record, images=None: None
 
 
-class Method:
-    """Ordinary multilingual fine-tuning with language-homogeneous batches (``baseline``)."""
+@dataclass
+class SourceLanguages:
+    """What a policy may use before training (:meth:`MaskPolicy.prepare`).
 
-    name = "baseline"
+    Attributes:
+        train: training data per source language.
+        dev: the source languages' dev splits (for iterative pruning), where they exist.
+        dev_metric: ``(model, data, gates) -> float``: the development metric (LAS, or UPOS
+            accuracy for tagging) of ``model`` on ``data`` under head ``gates``.
+        make_optimizer: ``model -> optimizer`` for fine-tuned copies (the run's optimizer settings).
+        batch_size: the run's training batch size.
+    """
+
+    train: Mapping[str, LanguageData]
+    dev: Mapping[str, LanguageData] = field(default_factory=dict)
+    dev_metric: Callable[[nn.Module, LanguageData, torch.Tensor | None], float] | None = None
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+    batch_size: int = 32
+
+
+class MaskPolicy:
+    """Which units a language uses and updates. This base class uses and updates everything
+    (the baseline); subclasses override what they decide.
+
+    Call order: :meth:`bind` (before a resume restores :meth:`state_dict`), :meth:`prepare`
+    (before training, after the resume), then per step :meth:`gates`, :meth:`update_mask`,
+    :meth:`track_gates`, :meth:`extra_loss` before and :meth:`after_step` after the update;
+    :meth:`on_train_end` once; :meth:`prepare_evaluation` before each evaluation round.
+    """
 
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
+    supports_episodes = True  # whether it can run inside a MAML episode
 
-    def __init__(self, cfg: Any = None):
-        self.cfg = cfg  # the run's config
+    def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
+        """Cheap set-up on the model, its batches and the training ``languages`` (build the
+        state objects a checkpoint fills in)."""
 
-    def attach(self, experiment: Experiment) -> None:
-        """Bind to the experiment's model and data before a resume restores :meth:`state_dict`
-        (cheap: build the state objects that checkpoints fill in)."""
+    def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        """Prepare before training (e.g. find static masks); not repeated after a resume."""
 
-    def setup(self, experiment: Experiment) -> None:
-        """Prepare state before training (called after a resume has restored :meth:`state_dict`)."""
-
-    def on_train_end(self, experiment: Experiment) -> None:
-        """Called once when training reaches its last step (before the final evaluation)."""
-
-    def parameter_groups(self) -> list[dict]:
-        """Extra parameter groups for the outer optimizer (e.g. learned inner learning rates)."""
-        return []
-
-    def wrap_optimizer(
-        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module
-    ) -> torch.optim.Optimizer:
-        """The optimizer the runner steps (masked methods wrap it to make masked updates exact)."""
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer the runner steps (masked policies wrap it to make masked updates exact)."""
         return optimizer
 
-    def head_gates(self, lang: str) -> torch.Tensor | None:
-        """Forward head gates ``[layers, heads]`` for a step of ``lang`` (None: all heads)."""
+    def parameter_groups(self) -> list[dict]:
+        """Extra parameter groups for the outer optimizer."""
+        return []
+
+    def gates(self, lang: str) -> torch.Tensor | None:
+        """Forward head gates ``[layers, heads]`` for a training step of ``lang`` (None: all heads)."""
         return None
 
     def update_mask(self, lang: str) -> dict[str, torch.Tensor] | None:
-        """Coordinates a step of ``lang`` may update (None: all)."""
+        """Coordinates a step of ``lang`` may update, by parameter name (None: all)."""
         return None
 
     def track_gates(self, lang: str) -> bool:
-        """Whether a step of ``lang`` needs ``dL/dgate`` (dynamic importance)."""
+        """Whether a step of ``lang`` needs ``dL/dgate`` (returned in ``StepResult.gate_grads``)."""
         return False
 
-    def after_step(self, experiment: Experiment, result: StepResult) -> dict[str, float]:
-        """React to a finished step (e.g. update importance); returns values to log."""
+    def extra_loss(self, lang: str) -> Callable[[], torch.Tensor] | None:
+        """A term added to the loss of a step of ``lang`` (e.g. a sparsity penalty)."""
+        return None
+
+    def extra_parameters(self) -> list[torch.Tensor]:
+        """Trainable tensors outside the optimizer whose gradients are averaged over processes."""
+        return []
+
+    def after_step(self, step: int, result: StepResult) -> dict[str, float]:
+        """React to finished step number ``step`` (e.g. update importance); returns values to log."""
         return {}
 
-    def step(self, experiment: Experiment) -> StepResult:
-        """One outer step of training: draw a language and a batch, and train on it."""
-        lang = experiment.sampler.next_language()
-        return self.train_step(experiment, lang, experiment.batch(lang, experiment.next_indices(lang)))
+    def on_train_end(self, outputs: Outputs) -> None:
+        """Called once when training reaches its last step."""
 
-    def train_step(self, experiment: Experiment, lang: str, batch: Batch) -> StepResult:
-        """One optimisation step on a batch of ``lang``."""
-        return training_step(
-            experiment.model,
-            batch,
-            experiment.optimizer,
-            gates=self.head_gates(lang),
-            track_gates=self.track_gates(lang),
-            update_mask=self.update_mask(lang),
-            clip_norm=experiment.cfg.train.clip_norm,
-            scheduler=experiment.scheduler,
-            parallel=experiment.parallel,
-        )
+    def prepare_evaluation(self, model: nn.Module, support: Mapping[str, LanguageData]) -> None:
+        """Called before each evaluation round with the unseen languages' support sentences."""
 
     def eval_gates(self, lang: str) -> torch.Tensor | None:
-        """Head gates for evaluating ``lang`` (training languages: their subnetwork; others:
-        the test-time policy). The baseline uses every head."""
+        """Head gates for evaluating ``lang`` (a source language's subnetwork, or the test-time
+        policy's for an unseen one)."""
         return None
 
     def adaptation(
-        self, experiment: Experiment, model: torch.nn.Module, lang: str, support: LanguageData
+        self, model: nn.Module, lang: str, support: LanguageData
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
-        """Head gates and update mask for adapting ``model`` to an unseen language from its
-        ``support`` sentences (the few-shot protocol; the test-time policy). Baseline: none."""
+        """Head gates and update mask for adapting ``model`` to unseen ``lang`` from its
+        ``support`` sentences (the few-shot protocol)."""
         return None, None
 
-    def prepare_evaluation(self, experiment: Experiment) -> None:
-        """Called before each evaluation round (e.g. to estimate unseen languages' masks)."""
-
     def summary(self) -> dict[str, Any]:
-        """Method-specific figures for results.json."""
+        """Policy-specific figures for results.json."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
 
 
-def build_method(cfg: Any) -> Method:
-    """The method named by ``cfg.method.name``."""
-    from subnets.methods.meta import MetaDynamic, MetaLearning, MetaStatic
-    from subnets.methods.subnetworks import DynamicSubnetworks, StaticSubnetworks
+class NoMasks(MaskPolicy):
+    """Every language uses and updates every unit (the baseline)."""
 
-    methods: dict[str, type[Method]] = {
-        "baseline": Method,
-        "static": StaticSubnetworks,
-        "dynamic": DynamicSubnetworks,
-        "maml": MetaLearning,
-        "maml_static": MetaStatic,
-        "maml_dynamic": MetaDynamic,
-    }
-    name = str(setting(cfg.method.name))
-    if name not in methods:
-        raise ValueError(f"method.name: unknown method {name!r}; available: {', '.join(methods)}")
-    return methods[name](cfg)
+
+class TrainingBatches:
+    """The batches a step strategy draws: a language by the run's temperature sampling, then
+    sentences of it (every process draws the same ones, :class:`~subnets.data.sampling.LanguageSampler`)."""
+
+    def __init__(self, sampler, data: Mapping[str, LanguageData], batcher: Batcher, parallel: DataParallel):
+        self.sampler, self.data, self.batcher, self.parallel = sampler, data, batcher, parallel
+
+    def next_language(self) -> str:
+        return self.sampler.next_language()
+
+    def draw(self, lang: str, size: int) -> list[int]:
+        """The next ``size`` sentence indices of ``lang`` (the same on every process)."""
+        return self.sampler.next_batch(lang, size)
+
+    def batch(self, lang: str, indices: list[int]):
+        """The batch of ``lang``'s sentences at ``indices``."""
+        return self.batcher.of(self.data[lang], indices)
+
+    def next_batch(self, lang: str, size: int):
+        """This process's share of the next ``size x world_size`` sentences of ``lang``."""
+        return self.batch(lang, self.parallel.shard(self.draw(lang, size * self.parallel.world_size)))
+
+
+class StepStrategy:
+    """How one outer training step is computed (see :class:`BatchStep`, and
+    :class:`~subnets.methods.episodes.MAMLEpisodes`)."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Cheap set-up on the model (before a resume restores :meth:`state_dict`)."""
+
+    def check_policy(self, policy: MaskPolicy) -> None:
+        """Raise if this strategy cannot run ``policy``."""
+
+    def parameter_groups(self) -> list[dict]:
+        """Extra parameter groups for the outer optimizer (e.g. learned inner learning rates)."""
+        return []
+
+    def step(
+        self,
+        model: nn.Module,
+        batches: TrainingBatches,
+        optimizer: torch.optim.Optimizer,
+        policy: MaskPolicy,
+        *,
+        batch_size: int,
+        clip_norm: float | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        parallel: DataParallel | None = None,
+    ) -> StepResult:
+        """One outer step: draw data from ``batches``, train ``model`` through ``optimizer``
+        under ``policy``'s gates and masks; ``batch_size`` is the run's (sentences per process)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class BatchStep(StepStrategy):
+    """One step = one batch of one language, drawn by the run's language sampling."""
+
+    def step(
+        self, model, batches, optimizer, policy, *, batch_size, clip_norm=None, scheduler=None, parallel=None
+    ):
+        lang = batches.next_language()
+        batch = batches.next_batch(lang, batch_size)
+        return self.train_on(
+            batch, model, optimizer, policy, clip_norm=clip_norm, scheduler=scheduler, parallel=parallel
+        )
+
+    def train_on(
+        self, batch, model, optimizer, policy, *, clip_norm=None, scheduler=None, parallel=None
+    ) -> StepResult:
+        """One step on ``batch`` (of language ``batch.lang``) under ``policy``."""
+        lang = batch.lang
+        return training_step(
+            model,
+            batch,
+            optimizer,
+            gates=policy.gates(lang),
+            track_gates=policy.track_gates(lang),
+            update_mask=policy.update_mask(lang),
+            clip_norm=clip_norm,
+            scheduler=scheduler,
+            extra_loss=policy.extra_loss(lang),
+            parallel=parallel,
+            also_average=policy.extra_parameters(),
+        )
+
+
+@dataclass
+class Method:
+    """A named pair of a :class:`MaskPolicy` and a :class:`StepStrategy`."""
+
+    name: str
+    policy: MaskPolicy = field(default_factory=NoMasks)
+    strategy: StepStrategy = field(default_factory=BatchStep)
+
+    def __post_init__(self):
+        self.strategy.check_policy(self.policy)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's and the strategy's state in one dictionary (their keys must differ)."""
+        policy, strategy = self.policy.state_dict(), self.strategy.state_dict()
+        shared = set(policy) & set(strategy)
+        if shared:
+            raise ValueError(f"the policy and the step strategy both save state under {sorted(shared)}")
+        return {**policy, **strategy}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.policy.load_state_dict(state)
+        self.strategy.load_state_dict(state)

@@ -20,11 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from subnets.data.batching import Batch
-from subnets.data.vocab import DEPRELS, ROOT_DEPREL, UPOS
+from subnets.data.labels import DEPRELS, ROOT_DEPREL, UPOS
 from subnets.models.encoder import Encoder
 from subnets.models.mst import decode_mst
-
-TASKS = ("parsing", "pos", "parsing_pos")
 
 
 class MLP(nn.Sequential):
@@ -87,11 +85,17 @@ class Prediction:
 
 
 class DependencyParser(nn.Module):
-    """Encoder + task heads for ``task`` in ``parsing``, ``pos`` or ``parsing_pos``.
+    """Encoder + task heads: dependency arcs and labels (``parse``), UPOS tags (``tag``), or both.
+
+    The contract the runner relies on (a task model of your own, named by ``task._target_``,
+    keeps it): the constructor takes the encoder as ``encoder``; ``model(batch)`` returns an
+    object with ``loss`` and ``losses``; ``model.predict(batch)`` returns one
+    :class:`Prediction` per sentence; ``model.parsing`` / ``model.tagging`` say which
+    predictions are made; ``model.gates`` and ``model.encoder_parameters()`` reach the encoder.
 
     Example::
 
-        parser = DependencyParser(Encoder(transformer), task="parsing")
+        parser = DependencyParser(Encoder(transformer))            # parse=True, tag=False
         out = parser(batch)            # out.loss
         predictions = parser.predict(batch)
     """
@@ -99,21 +103,20 @@ class DependencyParser(nn.Module):
     def __init__(
         self,
         encoder: Encoder,
-        task: str = "parsing",
+        parse: bool = True,
+        tag: bool = False,
         arc_dim: int = 256,
         label_dim: int = 128,
         dropout: float = 0.33,
         word_dropout: float = 0.1,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.task = task
+        if not (parse or tag):
+            raise ValueError("the task model predicts nothing: set task.parse=true, task.tag=true or both")
         self.encoder = encoder
         self.word_dropout = nn.Dropout(word_dropout)
         size = encoder.hidden_size
-        self.parsing = task in ("parsing", "parsing_pos")
-        self.tagging = task in ("pos", "parsing_pos")
+        self.parsing, self.tagging = bool(parse), bool(tag)
         if self.parsing:
             self.arc = BiaffineArcScorer(size, arc_dim, dropout)
             self.label = BilinearLabelScorer(size, label_dim, len(DEPRELS), dropout)

@@ -1,9 +1,11 @@
-"""One training step, and the optimizer and schedule of the runner."""
+"""The update every step shares (mask, clip, finite check, masked step, schedule), one training
+step on a batch, the runner's parameter groups and schedule, and the divergence guard."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,16 +14,19 @@ from subnets.data.batching import Batch
 from subnets.distributed import DataParallel
 from subnets.models.parser import DependencyParser
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepResult:
-    """What one step did: losses, the gradient norm before clipping, and ``dL/dgate`` if tracked."""
+    """What one step did: losses, the gradient norm before clipping, and ``dL/dgate`` per
+    language where it was tracked (a batch: its language; a MAML episode: its tasks')."""
 
     loss: float
     losses: dict[str, float]
     grad_norm: float
     words: int
-    gate_grad: torch.Tensor | None = None
+    gate_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     language: str = ""  # the step's language (the first of a meta-learning episode)
     skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
 
@@ -72,59 +77,85 @@ class DivergenceGuard:
             setattr(self, key, value)
 
 
+class LossGuard:
+    """Stops a run whose training loss goes wrong, with an error that names the steps and the
+    last good checkpoint: ``max_nonfinite`` steps in a row skipped for a NaN or infinite loss
+    or gradient (:meth:`after_step`), or ``divergence`` flagging its ``patience`` log
+    intervals in a row (:meth:`after_interval`; each flagged interval is logged as a warning).
+
+    Args:
+        where: the run (its folder), named in the errors.
+        last_good: returns the description of the last good checkpoint ("none was written").
+    """
+
+    def __init__(
+        self, where: object, max_nonfinite: int, divergence: DivergenceGuard, last_good: Callable[[], str]
+    ):
+        self.where, self.max_nonfinite, self.divergence, self.last_good = (
+            where,
+            max_nonfinite,
+            divergence,
+            last_good,
+        )
+        self.nonfinite_in_a_row = 0
+
+    def after_step(self, step: int, result: StepResult) -> None:
+        if not result.skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d (%s): loss %s, gradient norm %s; the step was skipped",
+                    step, result.language, result.loss, result.grad_norm)  # fmt: skip
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise FloatingPointError(
+                f"{self.where}: {self.nonfinite_in_a_row} steps in a row (steps {step - self.nonfinite_in_a_row + 1}"
+                f"-{step}, train.max_nonfinite_steps={self.max_nonfinite}) had a NaN or infinite loss or gradient; "
+                f"the last good checkpoint is {self.last_good()}. Lower the learning rates (train.lr_encoder, "
+                "train.lr_head) or check the data."
+            )
+
+    def after_interval(self, step: int, loss: float) -> None:
+        guard = self.divergence
+        if not guard.check(step, loss):
+            return
+        factor = guard.factor
+        log.warning("step %d: training loss %.4g is more than %g times its best %.4g (step %d): diverging?",
+                    step, loss, factor, guard.best, guard.best_step)  # fmt: skip
+        if guard.exhausted:
+            raise FloatingPointError(
+                f"{self.where}: the training loss diverged: {guard.in_a_row} log intervals in a row (steps "
+                f"{guard.streak_start}-{step}) above {factor:g} x its best {guard.best:.4g} (step "
+                f"{guard.best_step}); the last was {loss:.4g} (train.divergence_factor={factor:g}, "
+                f"train.divergence_patience={guard.patience}). The last good checkpoint is {self.last_good()}. "
+                "Lower the learning rates (train.lr_encoder, train.lr_head, meta.inner_lr_*) or check the data."
+            )
+
+
 def _finite(*values: torch.Tensor | float) -> bool:
     """Whether every value is finite (neither NaN nor infinite)."""
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
 
-def training_step(
-    model: DependencyParser,
-    batch: Batch,
+def apply_update(
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor | float,
     *,
-    gates: torch.Tensor | None = None,
-    track_gates: bool = False,
     update_mask: Mapping[str, torch.Tensor] | None = None,
     clip_norm: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    extra_loss: Callable[[], torch.Tensor] | None = None,
-    parallel: DataParallel | None = None,
-    also_average: Sequence[torch.Tensor] = (),
-) -> StepResult:
-    """Forward, backward, clip and update on one batch.
+) -> tuple[float, bool]:
+    """The update after a backward pass, shared by every step (a batch, a MAML episode, a
+    few-shot fine-tuning step): mask the gradients, clip their global norm, check that the
+    loss and the norm are finite, take the (masked) optimizer step, advance the schedule.
 
-    Args:
-        gates: head gates ``[layers, heads]`` for the forward pass (None: all heads, no hooks cost).
-        track_gates: return ``dL/dgate`` (the gates, or all-ones, are made differentiable).
-        update_mask: parameter name -> boolean tensor of the coordinates this step may update.
-            Gradients outside the mask are zeroed before clipping, and the optimizer (a
-            :class:`~subnets.optim.MaskedOptimizer`) leaves those coordinates bit-identical.
-        clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
-        extra_loss: a term added to the task loss before the backward pass (e.g. a sparsity
-            penalty on learned gates); ``gates`` that already require grad are used as given.
-        parallel: data parallelism: average the gradients, ``dL/dgate`` and the loss over
-            processes, weighted by words, before clipping and updating; and the gradients of
-            ``also_average`` (parameters outside ``optimizer``, e.g. learned gate logits).
-
-    A step whose loss or gradient norm is NaN or infinite updates nothing (no optimizer or
-    scheduler step) and returns ``skipped=True``.
+    Gradients outside ``update_mask`` (parameter name -> boolean tensor) are zeroed before
+    clipping, and the optimizer (a :class:`~subnets.optim.MaskedOptimizer`) leaves those
+    coordinates bit-identical. A non-finite loss or gradient norm updates nothing (no optimizer
+    or scheduler step; the gradients are cleared). Returns the gradient norm before clipping
+    and whether the step was skipped.
     """
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    if track_gates:
-        gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
-        gates = gates.to(batch.input_ids.device).requires_grad_(True)
-    with model.gates.applied(gates):
-        out = model(batch)
-    (out.loss + extra_loss() if extra_loss is not None else out.loss).backward()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    loss = out.loss.detach().reshape(1).clone()
-    losses = {k: v.detach().reshape(1).clone() for k, v in out.losses.items()}
-    words = batch.num_words
-    if parallel is not None and parallel.world_size > 1:
-        grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]
-        probes = [gates.grad] if track_gates else []
-        words = int(round(parallel.average([*grads, *probes, loss, *losses.values()], words)))
     if update_mask is not None:
         named = dict(model.named_parameters())
         for name, mask in update_mask.items():
@@ -145,13 +176,66 @@ def training_step(
         optimizer.step(update_mask=update_mask)
     if scheduler is not None and not skipped:
         scheduler.step()
+    return float(grad_norm), skipped
+
+
+def training_step(
+    model: DependencyParser,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gates: torch.Tensor | None = None,
+    track_gates: bool = False,
+    update_mask: Mapping[str, torch.Tensor] | None = None,
+    clip_norm: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    parallel: DataParallel | None = None,
+    also_average: Sequence[torch.Tensor] = (),
+) -> StepResult:
+    """Forward, backward and :func:`apply_update` on one batch.
+
+    Args:
+        gates: head gates ``[layers, heads]`` for the forward pass (None: all heads, no hooks cost).
+        track_gates: return ``dL/dgate`` (the gates, or all-ones, are made differentiable).
+        update_mask: parameter name -> boolean tensor of the coordinates this step may update.
+        clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
+        extra_loss: a term added to the task loss before the backward pass (e.g. a sparsity
+            penalty on learned gates); ``gates`` that already require grad are used as given.
+        parallel: data parallelism: average the gradients, ``dL/dgate`` and the loss over
+            processes, weighted by words, before clipping and updating; and the gradients of
+            ``also_average`` (parameters outside ``optimizer``, e.g. learned gate logits).
+
+    A step whose loss or gradient norm is NaN or infinite updates nothing and returns
+    ``skipped=True``.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    if track_gates:
+        gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
+        gates = gates.to(batch.input_ids.device).requires_grad_(True)
+    with model.gates.applied(gates):
+        out = model(batch)
+    (out.loss + extra_loss() if extra_loss is not None else out.loss).backward()
+    loss = out.loss.detach().reshape(1).clone()
+    losses = {k: v.detach().reshape(1).clone() for k, v in out.losses.items()}
+    words = batch.num_words
+    if parallel is not None and parallel.world_size > 1:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]
+        probes = [gates.grad] if track_gates else []
+        words = int(round(parallel.average([*grads, *probes, loss, *losses.values()], words)))
+    grad_norm, skipped = apply_update(
+        model, optimizer, loss, update_mask=update_mask, clip_norm=clip_norm, scheduler=scheduler
+    )
+    gate_grads = {batch.lang: gates.grad.detach().clone()} if track_gates and not skipped else {}
     return StepResult(
         language=batch.lang,
         loss=float(loss),
         losses={k: float(v) for k, v in losses.items()},
-        grad_norm=float(grad_norm),
+        grad_norm=grad_norm,
         words=words,
-        gate_grad=gates.grad.detach().clone() if track_gates and not skipped else None,
+        gate_grads=gate_grads,
         skipped=skipped,
     )
 

@@ -1,0 +1,130 @@
+"""The data of a run: every language and split it trains on, selects checkpoints on and
+evaluates, read once (:func:`load_run_data`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subnets.config import setting
+from subnets.data.dataset import LanguageData, load_language
+from subnets.data.support import check_support, draw_support
+from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
+from subnets.data.ud import TreebankFiles, discover_treebanks, manifest_targets, select_treebanks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """A run's languages.
+
+    Attributes:
+        treebanks: every treebank found under ``root``, by code.
+        train: source languages, train split (capped by ``languages.max_train_sentences``).
+        dev: development languages, dev split (checkpoint selection).
+        evaluated: every language and split evaluated at the end, keyed ``(role, code)`` with
+            role ``source`` (dev split), ``dev`` or ``target`` (test split).
+        target_test: the target languages' whole (capped) test splits, from which each few-shot
+            repetition draws its support sentences.
+        support: k support sentences per development and target language for the test-time
+            mask policy (only when the policy needs them); drawn from the evaluated split,
+            they are removed from it.
+        skipped: invalid sentences left out per ``<code>-<split>`` (``languages.on_error=skip``).
+    """
+
+    treebanks: dict[str, TreebankFiles]
+    root: Path
+    train: dict[str, LanguageData]
+    dev: dict[str, LanguageData]
+    evaluated: dict[tuple[str, str], LanguageData]
+    target_test: dict[str, LanguageData]
+    support: dict[str, LanguageData] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def all(self) -> list[LanguageData]:
+        """Every distinct :class:`LanguageData` of the run (support sentences included)."""
+        items = [*self.train.values(), *self.dev.values(), *self.evaluated.values(), *self.support.values()]
+        return list({id(d): d for d in items}.values())
+
+    def tokenize(self, tokenizer) -> None:
+        for data in self.all():
+            data.tokenize(tokenizer)
+
+
+def treebank_root(languages: Any, folder: Path) -> Path:
+    """The folder of the run's treebanks: the synthetic languages written into ``folder/data``,
+    or the UD root (``languages.ud_root``, else ``$SUBNETS_UD_ROOT``)."""
+    if setting(languages.source) == "synthetic":
+        synthetic = languages.synthetic
+        specs = {code: SyntheticLanguage(code, **spec) for code, spec in synthetic.languages.items()}
+        sizes = {"train": synthetic.train, "dev": synthetic.dev, "test": synthetic.test}
+        return write_synthetic_treebanks(folder / "data", specs, sizes, synthetic.seed)
+    configured = languages.ud_root or os.environ.get("SUBNETS_UD_ROOT")
+    if not configured:
+        raise ValueError("languages.source=ud needs languages.ud_root or the SUBNETS_UD_ROOT variable")
+    return Path(configured).expanduser()
+
+
+def load_run_data(
+    languages: Any, fewshot: Any, root: Path, *, seed: int = 1, needs_support: bool = False
+) -> RunData:
+    """Read and validate every split the run uses (``languages.*`` settings) from the treebanks
+    under ``root``; with ``fewshot.repetitions > 0``, check now (not after training) that every
+    target has ``fewshot.k`` support sentences; with ``needs_support``, draw the development
+    and target languages' support sentences (seeded by ``seed``)."""
+    treebanks = discover_treebanks(root)
+    on_error = setting(languages.on_error)
+    if not languages.train:
+        raise ValueError("languages.train is empty: name at least one training language")
+
+    def load(code: str, split: str, cap: int | None) -> LanguageData:
+        return load_language(treebanks[code], split, on_error, cap)
+
+    train = select_treebanks(treebanks, languages.train, "languages.train", root)
+    dev = select_treebanks(treebanks, languages.dev, "languages.dev", root)
+    target_codes = list(languages.target)
+    if target_codes == ["auto"]:
+        target_codes = manifest_targets(root, treebanks, [*languages.train, *languages.dev])
+    target = select_treebanks(treebanks, target_codes, "languages.target", root)
+    for role, split, selected in (("train", "train", train), ("dev", "dev", dev), ("target", "test", target)):
+        for tb in selected:
+            if split not in tb.files:
+                raise ValueError(f"languages.{role}: {tb.code} has no {split} split in {tb.folder}")
+    cap = languages.max_eval_sentences
+    data = RunData(
+        treebanks,
+        root,
+        train={tb.code: load(tb.code, "train", languages.max_train_sentences) for tb in train},
+        dev={tb.code: load(tb.code, "dev", cap) for tb in dev},
+        evaluated={},
+        target_test={},
+    )
+    for tb in train:
+        if "dev" in tb.files:
+            data.evaluated[("source", tb.code)] = load(tb.code, "dev", cap)
+    for code, split in data.dev.items():
+        data.evaluated[("dev", code)] = split
+    for tb in target:
+        data.evaluated[("target", tb.code)] = load(tb.code, "test", cap)
+    data.target_test = {tb.code: data.evaluated[("target", tb.code)] for tb in target}
+    if fewshot.repetitions > 0:
+        for code, test in data.target_test.items():
+            check_support(treebanks[code], test, fewshot.k)
+    total = sum(d.skipped for d in data.all())
+    if total:
+        log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", total)
+    data.skipped = {f"{d.code}-{d.split}": d.skipped for d in data.all() if d.skipped}
+    if needs_support:
+        for (role, code), evaluated in list(data.evaluated.items()):
+            if role == "source":
+                continue
+            support, rest = draw_support(treebanks[code], evaluated, fewshot.k, seed, on_error)
+            data.support[code] = support
+            data.evaluated[(role, code)] = rest
+            if role == "dev":
+                data.dev[code] = rest
+    return data

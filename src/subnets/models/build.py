@@ -1,0 +1,69 @@
+"""Building the model a config describes: the encoder (the built-in tiny BERT or any Hugging Face
+checkpoint) and the task model on top of it (``task._target_``, default
+:class:`~subnets.models.parser.DependencyParser`).
+
+Example (what the runner and the benchmarks do)::
+
+    cfg = compose_config(["model=e5_small"])
+    transformer, tokenizer = build_encoder(cfg.model, seed=cfg.seed)
+    model = build_model(cfg, transformer)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from subnets.models.encoder import Encoder, build_tiny_transformer, load_pretrained, train_subword_tokenizer
+
+
+def build_encoder(
+    model: Any,
+    seed: int = 0,
+    texts: Iterable[str] | None = None,
+    tokenizer_folder: str | os.PathLike | None = None,
+) -> tuple[nn.Module, Any]:
+    """The transformer and its tokenizer for ``model`` (the ``model.*`` settings).
+
+    ``model.name_or_path="tiny"`` builds the random tiny BERT (``model.tiny.*``, weights
+    deterministic for ``seed``) with a byte-pair tokenizer trained on ``texts``, or loaded from
+    ``tokenizer_folder`` if it holds one (a resumed run), and saved there otherwise. Anything
+    else is loaded with ``AutoModel``/``AutoTokenizer`` (a hub name or a local folder).
+    """
+    if model.name_or_path != "tiny":
+        return load_pretrained(model.name_or_path, model.attn_implementation)
+    from transformers import PreTrainedTokenizerFast
+
+    tiny = model.tiny
+    folder = Path(tokenizer_folder) if tokenizer_folder is not None else None
+    if folder is not None and (folder / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    else:
+        if texts is None:
+            raise ValueError("the tiny model's tokenizer is trained on the training text: pass texts")
+        tokenizer = train_subword_tokenizer(texts, tiny.vocab_size, tiny.max_length)
+        if folder is not None:
+            tokenizer.save_pretrained(folder)
+    transformer = build_tiny_transformer(
+        len(tokenizer), tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
+        tiny.max_length, tiny.architecture, model.attn_implementation, seed, tokenizer.pad_token_id,
+    )  # fmt: skip
+    return transformer, tokenizer
+
+
+def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
+    """The task model of ``cfg`` (``cfg.task``, built by its ``_target_``) on ``transformer``
+    wrapped as an :class:`Encoder` (scalar mix with ``model.mix_dropout``; every dropout
+    inside it set to ``model.encoder_dropout`` when given)."""
+    if cfg.model.encoder_dropout is not None:
+        for module in transformer.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.model.encoder_dropout
+    encoder = Encoder(transformer, cfg.model.mix_dropout)
+    return instantiate(cfg.task, encoder=encoder)

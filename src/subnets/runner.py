@@ -1,0 +1,500 @@
+"""One training run as a recipe: set up data, model and method, train, evaluate, checkpoint, resume.
+
+:func:`run` is what ``python -m subnets.train`` calls; it needs a config (see
+:mod:`subnets.config`) and a run folder, not Hydra, so a notebook can call it too. Everything a
+run produces lands in the run folder::
+
+    checkpoints/last.safetensors   full training state (resume)
+    checkpoints/best.safetensors   model and method state at the best development score
+    metrics.jsonl                  one JSON record per logged step and evaluation
+    results.json                   final per-language UAS/LAS/UPOS
+    predictions/<code>-<split>.conllu
+    tokenizer/                     the tiny model's trained tokenizer
+    analysis/gradient_conflict.jsonl  languages' gradient cosines every analysis.conflict_every steps
+    analysis/cka_{before,after}.json  linear CKA between languages (analysis.cka_sentences)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from subnets.analysis.conflict import conflict_matrix, probe_batches
+from subnets.analysis.similarity import cka_record
+from subnets.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from subnets.config import setting
+from subnets.data.batching import Collator
+from subnets.data.dataset import Batcher, LanguageData
+from subnets.data.languages import load_run_data, treebank_root
+from subnets.data.sampling import LanguageSampler
+from subnets.distributed import DataParallel
+from subnets.evaluate import evaluate
+from subnets.fewshot import few_shot
+from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import max_subwords
+from subnets.results import format_results
+from subnets.tracking import Tracker
+from subnets.update import DivergenceGuard, LossGuard, StepResult, linear_schedule, parameter_groups
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resumption without changing its results.
+RESUME_IGNORED = (
+    "resume",
+    "overwrite",
+    "wandb.",
+    "train.device",
+    "train.log_every",
+    "train.eval_batch_size",
+    "languages.ud_root",
+    "analysis.",
+)
+
+
+def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(container, dict):
+        out = {}
+        for key, value in container.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: container}
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The method of ``cfg.method``: its mask policy and step strategy built from their ``_target_``."""
+    return Method(str(cfg.method.name), instantiate(cfg.method.policy), instantiate(cfg.method.step))
+
+
+def validation_metric(scores: dict[str, float]) -> float:
+    """LAS for parsing tasks, UPOS accuracy for tagging only."""
+    return scores["las"] if "las" in scores else scores["upos"]
+
+
+class Run:
+    """One training run, in the shape of a recipe: :meth:`setup`, :meth:`train`,
+    :meth:`final_evaluation`, :meth:`save_checkpoint`.
+
+    Attributes (after :meth:`setup`): ``model``, ``optimizer``, ``scheduler``, ``sampler``,
+    ``method`` (its ``policy`` and ``strategy``), ``batcher``, ``tokenizer``, ``data`` (the
+    languages, :class:`~subnets.data.languages.RunData`), ``parallel`` (this process's place
+    in a ``torchrun`` job, :mod:`subnets.distributed`).
+    """
+
+    def __init__(self, cfg: DictConfig, folder: str | os.PathLike):
+        self.cfg = cfg
+        self.folder = Path(folder)
+        self.step = 0
+        self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
+        self.parallel = DataParallel()
+        self.tracker = Tracker(self.folder, enabled=False)
+        self.checkpoint_step: int | None = None  # the step checkpoints/last.safetensors holds
+        self.divergence = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
+        self.guard = LossGuard(self.folder, cfg.train.max_nonfinite_steps, self.divergence, self._last_good)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.folder.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.parallel = DataParallel.from_environment(cfg.train.device)
+        main = self.parallel.is_main
+        self.tracker = Tracker(self.folder, enabled=main)
+        self.device = self._device(cfg.train.device)
+        self.method = build_method(cfg)
+        policy = self.method.policy
+        if not main:
+            self.parallel.barrier()  # rank 0 writes the data and the tokenizer first
+        self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
+                                  seed=cfg.seed, needs_support=policy.needs_support)  # fmt: skip
+        texts = (" ".join(s.forms) for d in self.data.train.values() for s in d.sentences)
+        transformer, self.tokenizer = build_encoder(cfg.model, cfg.seed, texts, self.folder / "tokenizer")
+        if main:
+            self.parallel.barrier()
+        self.data.tokenize(self.tokenizer)
+        self.collator = Collator(self.tokenizer, self._max_subwords(transformer))
+        self.batcher = Batcher(self.collator, self.device, cfg.seed)
+        self.model = build_model(cfg, transformer).to(self.device)
+        policy.bind(self.model, self.batcher, list(self.data.train))
+        self.method.strategy.bind(self.model)
+        self.optimizer, self.scheduler = self._optimizer()
+        sizes = {code: len(data) for code, data in self.data.train.items()}
+        small = [f"{code} ({n})" for code, n in sizes.items() if n < self.parallel.world_size]
+        if small:
+            raise ValueError(f"{self.parallel.world_size} processes need at least as many training sentences "
+                             f"per language; too few in {', '.join(small)}")  # fmt: skip
+        self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
+        self.batches = TrainingBatches(self.sampler, self.data.train, self.batcher, self.parallel)
+        self.resumed = self._resume()
+        if main:
+            self.tracker.start_wandb(cfg.wandb, cfg.name, self._config_container())
+            policy.prepare(self.model, self.source_languages(), self.outputs)
+            if cfg.analysis.cka_sentences > 0 and not self.resumed:
+                self.measure_cka("before")
+        if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
+            state = self.parallel.broadcast(self.method.state_dict() if main else None)
+            if not main:
+                self.method.load_state_dict(state)
+                policy.prepare(self.model, self.source_languages(), self.outputs)
+            self.parallel.broadcast_parameters(self.model)
+
+    def _device(self, name: str) -> torch.device:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda" and self.parallel.world_size > 1:
+            name = f"cuda:{self.parallel.local_rank}"
+        return torch.device(name)
+
+    def _max_subwords(self, transformer) -> int:
+        limit = max_subwords(transformer, self.tokenizer)
+        configured = self.cfg.model.max_subwords
+        if configured and configured > limit:
+            raise ValueError(f"model.max_subwords={configured} exceeds the encoder's limit {limit}")
+        return configured or limit
+
+    def make_optimizer(self, model: torch.nn.Module, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
+        """``train.optimizer`` over ``model``'s parameter groups (encoder and head rates, no decay
+        on biases and LayerNorm) and ``extra_groups``."""
+        train = self.cfg.train
+        groups = parameter_groups(model, train.lr_encoder, train.lr_head, train.weight_decay)
+        return instantiate(train.optimizer)([*groups, *extra_groups])
+
+    def _optimizer(self):
+        extra = [*self.method.strategy.parameter_groups(), *self.method.policy.parameter_groups()]
+        optimizer = self.method.policy.wrap_optimizer(self.make_optimizer(self.model, extra), self.model)
+        train = self.cfg.train
+        decay = setting(train.schedule) == "linear"
+        return optimizer, linear_schedule(optimizer, train.warmup_steps, train.steps, decay)
+
+    def source_languages(self) -> SourceLanguages:
+        """What a mask policy may use before training (:class:`~subnets.methods.SourceLanguages`)."""
+        batch_size = self.cfg.train.eval_batch_size
+
+        def dev_metric(model, data: LanguageData, gates) -> float:
+            return validation_metric(evaluate(model, data, self.collator, batch_size, gates))
+
+        dev = {code: data for (role, code), data in self.data.evaluated.items() if role == "source"}
+        return SourceLanguages(
+            self.data.train, dev, dev_metric, self.make_optimizer, self.cfg.train.batch_size
+        )
+
+    @property
+    def outputs(self) -> Outputs:
+        """The run folder and the logger, for the method's own files and figures."""
+        return Outputs(self.folder, self.log)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.folder / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.folder / "checkpoints" / "best.safetensors"
+
+    def _config_container(self) -> dict:
+        return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
+
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to ``checkpoints/last.safetensors`` (rank 0 only)."""
+        if not self.parallel.is_main:
+            return self.last_checkpoint
+        state = {
+            "step": self.step,
+            "config": self._config_container(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "method": self.method.state_dict(),
+            "best": self.best,
+            "divergence": self.divergence.state_dict(),
+            "rng": rng_state(),
+        }
+        path = save_checkpoint(self.last_checkpoint, state)
+        self.checkpoint_step = self.step
+        return path
+
+    def _last_good(self) -> str:
+        if self.checkpoint_step is None:
+            return "none was written"
+        return f"{self.last_checkpoint} (step {self.checkpoint_step})"
+
+    def _resume(self) -> bool:
+        path = self.last_checkpoint
+        if not path.exists():
+            return False
+        if not self.cfg.resume:
+            raise FileExistsError(
+                f"{self.folder} already holds a run (checkpoint {path}); pass resume=true to continue it, "
+                "or choose another folder (hydra.run.dir=...)"
+            )
+        state = load_checkpoint(path, self.device)
+        saved, current = _flat(state["config"]), _flat(self._config_container())
+        differences = [
+            f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key) and not key.startswith(RESUME_IGNORED)
+        ]
+        if differences:
+            raise ValueError(
+                f"cannot resume {path}: the config differs from the one it was trained with:\n  "
+                + "\n  ".join(differences)
+                + "\nUse the same settings, or another run folder (hydra.run.dir=...) for a new run."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.method.load_state_dict(state["method"])
+        self.step, self.best = state["step"], state["best"]
+        self.checkpoint_step = self.step
+        self.divergence.load_state_dict(state["divergence"])
+        set_rng_state(state["rng"])
+        # Records logged after the checkpoint will be logged again by the resumed run.
+        metrics = self.tracker.metrics_path
+        kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step]
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+        """Append ``record`` (at the current step) to metrics.jsonl and send it, and any
+        matplotlib ``images``, to W&B (rank 0 only)."""
+        self.tracker.log(self.step, record, images)
+
+    def close(self) -> None:
+        """Finish the W&B run (each Hydra job gets its own) and leave the process group."""
+        self.tracker.close()
+        self.parallel.close()
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        """The training loop, from the current step to ``train.steps``."""
+        train, policy, main = self.cfg.train, self.method.policy, self.parallel.is_main
+        if self.step >= train.steps:
+            return
+        bar = tqdm(total=train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=None if main else True, file=sys.stderr)  # fmt: skip
+        totals: dict[str, float] = {}
+        start = time.perf_counter()
+        conflict_every = self.cfg.analysis.conflict_every
+        if self.step == 0 and conflict_every > 0 and main:
+            self.measure_conflict()
+        while self.step < train.steps:
+            result, extra = self.train_step()
+            bar.update(1)
+            for key, value in {"loss": result.loss, **result.losses, "grad_norm": result.grad_norm,
+                               "skipped_steps": float(result.skipped), **extra}.items():  # fmt: skip
+                totals[key] = totals.get(key, 0.0) + value
+            totals["steps"] = totals.get("steps", 0) + 1
+            totals["words"] = totals.get("words", 0) + result.words
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                seconds = time.perf_counter() - start
+                n, words = totals.pop("steps"), totals.pop("words")
+                record = {f"train/{k}": v / n for k, v in totals.items()}
+                record["train/words_per_second"] = words / seconds
+                for group in self.optimizer.param_groups:
+                    record[f"lr/{group.get('name', 'group')}"] = group["lr"]
+                self.log(record)
+                bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+                totals, start = {}, time.perf_counter()
+                self.guard.after_interval(self.step, record["train/loss"])
+            if main and (self.step % train.eval_every == 0 or self.step == train.steps):
+                self.validate()
+            if main and self.step == train.steps:
+                policy.on_train_end(self.outputs)
+            if main and conflict_every > 0 and self.step % conflict_every == 0:
+                self.measure_conflict()
+            # While the loss is flagged as diverging, last.safetensors stays the last good state.
+            diverging = self.divergence.in_a_row > 0
+            if (self.step % train.checkpoint_every == 0 and not diverging) or self.step == train.steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def train_step(self) -> tuple[StepResult, dict[str, float]]:
+        """One step of the loop: the method's step, the NaN/inf check and the policy's
+        after-step hook (no logging, evaluation or checkpoint); returns the step's result and
+        the values the policy logs."""
+        train = self.cfg.train
+        result = self.method.strategy.step(
+            self.model, self.batches, self.optimizer, self.method.policy, batch_size=train.batch_size,
+            clip_norm=train.clip_norm, scheduler=self.scheduler, parallel=self.parallel,
+        )  # fmt: skip
+        self.step += 1
+        self.guard.after_step(self.step, result)
+        return result, self.method.policy.after_step(self.step, result)
+
+    def validate(self) -> float | None:
+        """Evaluate the development languages; keep the best model in ``checkpoints/best.safetensors``."""
+        if not self.data.dev:
+            return None
+        policy = self.method.policy
+        policy.prepare_evaluation(self.model, self.data.support)
+        record, metrics = {}, []
+        for code, data in self.data.dev.items():
+            scores = evaluate(
+                self.model, data, self.collator, self.cfg.train.eval_batch_size, policy.eval_gates(code)
+            )
+            metrics.append(validation_metric(scores))
+            record.update({f"dev/{code}/{k}": v for k, v in scores.items() if k != "words"})
+        metric = float(np.mean(metrics))
+        record["dev/metric"] = metric
+        self.log(record)
+        if self.best is None or metric > self.best["metric"]:
+            self.best = {"metric": metric, "step": self.step}
+            state = {"step": self.step, "metric": metric, "model": self.model.state_dict(),
+                     "method": self.method.state_dict()}  # fmt: skip
+            save_checkpoint(self.best_checkpoint, state)
+        return metric
+
+    # ------------------------------------------------------------------ evaluation
+    def final_evaluation(self) -> dict[str, Any]:
+        """Evaluate the best model on every language and split; write predictions and results.json."""
+        cfg, policy = self.cfg, self.method.policy
+        if self.best is not None:
+            if not self.best_checkpoint.exists():
+                raise FileNotFoundError(
+                    f"{self.best_checkpoint} is missing, but the run recorded a best model at step {self.best['step']}"
+                )
+            best = load_checkpoint(self.best_checkpoint, self.device)
+            self.model.load_state_dict(best["model"])
+            self.method.load_state_dict(best["method"])
+        policy.prepare_evaluation(self.model, self.data.support)
+        if cfg.analysis.cka_sentences > 0:
+            self.measure_cka("after")
+        scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
+        for (role, code), data in self.data.evaluated.items():
+            path = self.folder / "predictions" / f"{code}-{data.split}.conllu"
+            result = evaluate(
+                self.model, data, self.collator, cfg.train.eval_batch_size, policy.eval_gates(code), path
+            )
+            scores[role][code] = {"split": data.split, **result}
+        results = {
+            "method": self.method.name,
+            "seed": cfg.seed,
+            "data": setting(cfg.languages.source),
+            "steps": self.step,
+            "best_step": self.best["step"] if self.best else None,
+            "dev_metric": self.best["metric"] if self.best else None,
+            "skipped_sentences": self.data.skipped,
+            "diverging_log_intervals": self.divergence.flagged,
+            "support": {
+                code: {"split": d.split, "sentences": len(d)} for code, d in self.data.support.items()
+            },
+            **policy.summary(),
+            **scores,
+        }
+        for role in ("dev", "target"):
+            if scores[role]:
+                first = next(iter(scores[role].values()))
+                results[f"{role}_mean"] = {key: float(np.mean([s[key] for s in scores[role].values()]))
+                                           for key in ("uas", "las", "upos") if key in first}  # fmt: skip
+        if self.data.target_test and cfg.fewshot.repetitions > 0:
+            results["fewshot"] = self.few_shot()
+        atomic_write_json(self.folder / "results.json", results)
+        self.log({f"final/{role}/{code}/{k}": v for role in scores for code, s in scores[role].items()
+                  for k, v in s.items() if k not in ("split", "words")})  # fmt: skip
+        return results
+
+    def few_shot(self) -> dict[str, Any]:
+        """The few-shot protocol (:func:`subnets.fewshot.few_shot`) on the target languages with
+        the current model and the method's test-time policy; predictions of repetition 0 go to
+        ``predictions/fewshot/``."""
+        cfg = self.cfg
+        return few_shot(
+            self.model, self.method.policy, self.data.target_test, self.data.treebanks, self.batcher, self.tokenizer,
+            cfg.fewshot, seed=cfg.seed, clip_norm=cfg.train.clip_norm, eval_batch_size=cfg.train.eval_batch_size,
+            on_error=setting(cfg.languages.on_error), predictions=self.folder / "predictions" / "fewshot",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ analyses
+    def measure_conflict(self) -> dict[str, Any]:
+        """Cosines between the training languages' gradients of the shared parameters at this
+        step (:func:`subnets.analysis.conflict_matrix`; each language's batch of
+        ``analysis.conflict_batch_size`` sentences is fixed by seed and step, its gates and update
+        mask are the method's), appended to ``analysis/gradient_conflict.jsonl``."""
+        policy, size = self.method.policy, self.cfg.analysis.conflict_batch_size
+        batches = probe_batches(self.data.train, self.batcher, size, self.cfg.seed, self.step)
+        record = conflict_matrix(self.model, batches, gates=policy.eval_gates, update_mask=policy.update_mask)
+        record = {"step": self.step, "method": self.method.name, **record}
+        append_jsonl(self.folder / "analysis" / "gradient_conflict.jsonl", record)
+        self.log(
+            {
+                "analysis/negative_share": record["negative_share"],
+                "analysis/mean_cosine": record["mean_cosine"],
+            }
+        )
+        return record
+
+    def measure_cka(self, when: str) -> dict[str, Any] | None:
+        """Linear CKA between the languages that share evaluated sentences
+        (:func:`subnets.analysis.similarity.cka_record`, up to ``analysis.cka_sentences``),
+        written to ``analysis/cka_<when>.json``. ``before`` (at the start) uses the pretrained
+        encoder with every head; later calls use each language's evaluation gates."""
+        datasets = {code: data for (_, code), data in self.data.evaluated.items()}
+        gates = (lambda lang: None) if when == "before" else self.method.policy.eval_gates
+        record = cka_record(self.model, datasets, self.collator, self.cfg.train.eval_batch_size,
+                            self.cfg.analysis.cka_sentences, gates)  # fmt: skip
+        if record is None:
+            log.warning("analysis.cka_sentences: no two evaluated languages share sentence ids; no CKA")
+            return None
+        record = {"step": self.step, **record}
+        atomic_write_json(self.folder / "analysis" / f"cka_{when}.json", record)
+        return record
+
+
+def run(cfg: DictConfig, folder: str | os.PathLike) -> dict[str, Any]:
+    """Set up, train, evaluate; returns the results (also in ``folder/results.json``).
+
+    A run folder that already holds a checkpoint is resumed (``resume=true``); one whose
+    training finished and whose results exist is not run again, unless ``overwrite=true``,
+    which first deletes the folder's earlier outputs. Under ``torchrun`` every process trains;
+    rank 0 evaluates and returns the results, the others return an empty dict.
+    """
+    results_path = Path(folder) / "results.json"
+    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        clear_outputs(folder)
+    training = Run(cfg, folder)
+    try:
+        training.setup()
+        if training.resumed and training.step >= cfg.train.steps and results_path.exists():
+            message = (
+                f"{folder} already finished; its results are in {results_path} (overwrite=true reruns it)"
+            )
+            log.info(message)
+            print(message)
+            return json.loads(results_path.read_text()) if training.parallel.is_main else {}
+        training.train()
+        if not training.parallel.is_main:
+            return {}
+        results = training.final_evaluation()
+    finally:
+        training.close()
+    print(format_results(results))
+    return results
+
+
+def clear_outputs(folder: str | os.PathLike) -> None:
+    """Delete what a run wrote into ``folder`` (Hydra's ``.hydra/`` and log files stay)."""
+    for path in Path(folder).glob("*"):
+        if path.name == ".hydra" or path.suffix == ".log":
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
