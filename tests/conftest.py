@@ -8,40 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from subnets.train import compose_config
+from subnets.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SUBNETS_SHARED", REPO.parent / "shared"))
 
-# A run small enough for a test: 2-layer model, 80 sentences per language, 12 steps.
-TINY = [
-    "wandb.mode=disabled",
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=2",
-    "model.tiny.num_heads=4",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.vocab_size=400",
-    "model.tiny.max_length=64",
-    "task.arc_dim=32",
-    "task.label_dim=16",
-    "languages.synthetic.train=80",
-    "languages.synthetic.dev=20",
-    "languages.synthetic.test=30",
-    "train.steps=12",
-    "train.batch_size=8",
-    "train.warmup_steps=2",
-    "train.eval_every=6",
-    "train.checkpoint_every=4",
-    "train.log_every=3",
-    "fewshot.k=5",
-    "fewshot.repetitions=2",
-    "fewshot.steps=2",
-]
+# A run small enough for a test (configs/debug/tiny.yaml): 2-layer model, 80 sentences per
+# language, 12 steps.
+TINY = ["debug=tiny"]
 
 
 def tiny_config(*overrides: str):
-    """The runner's config with the TINY settings and ``overrides`` on top."""
+    """The runner's config with ``debug=tiny`` and ``overrides`` on top."""
     return compose_config([*TINY, *overrides])
+
+
+def step_on(run, lang: str):
+    """One training step of a set-up ``run`` on a batch of ``lang`` (the loop's step, with the
+    language chosen instead of drawn), then the policy's after-step hook."""
+    batch = run.batches.next_batch(lang, run.cfg.train.batch_size)
+    policy = run.method.policy
+    result = run.method.strategy.train_on(batch, run.model, run.optimizer, policy,
+                                          clip_norm=run.cfg.train.clip_norm, scheduler=run.scheduler)  # fmt: skip
+    run.step += 1
+    policy.after_step(run.step, result)
+    return result
 
 
 class Crash(RuntimeError):
@@ -50,9 +41,9 @@ class Crash(RuntimeError):
 
 def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
     """Run ``cfg`` in ``folder`` until the checkpoint at ``step`` is written, then crash."""
-    from subnets.experiment import Experiment, run
+    from subnets.runner import Run, run
 
-    original = Experiment.save_checkpoint
+    original = Run.save_checkpoint
 
     def save_then_crash(self):
         path = original(self)
@@ -60,10 +51,10 @@ def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
             raise Crash(f"simulated crash after the checkpoint at step {step}")
         return path
 
-    monkeypatch.setattr(Experiment, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         run(cfg, folder)
-    monkeypatch.setattr(Experiment, "save_checkpoint", original)
+    monkeypatch.setattr(Run, "save_checkpoint", original)
 
 
 @pytest.fixture(autouse=True)

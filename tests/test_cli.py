@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, TINY
 from hydra import compose, initialize_config_module
 
-from subnets.train import run_folder_name
+from subnets.config import run_folder_name
 
 
 def cli(*args, cwd, env=None, timeout=300):
@@ -76,6 +76,7 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     assert by_seed[1]["source"] != by_seed[2]["source"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "slurm_local"])
 def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, launcher):
     sweep = tmp_path / "sweep"
@@ -148,7 +149,7 @@ def test_study_budget_sets_its_values_whatever_the_order_of_the_groups(method, b
                 assert getattr(actual, "value", actual) == setting, f"{key}.{name}"
         else:
             assert first[key] == value
-    assert list(first.languages.target) == ["auto"] and first.method.name.value == method
+    assert list(first.languages.target) == ["auto"] and first.method.name == method
 
 
 def compose_overrides(*overrides):

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import TINY, tiny_config
 
-from subnets.experiment import Experiment
+from subnets.runner import Run
 
 # Dropout off, so that the two processes' half batches and the one process's whole batch see
 # the same network; each process trains on 4 sentences (MAML: 4 query sentences, the support
@@ -35,11 +35,11 @@ def _worker(rank: int, overrides: list[str], folder: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", WANDB_MODE="disabled")  # fmt: skip
     torch.set_num_threads(1)
-    experiment = Experiment(tiny_config(*overrides), folder)
+    experiment = Run(tiny_config(*overrides), folder)
     try:
         experiment.setup()
         experiment.train()
-        masks = getattr(experiment.method, "masks", None)
+        masks = getattr(experiment.method.policy, "masks", None)
         torch.save(
             {
                 "model": experiment.model.state_dict(),
@@ -69,9 +69,7 @@ def test_two_processes_agree_and_equal_one_process_on_the_combined_batch(tmp_pat
         assert torch.equal(mask, ranks[1]["masks"][lang]), lang
     assert not (folder / "rank1").exists()
 
-    single = Experiment(
-        tiny_config(*settings, "train.batch_size=8", "meta.query_size=8"), tmp_path / "single"
-    )
+    single = Run(tiny_config(*settings, "train.batch_size=8", "meta.query_size=8"), tmp_path / "single")
     single.setup()
     single.train()
     # Same sentences per step; only the order of floating-point sums differs.

@@ -5,18 +5,17 @@ import json
 
 import pytest
 import torch
-from conftest import crash_after_checkpoint, tiny_config
+from conftest import crash_after_checkpoint, step_on, tiny_config
 
 from subnets.data.dataset import load_language
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import discover_treebanks
-from subnets.experiment import Experiment, run
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.importance import head_importance
 from subnets.masks.selection import select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
-from subnets.methods.subnetworks import language_batches
-from subnets.training import training_step
+from subnets.runner import Run, run
+from subnets.update import training_step
 
 DYNAMIC = ["+method=dynamic", "dynamic.update_every=4"]
 FROZEN = ["train.lr_encoder=0", "train.lr_head=0", "train.weight_decay=0", "train.warmup_steps=0"]
@@ -30,7 +29,7 @@ def no_dropout(model):
 
 @pytest.fixture
 def frozen(tmp_path):
-    experiment = Experiment(tiny_config(*DYNAMIC, *FROZEN), tmp_path)
+    experiment = Run(tiny_config(*DYNAMIC, *FROZEN), tmp_path)
     experiment.setup()
     no_dropout(experiment.model)
     yield experiment
@@ -39,21 +38,21 @@ def frozen(tmp_path):
 
 def test_ema_of_a_frozen_model_converges_to_the_static_importance(frozen):
     lang = "syn_svo"
-    batches = language_batches(frozen, frozen.train_data[lang], 8, 4, "ema")
+    batches = frozen.batcher.fixed(frozen.data.train[lang], 8, 4, "ema")
     static = head_importance(frozen.model, batches)
     gaps = {}
     for decay in (0.0, 0.98):
         ema = ImportanceEMA(frozen.model.gates.shape, decay)
         for i in range(200):
             result = training_step(frozen.model, batches[i % 4], frozen.optimizer, track_gates=True)
-            ema.update(lang, result.gate_grad)
+            ema.update(lang, result.gate_grads[lang])
         gaps[decay] = float((ema.scores(lang) - static).abs().max())
     assert gaps[0.98] < 0.02  # the long average equals the static importance of the same data
     assert gaps[0.0] > 5 * gaps[0.98]  # while the last batch alone does not
     ema = ImportanceEMA(frozen.model.gates.shape, 0.9)
     for _ in range(3):
         ema.update(
-            lang, training_step(frozen.model, batches[0], frozen.optimizer, track_gates=True).gate_grad
+            lang, training_step(frozen.model, batches[0], frozen.optimizer, track_gates=True).gate_grads[lang]
         )
     assert torch.allclose(ema.scores(lang), head_importance(frozen.model, batches[:1]), atol=1e-6)
 
@@ -70,36 +69,32 @@ def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
         "dynamic.decay=0.5",
         "seed=2",
     ]
-    experiment = Experiment(tiny_config(*settings), tmp_path / "run")
+    experiment = Run(tiny_config(*settings), tmp_path / "run")
     experiment.setup()
     no_dropout(experiment.model)
-    method, lang = experiment.method, "syn_svo"
+    policy, lang = experiment.method.policy, "syn_svo"
     keep = experiment.cfg.masks.keep_ratio
 
     def expected_mask(data):
-        batch = experiment.collator(data.sentences, data.pieces, lang).to(experiment.device)
-        return select_keep_ratio(head_importance(experiment.model, [batch]), keep)
+        return select_keep_ratio(head_importance(experiment.model, [experiment.batcher.of(data)]), keep)
 
     def train(steps):
         for _ in range(steps):
-            language, indices = experiment.sampler.next()
-            result = method.train_step(experiment, language, experiment.batch(language, indices))
-            experiment.step += 1
-            method.after_step(experiment, result)
+            experiment.train_step()
 
     train(60)
-    before = method.masks[lang].head_mask.clone()
-    assert torch.equal(before, expected_mask(experiment.train_data[lang]))
+    before = policy.masks[lang].head_mask.clone()
+    assert torch.equal(before, expected_mask(experiment.data.train[lang]))
 
     changed = SyntheticLanguage(lang, order="OSV", adjective="after", adposition="post")
     root = write_synthetic_treebanks(tmp_path / "changed", {lang: changed}, {"train": 16}, seed=7)
     new_data = load_language(discover_treebanks(root)[lang], "train").tokenize(experiment.tokenizer)
-    experiment.train_data[lang] = new_data
+    experiment.data.train[lang] = new_data
     train(120)
-    after = method.masks[lang].head_mask
+    after = policy.masks[lang].head_mask
     assert torch.equal(after, expected_mask(new_data))
     assert not torch.equal(after, before)  # the new data calls for other heads, and the mask moved
-    changes = [h["changed"] for h in method.history[lang]]
+    changes = [h["changed"] for h in policy.history[lang]]
     assert sum(changes[16:]) > 0
     experiment.close()
 
@@ -159,22 +154,18 @@ def test_hard_concrete_gates():
 
 @pytest.mark.parametrize("apply", ["gradient", "both"])
 def test_no_update_reaches_a_coordinate_outside_the_mask_of_its_step(tmp_path, apply):
-    experiment = Experiment(
-        tiny_config(*DYNAMIC, "dynamic.update_every=2", f"method.apply={apply}"), tmp_path
-    )
+    experiment = Run(tiny_config(*DYNAMIC, "dynamic.update_every=2", f"method.apply={apply}"), tmp_path)
     experiment.setup()
-    method, model = experiment.method, experiment.model
+    method, model = experiment.method.policy, experiment.model
     try:
         masks_seen = set()
         for _ in range(16):
-            lang, indices = experiment.sampler.next()
+            lang = experiment.sampler.next_language()
             mask = method.masks[lang].head_mask.clone()
             masks_seen.add((lang, tuple(mask.flatten().tolist())))
             owned = head_parameter_masks(model, mask)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            result = method.train_step(experiment, lang, experiment.batch(lang, indices))
-            experiment.step += 1
-            method.after_step(experiment, result)
+            step_on(experiment, lang)
             for name, m in owned.items():
                 assert torch.equal(dict(model.named_parameters())[name][~m], before[name][~m]), name
         assert len(masks_seen) > 4  # the masks did change along the way
@@ -183,15 +174,15 @@ def test_no_update_reaches_a_coordinate_outside_the_mask_of_its_step(tmp_path, a
 
 
 def test_a_reentering_coordinate_continues_from_its_frozen_optimizer_state(tmp_path):
-    experiment = Experiment(tiny_config(*DYNAMIC, "dynamic.update_every=1000"), tmp_path)
+    experiment = Run(tiny_config(*DYNAMIC, "dynamic.update_every=1000"), tmp_path)
     experiment.setup()
-    method, model = experiment.method, experiment.model
+    method, model = experiment.method.policy, experiment.model
     lang, name = "syn_svo", "encoder.transformer.encoder.layer.0.attention.self.query.weight"
     parameter = dict(model.named_parameters())[name]
     rows = slice(0, model.gates.head_dim)  # head 0 of layer 0
     try:
         for _ in range(3):  # some history for the head
-            method.train_step(experiment, lang, experiment.batch(lang, experiment.sampler.next_batch(lang)))
+            step_on(experiment, lang)
         dropped = SubnetworkSet.for_model(model)
         for code, subnetwork in method.masks.items():
             head_mask = subnetwork.head_mask.clone()
@@ -202,7 +193,7 @@ def test_a_reentering_coordinate_continues_from_its_frozen_optimizer_state(tmp_p
         frozen = {k: state[k][rows].clone() for k in ("exp_avg", "exp_avg_sq")}
         value = parameter[rows].detach().clone()
         for _ in range(4):
-            method.train_step(experiment, lang, experiment.batch(lang, experiment.sampler.next_batch(lang)))
+            step_on(experiment, lang)
             assert torch.equal(parameter[rows], value)
             assert all(torch.equal(state[k][rows], frozen[k]) for k in frozen)  # frozen, not decayed
         restored = SubnetworkSet.for_model(model)
@@ -211,7 +202,7 @@ def test_a_reentering_coordinate_continues_from_its_frozen_optimizer_state(tmp_p
             head_mask[0, 0] = True
             restored[code] = Subnetwork(head_mask)
         method.set_masks(restored)
-        method.train_step(experiment, lang, experiment.batch(lang, experiment.sampler.next_batch(lang)))
+        step_on(experiment, lang)
         beta1, beta2 = experiment.optimizer.param_groups[0]["betas"]
         grad = parameter.grad[rows]
         assert torch.allclose(state["exp_avg"][rows], beta1 * frozen["exp_avg"] + (1 - beta1) * grad)

@@ -15,18 +15,19 @@ from conftest import TINY, tiny_config, tiny_transformer
 from subnets.checkpoint import load_checkpoint
 from subnets.data.batching import Collator, encode_words
 from subnets.data.treebank import Sentence
-from subnets.experiment import Experiment, run
 from subnets.files import read_jsonl
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer
-from subnets.training import DivergenceGuard, linear_schedule, training_step
+from subnets.runner import Run, run
+from subnets.update import DivergenceGuard, linear_schedule, training_step
 
 
 def train_command(run_dir, *extra):
     return [sys.executable, "-m", "subnets.train", *TINY, *extra, f"hydra.run.dir={run_dir}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [[], ["+method=dynamic", "dynamic.update_every=2"], ["+method=maml_dynamic"]],
                          ids=["baseline", "dynamic", "maml_dynamic"])  # fmt: skip
 def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path, method):
@@ -187,8 +188,8 @@ def test_overwrite_reruns_a_finished_run_from_scratch(tmp_path, monkeypatch):
     first = run(tiny_config(), tmp_path)
     (tmp_path / "stale.txt").write_text("from an earlier run")
     trained = []
-    original = Experiment.train
-    monkeypatch.setattr(Experiment, "train", lambda self: trained.append(self.step) or original(self))
+    original = Run.train
+    monkeypatch.setattr(Run, "train", lambda self: trained.append(self.step) or original(self))
     assert run(tiny_config("overwrite=true"), tmp_path) == first
     assert trained == [0]  # trained again, from step 0
     assert not (tmp_path / "stale.txt").exists()

@@ -7,14 +7,15 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from subnets.data.support import draw_support, support_split
 from subnets.data.treebank import read_conllu
-from subnets.experiment import Experiment, run
-from subnets.fewshot import draw_support, few_shot, fine_tune, support_split
+from subnets.fewshot import fine_tune
+from subnets.runner import Run, run
 
 
 @pytest.fixture
 def trained(tmp_path):
-    experiment = Experiment(tiny_config("fewshot.k=6", "fewshot.repetitions=3", "fewshot.steps=3"), tmp_path)
+    experiment = Run(tiny_config("fewshot.k=6", "fewshot.repetitions=3", "fewshot.steps=3"), tmp_path)
     experiment.setup()
     experiment.train()
     yield experiment
@@ -23,12 +24,12 @@ def trained(tmp_path):
 
 def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
     code = "syn_vos"
-    treebank = trained.treebanks[code]
+    treebank = trained.data.treebanks[code]
     del treebank.files["train"], treebank.files["dev"]  # only a test file: support comes from it
-    trained.target_test = {code: trained.target_test[code]}
-    result = few_shot(trained)["languages"][code]
-    test = trained.target_test[code]
-    predicted = read_conllu(trained.run_dir / "predictions" / "fewshot" / f"{code}-test.conllu").sentences
+    trained.data.target_test = {code: trained.data.target_test[code]}
+    result = trained.few_shot()["languages"][code]
+    test = trained.data.target_test[code]
+    predicted = read_conllu(trained.folder / "predictions" / "fewshot" / f"{code}-test.conllu").sentences
     for repetition, run_ in enumerate(result["runs"]):
         support, _ = draw_support(treebank, test, 6, run_["seed"])
         assert run_["support_split"] == "test"
@@ -46,7 +47,7 @@ def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
 
 
 def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
-    result = few_shot(trained)
+    result = trained.few_shot()
     for summary in result["languages"].values():
         las = np.array([r["las"] for r in summary["runs"]])
         assert summary["las_mean"] == pytest.approx(las.mean())
@@ -55,7 +56,7 @@ def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
     assert result["mean"]["las"] == pytest.approx(
         np.mean([s["las_mean"] for s in result["languages"].values()])
     )
-    again = few_shot(trained)
+    again = trained.few_shot()
     assert again == result  # seeded: the same draws and the same fine-tuning
 
 
@@ -83,8 +84,7 @@ def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained)
     from subnets.masks.subnetwork import head_parameter_masks
 
     model = copy.deepcopy(trained.model)
-    data = trained.target_test["syn_vos"]
-    batch = trained.collator(data.sentences[:6], data.pieces[:6], "syn_vos")
+    batch = trained.batcher.of(trained.data.target_test["syn_vos"], range(6))
     head_mask = torch.ones(model.gates.shape, dtype=torch.bool)
     head_mask[:, :2] = False
     mask = head_parameter_masks(model, head_mask)

@@ -17,9 +17,9 @@ import pytest
 from conftest import tiny_config
 
 from subnets.data.treebank import read_conllu
-from subnets.experiment import run
 from subnets.files import read_jsonl
 from subnets.metrics import attachment_scores
+from subnets.runner import run
 
 SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
 BUDGET = [

@@ -13,11 +13,11 @@ from torch import nn
 
 from subnets.data.batching import Collator, encode_words
 from subnets.data.treebank import Sentence
-from subnets.experiment import Experiment, run
 from subnets.files import read_jsonl
-from subnets.meta import MAML, Task
+from subnets.meta import MAML, MetaTask
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
+from subnets.runner import Run, run
 
 
 def sentence(words, heads):
@@ -72,7 +72,7 @@ def test_second_order_meta_gradient_matches_finite_differences(episode, attn):
     maml = MAML(
         model, inner_steps=2, inner_lr={"encoder": 0.05, "head": 0.1}, group_of=group_of, first_order=False
     )
-    grads = meta_gradient(maml, [Task(support, query)])
+    grads = meta_gradient(maml, [MetaTask(support, query)])
 
     def meta_loss():
         adapted, _ = maml.adapt(support)
@@ -100,7 +100,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(episode):
     model = parser()
     lrs = {"encoder": 0.05, "head": 0.1}
     maml = MAML(model, inner_steps=2, inner_lr=lrs, group_of=group_of, first_order=True)
-    grads = meta_gradient(maml, [Task(support, query)])
+    grads = meta_gradient(maml, [MetaTask(support, query)])
 
     # Independently: two plain SGD steps on a copy, then the query gradient there.
     clone = copy.deepcopy(model)
@@ -117,7 +117,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(episode):
         assert torch.allclose(grads[name], p.grad, rtol=1e-9, atol=1e-12), name
 
     second = meta_gradient(MAML(model, inner_steps=2, inner_lr=lrs, group_of=group_of, first_order=False),
-                           [Task(support, query)])  # fmt: skip
+                           [MetaTask(support, query)])  # fmt: skip
     assert not torch.allclose(second[PROBES[0][0]], grads[PROBES[0][0]])  # the Jacobian term matters
 
 
@@ -177,7 +177,7 @@ def test_agrees_with_higher_on_the_same_model_and_episode(first_order):
 
     maml = MAML(model, inner_steps=3, inner_lr=lrs, group_of=lambda n: n.split(".")[0],
                 first_order=first_order, loss=loss)  # fmt: skip
-    ours = meta_gradient(maml, [Task(s, q) for s, q in tasks])
+    ours = meta_gradient(maml, [MetaTask(s, q) for s, q in tasks])
 
     reference = copy.deepcopy(model)
     inner = torch.optim.SGD([{"params": reference.body.parameters(), "lr": lrs["body"]},
@@ -217,8 +217,8 @@ def test_masked_inner_and_outer_steps_leave_other_coordinates_alone(episode):
         torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1), model.named_parameters()
     )
     before = dict(model.named_parameters())[name].detach().clone()
-    other = Task(support, query, update_mask={name: torch.zeros_like(mask)})  # owns nothing of it
-    maml.meta_step([Task(support, query, update_mask={name: mask}), other], optimizer)
+    other = MetaTask(support, query, update_mask={name: torch.zeros_like(mask)})  # owns nothing of it
+    maml.meta_step([MetaTask(support, query, update_mask={name: mask}), other], optimizer)
     after = dict(model.named_parameters())[name]
     assert torch.equal(after[~mask], before[~mask])  # outside every task's mask: bit-identical
     assert not torch.equal(after[mask], before[mask])
@@ -238,11 +238,11 @@ def test_memory_does_not_grow_over_meta_steps(episode):
         return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
     for _ in range(3):
-        maml.meta_step([Task(support, query), Task(query, support)], optimizer)
+        maml.meta_step([MetaTask(support, query), MetaTask(query, support)], optimizer)
     counts = []
     for _ in range(3):
         for _ in range(10):
-            maml.meta_step([Task(support, query), Task(query, support)], optimizer)
+            maml.meta_step([MetaTask(support, query), MetaTask(query, support)], optimizer)
         counts.append(live_tensors())
     assert counts[0] == counts[1] == counts[2], counts
 
@@ -266,7 +266,7 @@ def test_meta_sgd_learns_the_inner_rates(episode):
     optimizer = torch.optim.Adam([*model.parameters(), *maml.log_inner_lr.values()], lr=1e-2)
     before = {g: float(v.detach()) for g, v in maml.log_inner_lr.items()}
     for _ in range(5):
-        maml.meta_step([Task(support, query)], optimizer)
+        maml.meta_step([MetaTask(support, query)], optimizer)
     assert all(float(maml.log_inner_lr[g].detach()) != before[g] for g in before)
 
 
@@ -286,18 +286,16 @@ def test_maml_run_learns(tmp_path):
 def test_masked_meta_methods_run_and_respect_masks(tmp_path, method):
     extra = ["masks.finetune_steps=2", "masks.selection=keep_ratio", "masks.importance_batches=1", "masks.batch_size=4",
              "dynamic.update_every=3"]  # fmt: skip
-    experiment = Experiment(tiny_config(*META, f"+method={method}", *extra), tmp_path)
+    experiment = Run(tiny_config(*META, f"+method={method}", *extra), tmp_path)
     experiment.setup()
-    method_object, model = experiment.method, experiment.model
+    method_object, model = experiment.method.policy, experiment.model
     try:
         from subnets.masks.subnetwork import head_parameter_masks
 
         for _ in range(6):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             masks = {lang: s.head_mask.clone() for lang, s in method_object.masks.items()}
-            result = method_object.step(experiment)
-            experiment.step += 1
-            method_object.after_step(experiment, result)
+            experiment.train_step()
             # heads outside every language's subnetwork did not move (the union of the episode)
             union = torch.zeros_like(next(iter(masks.values())))
             for mask in masks.values():
@@ -306,7 +304,7 @@ def test_masked_meta_methods_run_and_respect_masks(tmp_path, method):
                 assert torch.equal(dict(model.named_parameters())[name][~owned], before[name][~owned]), name
         if method == "maml_dynamic":
             assert any(h["changed"] for entries in method_object.history.values() for h in entries[1:])
-            assert method_object.ema.averages  # importance came from the query losses' gate gradients
+            assert method_object.rule.ema.averages  # importance came from the query losses' gate gradients
     finally:
         experiment.close()
 

@@ -13,8 +13,8 @@ loss 4.3 -> 12 with ``meta.inner_clip_norm=0``), so this test fails on that bug.
 import pytest
 from conftest import tiny_config
 
-from subnets.experiment import run
 from subnets.files import read_jsonl
+from subnets.runner import run
 
 SMALL_DEFAULT_JOB = [
     "model.tiny.num_layers=4",

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import crash_after_checkpoint, tiny_config
+from conftest import crash_after_checkpoint, step_on, tiny_config
 
-from subnets.experiment import Experiment, run
+import subnets.methods.policies as policies
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, head_parameter_masks
-from subnets.methods.subnetworks import StaticSubnetworks
+from subnets.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4"]
 KEEP_HALF = [*STATIC, "masks.selection=keep_ratio", "masks.keep_ratio=0.5"]
@@ -35,15 +35,15 @@ def test_static_run_writes_masks_and_figure(tmp_path):
 
 @pytest.mark.parametrize("mode", ["gradient", "both", "forward"])
 def test_heads_outside_a_languages_subnetwork_receive_no_update_from_its_batches(tmp_path, mode):
-    experiment = Experiment(tiny_config(*KEEP_HALF, f"method.apply={mode}"), tmp_path)
+    experiment = Run(tiny_config(*KEEP_HALF, f"method.apply={mode}"), tmp_path)
     experiment.setup()
-    model, method = experiment.model, experiment.method
+    model, method = experiment.model, experiment.method.policy
     try:
         for _ in range(6):
-            lang, indices = experiment.sampler.next()
+            lang = experiment.sampler.next_language()
             owned = head_parameter_masks(model, method.masks[lang].head_mask)
             before = {name: p.detach().clone() for name, p in model.named_parameters()}
-            method.train_step(experiment, lang, experiment.batch(lang, indices))
+            step_on(experiment, lang)
             after = dict(model.named_parameters())
             moved_inside = False
             for name, mask in owned.items():
@@ -55,21 +55,22 @@ def test_heads_outside_a_languages_subnetwork_receive_no_update_from_its_batches
                     assert torch.equal(after[name][~mask], before[name][~mask]), (lang, name)
                 moved_inside |= not torch.equal(after[name][mask], before[name][mask])
             assert moved_inside
-            gates = method.head_gates(lang)
+            gates = method.gates(lang)
             assert (gates is None) == (mode == "gradient")
     finally:
         experiment.close()
 
 
 def test_forward_mode_gates_off_heads_outside_the_subnetwork(tmp_path):
-    experiment = Experiment(tiny_config(*KEEP_HALF, "method.apply=forward"), tmp_path)
+    experiment = Run(tiny_config(*KEEP_HALF, "method.apply=forward"), tmp_path)
     experiment.setup()
     try:
         lang = "syn_sov"
-        gates = experiment.method.head_gates(lang)
-        assert torch.equal(gates.bool(), experiment.method.masks[lang].head_mask)
-        assert experiment.method.update_mask(lang) is None
-        assert torch.equal(experiment.method.eval_gates(lang), gates)
+        policy = experiment.method.policy
+        gates = policy.gates(lang)
+        assert torch.equal(gates.bool(), policy.masks[lang].head_mask)
+        assert policy.update_mask(lang) is None
+        assert torch.equal(policy.eval_gates(lang), gates)
     finally:
         experiment.close()
 
@@ -77,7 +78,7 @@ def test_forward_mode_gates_off_heads_outside_the_subnetwork(tmp_path):
 def test_masks_path_reuses_a_saved_set_and_rejects_another_models(tmp_path, monkeypatch):
     run(tiny_config(*KEEP_HALF), tmp_path / "first")
     saved = tmp_path / "first" / "masks" / "masks.safetensors"
-    monkeypatch.setattr(StaticSubnetworks, "compute_masks", lambda *a: pytest.fail("masks were recomputed"))
+    monkeypatch.setattr(policies, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
     run(tiny_config(*KEEP_HALF, f"masks.path={saved}"), tmp_path / "second")
     first = SubnetworkSet.load(saved)
     second = SubnetworkSet.load(tmp_path / "second" / "masks" / "masks.safetensors")
@@ -90,7 +91,7 @@ def test_resumed_static_run_restores_masks_without_recomputing(tmp_path, monkeyp
     reference = run(tiny_config(*KEEP_HALF), tmp_path / "reference")
     crash_after_checkpoint(monkeypatch, tiny_config(*KEEP_HALF), tmp_path / "resumed")
     (tmp_path / "resumed" / "masks" / "masks.safetensors").unlink()  # must come from the checkpoint
-    monkeypatch.setattr(StaticSubnetworks, "compute_masks", lambda *a: pytest.fail("masks were recomputed"))
+    monkeypatch.setattr(policies, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
     assert run(tiny_config(*KEEP_HALF), tmp_path / "resumed") == reference
 
 
@@ -115,15 +116,15 @@ def test_target_policies_estimate_masks_from_support_sentences(tmp_path, policy)
 def test_support_drawn_from_the_test_file_is_excluded_from_scoring(tmp_path):
     # targets whose only split is test: support comes from it and leaves the scored set
     overrides = [*KEEP_HALF, "masks.target_policy=support", "fewshot.k=5", "languages.synthetic.train=80"]
-    experiment = Experiment(tiny_config(*overrides), tmp_path)
+    experiment = Run(tiny_config(*overrides), tmp_path)
     experiment.setup()
     experiment.close()
     from subnets.data.dataset import LanguageData
-    from subnets.fewshot import draw_support
+    from subnets.data.support import draw_support
 
-    treebank = experiment.treebanks["syn_vos"]
+    treebank = experiment.data.treebanks["syn_vos"]
     del treebank.files["train"], treebank.files["dev"]
-    test = experiment.eval_data[("target", "syn_vos")]
+    test = experiment.data.evaluated[("target", "syn_vos")]
     full = LanguageData("syn_vos", "test", list(test.sentences), list(test.pieces))
     support, rest = draw_support(treebank, full, 5, seed=1)
     assert support.split == "test" and len(rest) == len(full) - 5

@@ -9,9 +9,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from subnets.checkpoint import load_checkpoint
-from subnets.experiment import Experiment, run
 from subnets.files import read_jsonl
 from subnets.metrics import score_conllu
+from subnets.runner import Run, run
 
 
 def test_run_writes_every_output(tmp_path):
@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 def test_finished_run_is_not_run_again(tmp_path, monkeypatch):
     first = run(tiny_config(), tmp_path)
-    monkeypatch.setattr(Experiment, "train", lambda self: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(Run, "train", lambda self: pytest.fail("a finished run was trained again"))
     assert run(tiny_config(), tmp_path) == first
 
 
@@ -101,8 +101,8 @@ def test_misspelt_or_mistyped_settings_fail_at_compose():
         tiny_config("train.steps=many")
     assert "train.steps" in str(error.value.__cause__ or error.value)
     with pytest.raises((ConfigCompositionException, ValidationError)) as error:
-        tiny_config("task.name=chunking")
-    assert "parsing, pos, parsing_pos" in str(error.value.__cause__ or error.value)
+        tiny_config("method.apply=sideways")
+    assert "forward, gradient, both" in str(error.value.__cause__ or error.value)
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         tiny_config("method=baseline")  # optional groups are appended with +
 
@@ -115,7 +115,7 @@ def test_unknown_language_lists_available(tmp_path):
 
 
 def test_skip_mode_counts_invalid_sentences(tmp_path):
-    experiment = Experiment(tiny_config("languages.on_error=skip"), tmp_path)
+    experiment = Run(tiny_config("languages.on_error=skip"), tmp_path)
     # corrupt one training sentence of the generated data before it is read
     from subnets.data import synthetic
 
@@ -135,5 +135,5 @@ def test_skip_mode_counts_invalid_sentences(tmp_path):
     finally:
         module.generate_treebank = original
         experiment.close()
-    assert experiment.skipped_sentences == {"syn_svo-train": 1}
-    assert len(experiment.train_data["syn_svo"]) == 79
+    assert experiment.data.skipped == {"syn_svo-train": 1}
+    assert len(experiment.data.train["syn_svo"]) == 79

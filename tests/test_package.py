@@ -1,0 +1,69 @@
+"""The package's shape: the public API, and no import cycle among its modules."""
+
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "subnets"
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path) -> set[str]:
+    """The subnets modules a file imports, wherever the import statement is (TYPE_CHECKING blocks
+    and function bodies included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("subnets"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("subnets"))
+    return found
+
+
+def test_no_import_cycle_among_the_packages_modules():
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {
+        name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()
+    }
+    # A package's __init__ re-exports its modules; only cycles through other modules count.
+    packages = {name for name, path in modules.items() if path.name == "__init__.py"}
+    graph = {
+        n: {m for m in deps if m not in packages or not n.startswith(m + ".")} for n, deps in graph.items()
+    }
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
+
+
+def test_public_api_imports_in_a_fresh_interpreter():
+    names = ["MaskedOptimizer", "head_importance", "MAML", "MetaTask", "HeadGates", "Subnetwork", "SubnetworkSet",
+             "fisher_information", "select_keep_ratio", "select_top_k", "iterative_pruning", "conflict_matrix",
+             "linear_cka", "typological_similarity", "overlap_typology_correlation", "compose_config", "run",
+             "Run", "Method", "MaskPolicy", "StepStrategy", "StaticMasks", "DynamicMasks", "MAMLEpisodes"]  # fmt: skip
+    code = f"import subnets; missing = [n for n in {names!r} if not hasattr(subnets, n)]; print(missing)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    import subnets
+
+    assert sorted(subnets.__all__) == sorted(set(subnets.__all__))
+    assert all(hasattr(subnets, name) for name in subnets.__all__)
