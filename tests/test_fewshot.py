@@ -27,6 +27,7 @@ def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
     treebank = trained.data.treebanks[code]
     del treebank.files["train"], treebank.files["dev"]  # only a test file: support comes from it
     trained.data.target_test = {code: trained.data.target_test[code]}
+    trained.data.support_pools.pop(code)  # drawn again from what is now there
     result = trained.few_shot()["languages"][code]
     test = trained.data.target_test[code]
     predicted = read_conllu(trained.folder / "predictions" / "fewshot" / f"{code}-test.conllu").sentences

@@ -9,18 +9,19 @@ crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from subnets.files import atomic_write
+from subnets.files import load_safetensors, save_safetensors
 
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 
@@ -58,24 +59,30 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write the nested ``state`` to ``path`` (atomically)."""
+    """Write the nested ``state`` to ``path`` (atomically; the same state gives the same bytes)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, tensors)
-    metadata = {"format": "subnets-checkpoint-1", "state": json.dumps(skeleton)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return save_safetensors(path, tensors, {"format": "subnets-checkpoint-1", "state": skeleton})
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`."""
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a subnets checkpoint (not safetensors: {error})") from error
-    if metadata.get("format") != "subnets-checkpoint-1":
-        raise ValueError(f"{path} is not a subnets checkpoint (format {metadata.get('format')!r})")
-    return _unflatten(json.loads(metadata["state"]), tensors)
+    tensors, header = load_safetensors(path, str(device), "subnets checkpoint")
+    if header.get("format") != "subnets-checkpoint-1":
+        raise ValueError(f"{path} is not a subnets checkpoint (format {header.get('format')!r})")
+    state = header["state"]
+    return _unflatten(json.loads(state) if isinstance(state, str) else state, tensors)
+
+
+@contextlib.contextmanager
+def phase_rng(seed: int, phase: str, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Run a phase (a mask search, a few-shot repetition) on torch's global generators forked
+    and seeded from the run's ``seed`` and the ``phase`` name: what it draws does not depend on
+    what ran before, and it leaves the generators as it found them."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(f"{seed}/{phase}".encode()))
+        yield
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -51,11 +52,30 @@ def evaluate(
     gates: torch.Tensor | None = None,
     predictions_path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """UAS/LAS (and UPOS) of ``model`` on ``data``; writes the predictions as CoNLL-U if asked."""
+    """UAS/LAS (and UPOS) of ``model`` on ``data``; with ``predictions_path``, writes the
+    predictions as CoNLL-U and, beside them (``<name>.gold.conllu``), the gold sentences scored,
+    so that the official scorer compares the two files directly (also when ``data`` is a capped
+    split or one without its support sentences).
+
+    The prediction file holds the predicted HEAD and DEPREL (parsing) and UPOS (tagging) and
+    ``_`` in the LEMMA, XPOS, FEATS and DEPS columns, which no task predicts, and in UPOS for
+    a parser without a tagger. A tagger without a parser keeps the gold HEAD and DEPREL: the
+    format and the scorer need a tree, so the scorer's UAS/LAS of such a file mean nothing.
+    """
     predictions = predict(model, data, collator, batch_size, gates)
     heads = [p.heads for p in predictions] if model.parsing else None
     deprels = [p.deprels for p in predictions] if model.parsing else None
     upos = [p.upos for p in predictions] if model.tagging else None
     if predictions_path is not None:
-        write_conllu(predictions_path, data.sentences, heads, deprels, upos)
+        path = Path(predictions_path)
+        write_conllu(
+            path, data.sentences, heads, deprels, upos, blank=(2, 4, 5, 8) if upos else (2, 3, 4, 5, 8)
+        )
+        write_conllu(gold_path(path), data.sentences)
     return attachment_scores(data.sentences, heads, deprels, upos)
+
+
+def gold_path(predictions_path: str | os.PathLike) -> Path:
+    """Where :func:`evaluate` writes the gold sentences of a predictions file."""
+    path = Path(predictions_path)
+    return path.with_name(path.name.removesuffix(".conllu") + ".gold.conllu")

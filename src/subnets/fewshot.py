@@ -56,6 +56,7 @@ def few_shot(
     clip_norm: float | None = None,
     eval_batch_size: int = 128,
     on_error: str = "raise",
+    pools: Mapping[str, LanguageData] | None = None,
     predictions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The few-shot protocol on the target languages (``settings``: ``fewshot.*``), the same for
@@ -66,7 +67,9 @@ def few_shot(
     copy of ``model`` on them for ``steps`` steps with ``policy``'s test-time adaptation (forward
     gates and/or update mask), and score the test set without the support sentences. Returns
     per language the runs and the mean and standard deviation (ddof 1) of UAS and LAS; the
-    predictions of repetition 0 go to ``<predictions>/<code>-test.conllu``.
+    predictions of repetition 0 go to ``<predictions>/<code>-test.conllu``. ``pools`` (code ->
+    data) are the splits support sentences are drawn from, if already read (else they are read
+    with ``on_error``).
     """
     out: dict[str, Any] = {"k": settings.k, "steps": settings.steps, "repetitions": settings.repetitions,
                            "languages": {}}  # fmt: skip
@@ -77,7 +80,8 @@ def few_shot(
         runs = []
         for repetition in range(settings.repetitions):
             draw_seed = 1000 * seed + repetition
-            support, rest = draw_support(treebanks[code], test, settings.k, draw_seed, on_error)
+            pool = (pools or {}).get(code)
+            support, rest = draw_support(treebanks[code], test, settings.k, draw_seed, on_error, pool=pool)
             if support.pieces is None:
                 support.tokenize(tokenizer)
             adapted = copy.deepcopy(model)

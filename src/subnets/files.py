@@ -1,4 +1,5 @@
-"""Crash-safe file writing: a reader never sees a half-written file."""
+"""Crash-safe file writing (a reader never sees a half-written file), and safetensors files whose
+bytes depend only on their tensors and header."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The rename is atomic on POSIX file systems, so ``path`` holds either its old content or the
-    complete new one, never a partial file.
+    complete new one, never a partial file. The file's mode follows the umask, as a file made
+    by ``open`` would (the temporary file itself is private: 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -58,3 +67,36 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, header: dict[str, Any]) -> Path:
+    """Write ``tensors`` (name -> torch tensor) and the JSON-serialisable ``header`` to a
+    safetensors file, atomically. The header goes into one metadata entry, so that identical
+    tensors and header give identical bytes (safetensors writes several metadata entries in a
+    varying order)."""
+    from safetensors.torch import save_file
+
+    metadata = {"subnets": json.dumps(header)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(
+    path: str | os.PathLike, device: str = "cpu", what: str = "subnets file"
+) -> tuple[dict, dict]:
+    """The tensors and the header of a file written by :func:`save_safetensors` (or by the
+    earlier format, whose header entries were separate metadata strings).
+
+    Raises:
+        ValueError: ``path`` is not a safetensors file (the message names it as ``what``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a {what} (not safetensors: {error})") from error
+    if "subnets" in metadata:
+        return tensors, json.loads(metadata["subnets"])
+    return tensors, dict(metadata)

@@ -21,7 +21,9 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from subnets.analysis.conflict import conflict_matrix, probe_batches
 from subnets.analysis.similarity import cka_record
 from subnets.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from subnets.config import setting
+from subnets.config import SettingError, setting, validate_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.languages import load_run_data, treebank_root
@@ -43,6 +45,7 @@ from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
 from subnets.fewshot import few_shot
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from subnets.identity import config_differences, data_fingerprint, identity_differences, model_fingerprint
 from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
@@ -52,31 +55,35 @@ from subnets.update import DivergenceGuard, LossGuard, StepResult, linear_schedu
 
 log = logging.getLogger(__name__)
 
-# Settings that may change between a run and its resumption without changing its results.
-RESUME_IGNORED = (
-    "resume",
-    "overwrite",
-    "wandb.",
-    "train.device",
-    "train.log_every",
-    "train.eval_batch_size",
-    "languages.ud_root",
-    "analysis.",
-)
-
-
-def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(container, dict):
-        out = {}
-        for key, value in container.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: container}
-
 
 def build_method(cfg: DictConfig) -> Method:
     """The method of ``cfg.method``: its mask policy and step strategy built from their ``_target_``."""
     return Method(str(cfg.method.name), instantiate(cfg.method.policy), instantiate(cfg.method.step))
+
+
+def check_masks_path(cfg: DictConfig, policy) -> None:
+    """Refuse ``masks.path`` for a method whose policy would not read it."""
+    if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
+        raise SettingError(
+            f"masks.path={cfg.masks.path!r} is not used by method {cfg.method.name} ({type(policy).__name__}); "
+            "only static masks (+method=static, maml_static) and dynamic ones starting from them "
+            "(dynamic.init=static) read a saved mask set"
+        )
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything :meth:`Run.setup` checks before training that needs no run folder: the
+    settings, the method, the data (synthetic languages generated into a temporary folder) and
+    the model. ``overwrite=true`` calls it before it deletes anything."""
+    validate_config(cfg)
+    check_masks_path(cfg, build_method(cfg).policy)
+    with tempfile.TemporaryDirectory() as folder:
+        data = load_run_data(
+            cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed
+        )
+        texts = (" ".join(s.forms) for d in data.train.values() for s in d.sentences)
+        transformer, _ = build_encoder(cfg.model, cfg.seed, texts)
+        build_model(cfg, transformer)
 
 
 def validation_metric(scores: dict[str, float]) -> float:
@@ -106,22 +113,37 @@ class Run:
         self.guard = LossGuard(self.folder, cfg.train.max_nonfinite_steps, self.divergence, self._last_good)
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self, record: Mapping[str, str] | None = None) -> None:
+        """Check the settings, load the data and the model, build the method and the optimizer,
+        and resume from the folder's last checkpoint. A folder that holds another run (other
+        settings, data or model, :mod:`subnets.identity`) is refused before anything in it is
+        written; ``record`` (relative path -> text, e.g. Hydra's ``.hydra/*.yaml``) is written
+        into the folder once it is accepted, unless it is there already."""
         cfg = self.cfg
+        validate_config(cfg)
+        self.method = build_method(cfg)
+        policy = self.method.policy
+        check_masks_path(cfg, policy)
+        saved = self._saved_identity()
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         self.parallel = DataParallel.from_environment(cfg.train.device)
         main = self.parallel.is_main
         self.tracker = Tracker(self.folder, enabled=main)
         self.device = self._device(cfg.train.device)
-        self.method = build_method(cfg)
-        policy = self.method.policy
         if not main:
             self.parallel.barrier()  # rank 0 writes the data and the tokenizer first
         self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
                                   seed=cfg.seed, needs_support=policy.needs_support)  # fmt: skip
         texts = (" ".join(s.forms) for d in self.data.train.values() for s in d.sentences)
         transformer, self.tokenizer = build_encoder(cfg.model, cfg.seed, texts, self.folder / "tokenizer")
+        identity = {
+            "config": self._config_container(),
+            "data": data_fingerprint([d.path for d in self.data.all() if d.path], self.data.root),
+            "model": model_fingerprint(transformer, self.tokenizer),
+        }
+        if saved is not None:
+            self._refuse(identity_differences(saved, identity))
         if main:
             self.parallel.barrier()
         self.data.tokenize(self.tokenizer)
@@ -138,6 +160,7 @@ class Run:
                              f"per language; too few in {', '.join(small)}")  # fmt: skip
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
         self.batches = TrainingBatches(self.sampler, self.data.train, self.batcher, self.parallel)
+        self._record(identity, record)
         self.resumed = self._resume()
         if main:
             self.tracker.start_wandb(cfg.wandb, cfg.name, self._config_container())
@@ -233,28 +256,53 @@ class Run:
             return "none was written"
         return f"{self.last_checkpoint} (step {self.checkpoint_step})"
 
+    @property
+    def identity_path(self) -> Path:
+        return self.folder / "run.json"
+
+    def _saved_identity(self) -> dict | None:
+        """The identity the folder records, checked against the settings before anything is
+        written (the data and the model are checked once they are loaded, by :meth:`_accept`)."""
+        path = self.identity_path
+        if not path.exists():
+            if self.last_checkpoint.exists():
+                raise ValueError(f"{self.folder} holds a checkpoint but no run.json (a run of an earlier version of "
+                                 "subnets): its settings cannot be checked; use another folder (hydra.run.dir=...) "
+                                 "or overwrite=true")  # fmt: skip
+            return None
+        if not self.cfg.resume:
+            raise FileExistsError(
+                f"{self.folder} already holds a run ({path}); pass resume=true to continue it, "
+                "or choose another folder (hydra.run.dir=...)"
+            )
+        saved = json.loads(path.read_text())
+        self._refuse(config_differences(saved["config"], self._config_container()))
+        return saved
+
+    def _refuse(self, differences: list[str]) -> None:
+        if differences:
+            raise ValueError(
+                f"{self.folder} holds another run: it differs from this one in\n  " + "\n  ".join(differences)
+                + "\nUse the same settings, data and model, another run folder (hydra.run.dir=...) for a new "
+                "run, or overwrite=true to replace it."
+            )  # fmt: skip
+
+    def _record(self, identity: dict, record: Mapping[str, str] | None) -> None:
+        """Write ``run.json`` (once the set-up has checked everything it can check) and ``record``."""
+        if not self.parallel.is_main:
+            return
+        if not self.identity_path.exists():
+            atomic_write_json(self.identity_path, identity)
+        for name, text in (record or {}).items():
+            if not (self.folder / name).exists():
+                atomic_write_text(self.folder / name, text)
+
     def _resume(self) -> bool:
         path = self.last_checkpoint
         if not path.exists():
+            self._drop_records_after(None)  # a run killed before its first checkpoint starts again
             return False
-        if not self.cfg.resume:
-            raise FileExistsError(
-                f"{self.folder} already holds a run (checkpoint {path}); pass resume=true to continue it, "
-                "or choose another folder (hydra.run.dir=...)"
-            )
         state = load_checkpoint(path, self.device)
-        saved, current = _flat(state["config"]), _flat(self._config_container())
-        differences = [
-            f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current))
-            if saved.get(key) != current.get(key) and not key.startswith(RESUME_IGNORED)
-        ]
-        if differences:
-            raise ValueError(
-                f"cannot resume {path}: the config differs from the one it was trained with:\n  "
-                + "\n  ".join(differences)
-                + "\nUse the same settings, or another run folder (hydra.run.dir=...) for a new run."
-            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -264,12 +312,19 @@ class Run:
         self.checkpoint_step = self.step
         self.divergence.load_state_dict(state["divergence"])
         set_rng_state(state["rng"])
-        # Records logged after the checkpoint will be logged again by the resumed run.
-        metrics = self.tracker.metrics_path
-        kept = [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step]
-        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        self._drop_records_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _drop_records_after(self, step: int | None) -> None:
+        """Drop the metrics and analysis records a killed run logged after ``step`` (all of them
+        for ``None``: the run starts again): the resumed run logs them again."""
+        if not self.parallel.is_main:
+            return
+        for path in (self.tracker.metrics_path, self.folder / "analysis" / "gradient_conflict.jsonl"):
+            if path.exists():
+                kept = [r for r in read_jsonl(path) if step is not None and r.get("step", 0) <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ logging
     def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
@@ -419,7 +474,8 @@ class Run:
         return few_shot(
             self.model, self.method.policy, self.data.target_test, self.data.treebanks, self.batcher, self.tokenizer,
             cfg.fewshot, seed=cfg.seed, clip_norm=cfg.train.clip_norm, eval_batch_size=cfg.train.eval_batch_size,
-            on_error=setting(cfg.languages.on_error), predictions=self.folder / "predictions" / "fewshot",
+            on_error=setting(cfg.languages.on_error), pools=self.data.support_pools,
+            predictions=self.folder / "predictions" / "fewshot",
         )  # fmt: skip
 
     # ------------------------------------------------------------------ analyses
@@ -458,20 +514,25 @@ class Run:
         return record
 
 
-def run(cfg: DictConfig, folder: str | os.PathLike) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, folder: str | os.PathLike, record: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Set up, train, evaluate; returns the results (also in ``folder/results.json``).
 
     A run folder that already holds a checkpoint is resumed (``resume=true``); one whose
     training finished and whose results exist is not run again, unless ``overwrite=true``,
-    which first deletes the folder's earlier outputs. Under ``torchrun`` every process trains;
-    rank 0 evaluates and returns the results, the others return an empty dict.
+    which first checks the new settings, data and model (:func:`check_inputs`) and then
+    deletes the folder's earlier outputs. ``record``: files written into the folder once it is
+    accepted (:meth:`Run.setup`). Under ``torchrun`` every process trains; rank 0 evaluates and
+    returns the results, the others return an empty dict.
     """
     results_path = Path(folder) / "results.json"
     if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        check_inputs(cfg)
         clear_outputs(folder)
     training = Run(cfg, folder)
     try:
-        training.setup()
+        training.setup(record)
         if training.resumed and training.step >= cfg.train.steps and results_path.exists():
             message = (
                 f"{folder} already finished; its results are in {results_path} (overwrite=true reruns it)"
@@ -490,9 +551,10 @@ def run(cfg: DictConfig, folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def clear_outputs(folder: str | os.PathLike) -> None:
-    """Delete what a run wrote into ``folder`` (Hydra's ``.hydra/`` and log files stay)."""
+    """Delete what a run wrote into ``folder``, its ``.hydra/`` record included (log files stay:
+    Hydra's logger holds them open)."""
     for path in Path(folder).glob("*"):
-        if path.name == ".hydra" or path.suffix == ".log":
+        if path.suffix == ".log":
             continue
         if path.is_dir():
             shutil.rmtree(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from subnets.config import register_configs
 from subnets.runner import run
@@ -23,10 +23,21 @@ from subnets.runner import run
 register_configs()
 
 
+def hydra_record(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra itself would write into ``.hydra/``: the job's config, its overrides and
+    Hydra's own config."""
+    hydra_cfg = HydraConfig.get()
+    return {
+        ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+        ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+        ".hydra/hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+    }
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> Any:
     """Train and evaluate; returns the mean development score (for sweepers)."""
-    results = run(cfg, HydraConfig.get().runtime.output_dir)
+    results = run(cfg, HydraConfig.get().runtime.output_dir, record=hydra_record(cfg))
     return results.get("dev_metric")
 
 

@@ -18,6 +18,7 @@ from subnets.data.labels import DEPREL_INDEX, UPOS_INDEX, universal_deprel
 from subnets.data.treebank import Sentence
 
 WordPieces = list[list[int]]  # subword ids of each word of a sentence
+UNSPECIFIED = -100  # the UPOS index of '_': torch's cross-entropy ignores it
 
 
 def encode_words(tokenizer, sentences: Sequence[Sentence], chunk: int = 512) -> list[WordPieces]:
@@ -170,7 +171,8 @@ class Collator:
             deprels[b, 1 : n + 1] = torch.tensor(
                 [DEPREL_INDEX[universal_deprel(d)] for d in sentence.deprels]
             )
-            upos[b, 1 : n + 1] = torch.tensor([UPOS_INDEX[t] for t in sentence.upos])
+            # an unspecified tag ('_') is ignored by the tagger's loss (cross-entropy's ignore_index)
+            upos[b, 1 : n + 1] = torch.tensor([UPOS_INDEX.get(t, UNSPECIFIED) for t in sentence.upos])
         return Batch(
             input_ids, attention_mask, word_index, word_mask, heads, deprels, upos, list(sentences), lang
         )

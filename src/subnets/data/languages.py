@@ -11,7 +11,7 @@ from typing import Any
 
 from subnets.config import setting
 from subnets.data.dataset import LanguageData, load_language
-from subnets.data.support import check_support, draw_support
+from subnets.data.support import draw_support, support_pool
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import TreebankFiles, discover_treebanks, manifest_targets, select_treebanks
 
@@ -33,7 +33,10 @@ class RunData:
         support: k support sentences per development and target language for the test-time
             mask policy (only when the policy needs them); drawn from the evaluated split,
             they are removed from it.
-        skipped: invalid sentences left out per ``<code>-<split>`` (``languages.on_error=skip``).
+        support_pools: per target (and, for the policy, development) language, the split its
+            support sentences are drawn from (:func:`~subnets.data.support.support_pool`).
+        skipped: invalid sentences left out per ``<code>-<split>`` (``languages.on_error=skip``),
+            in every file read.
     """
 
     treebanks: dict[str, TreebankFiles]
@@ -43,11 +46,13 @@ class RunData:
     evaluated: dict[tuple[str, str], LanguageData]
     target_test: dict[str, LanguageData]
     support: dict[str, LanguageData] = field(default_factory=dict)
+    support_pools: dict[str, LanguageData] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def all(self) -> list[LanguageData]:
-        """Every distinct :class:`LanguageData` of the run (support sentences included)."""
-        items = [*self.train.values(), *self.dev.values(), *self.evaluated.values(), *self.support.values()]
+        """Every distinct :class:`LanguageData` of the run (support sentences and pools included)."""
+        items = [*self.train.values(), *self.dev.values(), *self.evaluated.values(), *self.support.values(),
+                 *self.support_pools.values()]  # fmt: skip
         return list({id(d): d for d in items}.values())
 
     def tokenize(self, tokenizer) -> None:
@@ -111,9 +116,14 @@ def load_run_data(
     for tb in target:
         data.evaluated[("target", tb.code)] = load(tb.code, "test", cap)
     data.target_test = {tb.code: data.evaluated[("target", tb.code)] for tb in target}
+    # Where support sentences come from, checked now (not after training) and read once.
+    supported = [(r, c) for r, c in data.evaluated if r != "source"] if needs_support else []
     if fewshot.repetitions > 0:
-        for code, test in data.target_test.items():
-            check_support(treebanks[code], test, fewshot.k)
+        supported += [("target", code) for code in data.target_test if ("target", code) not in supported]
+    for role, code in supported:
+        data.support_pools[code] = support_pool(
+            treebanks[code], data.evaluated[(role, code)], fewshot.k, on_error
+        )
     total = sum(d.skipped for d in data.all())
     if total:
         log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", total)
@@ -122,7 +132,8 @@ def load_run_data(
         for (role, code), evaluated in list(data.evaluated.items()):
             if role == "source":
                 continue
-            support, rest = draw_support(treebanks[code], evaluated, fewshot.k, seed, on_error)
+            pool = data.support_pools[code]
+            support, rest = draw_support(treebanks[code], evaluated, fewshot.k, seed, pool=pool)
             data.support[code] = support
             data.evaluated[(role, code)] = rest
             if role == "dev":

@@ -15,16 +15,14 @@ from subnets.data.dataset import LanguageData, load_language
 from subnets.data.ud import SPLITS, TreebankFiles
 
 
-def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int] | None = None) -> str:
+def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int]) -> str:
     """The split support sentences are drawn from: train, else dev, else test, the first with
-    at least ``k`` sentences (``sizes`` gives split sizes when known; else files are read)."""
+    at least ``k`` sentences (``sizes``: the sizes of the splits, as far as they are known)."""
     found = {}
     for split in SPLITS:
-        if split not in treebank.files:
+        if split not in treebank.files or split not in sizes:
             continue
-        found[split] = (
-            sizes[split] if sizes and split in sizes else len(load_language(treebank, split).sentences)
-        )
+        found[split] = sizes[split]
         if found[split] >= k:
             return split
     listed = ", ".join(f"{split} ({n} sentences)" for split, n in found.items()) or "none"
@@ -34,29 +32,46 @@ def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int] | None 
     )
 
 
-def check_support(treebank: TreebankFiles, evaluated: LanguageData, k: int) -> str:
-    """The split ``k`` support sentences for ``evaluated``'s language come from; raises if
-    drawing them from the evaluated split itself would leave nothing to score."""
-    split = support_split(treebank, k, {evaluated.split: len(evaluated)})
-    if split == evaluated.split and len(evaluated) <= k:
+def support_pool(
+    treebank: TreebankFiles, evaluated: LanguageData, k: int, on_error: str = "raise"
+) -> LanguageData:
+    """The sentences ``k`` support sentences of ``evaluated``'s language are drawn from: the first
+    split by :func:`support_split` (read with ``on_error``), which may be ``evaluated`` itself;
+    raises if drawing them from the evaluated split would leave nothing to score."""
+    loaded, sizes = {evaluated.split: evaluated}, {}
+    for split in SPLITS:
+        if split not in treebank.files:
+            continue
+        if split not in loaded:
+            loaded[split] = load_language(treebank, split, on_error)
+        sizes[split] = len(loaded[split])
+        if sizes[split] >= k:
+            break
+    pool = loaded[support_split(treebank, k, sizes)]
+    if pool is evaluated and len(evaluated) <= k:
         raise ValueError(
-            f"{treebank.code}: the k={k} few-shot support sentences (fewshot.k) come from its {split} "
+            f"{treebank.code}: the k={k} few-shot support sentences (fewshot.k) come from its {pool.split} "
             f"split, which is also the one scored, and it holds only {len(evaluated)} sentences: none "
             "would be left to score (lower fewshot.k, or raise languages.max_eval_sentences if set)"
         )
-    return split
+    return pool
 
 
 def draw_support(
-    treebank: TreebankFiles, evaluated: LanguageData, k: int, seed: int, on_error: str = "raise"
+    treebank: TreebankFiles,
+    evaluated: LanguageData,
+    k: int,
+    seed: int,
+    on_error: str = "raise",
+    pool: LanguageData | None = None,
 ) -> tuple[LanguageData, LanguageData]:
-    """Draw ``k`` support sentences for ``evaluated``'s language; returns (support, evaluated
-    data without the support sentences). Deterministic for (seed, language)."""
-    split = check_support(treebank, evaluated, k)
-    pool = evaluated if split == evaluated.split else load_language(treebank, split, on_error)
+    """Draw ``k`` support sentences for ``evaluated``'s language from ``pool`` (default:
+    :func:`support_pool`); returns (support, evaluated data without the support sentences).
+    Deterministic for (seed, language)."""
+    pool = pool if pool is not None else support_pool(treebank, evaluated, k, on_error)
     rng = np.random.default_rng([seed, zlib.crc32(treebank.code.encode())])
     chosen = sorted(int(i) for i in rng.choice(len(pool), size=k, replace=False))
-    support = pool.subset(chosen, split)
+    support = pool.subset(chosen, pool.split)
     if pool is not evaluated:
         return support, evaluated
     taken = set(chosen)

@@ -80,14 +80,25 @@ def read_conllu(path: str | os.PathLike, on_error: str = "raise") -> ConlluFile:
         on_error: ``"raise"`` raises :class:`ConlluError` at the first invalid sentence;
             ``"skip"`` leaves invalid sentences out and lists their errors in ``skipped``.
 
+    The file must be UTF-8; a leading byte-order mark is accepted (and dropped).
+
     Raises:
-        ConlluError: an invalid sentence (with ``on_error="raise"``), or a file with no valid
-            sentence at all (in both modes).
+        ConlluError: an invalid sentence (with ``on_error="raise"``), a file with no valid
+            sentence at all (in both modes), or bytes that are not UTF-8 (their line named).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CoNLL-U file not found: {path}")
-    return parse_conllu(path.read_text(encoding="utf-8"), path, on_error)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        bad = data[error.start : error.end]
+        raise ConlluError(
+            path, line, None, f"bytes {bad!r} are not UTF-8 (CoNLL-U files are UTF-8)"
+        ) from None
+    return parse_conllu(text.removeprefix("\ufeff"), path, on_error)
 
 
 def parse_conllu(text: str, path: str | os.PathLike = "<string>", on_error: str = "raise") -> ConlluFile:
@@ -139,6 +150,8 @@ def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sen
         if len(columns) != 10:
             fail(offset, f"expected 10 tab-separated columns, found {len(columns)}")
         token_id = columns[0]
+        if not columns[1]:
+            fail(offset, "empty FORM (the official scorer rejects it; write '_' for an unknown form)")
         if _WORD_ID.match(token_id):
             expected = len(word_lines) + 1
             if int(token_id) != expected:
@@ -157,8 +170,8 @@ def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sen
             fail(offset, f"HEAD {head!r} is not an integer")
         if int(head) > n:
             fail(offset, f"HEAD {head} out of range (the sentence has {n} words; expected 0..{n})")
-        if columns[3] not in UPOS_INDEX:
-            fail(offset, f"UPOS {columns[3]!r} is not a universal POS tag")
+        if columns[3] not in UPOS_INDEX and columns[3] != "_":
+            fail(offset, f"UPOS {columns[3]!r} is not a universal POS tag (or '_', unspecified)")
         if universal_deprel(columns[7]) not in DEPREL_INDEX:
             fail(offset, f"DEPREL {columns[7]!r} is not a universal dependency relation")
         heads.append(int(head))
@@ -216,13 +229,16 @@ def write_conllu(
     heads: Sequence[Sequence[int]] | None = None,
     deprels: Sequence[Sequence[str]] | None = None,
     upos: Sequence[Sequence[str]] | None = None,
+    blank: Sequence[int] = (),
 ) -> Path:
-    """Write ``sentences`` as CoNLL-U (atomically), replacing HEAD, DEPREL or UPOS where given.
+    """Write ``sentences`` as CoNLL-U (atomically), replacing HEAD, DEPREL or UPOS where given
+    and writing ``_`` in the word lines' columns ``blank`` (0-based: 2 LEMMA, 3 UPOS, 4 XPOS,
+    5 FEATS, 8 DEPS), so that a prediction file carries no gold value it did not predict.
 
-    Every other line and column (comments, multiword tokens, empty nodes, lemmas, features,
-    MISC) is written byte for byte as it was read, so the official scorer can compare the file
-    with the gold one. (The ``conllu`` serializer is not used: it drops free-form comments and
-    cuts MISC values that contain ``=``.)
+    Every other line and column (comments, multiword tokens, empty nodes, MISC) is written byte
+    for byte as it was read, so the official scorer can compare the file with the gold one.
+    (The ``conllu`` serializer is not used: it drops free-form comments and cuts MISC values
+    that contain ``=``.)
     """
     replacements = [(3, upos), (6, heads), (7, deprels)]
     parts = []
@@ -236,6 +252,8 @@ def write_conllu(
         for line in sentence.lines if sentence.lines is not None else _lines(sentence):
             columns = line.split("\t")
             if not line.startswith("#") and _WORD_ID.match(columns[0]):
+                for column in blank:
+                    columns[column] = "_"
                 for column, values in replacements:
                     if values is not None:
                         columns[column] = str(values[index][word])

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from subnets.files import atomic_write
+from subnets.files import load_safetensors, save_safetensors
 from subnets.models.head_gates import HeadGates
 
 
@@ -161,14 +159,14 @@ class SubnetworkSet(Mapping):
             for name, mask in subnetwork.param_masks.items():
                 tensors[f"{language}/params/{name}"] = mask.to(torch.uint8).contiguous()
         used = {n for s in self._masks.values() for n in s.param_masks}
-        metadata = {
+        header = {
             "format": "subnets-masks-1",
-            "num_layers": str(self.num_layers),
-            "num_heads": str(self.num_heads),
-            "languages": json.dumps(list(self._masks)),
-            "param_shapes": json.dumps({k: v for k, v in self.param_shapes.items() if k in used}),
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "languages": list(self._masks),
+            "param_shapes": {k: v for k, v in self.param_shapes.items() if k in used},
         }
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        return save_safetensors(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: nn.Module | SubnetworkSet | None = None) -> SubnetworkSet:
@@ -178,20 +176,17 @@ class SubnetworkSet(Mapping):
         Raises:
             MaskMismatchError: the masks were made for another model (the message names both shapes).
         """
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except SafetensorError as error:
-            raise ValueError(f"{path} is not a subnets mask file (not safetensors: {error})") from error
+        tensors, meta = load_safetensors(path, what="subnets mask file")
         if meta.get("format") != "subnets-masks-1":
             raise ValueError(f"{path} is not a subnets mask file (format {meta.get('format')!r})")
-        masks = cls(int(meta["num_layers"]), int(meta["num_heads"]), json.loads(meta["param_shapes"]))
+        # files of the earlier format hold every header value as a JSON string
+        meta = {k: json.loads(v) if isinstance(v, str) and k != "format" else v for k, v in meta.items()}
+        masks = cls(int(meta["num_layers"]), int(meta["num_heads"]), meta["param_shapes"])
         if expect is not None:
             reference = expect if isinstance(expect, SubnetworkSet) else cls.for_model(expect)
             masks.check_compatible(reference, str(path))
             masks.param_shapes = {**reference.param_shapes, **masks.param_shapes}
-        for language in json.loads(meta["languages"]):
+        for language in meta["languages"]:
             prefix = f"{language}/params/"
             params = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             masks[language] = Subnetwork(

@@ -80,6 +80,7 @@ class MaskPolicy:
 
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
     supports_episodes = True  # whether it can run inside a MAML episode
+    uses_masks_path = False  # whether it reads a saved mask set (masks.path); else that setting is refused
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         """Cheap set-up on the model, its batches and the training ``languages`` (build the

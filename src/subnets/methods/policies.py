@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from subnets.config import setting
+from subnets.checkpoint import phase_rng
+from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
@@ -72,6 +73,13 @@ class SubnetworkPolicy(MaskPolicy):
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         self.model, self.batcher = model, batcher
+        layers, heads = model.gates.shape
+        minimum, top_k = self.search.min_heads_per_layer, self.search.top_k
+        if minimum > heads:
+            raise SettingError(f"masks.min_heads_per_layer={minimum}: the model has {heads} heads per layer")
+        if top_k is not None and not layers * minimum <= top_k <= layers * heads:
+            raise SettingError(f"masks.top_k={top_k}: expected between {layers * minimum} (masks.min_heads_per_layer "
+                               f"x {layers} layers) and {layers * heads} (every head)")  # fmt: skip
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         return MaskedOptimizer(optimizer, model.named_parameters())
@@ -213,7 +221,12 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
                  outputs: Outputs) -> SubnetworkSet:  # fmt: skip
     """Find every source language's subnetwork: optionally fine-tune a copy on the language
     (``masks.finetune_steps``), score heads (``masks.importance``), select a mask
-    (``masks.selection``; iterative pruning uses the language's dev split)."""
+    (``masks.selection``; iterative pruning uses the language's dev split).
+
+    Each language's search draws its random numbers (the fine-tuned copy's dropout) from
+    generators seeded by the run's seed and the language (:func:`~subnets.checkpoint.phase_rng`),
+    and leaves the global ones as it found them: a run that computes its masks, one that loads
+    them (``masks.path``) and one that resumes continue with the same random numbers."""
     masks = SubnetworkSet.for_model(model)
     fisher_params = setting(search.params) == "fisher"
     param_names = matching_parameters(model, search.param_include) if fisher_params else []
@@ -229,25 +242,26 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
         def dev_metric(scorer, mask, dev=dev):
             return sources.dev_metric(scorer, dev, mask.float().to(batcher.device))
 
-        found = find_subnetwork(
-            model,
-            batcher.fixed(data, search.batch_size, search.importance_batches, "importance"),
-            importance=setting(search.importance),
-            selection=setting(search.selection),
-            dev_metric=dev_metric,
-            keep_ratio=search.keep_ratio,
-            top_k=search.top_k,
-            prune_fraction=search.prune_fraction,
-            threshold=search.threshold,
-            min_heads_per_layer=search.min_heads_per_layer,
-            samples=batcher.fixed(data, 1, search.param_samples, "fisher") if needs_samples else None,
-            finetune_batches=batcher.fixed(data, sources.batch_size, 8, "finetune"),
-            finetune_steps=search.finetune_steps,
-            make_optimizer=sources.make_optimizer,
-            param_names=param_names,
-            param_keep_ratio=search.param_keep_ratio,
-            param_scope=setting(search.param_scope),
-        )
+        with phase_rng(batcher.seed, f"masks/{lang}", batcher.device):
+            found = find_subnetwork(
+                model,
+                batcher.fixed(data, search.batch_size, search.importance_batches, "importance"),
+                importance=setting(search.importance),
+                selection=setting(search.selection),
+                dev_metric=dev_metric,
+                keep_ratio=search.keep_ratio,
+                top_k=search.top_k,
+                prune_fraction=search.prune_fraction,
+                threshold=search.threshold,
+                min_heads_per_layer=search.min_heads_per_layer,
+                samples=batcher.fixed(data, 1, search.param_samples, "fisher") if needs_samples else None,
+                finetune_batches=batcher.fixed(data, sources.batch_size, 8, "finetune"),
+                finetune_steps=search.finetune_steps,
+                make_optimizer=sources.make_optimizer,
+                param_names=param_names,
+                param_keep_ratio=search.param_keep_ratio,
+                param_scope=setting(search.param_scope),
+            )
         found.subnetwork.scores = found.importance
         masks[lang] = found.subnetwork
         if found.pruning is not None:
@@ -265,6 +279,8 @@ class StaticMasks(SubnetworkPolicy):
     """Per-language masks computed once, before multilingual training (``+method=static``):
     :func:`search_masks`, or a saved set (``masks.path``). The masks are cached in
     ``<run>/masks/masks.safetensors``."""
+
+    uses_masks_path = True
 
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
         if self.masks is None:
@@ -402,6 +418,7 @@ class DynamicMasks(SubnetworkPolicy):
             raise ValueError(f"dynamic.rule: unknown rule {name!r}; available: {', '.join(RULES)}")
         self.rule = rule if rule is not None else RULES[name](search, dynamic)
         self.supports_episodes = self.rule.supports_episodes
+        self.uses_masks_path = setting(dynamic.init) == "static"
         self.history: dict[str, list[dict[str, Any]]] = {}
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:

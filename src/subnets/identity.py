@@ -1,0 +1,117 @@
+"""What a run folder holds a run of: the settings, the content of every data file read and the
+model it started from, recorded in ``<folder>/run.json`` when the run starts.
+
+A later command in the same folder (a resume, a rerun of a finished sweep) must describe the
+same run: its settings may differ only in :data:`IGNORED` keys (paths, logging, devices), the
+data files it reads must have the same content (wherever the data root now is) and the model
+the same weights, configuration and tokenizer. Otherwise it is refused, before any work, with
+the differences listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Settings that may change between a run and its resumption without changing its results. The
+# data root and the model path are compared by content (run.json's "data" and "model") instead.
+IGNORED = (
+    "resume",
+    "overwrite",
+    "wandb.",
+    "train.device",
+    "train.log_every",
+    "train.eval_batch_size",
+    "languages.ud_root",
+    "model.name_or_path",
+    "analysis.",
+)
+
+
+def flat(container: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dictionary as ``{"a.b.c": value}``."""
+    if isinstance(container, dict):
+        out = {}
+        for key, value in container.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: container}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs, :data:`IGNORED` keys aside."""
+    saved, current = flat(dict(saved)), flat(dict(current))
+    return [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key) and not key.startswith(IGNORED)
+    ]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of each data file, keyed by its path relative to the data ``root``."""
+    root = Path(root).resolve()
+    out = {}
+    for path in sorted({Path(p).resolve() for p in paths}):
+        key = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        out[key] = sha256_file(path)
+    return out
+
+
+def model_fingerprint(model: nn.Module, tokenizer) -> dict[str, str]:
+    """SHA-256 of the model's weights (as built, before training), of its configuration and of
+    its tokenizer; the same checkpoint gives the same fingerprint wherever it is loaded from."""
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    config = getattr(model, "config", None)
+    config_text = json.dumps(config.to_diff_dict(), sort_keys=True, default=str) if config is not None else ""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenizer_text = (
+        backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
+    return {
+        "class": type(model).__name__,
+        "weights": weights.hexdigest(),
+        "config": hashlib.sha256(config_text.encode()).hexdigest(),
+        "tokenizer": hashlib.sha256(tokenizer_text.encode()).hexdigest(),
+    }
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The differences between two run identities (``{"config", "data", "model"}``)."""
+    differences = config_differences(saved.get("config", {}), current.get("config", {}))
+    if "data" in saved and "data" in current:
+        old, new = saved["data"], current["data"]
+        for path in sorted(set(old) | set(new)):
+            if path not in new:
+                differences.append(f"data: {path} is no longer read")
+            elif path not in old:
+                differences.append(f"data: {path} is read, the run did not read it")
+            elif old[path] != new[path]:
+                differences.append(
+                    f"data: {path} has other content (sha256 {old[path][:12]} -> {new[path][:12]})"
+                )
+    if "model" in saved and "model" in current:
+        for key in sorted(set(saved["model"]) | set(current["model"])):
+            if saved["model"].get(key) != current["model"].get(key):
+                differences.append(
+                    f"model: other {key} ({saved['model'].get(key)!s:.12} -> {current['model'].get(key)!s:.12})"
+                )
+    return differences
