@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,10 +13,25 @@ from subnets.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SUBNETS_SHARED", REPO.parent / "shared"))
+SCORER = SHARED / "tools" / "ud_eval.py"  # the official CoNLL 2018 scorer, used from there
+
+
+def official_scorer():
+    """The official scorer's module (:data:`SCORER`), loaded from ../shared."""
+    spec = importlib.util.spec_from_file_location("ud_eval", SCORER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # A run small enough for a test (configs/debug/tiny.yaml): 2-layer model, 80 sentences per
 # language, 12 steps.
 TINY = ["debug=tiny"]
+
+
+def scores(results: dict) -> dict:
+    """A run's results without the wall-clock ``seconds`` (the rest is reproducible)."""
+    return {key: value for key, value in results.items() if key != "seconds"}
 
 
 def tiny_config(*overrides: str):
@@ -55,6 +71,12 @@ def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
     with pytest.raises(Crash):
         run(cfg, folder)
     monkeypatch.setattr(Run, "save_checkpoint", original)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _treebank_cache(tmp_path_factory):
+    """One treebank cache for the session (subnets.data.cache), not the user's."""
+    os.environ["SUBNETS_CACHE_DIR"] = str(tmp_path_factory.mktemp("treebank_cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import crash_after_checkpoint, step_on, tiny_config
+from conftest import crash_after_checkpoint, scores, step_on, tiny_config
 
 from subnets.data.dataset import load_language
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
@@ -216,11 +216,11 @@ def test_dynamic_runs_are_deterministic_and_resume_to_the_same_masks(tmp_path, m
     settings = [*DYNAMIC, f"dynamic.rule={rule}"]
     reference = run(tiny_config(*settings), tmp_path / "reference")
     again = run(tiny_config(*settings), tmp_path / "again")
-    assert again == reference
+    assert scores(again) == scores(reference)
 
     crash_after_checkpoint(monkeypatch, tiny_config(*settings), tmp_path / "resumed")
     resumed = run(tiny_config(*settings), tmp_path / "resumed")
-    assert resumed == reference
+    assert scores(resumed) == scores(reference)
     history = [
         json.loads((tmp_path / r / "masks" / "history.json").read_text()) for r in ("reference", "resumed")
     ]

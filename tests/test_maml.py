@@ -8,7 +8,7 @@ import json
 import higher
 import pytest
 import torch
-from conftest import crash_after_checkpoint, tiny_config, tiny_transformer
+from conftest import crash_after_checkpoint, scores, tiny_config, tiny_transformer
 from torch import nn
 
 from subnets.data.batching import Collator, encode_words
@@ -313,6 +313,6 @@ def test_maml_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     settings = [*META, "+method=maml", "meta.learn_inner_lr=true"]
     reference = run(tiny_config(*settings), tmp_path / "reference")
     crash_after_checkpoint(monkeypatch, tiny_config(*settings), tmp_path / "resumed")
-    assert run(tiny_config(*settings), tmp_path / "resumed") == reference
+    assert scores(run(tiny_config(*settings), tmp_path / "resumed")) == scores(reference)
     lrs = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/inner_lr_encoder" in r for r in lrs)

@@ -3,6 +3,7 @@
 The names a notebook needs, in one place::
 
     from subnets import compose_config, run                     # a whole run, as the CLI runs it
+    from subnets import load_run, evaluate_run                  # a trained run, reused
     from subnets import HeadGates, head_importance, select_keep_ratio, MaskedOptimizer, MAML
 """
 
@@ -51,6 +52,7 @@ from subnets.models.head_gates import HeadGates
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer
 from subnets.runner import Run, run
+from subnets.trained import TrainedRun, evaluate_run, load_run
 from subnets.update import apply_update, training_step
 
 __version__ = "0.1.0"
@@ -59,11 +61,11 @@ __all__ = [
     "MAML", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser", "DynamicMasks", "Encoder",
     "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData", "LanguageSampler", "MAMLEpisodes",
     "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "Run", "Sentence", "StaticMasks",
-    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "apply_update", "attachment_scores",
+    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "apply_update", "attachment_scores",
     "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config",
-    "evaluate", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",
+    "evaluate", "evaluate_run", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",
     "head_importance", "head_parameter_masks", "iterative_pruning", "linear_cka", "load_language",
-    "load_pretrained", "overlap_typology_correlation", "predict", "read_conllu", "run", "score_conllu",
+    "load_pretrained", "load_run", "overlap_typology_correlation", "predict", "read_conllu", "run", "score_conllu",
     "select_keep_ratio", "select_parameters", "select_top_k", "training_step", "typological_similarity",
     "write_conllu",
 ]  # fmt: skip

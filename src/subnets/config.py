@@ -151,6 +151,10 @@ class LanguagesConfig:
     on_error: OnError = OnError["raise"]
     max_train_sentences: int | None = None  # per language
     max_eval_sentences: int | None = None  # per language and split (the first N)
+    # Parsed and tokenized files kept as datasets on disk, shared by the jobs of a sweep
+    # (subnets.data.cache); cache_dir: None is $SUBNETS_CACHE_DIR, else ~/.cache/subnets.
+    cache: bool = True
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -182,7 +186,8 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.offline
+    mode: WandbMode | None = None  # None: $WANDB_MODE, else offline (subnets.tracking.wandb_mode)
+    verbose: bool = False  # W&B's own console output (its run summary); off keeps the results table last
     project: str = "subnets"
     entity: str | None = None
     group: str | None = None

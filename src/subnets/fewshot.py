@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ from subnets.data.ud import TreebankFiles
 from subnets.evaluate import evaluate
 from subnets.methods.base import MaskPolicy
 from subnets.optim.masked import MaskedOptimizer
+from subnets.progress import bar
 from subnets.update import parameter_groups, training_step
+
+log = logging.getLogger(__name__)
 
 
 def fine_tune(
@@ -76,12 +81,15 @@ def few_shot(
     if settings.repetitions <= 0:
         return out
     device = torch.device(batcher.device)
+    progress = bar(len(target_test) * settings.repetitions, "few-shot", "repetition")
     for code, test in target_test.items():
-        runs = []
+        runs, started = [], time.perf_counter()
         for repetition in range(settings.repetitions):
             draw_seed = 1000 * seed + repetition
             pool = (pools or {}).get(code)
-            support, rest = draw_support(treebanks[code], test, settings.k, draw_seed, on_error, pool=pool)
+            support, rest = draw_support(
+                treebanks.get(code), test, settings.k, draw_seed, on_error, pool=pool
+            )
             if support.pieces is None:
                 support.tokenize(tokenizer)
             adapted = copy.deepcopy(model)
@@ -98,6 +106,7 @@ def few_shot(
             scores = evaluate(adapted, rest, batcher.collator, eval_batch_size, gates, path)
             runs.append({"seed": draw_seed, "support_split": support.split, **scores})
             del adapted
+            progress.update(1)
         summary = {"runs": runs, "support_split": runs[0]["support_split"]}
         for key in ("uas", "las", "upos"):
             if key in runs[0]:
@@ -105,6 +114,12 @@ def few_shot(
                 summary[f"{key}_mean"] = float(values.mean())
                 summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         out["languages"][code] = summary
+        log.info("few-shot, %s: %s over %d repetitions (k=%d from %s, %d steps; %.1f s)", code,
+                 " ".join(f"{key.upper()} {summary[f'{key}_mean']:.2f} +- {summary[f'{key}_sd']:.2f}"
+                          for key in ("uas", "las", "upos") if f"{key}_mean" in summary),
+                 settings.repetitions, settings.k, summary["support_split"], settings.steps,
+                 time.perf_counter() - started)  # fmt: skip
+    progress.close()
     languages = out["languages"].values()
     out["mean"] = {key: float(np.mean([s[f"{key}_mean"] for s in languages]))
                    for key in ("uas", "las", "upos") if f"{key}_mean" in next(iter(languages))}  # fmt: skip

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from subnets.data.cache import sha256_path, tokenizer_fingerprint
+
 # Settings that may change between a run and its resumption without changing its results. The
 # data root and the model path are compared by content (run.json's "data" and "model") instead.
 IGNORED = (
@@ -30,6 +32,7 @@ IGNORED = (
     "train.log_every",
     "train.eval_batch_size",
     "languages.ud_root",
+    "languages.cache",
     "model.name_or_path",
     "analysis.",
 )
@@ -55,21 +58,13 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     ]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_fingerprint(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of each data file, keyed by its path relative to the data ``root``."""
     root = Path(root).resolve()
     out = {}
     for path in sorted({Path(p).resolve() for p in paths}):
         key = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-        out[key] = sha256_file(path)
+        out[key] = sha256_path(path)
     return out
 
 
@@ -82,15 +77,11 @@ def model_fingerprint(model: nn.Module, tokenizer) -> dict[str, str]:
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     config = getattr(model, "config", None)
     config_text = json.dumps(config.to_diff_dict(), sort_keys=True, default=str) if config is not None else ""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    tokenizer_text = (
-        backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    )
     return {
         "class": type(model).__name__,
         "weights": weights.hexdigest(),
         "config": hashlib.sha256(config_text.encode()).hexdigest(),
-        "tokenizer": hashlib.sha256(tokenizer_text.encode()).hexdigest(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
     }
 
 

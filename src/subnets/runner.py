@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from subnets.analysis.conflict import conflict_matrix, probe_batches
 from subnets.analysis.similarity import cka_record
@@ -39,7 +37,7 @@ from subnets.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed
 from subnets.config import SettingError, setting, validate_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
-from subnets.data.languages import load_run_data, treebank_root
+from subnets.data.languages import load_run_data, treebank_cache, treebank_root
 from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
@@ -49,6 +47,7 @@ from subnets.identity import config_differences, data_fingerprint, identity_diff
 from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
+from subnets.progress import Clock, bar, duration, run_log
 from subnets.results import format_results
 from subnets.tracking import Tracker
 from subnets.update import DivergenceGuard, LossGuard, StepResult, linear_schedule, parameter_groups
@@ -59,6 +58,16 @@ log = logging.getLogger(__name__)
 def build_method(cfg: DictConfig) -> Method:
     """The method of ``cfg.method``: its mask policy and step strategy built from their ``_target_``."""
     return Method(str(cfg.method.name), instantiate(cfg.method.policy), instantiate(cfg.method.step))
+
+
+def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.device:
+    """``train.device``: ``auto`` is CUDA when available, else the CPU; under ``torchrun``,
+    ``cuda`` is each process's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and parallel is not None and parallel.world_size > 1:
+        name = f"cuda:{parallel.local_rank}"
+    return torch.device(name)
 
 
 def check_masks_path(cfg: DictConfig, policy) -> None:
@@ -78,12 +87,15 @@ def check_inputs(cfg: DictConfig) -> None:
     validate_config(cfg)
     check_masks_path(cfg, build_method(cfg).policy)
     with tempfile.TemporaryDirectory() as folder:
-        data = load_run_data(
-            cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed
-        )
+        data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed,
+                             cache=treebank_cache(cfg.languages))  # fmt: skip
         texts = (" ".join(s.forms) for d in data.train.values() for s in d.sentences)
         transformer, _ = build_encoder(cfg.model, cfg.seed, texts)
         build_model(cfg, transformer)
+
+
+def _scores_text(scores: Mapping[str, float]) -> str:
+    return " ".join(f"{key.upper()} {scores[key]:.2f}" for key in ("uas", "las", "upos") if key in scores)
 
 
 def validation_metric(scores: dict[str, float]) -> float:
@@ -105,6 +117,8 @@ class Run:
         self.cfg = cfg
         self.folder = Path(folder)
         self.step = 0
+        self.clock = Clock()  # seconds per phase, for results.json
+        self.started = time.perf_counter()
         self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
         self.parallel = DataParallel()
         self.tracker = Tracker(self.folder, enabled=False)
@@ -130,11 +144,13 @@ class Run:
         self.parallel = DataParallel.from_environment(cfg.train.device)
         main = self.parallel.is_main
         self.tracker = Tracker(self.folder, enabled=main)
-        self.device = self._device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, self.parallel)
+        started = time.perf_counter()
         if not main:
             self.parallel.barrier()  # rank 0 writes the data and the tokenizer first
+        cache = treebank_cache(cfg.languages)
         self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
-                                  seed=cfg.seed, needs_support=policy.needs_support)  # fmt: skip
+                                  seed=cfg.seed, needs_support=policy.needs_support, cache=cache)  # fmt: skip
         texts = (" ".join(s.forms) for d in self.data.train.values() for s in d.sentences)
         transformer, self.tokenizer = build_encoder(cfg.model, cfg.seed, texts, self.folder / "tokenizer")
         identity = {
@@ -146,7 +162,7 @@ class Run:
             self._refuse(identity_differences(saved, identity))
         if main:
             self.parallel.barrier()
-        self.data.tokenize(self.tokenizer)
+        self.data.tokenize(self.tokenizer, cache)
         self.collator = Collator(self.tokenizer, self._max_subwords(transformer))
         self.batcher = Batcher(self.collator, self.device, cfg.seed)
         self.model = build_model(cfg, transformer).to(self.device)
@@ -162,11 +178,14 @@ class Run:
         self.batches = TrainingBatches(self.sampler, self.data.train, self.batcher, self.parallel)
         self._record(identity, record)
         self.resumed = self._resume()
+        self.clock.add("setup", time.perf_counter() - started)
         if main:
             self.tracker.start_wandb(cfg.wandb, cfg.name, self._config_container())
-            policy.prepare(self.model, self.source_languages(), self.outputs)
+            with self.clock("mask_search"):
+                policy.prepare(self.model, self.source_languages(), self.outputs)
             if cfg.analysis.cka_sentences > 0 and not self.resumed:
-                self.measure_cka("before")
+                with self.clock("analyses"):
+                    self.measure_cka("before")
         if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
             state = self.parallel.broadcast(self.method.state_dict() if main else None)
             if not main:
@@ -174,12 +193,23 @@ class Run:
                 policy.prepare(self.model, self.source_languages(), self.outputs)
             self.parallel.broadcast_parameters(self.model)
 
-    def _device(self, name: str) -> torch.device:
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda" and self.parallel.world_size > 1:
-            name = f"cuda:{self.parallel.local_rank}"
-        return torch.device(name)
+    def setup_evaluation(self, trained) -> None:
+        """Set up to evaluate a trained run (:class:`~subnets.trained.TrainedRun`: its model,
+        tokenizer and method) on this run's languages, with no training; only this run's folder
+        is written (its data, for synthetic languages)."""
+        cfg = self.cfg
+        self.method, self.model, self.tokenizer = trained.method, trained.model, trained.tokenizer
+        self.batcher, self.collator, self.device = trained.batcher, trained.collator, trained.batcher.device
+        self.step, self.best = trained.step, trained.best
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.clock("setup"):
+            cache = treebank_cache(cfg.languages)
+            self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
+                                      seed=cfg.seed, needs_support=self.method.policy.needs_support,
+                                      read_train=False, cache=cache)  # fmt: skip
+            self.data.tokenize(self.tokenizer, cache)
+        with self.clock("final_evaluation"):
+            self.method.policy.prepare_evaluation(self.model, self.data.support)
 
     def _max_subwords(self, transformer) -> int:
         limit = max_subwords(transformer, self.tokenizer)
@@ -340,19 +370,21 @@ class Run:
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         """The training loop, from the current step to ``train.steps``."""
-        train, policy, main = self.cfg.train, self.method.policy, self.parallel.is_main
+        train, policy, main, clock = self.cfg.train, self.method.policy, self.parallel.is_main, self.clock
         if self.step >= train.steps:
             return
-        bar = tqdm(total=train.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=None if main else True, file=sys.stderr)  # fmt: skip
+        progress = bar(train.steps, "train", "step", initial=self.step, enabled=main)
         totals: dict[str, float] = {}
-        start = time.perf_counter()
+        start = loop_start = time.perf_counter()
+        first_step = self.step
         conflict_every = self.cfg.analysis.conflict_every
         if self.step == 0 and conflict_every > 0 and main:
-            self.measure_conflict()
+            with clock("analyses"):
+                self.measure_conflict()
         while self.step < train.steps:
-            result, extra = self.train_step()
-            bar.update(1)
+            with clock("training_steps"):
+                result, extra = self.train_step()
+            progress.update(1)
             for key, value in {"loss": result.loss, **result.losses, "grad_norm": result.grad_norm,
                                "skipped_steps": float(result.skipped), **extra}.items():  # fmt: skip
                 totals[key] = totals.get(key, 0.0) + value
@@ -366,20 +398,35 @@ class Run:
                 for group in self.optimizer.param_groups:
                     record[f"lr/{group.get('name', 'group')}"] = group["lr"]
                 self.log(record)
-                bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+                progress.set_postfix(loss=f"{record['train/loss']:.3f}",
+                                     words_per_s=f"{record['train/words_per_second']:.0f}")  # fmt: skip
                 totals, start = {}, time.perf_counter()
+                if main:
+                    self._log_progress(record, time.perf_counter() - loop_start, self.step - first_step)
                 self.guard.after_interval(self.step, record["train/loss"])
             if main and (self.step % train.eval_every == 0 or self.step == train.steps):
-                self.validate()
+                with clock("dev_evaluation"):
+                    self.validate()
             if main and self.step == train.steps:
                 policy.on_train_end(self.outputs)
             if main and conflict_every > 0 and self.step % conflict_every == 0:
-                self.measure_conflict()
+                with clock("analyses"):
+                    self.measure_conflict()
             # While the loss is flagged as diverging, last.safetensors stays the last good state.
             diverging = self.divergence.in_a_row > 0
             if (self.step % train.checkpoint_every == 0 and not diverging) or self.step == train.steps:
-                self.save_checkpoint()
-        bar.close()
+                with clock("checkpoints"):
+                    self.save_checkpoint()
+        progress.close()
+
+    def _log_progress(self, record: dict[str, float], seconds: float, steps: int) -> None:
+        """The log line of a log interval: step, loss, learning rate, speed, elapsed time, ETA."""
+        total = self.cfg.train.steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        eta = seconds / steps * (total - self.step)
+        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.step, total,
+                 record["train/loss"], lr, record["train/words_per_second"],
+                 duration(time.perf_counter() - self.started), duration(eta))  # fmt: skip
 
     def train_step(self) -> tuple[StepResult, dict[str, float]]:
         """One step of the loop: the method's step, the NaN/inf check and the policy's
@@ -410,7 +457,11 @@ class Run:
         metric = float(np.mean(metrics))
         record["dev/metric"] = metric
         self.log(record)
-        if self.best is None or metric > self.best["metric"]:
+        best = self.best is None or metric > self.best["metric"]
+        log.info("development evaluation at step %d: %s; metric %.2f%s", self.step,
+                 ", ".join(f"{code} {m:.2f}" for code, m in zip(self.data.dev, metrics)), metric,
+                 " (best so far)" if best else "")  # fmt: skip
+        if best:
             self.best = {"metric": metric, "step": self.step}
             state = {"step": self.step, "metric": metric, "model": self.model.state_dict(),
                      "method": self.method.state_dict()}  # fmt: skip
@@ -420,7 +471,6 @@ class Run:
     # ------------------------------------------------------------------ evaluation
     def final_evaluation(self) -> dict[str, Any]:
         """Evaluate the best model on every language and split; write predictions and results.json."""
-        cfg, policy = self.cfg, self.method.policy
         if self.best is not None:
             if not self.best_checkpoint.exists():
                 raise FileNotFoundError(
@@ -429,16 +479,30 @@ class Run:
             best = load_checkpoint(self.best_checkpoint, self.device)
             self.model.load_state_dict(best["model"])
             self.method.load_state_dict(best["method"])
-        policy.prepare_evaluation(self.model, self.data.support)
-        if cfg.analysis.cka_sentences > 0:
-            self.measure_cka("after")
+        with self.clock("final_evaluation"):
+            self.method.policy.prepare_evaluation(self.model, self.data.support)
+        if self.cfg.analysis.cka_sentences > 0:
+            with self.clock("analyses"):
+                self.measure_cka("after")
+        return self.write_results({"diverging_log_intervals": self.divergence.flagged})
+
+    def write_results(self, about: Mapping[str, Any]) -> dict[str, Any]:
+        """Score the current model on every evaluated language (predictions into
+        ``predictions/``), run the few-shot protocol, and write ``results.json``, with the
+        entries of ``about`` after the run's step and best model. The method's test-time
+        policy must be prepared (``prepare_evaluation``)."""
+        cfg, policy = self.cfg, self.method.policy
         scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
-        for (role, code), data in self.data.evaluated.items():
-            path = self.folder / "predictions" / f"{code}-{data.split}.conllu"
-            result = evaluate(
-                self.model, data, self.collator, cfg.train.eval_batch_size, policy.eval_gates(code), path
-            )
-            scores[role][code] = {"split": data.split, **result}
+        with self.clock("final_evaluation"):
+            for (role, code), data in self.data.evaluated.items():
+                path = self.folder / "predictions" / f"{code}-{data.split}.conllu"
+                started = time.perf_counter()
+                result = evaluate(
+                    self.model, data, self.collator, cfg.train.eval_batch_size, policy.eval_gates(code), path
+                )
+                scores[role][code] = {"split": data.split, **result}
+                log.info("final evaluation, %s language %s (%s, %d words): %s (%.1f s)", role, code, data.split,
+                         result["words"], _scores_text(result), time.perf_counter() - started)  # fmt: skip
         results = {
             "method": self.method.name,
             "seed": cfg.seed,
@@ -446,8 +510,8 @@ class Run:
             "steps": self.step,
             "best_step": self.best["step"] if self.best else None,
             "dev_metric": self.best["metric"] if self.best else None,
+            **about,
             "skipped_sentences": self.data.skipped,
-            "diverging_log_intervals": self.divergence.flagged,
             "support": {
                 code: {"split": d.split, "sentences": len(d)} for code, d in self.data.support.items()
             },
@@ -460,7 +524,9 @@ class Run:
                 results[f"{role}_mean"] = {key: float(np.mean([s[key] for s in scores[role].values()]))
                                            for key in ("uas", "las", "upos") if key in first}  # fmt: skip
         if self.data.target_test and cfg.fewshot.repetitions > 0:
-            results["fewshot"] = self.few_shot()
+            with self.clock("few_shot"):
+                results["fewshot"] = self.few_shot()
+        results["seconds"] = {**self.clock.rounded(), "total": round(time.perf_counter() - self.started, 2)}
         atomic_write_json(self.folder / "results.json", results)
         self.log({f"final/{role}/{code}/{k}": v for role in scores for code, s in scores[role].items()
                   for k, v in s.items() if k not in ("split", "words")})  # fmt: skip
@@ -532,18 +598,24 @@ def run(
         clear_outputs(folder)
     training = Run(cfg, folder)
     try:
-        training.setup(record)
-        if training.resumed and training.step >= cfg.train.steps and results_path.exists():
-            message = (
-                f"{folder} already finished; its results are in {results_path} (overwrite=true reruns it)"
+        with run_log(folder):
+            training.setup(record)
+            if training.resumed and training.step >= cfg.train.steps and results_path.exists():
+                message = (
+                    f"{folder} already finished; its results are in {results_path} (overwrite=true reruns it)"
+                )
+                log.info(message)
+                print(message)
+                return json.loads(results_path.read_text()) if training.parallel.is_main else {}
+            training.train()
+            if not training.parallel.is_main:
+                return {}
+            results = training.final_evaluation()
+            log.info(
+                "finished in %s; results in %s",
+                duration(time.perf_counter() - training.started),
+                results_path,
             )
-            log.info(message)
-            print(message)
-            return json.loads(results_path.read_text()) if training.parallel.is_main else {}
-        training.train()
-        if not training.parallel.is_main:
-            return {}
-        results = training.final_evaluation()
     finally:
         training.close()
     print(format_results(results))

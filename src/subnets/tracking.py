@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ class Tracker:
         return self.folder / "metrics.jsonl"
 
     def start_wandb(self, settings: Any, name: str, config: dict) -> None:
-        """Start (or resume) the W&B run of this folder (``settings``: ``wandb.*``)."""
-        if not self.enabled:
+        """Start (or resume) the W&B run of this folder (``settings``: ``wandb.*``) in the mode
+        :func:`wandb_mode` gives; ``disabled`` starts nothing (no process, no files)."""
+        mode = wandb_mode(setting(settings.mode))
+        if not self.enabled or mode == "disabled":
             return
         import wandb
 
@@ -38,11 +41,12 @@ class Tracker:
             group=settings.group or name,
             name=f"{name}/{self.folder.name}",
             dir=str(self.folder),
-            mode=setting(settings.mode),
+            mode=mode,
             config=config,
             id=run_id,
             resume="allow",
             tags=list(settings.tags),
+            settings=wandb.Settings(silent=not settings.verbose),
         )
 
     def log(self, step: int, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
@@ -63,3 +67,26 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+_MODES = {
+    "online": "online",
+    "offline": "offline",
+    "disabled": "disabled",
+    "run": "online",
+    "dryrun": "offline",
+}
+
+
+def wandb_mode(configured: str | None) -> str:
+    """The W&B mode of a run: ``wandb.mode`` when a config or the command line sets it, else
+    the ``WANDB_MODE`` environment variable (W&B's own names, ``dryrun`` and ``run`` included),
+    else ``offline``."""
+    if configured is not None:
+        return configured
+    value = os.environ.get("WANDB_MODE", "").strip()
+    if not value:
+        return "offline"
+    if value not in _MODES:
+        raise ValueError(f"WANDB_MODE={value!r}: expected one of {', '.join(_MODES)} (or set wandb.mode)")
+    return _MODES[value]

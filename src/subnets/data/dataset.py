@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from subnets.data.batching import Batch, Collator, WordPieces, encode_words
-from subnets.data.treebank import Sentence, read_conllu
+from subnets.data.cache import TreebankCache
+from subnets.data.hf import read_dataset_split
+from subnets.data.treebank import ConlluFile, Sentence, read_conllu
 from subnets.data.ud import TreebankFiles
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,15 @@ class LanguageData:
     def num_words(self) -> int:
         return sum(len(s) for s in self.sentences)
 
-    def tokenize(self, tokenizer) -> LanguageData:
-        """Compute the subword pieces of every word with ``tokenizer``; returns ``self``."""
-        self.pieces = encode_words(tokenizer, self.sentences)
+    def tokenize(self, tokenizer, cache: TreebankCache | None = None) -> LanguageData:
+        """Compute the subword pieces of every word with ``tokenizer`` (or take them from
+        ``cache``); returns ``self``."""
+        if cache is None:
+            self.pieces = encode_words(tokenizer, self.sentences)
+        else:
+            self.pieces = cache.pieces(
+                self.sentences, tokenizer, lambda: encode_words(tokenizer, self.sentences)
+            )
         return self
 
     def subset(self, indices: list[int], split: str | None = None) -> LanguageData:
@@ -53,14 +61,25 @@ class LanguageData:
         )
 
 
+def read_treebank(path: Path, on_error: str = "raise") -> ConlluFile:
+    """A split file: CoNLL-U, or a ``datasets`` split folder (:mod:`subnets.data.hf`)."""
+    return read_dataset_split(path, on_error) if path.is_dir() else read_conllu(path, on_error=on_error)
+
+
 def load_language(
-    treebank: TreebankFiles, split: str, on_error: str = "raise", max_sentences: int | None = None
+    treebank: TreebankFiles,
+    split: str,
+    on_error: str = "raise",
+    max_sentences: int | None = None,
+    cache: TreebankCache | None = None,
 ) -> LanguageData:
-    """Read and validate ``split`` of ``treebank`` (its first ``max_sentences`` sentences).
+    """Read and validate ``split`` of ``treebank`` (its first ``max_sentences`` sentences),
+    through ``cache`` if given (:mod:`subnets.data.cache`).
 
     Skipped sentences are logged with their file, line and reason.
     """
-    file = read_conllu(treebank.path(split), on_error=on_error)
+    path = treebank.path(split)
+    file = cache.read(path, on_error, read_treebank) if cache is not None else read_treebank(path, on_error)
     for error in file.skipped:
         log.warning("skipped invalid sentence: %s", error)
     if file.skipped:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from subnets.config import setting
+from subnets.data.cache import TreebankCache, cache_folder
 from subnets.data.dataset import LanguageData, load_language
 from subnets.data.support import draw_support, support_pool
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
@@ -55,9 +56,14 @@ class RunData:
                  *self.support_pools.values()]  # fmt: skip
         return list({id(d): d for d in items}.values())
 
-    def tokenize(self, tokenizer) -> None:
+    def tokenize(self, tokenizer, cache: TreebankCache | None = None) -> None:
         for data in self.all():
-            data.tokenize(tokenizer)
+            data.tokenize(tokenizer, cache)
+
+
+def treebank_cache(languages: Any) -> TreebankCache:
+    """The cache of parsed and tokenized files (``languages.cache``, ``languages.cache_dir``)."""
+    return TreebankCache(cache_folder(languages.cache_dir) if languages.cache else None)
 
 
 def treebank_root(languages: Any, folder: Path) -> Path:
@@ -75,27 +81,40 @@ def treebank_root(languages: Any, folder: Path) -> Path:
 
 
 def load_run_data(
-    languages: Any, fewshot: Any, root: Path, *, seed: int = 1, needs_support: bool = False
+    languages: Any,
+    fewshot: Any,
+    root: Path,
+    *,
+    seed: int = 1,
+    needs_support: bool = False,
+    read_train: bool = True,
+    cache: TreebankCache | None = None,
 ) -> RunData:
     """Read and validate every split the run uses (``languages.*`` settings) from the treebanks
     under ``root``; with ``fewshot.repetitions > 0``, check now (not after training) that every
     target has ``fewshot.k`` support sentences; with ``needs_support``, draw the development
-    and target languages' support sentences (seeded by ``seed``)."""
+    and target languages' support sentences (seeded by ``seed``). ``read_train=False`` (the
+    evaluation of a trained run) leaves the training splits unread (``train`` is empty). Files
+    are read through ``cache`` if given (:func:`treebank_cache`)."""
     treebanks = discover_treebanks(root)
     on_error = setting(languages.on_error)
     if not languages.train:
         raise ValueError("languages.train is empty: name at least one training language")
 
     def load(code: str, split: str, cap: int | None) -> LanguageData:
-        return load_language(treebanks[code], split, on_error, cap)
+        return load_language(treebanks[code], split, on_error, cap, cache)
 
-    train = select_treebanks(treebanks, languages.train, "languages.train", root)
+    train_codes = list(languages.train)
+    if not read_train:  # an evaluation scores the training languages' dev splits where the root has them
+        train_codes = [code for code in train_codes if code in treebanks]
+    train = select_treebanks(treebanks, train_codes, "languages.train", root)
     dev = select_treebanks(treebanks, languages.dev, "languages.dev", root)
     target_codes = list(languages.target)
     if target_codes == ["auto"]:
         target_codes = manifest_targets(root, treebanks, [*languages.train, *languages.dev])
     target = select_treebanks(treebanks, target_codes, "languages.target", root)
-    for role, split, selected in (("train", "train", train), ("dev", "dev", dev), ("target", "test", target)):
+    for role, split, selected in (("train", "train", train if read_train else []), ("dev", "dev", dev),
+                                  ("target", "test", target)):  # fmt: skip
         for tb in selected:
             if split not in tb.files:
                 raise ValueError(f"languages.{role}: {tb.code} has no {split} split in {tb.folder}")
@@ -103,7 +122,7 @@ def load_run_data(
     data = RunData(
         treebanks,
         root,
-        train={tb.code: load(tb.code, "train", languages.max_train_sentences) for tb in train},
+        train={tb.code: load(tb.code, "train", languages.max_train_sentences) for tb in train if read_train},
         dev={tb.code: load(tb.code, "dev", cap) for tb in dev},
         evaluated={},
         target_test={},
@@ -122,7 +141,7 @@ def load_run_data(
         supported += [("target", code) for code in data.target_test if ("target", code) not in supported]
     for role, code in supported:
         data.support_pools[code] = support_pool(
-            treebanks[code], data.evaluated[(role, code)], fewshot.k, on_error
+            treebanks[code], data.evaluated[(role, code)], fewshot.k, on_error, cache
         )
     total = sum(d.skipped for d in data.all())
     if total:

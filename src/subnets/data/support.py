@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+from subnets.data.cache import TreebankCache
 from subnets.data.dataset import LanguageData, load_language
 from subnets.data.ud import SPLITS, TreebankFiles
 
@@ -33,17 +34,21 @@ def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int]) -> str
 
 
 def support_pool(
-    treebank: TreebankFiles, evaluated: LanguageData, k: int, on_error: str = "raise"
+    treebank: TreebankFiles,
+    evaluated: LanguageData,
+    k: int,
+    on_error: str = "raise",
+    cache: TreebankCache | None = None,
 ) -> LanguageData:
     """The sentences ``k`` support sentences of ``evaluated``'s language are drawn from: the first
-    split by :func:`support_split` (read with ``on_error``), which may be ``evaluated`` itself;
+    split by :func:`support_split` (read with ``on_error``, through ``cache``), which may be ``evaluated`` itself;
     raises if drawing them from the evaluated split would leave nothing to score."""
     loaded, sizes = {evaluated.split: evaluated}, {}
     for split in SPLITS:
         if split not in treebank.files:
             continue
         if split not in loaded:
-            loaded[split] = load_language(treebank, split, on_error)
+            loaded[split] = load_language(treebank, split, on_error, cache=cache)
         sizes[split] = len(loaded[split])
         if sizes[split] >= k:
             break
@@ -58,7 +63,7 @@ def support_pool(
 
 
 def draw_support(
-    treebank: TreebankFiles,
+    treebank: TreebankFiles | None,
     evaluated: LanguageData,
     k: int,
     seed: int,
@@ -67,9 +72,12 @@ def draw_support(
 ) -> tuple[LanguageData, LanguageData]:
     """Draw ``k`` support sentences for ``evaluated``'s language from ``pool`` (default:
     :func:`support_pool`); returns (support, evaluated data without the support sentences).
-    Deterministic for (seed, language)."""
+    Deterministic for (seed, language); ``treebank`` is read only when no ``pool`` is given."""
     pool = pool if pool is not None else support_pool(treebank, evaluated, k, on_error)
-    rng = np.random.default_rng([seed, zlib.crc32(treebank.code.encode())])
+    if len(pool) < k:
+        raise ValueError(f"{evaluated.code}: fewshot.k={k} support sentences, but its {pool.split} split "
+                         f"({pool.path}) has {len(pool)}")  # fmt: skip
+    rng = np.random.default_rng([seed, zlib.crc32(evaluated.code.encode())])
     chosen = sorted(int(i) for i in rng.choice(len(pool), size=k, replace=False))
     support = pool.subset(chosen, pool.split)
     if pool is not evaluated:

@@ -58,6 +58,40 @@ class Sentence:
     def __len__(self) -> int:
         return len(self.forms)
 
+    def annotated(
+        self,
+        heads: Sequence[int] | None = None,
+        deprels: Sequence[str] | None = None,
+        upos: Sequence[str] | None = None,
+        blank: Sequence[int] = (),
+    ) -> Sentence:
+        """This sentence with HEAD, DEPREL or UPOS replaced where given and ``_`` in the word
+        lines' columns ``blank`` (0-based: 2 LEMMA, 3 UPOS, 4 XPOS, 5 FEATS, 8 DEPS); its
+        ``lines`` are rewritten to match, every other line and column kept byte for byte
+        (``tokens`` is not carried over)."""
+        replacements = [(column, values) for column, values in ((3, upos), (6, heads), (7, deprels))
+                        if values is not None]  # fmt: skip
+        for _, values in replacements:
+            if len(values) != len(self):
+                raise ValueError(
+                    f"sentence {self.sent_id}: {len(values)} predicted values for {len(self)} words"
+                )
+        lines, word = [], 0
+        for line in self.lines if self.lines is not None else _lines(self):
+            columns = line.split("\t")
+            if not line.startswith("#") and _WORD_ID.match(columns[0]):
+                for column in blank:
+                    columns[column] = "_"
+                for column, values in replacements:
+                    columns[column] = str(values[word])
+                word += 1
+            lines.append("\t".join(columns))
+        return Sentence(
+            self.sent_id, list(self.forms), list(upos if upos is not None else self.upos),
+            list(heads if heads is not None else self.heads), list(deprels if deprels is not None else self.deprels),
+            None, lines, self.source,
+        )  # fmt: skip
+
 
 @dataclass
 class ConlluFile:
@@ -72,13 +106,16 @@ class ConlluFile:
         return sum(len(s) for s in self.sentences)
 
 
-def read_conllu(path: str | os.PathLike, on_error: str = "raise") -> ConlluFile:
+def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = True) -> ConlluFile:
     """Read and validate a CoNLL-U file.
 
     Args:
         path: the file.
         on_error: ``"raise"`` raises :class:`ConlluError` at the first invalid sentence;
             ``"skip"`` leaves invalid sentences out and lists their errors in ``skipped``.
+        trees: ``False`` reads text to be parsed: only the format is checked (ten columns,
+            word IDs, non-empty FORM); HEAD, DEPREL and UPOS may hold anything (``_``), and the
+            sentences get placeholder heads (0) and relations (``dep``).
 
     The file must be UTF-8; a leading byte-order mark is accepted (and dropped).
 
@@ -98,17 +135,20 @@ def read_conllu(path: str | os.PathLike, on_error: str = "raise") -> ConlluFile:
         raise ConlluError(
             path, line, None, f"bytes {bad!r} are not UTF-8 (CoNLL-U files are UTF-8)"
         ) from None
-    return parse_conllu(text.removeprefix("\ufeff"), path, on_error)
+    return parse_conllu(text.removeprefix("\ufeff"), path, on_error, trees)
 
 
-def parse_conllu(text: str, path: str | os.PathLike = "<string>", on_error: str = "raise") -> ConlluFile:
-    """Validate and parse CoNLL-U ``text``; ``path`` is used in error messages only."""
+def parse_conllu(
+    text: str, path: str | os.PathLike = "<string>", on_error: str = "raise", trees: bool = True
+) -> ConlluFile:
+    """Validate and parse CoNLL-U ``text`` (as :func:`read_conllu`); ``path`` is used in error
+    messages only."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     sentences, skipped = [], []
     for number, (first_line, lines) in enumerate(_blocks(text), start=1):
         try:
-            sentences.append(_parse_sentence(lines, first_line, number, path))
+            sentences.append(_parse_sentence(lines, first_line, number, path, trees))
         except ConlluError as error:
             if on_error == "raise":
                 raise
@@ -135,7 +175,7 @@ def _blocks(text: str):
         yield start, block
 
 
-def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sentence:
+def _parse_sentence(lines: list[str], first_line: int, number: int, path, trees: bool = True) -> Sentence:
     sent_id = next((ln.split("=", 1)[1].strip() for ln in lines if re.match(r"#\s*sent_id\s*=", ln)), None)
     name = sent_id or f"#{number}"
 
@@ -161,6 +201,10 @@ def _parse_sentence(lines: list[str], first_line: int, number: int, path) -> Sen
             fail(offset, f"ID {token_id!r} is not a word index, a range (3-4) or an empty node (3.1)")
     if not word_lines:
         fail(0, "sentence has no word lines")
+    if not trees:
+        forms = [columns[1] for _, columns in word_lines]
+        return Sentence(name, forms, [columns[3] for _, columns in word_lines], [0] * len(forms),
+                        ["dep"] * len(forms), None, lines, f"{path}:{first_line}")  # fmt: skip
 
     n = len(word_lines)
     heads = []
@@ -240,25 +284,10 @@ def write_conllu(
     (The ``conllu`` serializer is not used: it drops free-form comments and cuts MISC values
     that contain ``=``.)
     """
-    replacements = [(3, upos), (6, heads), (7, deprels)]
     parts = []
     for index, sentence in enumerate(sentences):
-        for _, values in replacements:
-            if values is not None and len(values[index]) != len(sentence):
-                raise ValueError(
-                    f"sentence {sentence.sent_id}: {len(values[index])} predicted values for {len(sentence)} words"
-                )
-        word = 0
-        for line in sentence.lines if sentence.lines is not None else _lines(sentence):
-            columns = line.split("\t")
-            if not line.startswith("#") and _WORD_ID.match(columns[0]):
-                for column in blank:
-                    columns[column] = "_"
-                for column, values in replacements:
-                    if values is not None:
-                        columns[column] = str(values[index][word])
-                word += 1
-            parts.append("\t".join(columns) + "\n")
+        predicted = [None if values is None else values[index] for values in (heads, deprels, upos)]
+        parts.extend(line + "\n" for line in sentence.annotated(*predicted, blank=blank).lines)
         parts.append("\n")
     return atomic_write_text(path, "".join(parts))
 
@@ -270,3 +299,30 @@ def _lines(sentence: Sentence) -> list[str]:
         f"{i}\t{form}\t_\t{tag}\t_\t_\t{head}\t{rel}\t_\t_"
         for i, (form, tag, head, rel) in enumerate(rows, 1)
     ]
+
+
+def read_tokenized_text(path: str | os.PathLike) -> list[Sentence]:
+    """Sentences of a plain-text file with one pre-tokenized sentence per line (tokens separated
+    by whitespace; blank lines are skipped), to be parsed; sentence ids are the line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        raise ConlluError(path, path.read_bytes()[: error.start].count(b"\n") + 1, None,
+                          "bytes that are not UTF-8 (text files are read as UTF-8)") from None  # fmt: skip
+    sentences = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        forms = line.split()
+        if not forms:
+            continue
+        lines = [f"# sent_id = {number}", f"# text = {' '.join(forms)}"]
+        lines += [f"{i}\t{form}\t_\t_\t_\t_\t0\tdep\t_\t_" for i, form in enumerate(forms, 1)]
+        sentences.append(Sentence(str(number), forms, ["_"] * len(forms), [0] * len(forms), ["dep"] * len(forms),
+                                  None, lines, f"{path}:{number}"))  # fmt: skip
+    if not sentences:
+        raise ConlluError(
+            path, 1, None, "the file holds no sentence (expected one tokenized sentence per line)"
+        )
+    return sentences

@@ -5,7 +5,8 @@ Two layouts are recognised under a root folder, and may be mixed:
 * ``<code>/{train,dev,test}.conllu`` (the layout of ``shared/data/ud``), the code being the
   folder name, e.g. ``en_ewt/train.conllu``;
 * the official release layout ``UD_<Language>-<Treebank>/<code>-ud-<split>.conllu``, e.g.
-  ``UD_English-EWT/en_ewt-ud-train.conllu``.
+  ``UD_English-EWT/en_ewt-ud-train.conllu``;
+* ``<code>/`` written by ``datasets``' ``save_to_disk`` (:mod:`subnets.data.hf`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from subnets.data.hf import dataset_splits
 
 SPLITS = ("train", "dev", "test")
 _RELEASE_FILE = re.compile(r"(?P<code>[a-z]+_[a-z0-9]+)-ud-(?P<split>train|dev|test)\.conllu\Z")
@@ -47,6 +50,13 @@ def discover_treebanks(root: str | os.PathLike) -> dict[str, TreebankFiles]:
         )
     found: dict[str, TreebankFiles] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        splits = dataset_splits(folder)
+        if splits:
+            if folder.name in found:
+                raise ValueError(f"treebank code {folder.name} found in two folders: "
+                                 f"{found[folder.name].folder} and {folder}")  # fmt: skip
+            found[folder.name] = TreebankFiles(folder.name, folder, splits)
+            continue
         for file in sorted(folder.glob("*.conllu")):
             match = _RELEASE_FILE.match(file.name)
             if match:

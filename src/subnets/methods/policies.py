@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ from subnets.masks.selection import select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
 from subnets.optim.masked import MaskedOptimizer
+from subnets.progress import bar
 from subnets.update import StepResult
 
 log = logging.getLogger(__name__)
@@ -233,7 +235,9 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
     needs_samples = setting(search.importance) == "fisher" or param_names
     iterative = setting(search.selection) == "iterative"
     history = {}
+    progress = bar(len(sources.train), "mask search", "language")
     for lang, data in sources.train.items():
+        started = time.perf_counter()
         dev = sources.dev.get(lang)
         if iterative and dev is None:
             raise ValueError(f"masks.selection=iterative needs a dev split for training language {lang}; "
@@ -268,10 +272,14 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
             history[lang] = {"baseline": found.pruning.baseline, "rounds": found.pruning.history,
                              "stopped_by": found.pruning.stopped_by}  # fmt: skip
         kept, total = found.subnetwork.num_heads_kept, found.subnetwork.head_mask.numel()
-        log.info("%s: kept %d of %d heads", lang, kept, total)
+        log.info(
+            "mask search, %s: kept %d of %d heads (%.1f s)", lang, kept, total, time.perf_counter() - started
+        )
+        progress.update(1)
+    progress.close()
     if history:
         atomic_write_json(outputs.folder / "masks" / "pruning.json", history)
-        log.info("pruning history: %s", json.dumps(history))
+        log.debug("pruning history: %s", json.dumps(history))
     return masks
 
 

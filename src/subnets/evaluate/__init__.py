@@ -12,6 +12,7 @@ from subnets.data.dataset import LanguageData
 from subnets.data.treebank import write_conllu
 from subnets.metrics import attachment_scores
 from subnets.models.parser import DependencyParser, Prediction
+from subnets.progress import bar
 
 
 def predict(
@@ -30,6 +31,7 @@ def predict(
     predictions: list[Prediction | None] = [None] * len(data)
     was_training = model.training
     model.eval()
+    progress = bar(-(-len(order) // batch_size), f"evaluate {data.code}-{data.split}", "batch")
     try:
         with model.gates.applied(gates):
             for start in range(0, len(order), batch_size):
@@ -39,7 +41,9 @@ def predict(
                 )
                 for i, prediction in zip(chunk, model.predict(batch.to(device))):
                     predictions[i] = prediction
+                progress.update(1)
     finally:
+        progress.close()
         model.train(was_training)
     return predictions
 

@@ -1,0 +1,56 @@
+"""Reading a run's data with and without the treebank cache (subnets.data.cache).
+
+Reads and tokenizes every split the UD study (``+experiment=ud_fewshot``, budget=cpu) uses, as a
+run's set-up does, three ways in one process: without the cache, with an empty cache (the first
+job of a sweep, which fills it) and with the filled cache (every later job). Prints the seconds
+of each and the ratios against no cache.
+
+Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
+(default ../shared/models/multilingual-e5-small).
+
+Usage::
+
+    python benchmarks/data_cache.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from subnets.config import compose_config
+from subnets.data.cache import TreebankCache
+from subnets.data.languages import load_run_data, treebank_root
+from subnets.models.encoder import load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(REPO.parent / "shared" / "data" / "ud"))
+E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
+
+
+def read(cfg, tokenizer, cache: TreebankCache) -> tuple[float, int]:
+    start = time.perf_counter()
+    data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(".")), seed=cfg.seed,
+                         cache=cache)  # fmt: skip
+    data.tokenize(tokenizer, cache)
+    return time.perf_counter() - start, sum(len(d) for d in data.all())
+
+
+def main() -> None:
+    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={UD_ROOT}",
+                          f"model.name_or_path={E5_PATH}"])  # fmt: skip
+    _, tokenizer = load_pretrained(E5_PATH)
+    with tempfile.TemporaryDirectory() as folder:
+        none, sentences = read(cfg, tokenizer, TreebankCache(None))
+        cold, _ = read(cfg, tokenizer, TreebankCache(folder))
+        warm, _ = read(cfg, tokenizer, TreebankCache(folder))
+    print(f"UD study data ({sentences} sentences), read and tokenized with the e5-small tokenizer:")
+    print(f"  no cache     {none:6.2f} s")
+    print(f"  cold cache   {cold:6.2f} s   {cold / none:.2f}x (the first job of a sweep fills it)")
+    print(f"  warm cache   {warm:6.2f} s   {warm / none:.2f}x (every later job)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Arguments of the commands that use a trained run (``python -m subnets.evaluate``,
+``python -m subnets.parse``): ``key=value`` pairs, as Hydra's command line writes them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from subnets.config import SettingError
+
+
+def split_arguments(
+    argv: Sequence[str], own: Sequence[str], required: Sequence[str] = (), usage: str = ""
+) -> tuple[dict[str, str], list[str]]:
+    """The command's ``own`` ``key=value`` arguments, and the rest (config overrides)."""
+    values, rest = {}, []
+    for argument in argv:
+        if argument in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        key, equals, value = argument.partition("=")
+        if not equals:
+            raise SettingError(f"{argument!r}: expected key=value\n{usage}")
+        if key in own:
+            values[key] = value
+        else:
+            rest.append(argument)
+    missing = [key for key in required if not values.get(key)]
+    if missing:
+        raise SettingError(f"missing {', '.join(k + '=...' for k in missing)}\n{usage}")
+    return values, rest
+
+
+def main_of(command, usage: str) -> None:
+    """Run ``command(argv)`` as a command-line program: log to stderr, and turn an error into
+    its message and exit status 1 (no traceback for a bad setting or input)."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        command(sys.argv[1:])
+    except (SettingError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

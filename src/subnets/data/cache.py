@@ -1,0 +1,155 @@
+"""Parsed and tokenized treebanks cached on disk as ``datasets.Dataset`` folders, so that the
+jobs of a sweep read and tokenize each file once.
+
+A parsed file is keyed by the SHA-256 of its content and ``on_error``; the subword pieces of a
+set of sentences by the tokenizer's fingerprint and the sentences' forms. A key never names a
+path, so a moved or copied file is found, and a changed one is read again; a cached entry holds
+exactly what reading gives (the validated sentences and the skipped sentences' errors), so a
+run gives the same results with the cache, without it, cold or warm (tested).
+
+The cache folder is ``languages.cache_dir``, else ``$SUBNETS_CACHE_DIR``, else
+``~/.cache/subnets``; ``languages.cache=false`` switches it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from subnets.data.treebank import ConlluError, ConlluFile, Sentence
+
+VERSION = "1"  # bump when what is cached changes
+
+
+def cache_folder(configured: str | None) -> Path:
+    """Where the cache lives (module docstring)."""
+    return Path(configured or os.environ.get("SUBNETS_CACHE_DIR") or "~/.cache/subnets").expanduser()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of every file of a folder (names and contents, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's whole definition (a fast tokenizer's JSON, else its vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TreebankCache:
+    """The cache under ``folder`` (``None``: no caching, every call reads or tokenizes)."""
+
+    def __init__(self, folder: str | os.PathLike | None):
+        self.folder = Path(folder) if folder is not None else None
+        self._tokenizer_keys: dict[int, str] = {}  # id(tokenizer) -> fingerprint, computed once
+
+    def read(self, path: Path, on_error: str, reader: Callable[[Path, str], ConlluFile]) -> ConlluFile:
+        """``reader(path, on_error)``, or what it gave for a file of the same content before."""
+        if self.folder is None:
+            return reader(path, on_error)
+        entry = self.folder / "parsed" / f"{sha256_path(path)[:32]}-{on_error}-v{VERSION}"
+        if (entry / "skipped.json").exists():
+            return _load_parsed(entry, path)
+        file = reader(path, on_error)
+        self._save(
+            entry, _parsed_columns(file.sentences, path), {"skipped.json": _skipped_json(file.skipped, path)}
+        )
+        return file
+
+    def pieces(self, sentences: Sequence[Sentence], tokenizer, encode: Callable[[], list]) -> list:
+        """``encode()`` (the sentences' word pieces), or what it gave for the same forms and tokenizer."""
+        if self.folder is None or not sentences:
+            return encode()
+        if id(tokenizer) not in self._tokenizer_keys:
+            self._tokenizer_keys[id(tokenizer)] = tokenizer_fingerprint(tokenizer)
+        digest = hashlib.sha256(self._tokenizer_keys[id(tokenizer)].encode())
+        for sentence in sentences:
+            digest.update("\t".join(sentence.forms).encode() + b"\n")
+        entry = self.folder / "pieces" / f"{digest.hexdigest()[:32]}-v{VERSION}"
+        if (entry / "done").exists():
+            from datasets import load_from_disk
+
+            return load_from_disk(str(entry / "dataset"))["pieces"]
+        pieces = encode()
+        self._save(entry, {"pieces": pieces}, {"done": ""})
+        return pieces
+
+    def _save(self, entry: Path, columns: dict, files: dict[str, str]) -> None:
+        """Write the dataset and ``files`` into a temporary folder and rename it into place (a
+        crash or a concurrent job never leaves half an entry)."""
+        from datasets import Dataset
+
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+        try:
+            with _no_progress_bars():
+                Dataset.from_dict(columns).save_to_disk(str(temporary / "dataset"))
+            for name, text in files.items():
+                (temporary / name).write_text(text)
+            os.rename(temporary, entry)
+        except OSError:  # another job wrote the same entry first
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' own bars stay off while the cache writes (a bar per file would flood the log)."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _parsed_columns(sentences: Sequence[Sentence], path: Path) -> dict[str, list]:
+    prefix = f"{path}:"
+    return {
+        "sent_id": [s.sent_id for s in sentences],
+        "forms": [s.forms for s in sentences],
+        "upos": [s.upos for s in sentences],
+        "heads": [s.heads for s in sentences],
+        "deprels": [s.deprels for s in sentences],
+        "lines": [s.lines for s in sentences],
+        "first_line": [int(s.source.removeprefix(prefix)) for s in sentences],
+    }
+
+
+def _skipped_json(errors: Sequence[ConlluError], path: Path) -> str:
+    return json.dumps([{"line": e.line, "sent_id": e.sent_id, "problem": e.problem} for e in errors])
+
+
+def _load_parsed(entry: Path, path: Path) -> ConlluFile:
+    from datasets import load_from_disk
+
+    columns = load_from_disk(str(entry / "dataset")).to_dict()
+    sentences = [
+        Sentence(sent_id, forms, upos, heads, deprels, None, lines, f"{path}:{first}")
+        for sent_id, forms, upos, heads, deprels, lines, first in zip(
+            columns["sent_id"], columns["forms"], columns["upos"], columns["heads"], columns["deprels"],
+            columns["lines"], columns["first_line"],
+        )
+    ]  # fmt: skip
+    skipped = [ConlluError(path, e["line"], e["sent_id"], e["problem"])
+               for e in json.loads((entry / "skipped.json").read_text())]  # fmt: skip
+    return ConlluFile(path, sentences, skipped)

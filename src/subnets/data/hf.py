@@ -1,0 +1,65 @@
+"""Treebanks stored as Hugging Face ``datasets``, beside CoNLL-U files.
+
+A folder ``<root>/<code>/`` written by ``DatasetDict.save_to_disk`` (it holds
+``dataset_dict.json``) is a treebank whose splits are the dataset's ``train``, ``validation``
+(or ``dev``) and ``test``. Its columns are those of the Hub's ``universal_dependencies``
+dataset: ``tokens``, ``upos`` (names or class ids), ``head`` and ``deprel``, and optionally
+``idx`` (the sentence id), ``text``, ``lemmas``, ``xpos``, ``feats``, ``deps``, ``misc``. So a
+Hub treebank is used offline after::
+
+    from datasets import load_dataset
+    load_dataset("universal_dependencies", "en_ewt").save_to_disk("my_ud/en_ewt")
+
+Each split is turned into CoNLL-U text and read by :func:`~subnets.data.treebank.parse_conllu`,
+so it is validated exactly as a CoNLL-U file is; error messages name the split folder, the
+sentence id and the line of the converted text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from subnets.data.treebank import ConlluFile, parse_conllu
+
+SPLIT_NAMES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
+_COLUMNS = ("tokens", "lemmas", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
+
+
+def dataset_splits(folder: Path) -> dict[str, Path]:
+    """The split folders of a ``save_to_disk`` dataset folder, by subnets' split names (train,
+    dev, test); empty when ``folder`` holds no dataset."""
+    index = folder / "dataset_dict.json"
+    if not index.exists():
+        return {}
+    names = json.loads(index.read_text()).get("splits", [])
+    return {SPLIT_NAMES[name]: folder / name for name in names if name in SPLIT_NAMES}
+
+
+def read_dataset_split(path: Path, on_error: str = "raise") -> ConlluFile:
+    """Read and validate one split folder of a ``datasets`` treebank (module docstring)."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    missing = [c for c in ("tokens", "upos", "head", "deprel") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{path}: a datasets treebank needs the columns tokens, upos, head and deprel "
+                         f"(the universal_dependencies layout); missing: {', '.join(missing)}")  # fmt: skip
+    upos_feature = getattr(dataset.features["upos"], "feature", None)
+    upos_names = getattr(upos_feature, "names", None)
+    blocks = []
+    for number, row in enumerate(dataset, start=1):
+        lines = [f"# sent_id = {row.get('idx') or number}"]
+        if row.get("text"):
+            lines.append(f"# text = {row['text']}")
+        for i in range(len(row["tokens"])):
+            values = []
+            for column in _COLUMNS:
+                value = row.get(column)
+                value = value[i] if value is not None and i < len(value) else None
+                if column == "upos" and isinstance(value, int) and upos_names:
+                    value = upos_names[value]
+                values.append("_" if value is None or value == "" else str(value))
+            lines.append("\t".join([str(i + 1), *values]))
+        blocks.append("\n".join(lines))
+    return parse_conllu("\n\n".join(blocks) + "\n", path, on_error)

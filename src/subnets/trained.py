@@ -1,0 +1,372 @@
+"""A trained run, reused: loaded in Python (:func:`load_run`), evaluated on other languages or
+settings (:func:`evaluate_run`, ``python -m subnets.evaluate``), and used as a parser
+(:meth:`TrainedRun.parse`, ``python -m subnets.parse``).
+
+Nothing here writes into the training run's folder: an evaluation writes into a folder of its
+own (default ``<run>/evaluations/<overrides>``).
+
+Example (a notebook)::
+
+    from subnets import load_run
+
+    trained = load_run("outputs/default/+method=dynamic")
+    for sentence in trained.parse([["the", "dog", "barks"], ["a", "cat", "sleeps"]], language="syn_svo"):
+        print(sentence.heads, sentence.deprels)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from subnets.checkpoint import load_checkpoint
+from subnets.config import Config, SettingError, run_folder_name, setting, validate_config
+from subnets.data.batching import Collator
+from subnets.data.dataset import Batcher, LanguageData
+from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, write_conllu
+from subnets.evaluate import evaluate, predict
+from subnets.fewshot import few_shot
+from subnets.identity import model_fingerprint
+from subnets.methods.base import Method
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import max_subwords
+from subnets.progress import run_log
+from subnets.results import format_results
+from subnets.runner import Run, build_method, resolve_device
+
+# Settings an evaluation may change: which languages and data, the few-shot protocol, the
+# test-time policy for unseen languages, where the model is and what runs it.
+EVALUATION_SETTINGS = (
+    "languages.",
+    "fewshot.",
+    "masks.target_policy",
+    "model.name_or_path",
+    "train.eval_batch_size",
+    "train.device",
+)
+CHECKPOINTS = ("best", "last")
+
+
+def read_run_config(folder: str | os.PathLike) -> DictConfig:
+    """The config a run folder recorded (``run.json``), checked against the schema."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"run={folder}: no such folder")
+    path = folder / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"run={folder} holds no run of subnets (no run.json): pass the folder a "
+                                "training run wrote (outputs/<name>/<overrides>, or its hydra.run.dir)")  # fmt: skip
+    return OmegaConf.merge(OmegaConf.structured(Config), json.loads(path.read_text())["config"])
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` with command-line ``overrides`` (Hydra syntax, e.g. ``languages.target=[xx]``)
+    applied; only :data:`EVALUATION_SETTINGS` may change, since the rest made the trained model."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = cfg.copy()
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    sections = {o.key_or_group.split(".")[0] for o in parsed} & set(cfg)
+    before = {
+        name: OmegaConf.to_container(cfg[name]) for name in sections if isinstance(cfg[name], DictConfig)
+    }
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise SettingError(f"{override.input_line}: a sweep; evaluate one setting at a time")
+        if key == "languages.train" or not key.startswith(EVALUATION_SETTINGS):
+            raise SettingError(
+                f"{key}: not a setting an evaluation can change (the trained model was made with it); "
+                f"these can: {', '.join(k + ('*' if k.endswith('.') else '') for k in EVALUATION_SETTINGS)} "
+                "except languages.train (evaluate other languages as languages.dev or languages.target)"
+            )
+        exists = OmegaConf.select(cfg, key, default=KeyError) is not KeyError
+        if override.is_add():  # +key=value: a new entry of a mapping, e.g. a synthetic language
+            if exists:
+                raise SettingError(f"{override.input_line}: {key} is set already; drop the +")
+            nested: Any = override.value()
+            for part in reversed(key.split(".")):
+                nested = {part: nested}
+            cfg = OmegaConf.merge(cfg, nested)
+        elif not exists:
+            raise SettingError(f"{key}: no such setting (a new entry is added with +{key}=...)")
+        else:
+            OmegaConf.update(cfg, key, override.value(), merge=False)
+    _follow_copies(cfg, cfg.method, before)
+    return cfg
+
+
+def _follow_copies(cfg: DictConfig, node: DictConfig, before: dict[str, Any]) -> None:
+    """A recorded config is resolved: a method argument given as ``${masks}`` holds a copy of
+    the ``masks`` section. Give such copies of an overridden section its new values."""
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            copied = [name for name, old in before.items() if OmegaConf.to_container(value) == old]
+            if copied:
+                node[key] = cfg[copied[0]].copy()
+            else:
+                _follow_copies(cfg, value, before)
+
+
+@dataclass
+class TrainedRun:
+    """A trained run loaded for use (:func:`load_run`).
+
+    Attributes: ``folder`` (the run), ``cfg`` (its config, with any overrides), ``model`` (in
+    eval mode), ``tokenizer``, ``method`` (its policy holds the masks, importance averages or
+    learned gates), ``batcher`` (its ``collator`` turns sentences into model input),
+    ``checkpoint`` (the file loaded), ``step`` (the training step it holds), ``best`` (the
+    development score and step of the best model, if the run selected one).
+    """
+
+    folder: Path
+    cfg: DictConfig
+    model: nn.Module
+    tokenizer: Any
+    method: Method
+    batcher: Batcher
+    checkpoint: Path
+    step: int
+    best: dict[str, Any] | None
+
+    @property
+    def collator(self) -> Collator:
+        return self.batcher.collator
+
+    @property
+    def languages(self) -> list[str]:
+        """The training languages (each has its own subnetwork under a subnetwork method)."""
+        return list(self.cfg.languages.train)
+
+    def gates(self, language: str | None = None, support: LanguageData | str | os.PathLike | None = None):
+        """Head gates for ``language``: a training language's subnetwork; for any other
+        language (or ``None``) the test-time policy's (``masks.target_policy``), which for
+        ``support`` and ``nearest`` needs the language's annotated ``support`` sentences."""
+        policy = self.method.policy
+        if language in self.languages:
+            return policy.eval_gates(language)
+        if not policy.needs_support:
+            return policy.eval_gates(language) if language else None
+        if support is None:
+            raise ValueError(
+                f"masks.target_policy={self.cfg.masks.target_policy} chooses the subnetwork of an unseen language "
+                f"({language or 'language not given'}) from annotated support sentences: pass support=<CoNLL-U "
+                f"file> of that language, or a training language ({', '.join(self.languages)})"
+            )
+        code = language or "unseen"
+        policy.prepare_evaluation(self.model, {code: self._data(support, code, "support")})
+        return policy.eval_gates(code)
+
+    def _data(self, source: LanguageData | str | os.PathLike, code: str, split: str) -> LanguageData:
+        if isinstance(source, LanguageData):
+            data = source
+        else:
+            file = read_conllu(source, on_error=setting(self.cfg.languages.on_error))
+            data = LanguageData(code, split, file.sentences, None, file.path, len(file.skipped))
+        return data if data.pieces is not None else data.tokenize(self.tokenizer)
+
+    def parse(
+        self,
+        sentences: Sequence[Sentence | Sequence[str]],
+        language: str | None = None,
+        support: LanguageData | str | os.PathLike | None = None,
+    ) -> list[Sentence]:
+        """Parse ``sentences`` (token lists, or :class:`~subnets.data.Sentence` objects, e.g. from
+        :func:`~subnets.data.read_conllu` with ``trees=False``) with ``language``'s subnetwork
+        (:meth:`gates`); returns the sentences with predicted heads and relations (and UPOS
+        with a tagger), their CoNLL-U ``lines`` rewritten to match."""
+        sentences = [
+            s if isinstance(s, Sentence) else _sentence_of(list(s), i) for i, s in enumerate(sentences, 1)
+        ]
+        data = LanguageData(language or "unseen", "input", sentences).tokenize(self.tokenizer)
+        gates = self.gates(language, support)
+        predictions = predict(self.model, data, self.collator, self.cfg.train.eval_batch_size, gates)
+        return [
+            sentence.annotated(p.heads if self.model.parsing else None, p.deprels if self.model.parsing else None,
+                               p.upos if self.model.tagging else None)
+            for sentence, p in zip(sentences, predictions)
+        ]  # fmt: skip
+
+    def parse_file(
+        self,
+        input: str | os.PathLike,
+        output: str | os.PathLike,
+        language: str | None = None,
+        support: LanguageData | str | os.PathLike | None = None,
+        format: str = "auto",
+    ) -> Path:
+        """Parse the file ``input`` into the CoNLL-U file ``output``. ``format``: ``conllu`` (any
+        columns present are kept, comments, multiword tokens and empty nodes included; HEAD and
+        DEPREL, and with a tagger UPOS, are filled in), ``text`` (one pre-tokenized sentence per
+        line, tokens separated by whitespace) or ``auto`` (CoNLL-U when the first non-empty line is
+        a comment or has ten tab-separated columns)."""
+        input = Path(input)
+        if not input.is_file():
+            raise FileNotFoundError(f"input={input}: no such file")
+        if format == "auto":
+            format = _detect_format(input)
+        if format == "conllu":
+            sentences = read_conllu(input, trees=False).sentences
+        elif format == "text":
+            sentences = read_tokenized_text(input)
+        else:
+            raise SettingError(f"format={format!r}: expected auto, conllu or text")
+        return write_conllu(output, self.parse(sentences, language, support))
+
+    def evaluate(
+        self,
+        treebank: LanguageData | str | os.PathLike,
+        language: str | None = None,
+        support: LanguageData | str | os.PathLike | None = None,
+        predictions: str | os.PathLike | None = None,
+    ) -> dict[str, float]:
+        """UAS/LAS (and UPOS) on an annotated ``treebank`` (a CoNLL-U file) with ``language``'s
+        subnetwork (:meth:`gates`); with ``predictions``, writes the predictions there."""
+        data = self._data(treebank, language or "unseen", "eval")
+        gates = self.gates(language, support)
+        return evaluate(self.model, data, self.collator, self.cfg.train.eval_batch_size, gates, predictions)
+
+    def few_shot(
+        self,
+        test: LanguageData | str | os.PathLike,
+        language: str = "unseen",
+        support_pool: LanguageData | str | os.PathLike | None = None,
+        predictions: str | os.PathLike | None = None,
+        **settings: Any,
+    ) -> dict[str, Any]:
+        """The few-shot protocol (:func:`subnets.fewshot.few_shot`) on one language from a copy of
+        the model: support sentences drawn from ``support_pool`` (default: from ``test``, and then
+        left out of it), the run's ``fewshot.*`` settings unless ``settings`` (``k``,
+        ``repetitions``, ``steps``, ``lr_encoder``, ...) say otherwise."""
+        fewshot = OmegaConf.merge(self.cfg.fewshot, settings)
+        test_data = self._data(test, language, "test")
+        pool = test_data if support_pool is None else self._data(support_pool, language, "train")
+        return few_shot(
+            self.model, self.method.policy, {language: test_data}, {}, self.batcher, self.tokenizer, fewshot,
+            seed=self.cfg.seed, clip_norm=self.cfg.train.clip_norm, eval_batch_size=self.cfg.train.eval_batch_size,
+            pools={language: pool}, predictions=predictions,
+        )  # fmt: skip
+
+
+def _sentence_of(forms: list[str], number: int) -> Sentence:
+    if not forms or not all(isinstance(f, str) and f and not f.isspace() for f in forms):
+        raise ValueError(f"sentence {number}: expected a non-empty list of non-empty tokens, got {forms!r}")
+    n = len(forms)
+    return Sentence(str(number), forms, ["_"] * n, [0] * n, ["dep"] * n)
+
+
+def _detect_format(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.lstrip("\ufeff").rstrip("\r\n")
+            if line.strip():
+                return "conllu" if line.startswith("#") or line.count("\t") == 9 else "text"
+    raise ValueError(f"input={path}: the file is empty")
+
+
+def _checkpoint_file(folder: Path, checkpoint: str) -> Path:
+    if checkpoint not in CHECKPOINTS:
+        raise SettingError(f"checkpoint={checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
+    last, best = folder / "checkpoints" / "last.safetensors", folder / "checkpoints" / "best.safetensors"
+    if not last.exists():
+        raise FileNotFoundError(f"run={folder} has no checkpoint yet ({last}): it has not trained a step")
+    if checkpoint == "last":
+        return last
+    if not (folder / "results.json").exists():
+        raise ValueError(f"run={folder} is unfinished (no results.json): run its command again to finish it "
+                         "(it resumes), or pass checkpoint=last to use its last checkpoint as it is")  # fmt: skip
+    return best if best.exists() else last  # a run without development languages keeps its last model
+
+
+def load_run(
+    folder: str | os.PathLike,
+    checkpoint: str = "best",
+    *,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+) -> TrainedRun:
+    """Load a trained run: its config (``run.json``, with ``overrides`` of the
+    :data:`EVALUATION_SETTINGS`), model and method state from ``checkpoint`` (``best``: the model
+    the run's final evaluation used; ``last``: the last checkpoint, also of an unfinished run),
+    and tokenizer. ``device`` overrides ``train.device``.
+
+    Raises:
+        FileNotFoundError, ValueError: a folder that holds no run, an unfinished run (for
+            ``best``), a model at ``model.name_or_path`` that is not the one the run trained.
+    """
+    folder = Path(folder)
+    cfg = apply_overrides(read_run_config(folder), overrides)
+    if device is not None:
+        cfg.train.device = device
+    validate_config(cfg)
+    path = _checkpoint_file(folder, checkpoint)
+    transformer, tokenizer = _encoder(cfg, folder)
+    torch_device = resolve_device(cfg.train.device)
+    model = build_model(cfg, transformer).to(torch_device)
+    method = build_method(cfg)
+    batcher = Batcher(Collator(tokenizer, cfg.model.max_subwords or max_subwords(transformer, tokenizer)),
+                      torch_device, cfg.seed)  # fmt: skip
+    method.policy.bind(model, batcher, list(cfg.languages.train))
+    method.strategy.bind(model)
+    state = load_checkpoint(path, torch_device)
+    model.load_state_dict(state["model"])
+    method.load_state_dict(state["method"])
+    model.eval()
+    best = {"metric": state["metric"], "step": state["step"]} if "metric" in state else state.get("best")
+    return TrainedRun(folder, cfg, model, tokenizer, method, batcher, path, state["step"], best)
+
+
+def _encoder(cfg: DictConfig, folder: Path):
+    """The run's transformer (its weights are replaced by the checkpoint's) and tokenizer."""
+    if cfg.model.name_or_path == "tiny":
+        tokenizer_folder = folder / "tokenizer"
+        if not (tokenizer_folder / "tokenizer.json").exists():
+            raise FileNotFoundError(f"run={folder}: the tiny model's tokenizer {tokenizer_folder} is missing")
+        return build_encoder(cfg.model, cfg.seed, None, tokenizer_folder)
+    transformer, tokenizer = build_encoder(cfg.model, cfg.seed)
+    saved = json.loads((folder / "run.json").read_text()).get("model", {})
+    current = model_fingerprint(transformer, tokenizer)
+    changed = [key for key in ("class", "config", "tokenizer") if key in saved and saved[key] != current[key]]
+    if changed:
+        raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: its {' and '.join(changed)} differ from "
+                         f"those run={folder} was trained with; point model.name_or_path at that model")  # fmt: skip
+    return transformer, tokenizer
+
+
+def evaluation_folder(folder: str | os.PathLike, overrides: Sequence[str], checkpoint: str = "best") -> Path:
+    """``<run>/evaluations/<overrides>`` (``default`` without any)."""
+    parts = sorted(overrides) + ([f"checkpoint={checkpoint}"] if checkpoint != "best" else [])
+    return Path(folder) / "evaluations" / (run_folder_name(",".join(parts)) if parts else "default")
+
+
+def evaluate_run(
+    folder: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    checkpoint: str = "best",
+    output: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate a trained run as its final evaluation does (every source, development and
+    target language, zero-shot and few-shot, with the method's test-time policy) on the
+    languages and settings that ``overrides`` name (:func:`load_run`), writing results.json and
+    predictions into ``output`` (default :func:`evaluation_folder`). On the run's own languages
+    and settings it reproduces the run's scores and predictions."""
+    trained = load_run(folder, checkpoint, overrides=overrides)
+    output = Path(output) if output is not None else evaluation_folder(folder, overrides, checkpoint)
+    if (output / "run.json").exists():
+        raise FileExistsError(f"output={output} holds a training run; choose another folder")
+    evaluation = Run(trained.cfg, output)
+    with run_log(output):
+        evaluation.setup_evaluation(trained)
+        about = {"evaluated": {"run": str(trained.folder), "checkpoint": str(trained.checkpoint),
+                               "overrides": list(overrides)}}  # fmt: skip
+        results = evaluation.write_results(about)
+    print(format_results(results))
+    return results
