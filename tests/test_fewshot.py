@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from subnets.config import compose_config
 from subnets.data.support import draw_support, support_split
 from subnets.data.treebank import read_conllu
 from subnets.fewshot import fine_tune
@@ -95,6 +96,53 @@ def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained)
     for name, owned in mask.items():
         assert torch.equal(after[name][~owned], before[name][~owned])
         assert not torch.equal(after[name][owned], before[name][owned])
+
+
+def test_sgd_fine_tuning_is_plain_sgd_and_masked_updates_stay_exact(trained):
+    import copy
+
+    from subnets.masks.subnetwork import head_parameter_masks
+
+    model = copy.deepcopy(trained.model).train()
+    batch = trained.batcher.of(trained.data.target_test["syn_vos"], range(6))
+    model.zero_grad()
+    torch.manual_seed(3)  # the same dropout as fine_tune's step below
+    model(batch).loss.backward()
+    encoder = {id(p) for _, p in model.encoder_parameters()}
+    expected = {n: (p - (1e-5 if id(p) in encoder else 1e-4) * p.grad).detach() for n, p in model.named_parameters()
+                if p.grad is not None}  # fmt: skip
+    model.zero_grad()
+    torch.manual_seed(3)
+    fine_tune(model, batch, 1, 1e-5, 1e-4, optimizer="sgd")
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(parameter.detach(), expected[name], rtol=0, atol=1e-7)
+    head_mask = torch.ones(model.gates.shape, dtype=torch.bool)
+    head_mask[:, :2] = False
+    mask = head_parameter_masks(model, head_mask)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fine_tune(model, batch, 2, 1e-3, 1e-3, 0.01, 5.0, update_mask=mask, optimizer="sgd")
+    after = dict(model.named_parameters())
+    for name, owned in mask.items():
+        assert torch.equal(after[name][~owned], before[name][~owned])
+        assert not torch.equal(after[name][owned], before[name][owned])
+    with pytest.raises(ValueError, match="fewshot.optimizer='adam': expected one of adamw, sgd"):
+        fine_tune(model, batch, 1, 1e-5, 1e-4, optimizer="adam")
+
+
+def test_the_langedijk_protocol_config_holds_under_a_budget(tmp_path):
+    for cfg in (compose_config(["+fewshot=langedijk"]),
+                compose_config(["+experiment=ud_fewshot", "+fewshot=langedijk"])):  # fmt: skip
+        fewshot = cfg.fewshot
+        assert (fewshot.optimizer.value, fewshot.lr_encoder, fewshot.lr_head, fewshot.steps, fewshot.repetitions,
+                fewshot.k, fewshot.weight_decay) == ("sgd", 1e-5, 1e-4, 20, 20, 20, 0.0)  # fmt: skip
+    fewshot = run(tiny_config("+fewshot=langedijk", "fewshot.repetitions=2", "fewshot.k=5", "fewshot.steps=2"),
+                  tmp_path)["fewshot"]  # fmt: skip
+    assert (fewshot["optimizer"], fewshot["lr_head"], len(fewshot["languages"]["syn_vos"]["runs"])) == (
+        "sgd",
+        1e-4,
+        2,
+    )
 
 
 def test_few_shot_results_and_table_in_a_run(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Every method learns: each of the six runs a small version of the default job (the default
+"""Every method learns: each of the six (and the two random-mask controls) runs a small version of the default job (the default
 model size, 300 sentences per language, 150 steps) and must reach a source LAS far above the
 trivial parsers' (at most about 18, tests/test_learning.py) with a falling loss.
 
@@ -43,7 +43,10 @@ SMALL_DEFAULT_JOB = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic"])
+@pytest.mark.parametrize(
+    "method",
+    ["baseline", "random", "static", "dynamic", "maml", "maml_random", "maml_static", "maml_dynamic"],
+)
 def test_every_method_learns_on_a_small_default_job(tmp_path, method):
     results = run(tiny_config(*SMALL_DEFAULT_JOB, f"+method={method}"), tmp_path)
     las = [scores["las"] for scores in results["source"].values()]

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED, TINY
 
 from subnets import report
@@ -198,4 +199,35 @@ def test_notebook_runs_on_a_real_multirun(tiny_study):
     assert (
         report.markdown_table(report.score_table(report.load_runs(tiny_study)), ["baseline", "dynamic"])
         in text
+    )
+
+
+def test_mask_reliability_is_split_half_and_across_seed_agreement_against_chance(written_study):
+    from subnets.masks.controls import expected_random_jaccard
+    from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
+
+    write_run(written_study, "static", 2, {"xx": [53.0, 55.0], "yy": [31.0, 35.0]}, {"xx": 41.0, "yy": 21.0})
+    heads = {1: [[1, 1, 0, 0], [1, 0, 0, 0]], 2: [[1, 0, 1, 0], [1, 0, 0, 0]]}  # xx's masks of seeds 1 and 2
+    for seed, mask in heads.items():
+        folder = written_study / f"+method=static,seed={seed}" / "masks"
+        folder.mkdir()
+        masks = SubnetworkSet(2, 4)
+        masks["xx"] = Subnetwork(torch.tensor(mask, dtype=torch.bool))
+        masks.save(folder / "masks.safetensors")
+        halves = {"xx": {"jaccard": 0.5 * seed, "random_jaccard": 0.2, "spearman": 0.6, "disjoint": True}}
+        summary = {"sparsity": masks.sparsity(), "jaccard": {"languages": ["xx"], "matrix": [[1.0]]},
+                   "reliability": halves}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+    [row] = report.mask_reliability(report.load_runs(written_study))
+    assert row["method"] == "static" and row["runs"] == 2
+    assert row["split_half_jaccard"] == pytest.approx(0.75) and row["split_half_spearman"] == pytest.approx(
+        0.6
+    )
+    # seeds 1 and 2 share 2 of the 4 heads they keep in all: Jaccard 2 / 4
+    assert row["seed_jaccard"] == pytest.approx(0.5)
+    assert row["seed_random_jaccard"] == pytest.approx(expected_random_jaccard([2, 1], [2, 1], 4))
+    text = report.write_report(written_study)
+    assert (
+        "## Mask reliability" in text.read_text()
+        and "| static | 2 | 0.75 (0.20) | 0.60 | 0.50" in text.read_text()
     )

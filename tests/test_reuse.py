@@ -226,3 +226,23 @@ def test_load_run_in_python_parses_evaluates_and_adapts(runs):
                                k=5, repetitions=2)  # fmt: skip
     expected = results["fewshot"]["languages"]["syn_vos"]
     assert adapted["languages"]["syn_vos"]["las_mean"] == pytest.approx(expected["las_mean"], abs=1e-9)
+
+
+def test_a_run_of_a_saved_model_is_reloaded_from_its_folder_and_checked(tmp_path):
+    from subnets.models.encoder import build_tiny_transformer, train_subword_tokenizer
+
+    def save_model(seed, vocabulary):
+        tokenizer = train_subword_tokenizer([vocabulary] * 3, 400, 64)
+        transformer = build_tiny_transformer(len(tokenizer), 32, 2, 4, 64, 64, seed=seed, pad_token_id=0)
+        transformer.save_pretrained(tmp_path / "model")
+        tokenizer.save_pretrained(tmp_path / "model")
+
+    save_model(0, "wino lue jejole qexy")
+    folder = tmp_path / "run"
+    results = run(tiny_config(f"model.name_or_path={tmp_path / 'model'}", "train.steps=4"), folder)
+    assert scores(evaluate_run(folder))["target"] == results["target"]
+    save_model(1, "wino lue jejole qexy")  # other weights, same tokenizer: the checkpoint replaces them
+    assert load_run(folder).step == 4
+    save_model(0, "entirely other words here")  # another tokenizer
+    with pytest.raises(ValueError, match=r"its (config and )?tokenizer differs? from what run="):
+        load_run(folder)

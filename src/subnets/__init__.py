@@ -41,6 +41,7 @@ from subnets.methods import (
     MaskPolicy,
     Method,
     NoMasks,
+    RandomMasks,
     StaticMasks,
     StepStrategy,
     SubnetworkPolicy,
@@ -60,7 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MAML", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser", "DynamicMasks", "Encoder",
     "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData", "LanguageSampler", "MAMLEpisodes",
-    "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "Run", "Sentence", "StaticMasks",
+    "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "RandomMasks", "Run", "Sentence", "StaticMasks",
     "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "apply_update", "attachment_scores",
     "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config",
     "evaluate", "evaluate_run", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",

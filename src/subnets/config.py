@@ -64,6 +64,7 @@ class ParamMasks(str, Enum):
 class DynamicRule(str, Enum):
     ema = "ema"  # exponential moving average of |dL/dgate| from the training steps
     learned = "learned"  # hard-concrete gate logits trained with the model
+    random = "random"  # control: the selection applied to random scores, redrawn at every update
 
 
 class DynamicInit(str, Enum):
@@ -76,6 +77,11 @@ class DynamicSelection(str, Enum):
     top_k = "top_k"
     threshold = "threshold"
     same_size = "same_size"
+
+
+class FewShotOptimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"  # plain SGD, as in Langedijk et al. (2022): +fewshot=langedijk
 
 
 class TargetPolicy(str, Enum):
@@ -269,6 +275,7 @@ class FewShotConfig:
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
     repetitions: int = 5  # R draws of the support set, each with its own seed
     steps: int = 20  # fine-tuning steps on the k sentences (one batch of all k)
+    optimizer: FewShotOptimizer = FewShotOptimizer.adamw  # a fresh one per repetition, masked updates exact
     lr_encoder: float = "${train.lr_encoder}"  # type: ignore[assignment]
     lr_head: float = "${train.lr_head}"  # type: ignore[assignment]
     weight_decay: float = "${train.weight_decay}"  # type: ignore[assignment]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from subnets.config import setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.support import draw_support
 from subnets.data.ud import TreebankFiles
@@ -24,6 +25,7 @@ from subnets.progress import bar
 from subnets.update import parameter_groups, training_step
 
 log = logging.getLogger(__name__)
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def fine_tune(
@@ -36,13 +38,14 @@ def fine_tune(
     clip_norm: float | None = None,
     gates: torch.Tensor | None = None,
     update_mask: dict[str, torch.Tensor] | None = None,
+    optimizer: str = "adamw",
 ) -> torch.nn.Module:
-    """``steps`` AdamW steps of ``model`` (in place) on one ``batch``, through a masked optimizer
-    when ``update_mask`` is given."""
-    optimizer = MaskedOptimizer(
-        torch.optim.AdamW(parameter_groups(model, lr_encoder, lr_head, weight_decay)),
-        model.named_parameters(),
-    )
+    """``steps`` steps of ``optimizer`` (``adamw``, or ``sgd``: plain SGD) on ``model`` (in
+    place) on one ``batch``, through a masked optimizer when ``update_mask`` is given."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"fewshot.optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    groups = parameter_groups(model, lr_encoder, lr_head, weight_decay)
+    optimizer = MaskedOptimizer(OPTIMIZERS[optimizer](groups), model.named_parameters())
     for _ in range(steps):
         training_step(model, batch, optimizer, gates=gates, update_mask=update_mask, clip_norm=clip_norm)
     return model
@@ -77,7 +80,8 @@ def few_shot(
     with ``on_error``).
     """
     out: dict[str, Any] = {"k": settings.k, "steps": settings.steps, "repetitions": settings.repetitions,
-                           "languages": {}}  # fmt: skip
+                           "optimizer": setting(settings.optimizer), "lr_encoder": settings.lr_encoder,
+                           "lr_head": settings.lr_head, "languages": {}}  # fmt: skip
     if settings.repetitions <= 0:
         return out
     device = torch.device(batcher.device)
@@ -97,7 +101,7 @@ def few_shot(
                 torch.manual_seed(draw_seed)
                 gates, update_mask = policy.adaptation(adapted, code, support)
                 fine_tune(adapted, batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
-                          settings.weight_decay, clip_norm, gates, update_mask)  # fmt: skip
+                          settings.weight_decay, clip_norm, gates, update_mask, setting(settings.optimizer))  # fmt: skip
             path = (
                 Path(predictions) / f"{code}-test.conllu"
                 if predictions is not None and repetition == 0

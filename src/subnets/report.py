@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -38,10 +39,22 @@ from scipy import stats
 from subnets.analysis.conflict import load_conflict
 from subnets.analysis.similarity import load_cka
 from subnets.analysis.typology import overlap_typology_correlation, typological_similarity, uriel_code
+from subnets.masks.controls import expected_random_jaccard
+from subnets.masks.controls import jaccard as mask_jaccard
 from subnets.masks.figures import plot_history
+from subnets.masks.subnetwork import SubnetworkSet
 
 BASELINE = "baseline"
-METHOD_ORDER = ("baseline", "static", "dynamic", "maml", "maml_static", "maml_dynamic")
+METHOD_ORDER = (
+    "baseline",
+    "random",
+    "static",
+    "dynamic",
+    "maml",
+    "maml_random",
+    "maml_static",
+    "maml_dynamic",
+)
 
 
 @dataclass
@@ -261,6 +274,39 @@ def overlap_typology(runs: Sequence[Run]) -> list[dict[str, Any]]:
         out.append({"method": run.method, "seed": run.seed, "languages": languages, "overlap": overlap,
                     "similarity": similarity, **overlap_typology_correlation(languages, overlap, similarity)})  # fmt: skip
     return out
+
+
+def mask_reliability(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per method with masks: the static search's split-half reliability (mean over runs and
+    languages of ``masks/summary.json``'s ``reliability``: Jaccard, its chance level, Spearman)
+    and the agreement of the final masks across seeds (mean Jaccard over pairs of runs with
+    different seeds and their shared languages, and the chance level of those head counts,
+    :func:`~subnets.masks.controls.expected_random_jaccard`)."""
+    rows = []
+    for method in methods_of(runs):
+        masked = [r for r in runs if r.method == method and (r.path / "masks" / "masks.safetensors").exists()]
+        if not masked:
+            continue
+        row: dict[str, Any] = {"method": method, "runs": len(masked)}
+        halves = [v for r in masked for v in ((r.masks_summary() or {}).get("reliability") or {}).values()]
+        if halves:
+            for key in ("jaccard", "random_jaccard", "spearman"):
+                row[f"split_half_{key}"] = float(np.mean([h[key] for h in halves]))
+        sets = [(r.seed, SubnetworkSet.load(r.path / "masks" / "masks.safetensors")) for r in masked]
+        observed, chance = [], []
+        for (seed_a, a), (seed_b, b) in itertools.combinations(sets, 2):
+            if seed_a == seed_b:
+                continue
+            for lang in set(a) & set(b):
+                first, second = a[lang].head_mask, b[lang].head_mask
+                observed.append(mask_jaccard(first, second))
+                chance.append(
+                    expected_random_jaccard(first.sum(1).tolist(), second.sum(1).tolist(), a.num_heads)
+                )
+        if observed:
+            row["seed_jaccard"], row["seed_random_jaccard"] = float(np.mean(observed)), float(np.mean(chance))
+        rows.append(row)
+    return rows
 
 
 def cka_summary(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -487,6 +533,24 @@ def write_report(
                   "(cosine of lang2vec `syntax_knn` vectors) over language pairs; p from a Mantel permutation test:", ""]  # fmt: skip
         lines += [f"- {c['method']} (seed {c['seed']}): rho = {c['rho']:.3f}, p = {c['p']:.3g} ({c['pairs']} pairs)"
                   for c in correlations]  # fmt: skip
+    reliability = [r for r in mask_reliability(runs) if len(r) > 2]
+    if reliability:
+
+        def cell(row, key):
+            if key not in row:
+                return "-"
+            return f"{row[key]:.2f}" + (f" ({row[key.replace('_jaccard', '_random_jaccard')]:.2f})"
+                                        if key.endswith("_jaccard") else "")  # fmt: skip
+
+        lines += ["", "## Mask reliability", "",
+                  "Split-half: masks selected (with each mask's per-layer counts) from head importance on two "
+                  "disjoint halves of the importance batches, and the Spearman correlation of the two score maps. "
+                  "Across seeds: the final masks of runs with different seeds. In brackets: the Jaccard overlap "
+                  "random masks of the same per-layer counts would have on average.", "",
+                  "| method | runs | split-half Jaccard (chance) | split-half Spearman | across seeds Jaccard (chance) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['method']} | {r['runs']} | {cell(r, 'split_half_jaccard')} | "
+                  f"{cell(r, 'split_half_spearman')} | {cell(r, 'seed_jaccard')} |" for r in reliability]  # fmt: skip
     cka = cka_summary(runs)
     if cka:
         lines += ["", "## Representation similarity (linear CKA)", "",

@@ -335,8 +335,9 @@ def _encoder(cfg: DictConfig, folder: Path):
     current = model_fingerprint(transformer, tokenizer)
     changed = [key for key in ("class", "config", "tokenizer") if key in saved and saved[key] != current[key]]
     if changed:
-        raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: its {' and '.join(changed)} differ from "
-                         f"those run={folder} was trained with; point model.name_or_path at that model")  # fmt: skip
+        raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: its {' and '.join(changed)} "
+                         f"{'differ' if len(changed) > 1 else 'differs'} from what run={folder} was trained with; "
+                         "point model.name_or_path at that model")  # fmt: skip
     return transformer, tokenizer
 
 

@@ -4,7 +4,7 @@ Evaluates a trained run (:func:`subnets.trained.evaluate_run`) on the languages 
 the overrides name, for example::
 
     python -m subnets.evaluate run=outputs/default/+method=dynamic languages.target=[syn_vos]
-    python -m subnets.evaluate run=outputs/ud/+method=static languages.ud_root=/data/ud-2.14 fewshot.k=10
+    python -m subnets.evaluate run=outputs/ud_fewshot/+experiment=ud_fewshot,+method=static fewshot.k=10
 
 and writes results.json and predictions into ``output`` (default ``<run>/evaluations/<overrides>``).
 """

@@ -33,6 +33,7 @@ class SubnetworkSearch:
     subnetwork: Subnetwork
     importance: torch.Tensor
     pruning: PruningResult | None = None
+    halves: tuple[torch.Tensor, torch.Tensor] | None = None  # importance of the even and odd batches
 
 
 def matching_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -60,6 +61,7 @@ def find_subnetwork(
     param_names: Sequence[str] = (),
     param_keep_ratio: float = 0.5,
     param_scope: str = "tensor",
+    split_half: bool = False,
 ) -> SubnetworkSearch:
     """One language's subnetwork of ``model`` (a module with ``.gates`` whose ``model(batch).loss``
     is the task loss).
@@ -73,6 +75,8 @@ def find_subnetwork(
             on ``finetune_batches`` (with ``make_optimizer(copy)``, default AdamW 1e-4).
         param_names: parameters that also get unstructured masks from the Fisher information
             of ``samples`` (keeping ``param_keep_ratio`` per tensor or globally).
+        split_half: also score the even and the odd ``batches`` apart (``halves``, for
+            :func:`~subnets.masks.controls.split_half_agreement`; head importance only).
     """
     scorer = model
     if finetune_steps > 0:
@@ -127,7 +131,10 @@ def find_subnetwork(
     normalized = (
         full_scores / full_scores.max() if importance == "fisher" and full_scores.max() > 0 else full_scores
     )
-    return SubnetworkSearch(Subnetwork(head_mask, param_masks), normalized, pruning)
+    halves = None
+    if split_half and importance == "head" and len(batches) >= 2:
+        halves = (head_importance(scorer, batches[0::2]), head_importance(scorer, batches[1::2]))
+    return SubnetworkSearch(Subnetwork(head_mask, param_masks), normalized, pruning, halves)
 
 
 def _head_owned(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -15,6 +15,8 @@ from subnets.methods.policies import (
     DynamicMasks,
     EMARule,
     LearnedRule,
+    RandomMasks,
+    RandomRule,
     StaticMasks,
     SubnetworkPolicy,
     search_masks,
@@ -23,6 +25,6 @@ from subnets.methods.policies import (
 
 __all__ = [
     "BatchStep", "DynamicMasks", "EMARule", "LearnedRule", "MAMLEpisodes", "MaskPolicy", "Method", "NoMasks",
-    "Outputs", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy", "TrainingBatches",
+    "Outputs", "RandomMasks", "RandomRule", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy", "TrainingBatches",
     "search_masks", "static_masks",
 ]  # fmt: skip

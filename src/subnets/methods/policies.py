@@ -35,6 +35,13 @@ from subnets.checkpoint import phase_rng
 from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
+from subnets.masks.controls import (
+    generator,
+    random_head_mask,
+    random_jaccard_matrix,
+    random_like,
+    split_half_agreement,
+)
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.figures import history_figure
 from subnets.masks.importance import head_importance
@@ -169,15 +176,20 @@ class SubnetworkPolicy(MaskPolicy):
         return self.gates_of(subnetwork), self.update_mask_of(subnetwork)
 
     # ---------------------------------------------------------------- outputs and state
-    def write_summary(self, outputs: Outputs) -> None:
-        """Masks, sparsity, overlap matrix and heatmap into ``<run>/masks/``; logged to W&B."""
+    def write_summary(self, outputs: Outputs, extra: Mapping[str, Any] | None = None) -> None:
+        """Masks, sparsity, overlap matrix (and its chance level), ``extra`` entries and the
+        heatmap into ``<run>/masks/``; logged to W&B."""
         folder = outputs.folder / "masks"
         folder.mkdir(parents=True, exist_ok=True)
         self.masks.save(folder / "masks.safetensors")
         languages, overlap = self.masks.jaccard()
+        _, chance = random_jaccard_matrix(self.masks)
         summary = {
             "sparsity": self.masks.sparsity(),
             "jaccard": {"languages": languages, "matrix": overlap.tolist()},
+            # the expected Jaccard of independent random masks with each pair's per-layer counts
+            "random_jaccard": {"languages": languages, "matrix": chance.tolist()},
+            **(extra or {}),
         }
         atomic_write_json(folder / "summary.json", summary)
         figure = self.masks.overlap_figure()
@@ -234,7 +246,7 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
     param_names = matching_parameters(model, search.param_include) if fisher_params else []
     needs_samples = setting(search.importance) == "fisher" or param_names
     iterative = setting(search.selection) == "iterative"
-    history = {}
+    history, reliability = {}, {}
     progress = bar(len(sources.train), "mask search", "language")
     for lang, data in sources.train.items():
         started = time.perf_counter()
@@ -265,6 +277,7 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
                 param_names=param_names,
                 param_keep_ratio=search.param_keep_ratio,
                 param_scope=setting(search.param_scope),
+                split_half=True,
             )
         found.subnetwork.scores = found.importance
         masks[lang] = found.subnetwork
@@ -272,11 +285,19 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
             history[lang] = {"baseline": found.pruning.baseline, "rounds": found.pruning.history,
                              "stopped_by": found.pruning.stopped_by}  # fmt: skip
         kept, total = found.subnetwork.num_heads_kept, found.subnetwork.head_mask.numel()
-        log.info(
-            "mask search, %s: kept %d of %d heads (%.1f s)", lang, kept, total, time.perf_counter() - started
-        )
+        agreement = ""
+        if found.halves is not None:
+            reliability[lang] = split_half_agreement(found.halves, found.subnetwork.head_mask)
+            # with fewer sentences than the importance batches hold, the halves share sentences
+            reliability[lang]["disjoint"] = len(data) >= search.batch_size * search.importance_batches
+            agreement = (f"; split-half Jaccard {reliability[lang]['jaccard']:.2f} (chance "
+                         f"{reliability[lang]['random_jaccard']:.2f}), Spearman {reliability[lang]['spearman']:.2f}")  # fmt: skip
+        log.info("mask search, %s: kept %d of %d heads%s (%.1f s)", lang, kept, total, agreement,
+                 time.perf_counter() - started)  # fmt: skip
         progress.update(1)
     progress.close()
+    if reliability:
+        atomic_write_json(outputs.folder / "masks" / "reliability.json", reliability)
     if history:
         atomic_write_json(outputs.folder / "masks" / "pruning.json", history)
         log.debug("pruning history: %s", json.dumps(history))
@@ -293,8 +314,38 @@ class StaticMasks(SubnetworkPolicy):
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
         if self.masks is None:
             self.set_masks(static_masks(model, self.search, sources, self.batcher, outputs))
+            reliability = outputs.folder / "masks" / "reliability.json"  # written by search_masks
+            extra = {"reliability": json.loads(reliability.read_text())} if reliability.exists() else {}
+            self.write_summary(outputs, extra)
+        self.check_languages(sources.train)
+
+
+class RandomMasks(SubnetworkPolicy):
+    """Random-mask control (``+method=random``, ``maml_random``): each language's mask keeps in
+    every layer as many heads as its static mask (:func:`static_masks`: the search of
+    ``masks.*``, or the set at ``masks.path``), and parameter masks as many coordinates per
+    tensor, drawn uniformly from a generator seeded by the run seed and the language
+    (:func:`~subnets.masks.controls.random_like`); fixed for the run. An unseen language gets, under
+    ``masks.target_policy`` other than ``full``, a random mask with the source masks' mean
+    per-layer counts: no importance reaches a control."""
+
+    uses_masks_path = True
+
+    def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        if self.masks is None:
+            # A cached masks.safetensors holds this policy's random masks: their counts are the
+            # static ones, so drawing again from them gives the same masks.
+            self.set_masks(random_like(static_masks(model, self.search, sources, self.batcher, outputs),
+                                       self.batcher.seed))  # fmt: skip
             self.write_summary(outputs)
         self.check_languages(sources.train)
+
+    def policy_subnetwork(self, model: nn.Module, code: str, support: LanguageData) -> Subnetwork | None:
+        if setting(self.search.target_policy) == "full":
+            return None
+        counts = torch.stack([s.head_mask.sum(dim=1).float() for s in self.masks.values()]).mean(dim=0)
+        rng = generator(self.batcher.seed, f"random/{code}")
+        return Subnetwork(random_head_mask([int(round(float(c))) for c in counts], self.masks.num_heads, rng))
 
 
 class EMARule:
@@ -309,7 +360,7 @@ class EMARule:
         self.search, self.dynamic = search, dynamic
         self.ema: ImportanceEMA | None = None
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device) -> None:
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
         self.ema = ImportanceEMA(shape, self.dynamic.decay)
 
     def start_from(self, masks: SubnetworkSet) -> None:
@@ -359,7 +410,7 @@ class LearnedRule:
         self.learned: HardConcreteGates | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device) -> None:
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
         self.learned = HardConcreteGates(languages, shape, beta=self.dynamic.temperature).to(device)
         self.optimizer = torch.optim.Adam(self.learned.parameters(), lr=self.dynamic.gate_lr)
 
@@ -399,7 +450,54 @@ class LearnedRule:
         self.optimizer.load_state_dict(state["gate_optimizer"])
 
 
-RULES = {"ema": EMARule, "learned": LearnedRule}
+class RandomRule:
+    """Dynamic rule ``random``, a control: at every update each language's mask is redrawn, the
+    configured selection (``dynamic.selection`` with ``masks.keep_ratio``, ``top_k``, ...) applied
+    to uniform random scores instead of importance; the scores come from a generator seeded by
+    the run seed, the language and the update's number (:mod:`subnets.masks.controls`)."""
+
+    track_gates = False
+    supports_episodes = True
+
+    def __init__(self, search: Any, dynamic: Any):
+        self.search, self.dynamic = search, dynamic
+        self.updates: dict[str, int] = {}
+
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
+        self.shape, self.seed = tuple(shape), seed
+
+    def start_from(self, masks: SubnetworkSet) -> None:
+        pass
+
+    def gates(self, lang: str, mask_gates: torch.Tensor | None) -> torch.Tensor | None:
+        return mask_gates
+
+    def extra_loss(self, lang: str):
+        return None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def observe(self, result: StepResult) -> dict[str, float]:
+        return {}
+
+    def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.updates[lang] = self.updates.get(lang, 0) + 1
+        rng = generator(self.seed, f"random/{lang}/{self.updates[lang]}")
+        scores = torch.from_numpy(rng.random(self.shape)).float()
+        search = self.search
+        mask = reselect(scores, current.head_mask, setting(self.dynamic.selection), search.keep_ratio,
+                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer)  # fmt: skip
+        return mask, scores
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"random_updates": dict(self.updates)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = dict(state["random_updates"])
+
+
+RULES = {"ema": EMARule, "learned": LearnedRule, "random": RandomRule}
 
 
 class DynamicMasks(SubnetworkPolicy):
@@ -407,8 +505,9 @@ class DynamicMasks(SubnetworkPolicy):
 
     Initial masks keep every head (``dynamic.init=full``) or come from the static procedure
     (``static``). Every ``dynamic.update_every`` steps each language's mask is re-selected by
-    the rule (``dynamic.rule``: :class:`EMARule`, :class:`LearnedRule`, or any object with
-    their methods passed as ``rule``). A coordinate that re-enters a language's subnetwork
+    the rule (``dynamic.rule``: :class:`EMARule`, :class:`LearnedRule`, the control
+    :class:`RandomRule`, or any object with their methods passed as ``rule``; its ``bind``
+    receives the languages, the gate shape, the device and ``seed=``, the run seed). A coordinate that re-enters a language's subnetwork
     continues from the optimizer state it had when it left (:class:`MaskedOptimizer`: frozen,
     not advanced). The mask after every update and the number of heads that changed are kept
     per language and written, with figures, to ``<run>/masks/`` at the end of training.
@@ -431,7 +530,7 @@ class DynamicMasks(SubnetworkPolicy):
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         super().bind(model, batcher, languages)
-        self.rule.bind(list(languages), model.gates.shape, batcher.device)
+        self.rule.bind(list(languages), model.gates.shape, batcher.device, seed=batcher.seed)
 
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
         if self.masks is not None:  # restored from a checkpoint

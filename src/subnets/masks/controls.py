@@ -1,0 +1,120 @@
+"""Controls for masks: random masks, their chance level, and split-half reliability.
+
+* :func:`random_head_mask` / :func:`random_like`: masks with given per-layer head counts (and
+  per-tensor parameter counts) whose members are drawn uniformly, from a generator seeded by a
+  seed and a name (no global random state is used or changed).
+* :func:`expected_random_jaccard`: the exact expected Jaccard overlap of two independent random
+  masks with given per-layer counts: the chance level a pair of real masks is compared with.
+
+In layer ``l`` with ``n`` heads, two random masks of ``a_l`` and ``b_l`` heads share
+``I_l ~ Hypergeometric(n, a_l, b_l)`` heads, independently across layers, so with
+``A = sum a_l``, ``B = sum b_l`` and ``I = sum I_l``::
+
+    E[J] = sum_i P(I = i) * i / (A + B - i)
+
+(``P(I = i)`` is the convolution of the layers' hypergeometric distributions).
+
+* :func:`split_half_agreement`: how reliable a mask is: the masks selected from importance
+  measured on two disjoint halves of the data, with the mask's own per-layer counts, compared
+  by Jaccard (against the chance level above) and the two score maps by Spearman correlation.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from math import comb
+
+import numpy as np
+import torch
+
+from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
+
+
+def generator(seed: int, name: str) -> np.random.Generator:
+    """A numpy generator seeded by ``seed`` and ``name`` (e.g. ``random/<language>``)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def random_head_mask(counts: Sequence[int], heads: int, rng: np.random.Generator) -> torch.Tensor:
+    """Boolean ``[layers, heads]`` mask with ``counts[l]`` heads in layer ``l``, drawn uniformly."""
+    mask = torch.zeros(len(counts), heads, dtype=torch.bool)
+    for layer, count in enumerate(counts):
+        if not 0 <= count <= heads:
+            raise ValueError(f"layer {layer}: {count} heads asked of {heads}")
+        mask[layer, torch.from_numpy(rng.permutation(heads)[:count])] = True
+    return mask
+
+
+def random_like(masks: SubnetworkSet, seed: int) -> SubnetworkSet:
+    """For every language, a random subnetwork with its head counts in every layer and its
+    number of kept coordinates in every parameter mask (generator: ``seed``, ``random/<lang>``)."""
+    randomized = SubnetworkSet(masks.num_layers, masks.num_heads, masks.param_shapes)
+    for lang, subnetwork in masks.items():
+        rng = generator(seed, f"random/{lang}")
+        head_mask = random_head_mask(subnetwork.head_mask.sum(dim=1).tolist(), masks.num_heads, rng)
+        params = {}
+        for name, mask in subnetwork.param_masks.items():
+            flat = torch.zeros(mask.numel(), dtype=torch.bool)
+            flat[torch.from_numpy(rng.permutation(mask.numel())[: int(mask.sum())])] = True
+            params[name] = flat.view(mask.shape)
+        randomized[lang] = Subnetwork(head_mask, params)
+    return randomized
+
+
+def _hypergeometric(n: int, a: int, b: int) -> np.ndarray:
+    """P(I = i), i = 0..min(a, b), for the overlap of random subsets of sizes a and b of n items."""
+    return np.array([comb(a, i) * comb(n - a, b - i) / comb(n, b) for i in range(min(a, b) + 1)])
+
+
+def expected_random_jaccard(counts_a: Sequence[int], counts_b: Sequence[int], heads: int) -> float:
+    """The exact expected Jaccard overlap of two independent random head masks with per-layer
+    counts ``counts_a`` and ``counts_b`` (module docstring)."""
+    distribution = np.ones(1)
+    for a, b in zip(counts_a, counts_b):
+        distribution = np.convolve(distribution, _hypergeometric(heads, int(a), int(b)))
+    total = sum(counts_a) + sum(counts_b)
+    overlap = np.arange(len(distribution))
+    union = total - overlap
+    ratios = np.divide(overlap, union, out=np.ones(len(overlap)), where=union > 0)
+    return float((distribution * ratios).sum())
+
+
+def random_jaccard_matrix(masks: SubnetworkSet) -> tuple[list[str], np.ndarray]:
+    """Languages and the matrix of :func:`expected_random_jaccard` for each pair's head counts
+    (the chance level of :meth:`SubnetworkSet.jaccard`)."""
+    languages = list(masks)
+    counts = {lang: masks[lang].head_mask.sum(dim=1).tolist() for lang in languages}
+    matrix = np.array([[expected_random_jaccard(counts[a], counts[b], masks.num_heads) for b in languages]
+                       for a in languages])  # fmt: skip
+    return languages, matrix
+
+
+def top_per_layer(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Boolean mask of the ``counts[l]`` highest-scoring heads of each layer ``l`` (ties by position)."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    for layer, count in enumerate(counts):
+        order = torch.sort(-scores[layer].double(), stable=True).indices
+        mask[layer, order[: int(count)]] = True
+    return mask
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a & b| / |a | b| of two boolean masks (1 for two empty masks)."""
+    union = int((a | b).sum())
+    return float(int((a & b).sum()) / union) if union else 1.0
+
+
+def split_half_agreement(halves: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
+    """Reliability of ``mask`` from head importance measured on two disjoint halves of the data:
+    ``jaccard`` of the masks each half selects with ``mask``'s per-layer counts, the chance level
+    ``random_jaccard`` of those counts (:func:`expected_random_jaccard`), and the ``spearman``
+    correlation of the two halves' scores (1 for identical halves)."""
+    from scipy.stats import spearmanr
+
+    counts = mask.sum(dim=1).tolist()
+    first, second = (top_per_layer(h, counts) for h in halves)
+    a, b = (h.flatten().double().numpy() for h in halves)
+    rho = 1.0 if np.array_equal(a, b) else float(spearmanr(a, b).statistic)
+    return {"jaccard": jaccard(first, second), "random_jaccard": expected_random_jaccard(counts, counts, mask.shape[1]),
+            "spearman": rho}  # fmt: skip
