@@ -246,3 +246,25 @@ def test_a_run_of_a_saved_model_is_reloaded_from_its_folder_and_checked(tmp_path
     save_model(0, "entirely other words here")  # another tokenizer
     with pytest.raises(ValueError, match=r"its (config and )?tokenizer differs? from what run="):
         load_run(folder)
+
+
+def test_a_run_is_evaluated_on_another_ud_root_with_only_a_new_language(tmp_path):
+    from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
+
+    specs = {
+        c: SyntheticLanguage(c, **spec) for c, spec in tiny_config().languages.synthetic.languages.items()
+    }
+    root = write_synthetic_treebanks(tmp_path / "ud", specs, {"train": 80, "dev": 20, "test": 30}, 0)
+    sources = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
+    job = tiny_config("languages.source=ud", f"languages.ud_root={root}", f"languages.train=[{','.join(sources)}]",
+                      "languages.dev=[syn_svo_na]", "languages.target=[syn_vos]")  # fmt: skip
+    run(job, tmp_path / "run")
+    other = tmp_path / "other"
+    other.mkdir()
+    (root / "syn_sov_an").rename(other / "syn_sov_an")  # a root holding only a language the run never saw
+    evaluated = evaluate_run(tmp_path / "run", [f"languages.ud_root={other}", "languages.dev=[]",
+                                                "languages.target=[syn_sov_an]"])  # fmt: skip
+    assert (
+        evaluated["source"] == {} and evaluated["dev"] == {} and list(evaluated["target"]) == ["syn_sov_an"]
+    )
+    assert list(evaluated["fewshot"]["languages"]) == ["syn_sov_an"]
