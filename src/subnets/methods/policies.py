@@ -348,20 +348,19 @@ class RandomMasks(SubnetworkPolicy):
         return Subnetwork(random_head_mask([int(round(float(c))) for c in counts], self.masks.num_heads, rng))
 
 
-class EMARule:
-    """Dynamic rule ``ema``: each language's importance is the moving average of ``|dL/dgate|``
-    of its own training steps (the gates carry gradients in every step: no extra pass); its mask
-    is re-selected from it (``dynamic.selection``)."""
+class ScoreRule:
+    """A dynamic rule that re-selects each language's mask from per-head scores with the
+    configured selection (``dynamic.selection`` with ``masks.keep_ratio``, ``top_k``, ...).
+    Its hooks do nothing; :class:`EMARule` and :class:`RandomRule` say where the scores come from."""
 
-    track_gates = True
+    track_gates = False
     supports_episodes = True
 
     def __init__(self, search: Any, dynamic: Any):
         self.search, self.dynamic = search, dynamic
-        self.ema: ImportanceEMA | None = None
 
     def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
-        self.ema = ImportanceEMA(shape, self.dynamic.decay)
+        pass
 
     def start_from(self, masks: SubnetworkSet) -> None:
         pass
@@ -376,6 +375,30 @@ class EMARule:
         return []
 
     def observe(self, result: StepResult) -> dict[str, float]:
+        return {}
+
+    def select(self, scores: torch.Tensor, current: Subnetwork) -> torch.Tensor:
+        """The mask the configured selection keeps from ``scores``."""
+        search = self.search
+        return reselect(scores, current.head_mask, setting(self.dynamic.selection), search.keep_ratio,
+                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer)  # fmt: skip
+
+
+class EMARule(ScoreRule):
+    """Dynamic rule ``ema``: each language's importance is the moving average of ``|dL/dgate|``
+    of its own training steps (the gates carry gradients in every step: no extra pass); its mask
+    is re-selected from it (``dynamic.selection``)."""
+
+    track_gates = True
+
+    def __init__(self, search: Any, dynamic: Any):
+        super().__init__(search, dynamic)
+        self.ema: ImportanceEMA | None = None
+
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
+        self.ema = ImportanceEMA(shape, self.dynamic.decay)
+
+    def observe(self, result: StepResult) -> dict[str, float]:
         for lang, gate_grad in result.gate_grads.items():
             self.ema.update(lang, gate_grad)
         return {}
@@ -384,10 +407,7 @@ class EMARule:
         if lang not in self.ema.averages:  # no step of this language yet
             return current.head_mask, current.scores
         scores = self.ema.scores(lang)
-        search = self.search
-        mask = reselect(scores, current.head_mask, setting(self.dynamic.selection), search.keep_ratio,
-                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer)  # fmt: skip
-        return mask, scores
+        return self.select(scores, current), scores
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict()}
@@ -450,45 +470,24 @@ class LearnedRule:
         self.optimizer.load_state_dict(state["gate_optimizer"])
 
 
-class RandomRule:
+class RandomRule(ScoreRule):
     """Dynamic rule ``random``, a control: at every update each language's mask is redrawn, the
-    configured selection (``dynamic.selection`` with ``masks.keep_ratio``, ``top_k``, ...) applied
-    to uniform random scores instead of importance; the scores come from a generator seeded by
-    the run seed, the language and the update's number (:mod:`subnets.masks.controls`)."""
-
-    track_gates = False
-    supports_episodes = True
+    configured selection applied to uniform random scores instead of importance; the scores come
+    from a generator seeded by the run seed, the language and the update's number
+    (:mod:`subnets.masks.controls`)."""
 
     def __init__(self, search: Any, dynamic: Any):
-        self.search, self.dynamic = search, dynamic
+        super().__init__(search, dynamic)
         self.updates: dict[str, int] = {}
 
     def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
         self.shape, self.seed = tuple(shape), seed
 
-    def start_from(self, masks: SubnetworkSet) -> None:
-        pass
-
-    def gates(self, lang: str, mask_gates: torch.Tensor | None) -> torch.Tensor | None:
-        return mask_gates
-
-    def extra_loss(self, lang: str):
-        return None
-
-    def parameters(self) -> list[torch.Tensor]:
-        return []
-
-    def observe(self, result: StepResult) -> dict[str, float]:
-        return {}
-
     def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.updates[lang] = self.updates.get(lang, 0) + 1
         rng = generator(self.seed, f"random/{lang}/{self.updates[lang]}")
         scores = torch.from_numpy(rng.random(self.shape)).float()
-        search = self.search
-        mask = reselect(scores, current.head_mask, setting(self.dynamic.selection), search.keep_ratio,
-                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer)  # fmt: skip
-        return mask, scores
+        return self.select(scores, current), scores
 
     def state_dict(self) -> dict[str, Any]:
         return {"random_updates": dict(self.updates)}
