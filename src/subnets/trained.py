@@ -30,7 +30,7 @@ from subnets.checkpoint import load_checkpoint
 from subnets.config import Config, SettingError, run_folder_name, setting, validate_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
-from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, write_conllu
+from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, unparsed, write_conllu
 from subnets.evaluate import evaluate, predict
 from subnets.fewshot import few_shot
 from subnets.identity import model_fingerprint
@@ -258,8 +258,7 @@ class TrainedRun:
 def _sentence_of(forms: list[str], number: int) -> Sentence:
     if not forms or not all(isinstance(f, str) and f and not f.isspace() for f in forms):
         raise ValueError(f"sentence {number}: expected a non-empty list of non-empty tokens, got {forms!r}")
-    n = len(forms)
-    return Sentence(str(number), forms, ["_"] * n, [0] * n, ["dep"] * n)
+    return unparsed(str(number), forms)
 
 
 def _detect_format(path: Path) -> str:

@@ -123,19 +123,30 @@ def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = 
         ConlluError: an invalid sentence (with ``on_error="raise"``), a file with no valid
             sentence at all (in both modes), or bytes that are not UTF-8 (their line named).
     """
-    path = Path(path)
+    return parse_conllu(_read_utf8(Path(path), "CoNLL-U"), path, on_error, trees)
+
+
+def _read_utf8(path: Path, kind: str) -> str:
+    """The text of a UTF-8 file without its byte-order mark; undecodable bytes raise
+    :class:`ConlluError` naming their line."""
     if not path.is_file():
-        raise FileNotFoundError(f"CoNLL-U file not found: {path}")
+        raise FileNotFoundError(f"{kind} file not found: {path}")
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         bad = data[error.start : error.end]
-        raise ConlluError(
-            path, line, None, f"bytes {bad!r} are not UTF-8 (CoNLL-U files are UTF-8)"
-        ) from None
-    return parse_conllu(text.removeprefix("\ufeff"), path, on_error, trees)
+        raise ConlluError(path, line, None, f"bytes {bad!r} are not UTF-8 ({kind} files are UTF-8)") from None
+
+
+def unparsed(sent_id: str, forms: list[str], upos: list[str] | None = None, lines: list[str] | None = None,
+             source: str = "") -> Sentence:  # fmt: skip
+    """A sentence to be parsed: its words, with placeholder heads (0) and relations (``dep``)."""
+    n = len(forms)
+    return Sentence(
+        sent_id, forms, upos if upos is not None else ["_"] * n, [0] * n, ["dep"] * n, None, lines, source
+    )
 
 
 def parse_conllu(
@@ -202,9 +213,8 @@ def _parse_sentence(lines: list[str], first_line: int, number: int, path, trees:
     if not word_lines:
         fail(0, "sentence has no word lines")
     if not trees:
-        forms = [columns[1] for _, columns in word_lines]
-        return Sentence(name, forms, [columns[3] for _, columns in word_lines], [0] * len(forms),
-                        ["dep"] * len(forms), None, lines, f"{path}:{first_line}")  # fmt: skip
+        return unparsed(name, [columns[1] for _, columns in word_lines], [columns[3] for _, columns in word_lines],
+                        lines, f"{path}:{first_line}")  # fmt: skip
 
     n = len(word_lines)
     heads = []
@@ -305,13 +315,7 @@ def read_tokenized_text(path: str | os.PathLike) -> list[Sentence]:
     """Sentences of a plain-text file with one pre-tokenized sentence per line (tokens separated
     by whitespace; blank lines are skipped), to be parsed; sentence ids are the line numbers."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        raise ConlluError(path, path.read_bytes()[: error.start].count(b"\n") + 1, None,
-                          "bytes that are not UTF-8 (text files are read as UTF-8)") from None  # fmt: skip
+    text = _read_utf8(path, "text")
     sentences = []
     for number, line in enumerate(text.split("\n"), start=1):
         forms = line.split()
@@ -319,8 +323,7 @@ def read_tokenized_text(path: str | os.PathLike) -> list[Sentence]:
             continue
         lines = [f"# sent_id = {number}", f"# text = {' '.join(forms)}"]
         lines += [f"{i}\t{form}\t_\t_\t_\t_\t0\tdep\t_\t_" for i, form in enumerate(forms, 1)]
-        sentences.append(Sentence(str(number), forms, ["_"] * len(forms), [0] * len(forms), ["dep"] * len(forms),
-                                  None, lines, f"{path}:{number}"))  # fmt: skip
+        sentences.append(unparsed(str(number), forms, lines=lines, source=f"{path}:{number}"))
     if not sentences:
         raise ConlluError(
             path, 1, None, "the file holds no sentence (expected one tokenized sentence per line)"
