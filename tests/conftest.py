@@ -39,6 +39,38 @@ def tiny_config(*overrides: str):
     return compose_config([*TINY, *overrides])
 
 
+SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]  # the default job's training languages
+
+
+def write_ud_root(folder):
+    """The default job's synthetic languages written as a UD root under ``folder`` (tiny sizes)."""
+    from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
+
+    specs = {
+        c: SyntheticLanguage(c, **spec) for c, spec in tiny_config().languages.synthetic.languages.items()
+    }
+    return write_synthetic_treebanks(folder, specs, {"train": 80, "dev": 20, "test": 30}, 0)
+
+
+@pytest.fixture
+def ud_root(tmp_path):
+    return write_ud_root(tmp_path / "ud")
+
+
+def ud_job(root, *extra):
+    """The tiny job on the UD root ``root``: the four sources, syn_svo_na for selection, syn_vos as target."""
+    return tiny_config("languages.source=ud", f"languages.ud_root={root}", f"languages.train=[{','.join(SOURCES)}]",
+                       "languages.dev=[syn_svo_na]", "languages.target=[syn_vos]", *extra)  # fmt: skip
+
+
+def hashes(folder, skip: str | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path (files under a folder named ``skip`` left out)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and skip not in p.relative_to(folder).parts}  # fmt: skip
+
+
 def step_on(run, lang: str):
     """One training step of a set-up ``run`` on a batch of ``lang`` (the loop's step, with the
     language chosen instead of drawn), then the policy's after-step hook."""

@@ -5,28 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import scores, tiny_config
+from conftest import scores, ud_job
 
 from subnets.data import dataset, read_conllu
 from subnets.data.cache import TreebankCache
 from subnets.data.dataset import load_language
-from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import discover_treebanks
 from subnets.runner import run
-
-SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
-
-
-@pytest.fixture
-def ud_root(tmp_path):
-    cfg = tiny_config()
-    specs = {c: SyntheticLanguage(c, **spec) for c, spec in cfg.languages.synthetic.languages.items()}
-    return write_synthetic_treebanks(tmp_path / "ud", specs, {"train": 80, "dev": 20, "test": 30}, 0)
-
-
-def ud_job(root, *extra):
-    return tiny_config("languages.source=ud", f"languages.ud_root={root}", f"languages.train=[{','.join(SOURCES)}]",
-                       "languages.dev=[syn_svo_na]", "languages.target=[syn_vos]", *extra)  # fmt: skip
 
 
 def test_a_run_gives_the_same_results_without_the_cache_and_with_it_cold_or_warm(

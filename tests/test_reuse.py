@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCORER, official_scorer, tiny_config
+from conftest import SCORER, hashes, official_scorer, tiny_config, ud_job
 
 from subnets import load_run
 from subnets.data import read_conllu
@@ -38,11 +37,6 @@ def runs(tmp_path_factory):
     return out
 
 
-def hashes(folder) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "evaluations" not in p.parts}  # fmt: skip
-
-
 def scores(results: dict) -> dict:
     """Everything an evaluation reproduces: the scores and the policy's figures."""
     return {k: v for k, v in results.items() if k not in ("seconds", "evaluated", "diverging_log_intervals")}
@@ -51,10 +45,10 @@ def scores(results: dict) -> dict:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_evaluating_a_run_on_its_own_languages_reproduces_it_and_changes_none_of_its_files(runs, method):
     folder, results = runs[method]
-    before = hashes(folder)
+    before = hashes(folder, skip="evaluations")
     evaluated = evaluate_run(folder)
     assert scores(evaluated) == scores(results)
-    assert hashes(folder) == before
+    assert hashes(folder, skip="evaluations") == before
     output = folder / "evaluations" / "default"
     written = sorted(
         p.relative_to(output / "predictions") for p in (output / "predictions").rglob("*.conllu")
@@ -71,11 +65,11 @@ def cli(module, *args, cwd):
 
 def test_evaluate_command_on_a_new_language_and_other_fewshot_settings(runs, tmp_path):
     folder, results = runs["static"]
-    before = hashes(folder)
+    before = hashes(folder, skip="evaluations")
     done = cli("subnets.evaluate", f"run={folder}", "+languages.synthetic.languages.syn_new={order:OSV}",
                "languages.target=[syn_new]", "fewshot.k=3", "fewshot.repetitions=3", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert hashes(folder) == before
+    assert hashes(folder, skip="evaluations") == before
     [output] = (folder / "evaluations").glob("+languages*")
     evaluated = json.loads((output / "results.json").read_text())
     assert list(evaluated["target"]) == ["syn_new"] and evaluated["source"] == results["source"]
@@ -248,20 +242,11 @@ def test_a_run_of_a_saved_model_is_reloaded_from_its_folder_and_checked(tmp_path
         load_run(folder)
 
 
-def test_a_run_is_evaluated_on_another_ud_root_with_only_a_new_language(tmp_path):
-    from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
-
-    specs = {
-        c: SyntheticLanguage(c, **spec) for c, spec in tiny_config().languages.synthetic.languages.items()
-    }
-    root = write_synthetic_treebanks(tmp_path / "ud", specs, {"train": 80, "dev": 20, "test": 30}, 0)
-    sources = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
-    job = tiny_config("languages.source=ud", f"languages.ud_root={root}", f"languages.train=[{','.join(sources)}]",
-                      "languages.dev=[syn_svo_na]", "languages.target=[syn_vos]")  # fmt: skip
-    run(job, tmp_path / "run")
+def test_a_run_is_evaluated_on_another_ud_root_with_only_a_new_language(tmp_path, ud_root):
+    run(ud_job(ud_root), tmp_path / "run")
     other = tmp_path / "other"
     other.mkdir()
-    (root / "syn_sov_an").rename(other / "syn_sov_an")  # a root holding only a language the run never saw
+    (ud_root / "syn_sov_an").rename(other / "syn_sov_an")  # a root holding only a language the run never saw
     evaluated = evaluate_run(tmp_path / "run", [f"languages.ud_root={other}", "languages.dev=[]",
                                                 "languages.target=[syn_sov_an]"])  # fmt: skip
     assert (

@@ -2,7 +2,6 @@
 models, settings checked before any work, input and output the official scorer agrees with.
 Each test is a case an audit found failing (issue 12)."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,18 +9,16 @@ import sys
 
 import pytest
 import torch
-from conftest import SCORER, TINY, official_scorer, scores, tiny_config
+from conftest import SCORER, TINY, hashes, official_scorer, scores, tiny_config, ud_job
 
 from subnets.checkpoint import load_checkpoint
 from subnets.config import SettingError
-from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.treebank import ConlluError, read_conllu
 from subnets.files import read_jsonl
 from subnets.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4",
           "masks.selection=keep_ratio"]  # fmt: skip
-SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
 
 
 class Crash(RuntimeError):
@@ -41,11 +38,6 @@ def crash_before_first_checkpoint(monkeypatch, cfg, folder):
     monkeypatch.setattr(Run, "save_checkpoint", original)
 
 
-def hashes(folder) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
 # ---------------------------------------------------------------- randomness of phases
 @pytest.mark.parametrize("method", [STATIC, [*STATIC[1:], "+method=dynamic", "dynamic.init=static"]],
                          ids=["static", "dynamic_init_static"])  # fmt: skip
@@ -61,18 +53,6 @@ def test_computed_loaded_and_resumed_masks_give_identical_runs(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------- run folder identity
-def ud_job(root, *extra):
-    return tiny_config("languages.source=ud", f"languages.ud_root={root}", f"languages.train=[{','.join(SOURCES)}]",
-                       "languages.dev=[syn_svo_na]", "languages.target=[syn_vos]", *extra)  # fmt: skip
-
-
-@pytest.fixture
-def ud_root(tmp_path):
-    cfg = tiny_config()
-    specs = {c: SyntheticLanguage(c, **spec) for c, spec in cfg.languages.synthetic.languages.items()}
-    return write_synthetic_treebanks(tmp_path / "ud", specs, {"train": 80, "dev": 20, "test": 30}, 0)
-
-
 def test_other_data_under_the_same_root_is_refused_and_the_folder_left_as_it_was(tmp_path, ud_root):
     folder = tmp_path / "run"
     first = run(ud_job(ud_root), folder)
