@@ -132,3 +132,68 @@ def test_support_drawn_from_the_test_file_is_excluded_from_scoring(tmp_path):
     assert ids.isdisjoint(s.sent_id for s in rest.sentences)
     assert draw_support(treebank, full, 5, seed=1)[0].sentences == support.sentences  # seeded
     assert draw_support(treebank, full, 5, seed=2)[0].sentences != support.sentences
+
+
+AFTER = [*KEEP_HALF[1:], "masks.after_steps=6"]  # debug=tiny: 12 steps, checkpoints every 4
+
+
+@pytest.mark.parametrize("method", ["static", "random"])
+def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_path, method):
+    experiment = Run(tiny_config(*AFTER, f"+method={method}"), tmp_path / "run")
+    experiment.setup()
+    policy, model = experiment.method.policy, experiment.model
+    try:
+        heads = set(head_parameter_masks(model, torch.ones(model.gates.shape, dtype=torch.bool)))
+        for step in range(1, 7):
+            assert policy.masks is None and policy.update_mask("syn_svo") is None
+            before = {name: p.detach().clone() for name, p in model.named_parameters()}
+            step_on(experiment, experiment.sampler.next_language())
+            if step < 6:  # every head is updated until the search
+                assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in heads)
+        assert policy.masks is not None  # searched at step 6, after its update
+        if method == "static":
+            again = policies.search_masks(model, policy.search, experiment.source_languages(), experiment.batcher,
+                                          experiment.outputs)  # fmt: skip
+            assert all(torch.equal(again[lang].head_mask, policy.masks[lang].head_mask) for lang in again)
+        lang = experiment.sampler.next_language()
+        owned = head_parameter_masks(model, policy.masks[lang].head_mask)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        step_on(experiment, lang)
+        after = dict(model.named_parameters())
+        assert all(torch.equal(after[n][~m], before[n][~m]) for n, m in owned.items())  # masked from then on
+    finally:
+        experiment.close()
+    from_start = run(tiny_config(*KEEP_HALF), tmp_path / "from_start")
+    later = SubnetworkSet.load(tmp_path / "run" / "masks" / "masks.safetensors")
+    first = SubnetworkSet.load(tmp_path / "from_start" / "masks" / "masks.safetensors")
+    if method == "static":  # importance on the trained model is not the pretrained model's
+        assert any(not torch.equal(later[lang].head_mask, first[lang].head_mask) for lang in first)
+    assert from_start["source"]
+
+
+@pytest.mark.parametrize("crash_at", [4, 8])  # before and after the search at step 6
+def test_a_run_with_masks_after_steps_resumes_to_the_same_result(tmp_path, monkeypatch, crash_at):
+    settings = ["+method=static", *AFTER]
+    reference = run(tiny_config(*settings), tmp_path / "reference")
+    crash_after_checkpoint(monkeypatch, tiny_config(*settings), tmp_path / "resumed", step=crash_at)
+    assert scores(run(tiny_config(*settings), tmp_path / "resumed")) == scores(reference)
+    assert json.loads((tmp_path / "resumed/masks/summary.json").read_text()) == json.loads(
+        (tmp_path / "reference/masks/summary.json").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+method=dynamic", "masks.after_steps=4"], "masks.after_steps=4 is not used by method dynamic"),
+        ([*KEEP_HALF, "masks.after_steps=12"], "expected fewer than train.steps=12"),
+        ([*KEEP_HALF, "masks.after_steps=4", "masks.path=masks.safetensors"], "a loaded mask set"),
+        (["+method=baseline", "masks.after_steps=-1"], r"masks.after_steps=-1: expected >= 0"),
+    ],
+)
+def test_masks_after_steps_is_refused_where_it_cannot_apply(tmp_path, overrides, message):
+    from subnets.config import SettingError
+
+    with pytest.raises(SettingError, match=message):
+        run(tiny_config(*overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -220,6 +220,9 @@ class MasksConfig:
     importance_batches: int = 8  # batches of `batch_size` sentences per language
     batch_size: int = 16
     finetune_steps: int = 100  # brief fine-tuning of a copy on the language before scoring (0: none)
+    # static and random masks: search them after this many steps of multilingual training of the
+    # whole model (every head used and updated until then) instead of before training (0)
+    after_steps: int = 0
     selection: Selection = Selection.iterative
     keep_ratio: float = 0.5  # selection=keep_ratio
     top_k: int | None = None  # selection=top_k
@@ -380,6 +383,7 @@ RULES: list[tuple[str, Any, str]] = [
         for k in ("importance_batches", "batch_size", "param_samples")
     ],
     ("masks.finetune_steps", _non_negative, ">= 0"),
+    ("masks.after_steps", _non_negative, ">= 0 (0: before training)"),
     ("dynamic.update_every", _positive, "a positive number of steps"),
     ("dynamic.decay", _probability, "in [0, 1)"),
     ("dynamic.score_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -70,14 +70,26 @@ def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.dev
     return torch.device(name)
 
 
-def check_masks_path(cfg: DictConfig, policy) -> None:
-    """Refuse ``masks.path`` for a method whose policy would not read it."""
+def check_policy_settings(cfg: DictConfig, policy) -> None:
+    """Refuse ``masks.path`` and ``masks.after_steps`` for a method whose policy would not read
+    them, and an ``after_steps`` that leaves no masked training."""
+    name = f"method {cfg.method.name} ({type(policy).__name__})"
     if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
         raise SettingError(
-            f"masks.path={cfg.masks.path!r} is not used by method {cfg.method.name} ({type(policy).__name__}); "
-            "only static masks (+method=static, maml_static) and dynamic ones starting from them "
-            "(dynamic.init=static) read a saved mask set"
+            f"masks.path={cfg.masks.path!r} is not used by {name}; only static masks (+method=static, "
+            "maml_static, random, maml_random) and dynamic ones starting from them (dynamic.init=static) "
+            "read a saved mask set"
         )
+    after = cfg.masks.after_steps
+    if after and not getattr(policy, "uses_after_steps", False):
+        raise SettingError(f"masks.after_steps={after} is not used by {name}; only static and random masks "
+                           "(+method=static, maml_static, random, maml_random) are searched during training")  # fmt: skip
+    if after and cfg.masks.path:
+        raise SettingError(f"masks.after_steps={after} and masks.path={cfg.masks.path!r}: a loaded mask set "
+                           "is used from the first step; set one of them")  # fmt: skip
+    if after >= cfg.train.steps:
+        raise SettingError(f"masks.after_steps={after}: expected fewer than train.steps={cfg.train.steps}, "
+                           "or no step would be trained with the masks")  # fmt: skip
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -85,7 +97,7 @@ def check_inputs(cfg: DictConfig) -> None:
     settings, the method, the data (synthetic languages generated into a temporary folder) and
     the model. ``overwrite=true`` calls it before it deletes anything."""
     validate_config(cfg)
-    check_masks_path(cfg, build_method(cfg).policy)
+    check_policy_settings(cfg, build_method(cfg).policy)
     with tempfile.TemporaryDirectory() as folder:
         data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed,
                              cache=treebank_cache(cfg.languages))  # fmt: skip
@@ -137,7 +149,7 @@ class Run:
         validate_config(cfg)
         self.method = build_method(cfg)
         policy = self.method.policy
-        check_masks_path(cfg, policy)
+        check_policy_settings(cfg, policy)
         saved = self._saved_identity()
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)

@@ -81,6 +81,7 @@ class MaskPolicy:
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
     supports_episodes = True  # whether it can run inside a MAML episode
     uses_masks_path = False  # whether it reads a saved mask set (masks.path); else that setting is refused
+    uses_after_steps = False  # whether it can search its masks during training (masks.after_steps)
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         """Cheap set-up on the model, its batches and the training ``languages`` (build the

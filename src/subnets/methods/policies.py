@@ -305,43 +305,68 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
 
 
 class StaticMasks(SubnetworkPolicy):
-    """Per-language masks computed once, before multilingual training (``+method=static``):
-    :func:`search_masks`, or a saved set (``masks.path``). The masks are cached in
-    ``<run>/masks/masks.safetensors``."""
+    """Per-language masks computed once and kept (``+method=static``): :func:`search_masks`, or
+    a saved set (``masks.path``). The masks are cached in ``<run>/masks/masks.safetensors``.
+
+    They are searched before training, or with ``masks.after_steps=S`` on the shared model after
+    S steps of multilingual training in which every language uses and updates every head (the
+    search then runs at step S, inside training); the remaining steps are masked."""
 
     uses_masks_path = True
+    uses_after_steps = True
+
+    def __init__(self, search: Any, apply: str = "gradient"):
+        super().__init__(search, apply)
+        self._pending: tuple | None = None  # (model, sources, outputs) of a search still to come
 
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        if self.masks is None and self.search.after_steps > 0:
+            self._pending = (model, sources, outputs)
+            return
         if self.masks is None:
-            self.set_masks(static_masks(model, self.search, sources, self.batcher, outputs))
-            reliability = outputs.folder / "masks" / "reliability.json"  # written by search_masks
-            extra = {"reliability": json.loads(reliability.read_text())} if reliability.exists() else {}
-            self.write_summary(outputs, extra)
+            self.find_masks(model, sources, outputs)
         self.check_languages(sources.train)
 
+    def after_step(self, step: int, result: StepResult) -> dict[str, float]:
+        if self._pending is not None and step >= self.search.after_steps:
+            model, sources, outputs = self._pending
+            self._pending = None
+            log.info("searching the subnetworks after %d steps of multilingual training", step)
+            self.find_masks(model, sources, outputs)
+            self.check_languages(sources.train)
+        return {}
 
-class RandomMasks(SubnetworkPolicy):
-    """Random-mask control (``+method=random``, ``maml_random``): each language's mask keeps in
-    every layer as many heads as its static mask (:func:`static_masks`: the search of
-    ``masks.*``, or the set at ``masks.path``), and parameter masks as many coordinates per
-    tensor, drawn uniformly from a generator seeded by the run seed and the language
-    (:func:`~subnets.masks.controls.random_like`); fixed for the run. An unseen language gets, under
-    ``masks.target_policy`` other than ``full``, a random mask with the source masks' mean
-    per-layer counts: no importance reaches a control."""
-
-    uses_masks_path = True
-
-    def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
-        if self.masks is None:
-            # A cached masks.safetensors holds this policy's random masks: their counts are the
-            # static ones, so drawing again from them gives the same masks.
-            self.set_masks(random_like(static_masks(model, self.search, sources, self.batcher, outputs),
-                                       self.batcher.seed))  # fmt: skip
-            self.write_summary(outputs)
-        self.check_languages(sources.train)
+    def find_masks(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        """Set the masks (:func:`static_masks`) and write their summary with its reliability."""
+        self.set_masks(static_masks(model, self.search, sources, self.batcher, outputs))
+        reliability = outputs.folder / "masks" / "reliability.json"  # written by search_masks
+        extra = {"reliability": json.loads(reliability.read_text())} if reliability.exists() else {}
+        self.write_summary(outputs, extra)
 
     def policy_subnetwork(self, model: nn.Module, code: str, support: LanguageData) -> Subnetwork | None:
-        if setting(self.search.target_policy) == "full":
+        if self.masks is None:  # masks.after_steps: not searched yet
+            return None
+        return super().policy_subnetwork(model, code, support)
+
+
+class RandomMasks(StaticMasks):
+    """Random-mask control (``+method=random``, ``maml_random``): each language's mask keeps in
+    every layer as many heads as its static mask (:func:`static_masks`: the search of
+    ``masks.*``, or the set at ``masks.path``; at step ``masks.after_steps`` if set), and
+    parameter masks as many coordinates per tensor, drawn uniformly from a generator seeded by
+    the run seed and the language (:func:`~subnets.masks.controls.random_like`); fixed for the
+    run. An unseen language gets, under ``masks.target_policy`` other than ``full``, a random mask
+    with the source masks' mean per-layer counts: no importance reaches a control."""
+
+    def find_masks(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        # A cached masks.safetensors holds this policy's random masks: their counts are the
+        # static ones, so drawing again from them gives the same masks.
+        self.set_masks(random_like(static_masks(model, self.search, sources, self.batcher, outputs),
+                                   self.batcher.seed))  # fmt: skip
+        self.write_summary(outputs)
+
+    def policy_subnetwork(self, model: nn.Module, code: str, support: LanguageData) -> Subnetwork | None:
+        if self.masks is None or setting(self.search.target_policy) == "full":
             return None
         counts = torch.stack([s.head_mask.sum(dim=1).float() for s in self.masks.values()]).mean(dim=0)
         rng = generator(self.batcher.seed, f"random/{code}")
