@@ -231,3 +231,49 @@ def test_mask_reliability_is_split_half_and_across_seed_agreement_against_chance
         "## Mask reliability" in text.read_text()
         and "| static | 2 | 0.75 (0.20) | 0.60 | 0.50" in text.read_text()
     )
+
+
+def test_runs_of_one_method_with_other_settings_are_reported_apart_and_against_their_controls(written_study):
+    import yaml
+
+    write_run(written_study, "random", 1, {"xx": [52.0, 54.0], "yy": [30.0, 32.0]}, {"xx": 40.0, "yy": 20.0})
+    write_run(written_study, "static", 2, {"xx": [57.0, 57.0], "yy": [33.0, 33.0]}, {"xx": 41.0, "yy": 21.0})
+    variant = written_study / "+method=static,method.apply=both,seed=1"
+    variant.mkdir()
+    (variant / "results.json").write_text(
+        (written_study / "+method=static,seed=1" / "results.json").read_text()
+    )
+    for run in written_study.glob("*/results.json"):
+        extra = ["method.apply=both"] if run.parent == variant else []
+        overrides = ["name=study", f"+method={json.loads(run.read_text())['method']}", *extra, "seed=1"]
+        (run.parent / ".hydra").mkdir()
+        (run.parent / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    runs = report.load_runs(written_study)
+    assert report.methods_of(runs) == ["baseline", "random", "static", "static (method.apply=both)"]
+    assert [r.seed for r in runs if r.method == "static"] == [1, 2]  # the variant is not a third seed
+    pairs = report.control_pairs(runs)
+    assert pairs == [("static", "random"), ("static (method.apply=both)", "random"),
+                     ("static (method.apply=both)", "static")]  # fmt: skip
+    entries = {(e["method"], e["reference"]): e for e in report.significance(runs, pairs=pairs)}
+    # static seed 1 against random seed 1: xx 54 - 53 = +1, yy 33 - 31 = +2 (seed 2 has no random run)
+    assert entries[("static", "random")]["mean_gain"] == pytest.approx(1.5)
+    assert entries[("static", "random")]["n"] == 2
+    assert entries[("static (method.apply=both)", "static")]["mean_gain"] == 0.0
+    assert entries[("static (method.apply=both)", "static")]["p"] == 1.0
+    # Holm over the three pairs: the two p = 0.5 of identical sign patterns, and p = 1
+    assert sorted(e["p_holm"] for e in entries.values()) == pytest.approx([1.0, 1.0, 1.0])
+    text = report.write_report(written_study).read_text()
+    assert "## Against the random control and the default settings (few-shot LAS)" in text
+    assert "static: +1.50 LAS over random" in text
+    assert "## Gains over the baseline (zero-shot LAS)" in text
+
+
+def test_the_development_curve_figure_draws_each_methods_mean_over_seeds(written_study):
+    for seed, values in ((1, [30.0, 40.0]), (2, [34.0, 44.0])):
+        records = [{"step": 50 * (i + 1), "dev/metric": v} for i, v in enumerate(values)]
+        path = written_study / f"+method=baseline,seed={seed}" / "metrics.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 50, "train/loss": 1.0}, *records]))
+    figure = report.dev_curve_figure(report.load_runs(written_study))
+    (line,) = figure.axes[0].get_lines()  # static has no metrics.jsonl
+    assert line.get_label() == "baseline"
+    assert list(line.get_xdata()) == [50, 100] and list(line.get_ydata()) == [32.0, 42.0]

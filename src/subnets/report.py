@@ -2,6 +2,8 @@
 significance statements and figures.
 
 Every run folder under ``<folder>`` (one that holds ``results.json``) is one method and seed.
+Runs of one method with other settings (a sweep over ``method.apply`` or ``masks.keep_ratio``)
+are reported apart, labelled by the settings that differ (``static (method.apply=both)``).
 The report goes to ``<folder>/report/`` (``--out`` to change it)::
 
     report.md                 tables, significance statements, analyses, figure links
@@ -9,6 +11,7 @@ The report goes to ``<folder>/report/`` (``--out`` to change it)::
     fewshot_las.png           per-language few-shot LAS, one bar per method (+- sd)
     mask_overlap.png          Jaccard overlap of the languages' head masks (subnetwork methods)
     dynamic_masks.png         sparsity and heads changed per mask update (dynamic methods)
+    dev_curve.png             development metric over training (mean over seeds)
     gradient_conflict.png     share of language pairs with conflicting gradients over training
     conflict_matrices.png     gradient cosines between languages at the last measurement
     overlap_typology.png      mask overlap against URIEL syntactic similarity
@@ -45,6 +48,7 @@ from subnets.masks.figures import plot_history
 from subnets.masks.subnetwork import SubnetworkSet
 
 BASELINE = "baseline"
+CONTROLS = {"static": "random", "maml_static": "maml_random"}  # a method and its random-mask control
 METHOD_ORDER = (
     "baseline",
     "random",
@@ -59,12 +63,14 @@ METHOD_ORDER = (
 
 @dataclass
 class Run:
-    """One finished run: its folder, method, seed and ``results.json``."""
+    """One finished run: its folder, method label (the method's name, and the settings that set
+    it apart from the other runs of the folder), seed and ``results.json``."""
 
     path: Path
     method: str
     seed: int
     results: dict[str, Any]
+    settings: tuple[str, ...] = ()  # its command-line settings other than the method and seed
 
     def masks_summary(self) -> dict[str, Any] | None:
         """``masks/summary.json`` (sparsity and Jaccard overlap), or None for a method without masks."""
@@ -90,13 +96,31 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
     for path in paths:
         try:
             results = json.loads(path.read_text())
-            runs.append(Run(path.parent, results["method"], int(results["seed"]), results))
+            runs.append(
+                Run(path.parent, results["method"], int(results["seed"]), results, _settings(path.parent))
+            )
         except (ValueError, KeyError) as error:
             raise ValueError(f"{path}: not a results.json written by subnets ({error})") from error
     if not runs:
         raise FileNotFoundError(f"no run folders with results.json under {folder}")
+    shared = set.intersection(*(set(r.settings) for r in runs))
+    for run in runs:
+        differing = [s for s in run.settings if s not in shared]
+        if differing:
+            run.method = f"{run.method} ({', '.join(differing)})"
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(runs, key=lambda r: (rank.get(r.method, len(rank)), r.method, r.seed))
+    return sorted(runs, key=lambda r: (rank.get(r.results["method"], len(rank)), r.method, r.seed))
+
+
+def _settings(folder: Path) -> tuple[str, ...]:
+    """The run's command-line overrides (``.hydra/overrides.yaml``) but its method and seed."""
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ()
+    from omegaconf import OmegaConf
+
+    overrides = [str(o) for o in OmegaConf.load(path)]
+    return tuple(sorted(o for o in overrides if o.split("=")[0].lstrip("+~") not in ("method", "seed")))
 
 
 def methods_of(runs: Sequence[Run]) -> list[str]:
@@ -196,37 +220,54 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def significance(
-    runs: Sequence[Run], setting: str = "fewshot", metric: str = "las", alpha: float = 0.05
+    runs: Sequence[Run],
+    setting: str = "fewshot",
+    metric: str = "las",
+    alpha: float = 0.05,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per method other than the baseline: its gain over the baseline, paired by target language
-    and seed (each side the mean over that seed's repetitions), tested with
-    :func:`wilcoxon_test`; p-values Holm-adjusted over the methods compared."""
+    """Per ``(method, reference)`` pair (default: every method against the baseline): the
+    method's gain over the reference, paired by target language and seed (each side the mean
+    over that seed's repetitions), tested with :func:`wilcoxon_test`; p-values Holm-adjusted over
+    the pairs compared."""
     table = scores(runs, setting, metric)
+    if pairs is None:
+        pairs = [(method, BASELINE) for method in methods_of(runs) if method != BASELINE]
     out = []
-    for method in methods_of(runs):
-        if method == BASELINE:
-            continue
+    for method, reference in pairs:
         differences = [
-            float(np.mean(values) - np.mean(table[(BASELINE, code)][seed]))
+            float(np.mean(values) - np.mean(table[(reference, code)][seed]))
             for (m, code), by_seed in table.items()
             if m == method
             for seed, values in by_seed.items()
-            if seed in table.get((BASELINE, code), {})
+            if seed in table.get((reference, code), {})
         ]
         if differences:
-            out.append(
-                {"method": method, "mean_gain": float(np.mean(differences)), **wilcoxon_test(differences)}
-            )
+            out.append({"method": method, "reference": reference, "mean_gain": float(np.mean(differences)),
+                        **wilcoxon_test(differences)})  # fmt: skip
     for entry, adjusted in zip(out, holm([e["p"] for e in out])):
         entry["p_holm"] = adjusted
         entry["significant"] = adjusted < alpha
     return out
 
 
+def control_pairs(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """``(method, control)`` pairs present in ``runs``: each subnetwork method and its random-mask
+    control (:data:`CONTROLS`; labelled variants included), and each labelled variant and its
+    method with the default settings (``static (method.apply=both)`` against ``static``)."""
+    methods = methods_of(runs)
+    names = {r.method: r.results["method"] for r in runs}
+    pairs = [(m, CONTROLS[names[m]]) for m in methods if CONTROLS.get(names[m]) in methods]
+    pairs += [(m, names[m]) for m in methods if m != names[m] and names[m] in methods]
+    return pairs
+
+
 def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: float = 0.05) -> str:
     """One sentence for a :func:`significance` entry."""
     verdict = "significant" if entry["significant"] else "not significant"
-    return (f"{entry['method']}: {entry['mean_gain']:+.2f} {metric} over the baseline (mean of {entry['n']} "
+    reference = entry.get("reference", BASELINE)
+    reference = "the baseline" if reference == BASELINE else reference
+    return (f"{entry['method']}: {entry['mean_gain']:+.2f} {metric} over {reference} (mean of {entry['n']} "
             f"language x seed pairs); {entry['test']} p = {entry['p']:.3g}, Holm-adjusted {entry['p_holm']:.3g}: "
             f"{verdict} at alpha = {alpha}.")  # fmt: skip
 
@@ -403,6 +444,31 @@ def dynamic_masks_figure(runs: Sequence[Run]):
     return figure
 
 
+def dev_curve_figure(runs: Sequence[Run]):
+    """The development metric (``dev/metric`` in metrics.jsonl) against the training step, one
+    line per method (mean over seeds, shaded: min to max)."""
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        path = run.path / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            if "dev/metric" in record:
+                curves[run.method][record["step"]].append(record["dev/metric"])
+    if not curves:
+        return None
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 3.8))
+    for method, by_step in curves.items():
+        steps = sorted(by_step)
+        ax.plot(steps, [np.mean(by_step[s]) for s in steps], label=method)
+        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("development metric")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def conflict_figure(runs: Sequence[Run]):
     """Share of language pairs whose gradients conflict (negative cosine) against the training
     step, one line per method (mean over seeds)."""
@@ -468,6 +534,7 @@ FIGURES = {
     "fewshot_las.png": scores_figure,
     "mask_overlap.png": mask_overlap_figure,
     "dynamic_masks.png": dynamic_masks_figure,
+    "dev_curve.png": dev_curve_figure,
     "gradient_conflict.png": conflict_figure,
     "conflict_matrices.png": conflict_matrices_figure,
     "overlap_typology.png": overlap_typology_figure,
@@ -510,12 +577,19 @@ def write_report(
                 "",
                 markdown_table(rows, methods),
             ]
-    if BASELINE in methods and len(methods) > 1:
-        lines += ["", "## Gains over the baseline (few-shot LAS)", ""]
-        entries = significance(runs, "fewshot", "las", alpha)
-        lines += [f"- {significance_statement(e, 'LAS', alpha)}" for e in entries] or ["- no paired results"]
-        lines += ["", "Pairs: target language x seed, each side the mean over that seed's repetitions. "
-                  "Holm-Bonferroni adjustment over the methods compared."]  # fmt: skip
+    for setting, title in (("fewshot", "few-shot"), ("zeroshot", "zero-shot")):
+        for heading, pairs in (("Gains over the baseline", None), ("Against the random control and the default settings",
+                                                                    control_pairs(runs))):  # fmt: skip
+            if (pairs is None and BASELINE not in methods) or pairs == [] or len(methods) < 2:
+                continue
+            entries = significance(runs, setting, "las", alpha, pairs)
+            lines += ["", f"## {heading} ({title} LAS)", ""]
+            lines += [f"- {significance_statement(e, 'LAS', alpha)}" for e in entries] or [
+                "- no paired results"
+            ]
+    if len(methods) > 1:
+        lines += ["", "Pairs: target language x seed, each side the mean over that seed's repetitions (few-shot). "
+                  "Holm-Bonferroni adjustment over the comparisons of each list."]  # fmt: skip
     conflicts = conflict_over_time(runs)
     if conflicts:
         lines += ["", "## Gradient conflict", "",

@@ -1,0 +1,149 @@
+"""How reliable cheap mask searches are on the UD study (budget=cpu, multilingual-e5-small).
+
+For each way of estimating head importance that costs little, the split-half agreement a run
+writes to ``masks/reliability.json``: the masks selected (keep 50%, the budget's selection) from
+the even and from the odd importance batches, compared by Jaccard (chance: two random masks with
+the same per-layer counts), and the Spearman correlation of the two halves' scores; mean over
+the eight source languages, with the seconds the search takes for all of them.
+
+Importance is measured on
+
+* the pretrained model after ``masks.finetune_steps`` of fine-tuning a copy on the language
+  (the budget's search until 2026-12-02: 20 steps, 2 batches),
+* the shared model after S steps of multilingual baseline training (``masks.after_steps=S``,
+  no per-language fine-tuning),
+
+from N batches of 16 sentences (``masks.importance_batches=N``). Dynamic masks' EMA of
+``|dL/dgate|`` (``dynamic.decay``) is compared on the model after 100 steps: the EMA of each half's
+stream of per-batch gate gradients, as the EMA rule would accumulate them over a language's
+steps (a fixed model here: the drift of a training model is not included).
+
+Every figure comes from per-batch gate gradients computed once per model state and language
+(32 batches, cycled where a language has fewer than 512 sentences; such rows are marked).
+
+Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
+(default ../shared/models/multilingual-e5-small). About 15 minutes on 2 CPU cores.
+
+Usage::
+
+    python benchmarks/mask_reliability.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from subnets.checkpoint import phase_rng
+from subnets.config import compose_config
+from subnets.masks.controls import split_half_agreement
+from subnets.masks.dynamic import ImportanceEMA
+from subnets.masks.importance import finetuned_copy, head_importance, normalize_importance
+from subnets.masks.selection import select_keep_ratio
+from subnets.runner import Run
+
+REPO = Path(__file__).resolve().parents[1]
+UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(REPO.parent / "shared" / "data" / "ud"))
+E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
+BATCHES = 32  # per language and model state; options use the first N
+SIZES = (2, 8, 16, 32)
+DECAYS = (0.9, 0.97, 0.99)
+
+
+def batch_gradients(model, batches) -> tuple[list[torch.Tensor], float]:
+    """|dL/dgate| of every batch (unnormalised), and the seconds per batch."""
+    start = time.perf_counter()
+    grads = [head_importance(model, [batch], normalize=False) for batch in batches]
+    return grads, (time.perf_counter() - start) / len(batches)
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor, keep_ratio: float) -> dict[str, float]:
+    """Split-half agreement of two halves' scores, with the budget's keep-ratio mask of their sum."""
+    mask = select_keep_ratio(normalize_importance(first + second), keep_ratio)
+    return split_half_agreement((normalize_importance(first), normalize_importance(second)), mask)
+
+
+def ema(grads: list[torch.Tensor], decay: float) -> torch.Tensor:
+    average = ImportanceEMA(tuple(grads[0].shape), decay)
+    for grad in grads:
+        average.update("l", grad)
+    return average.scores("l", normalize=False)
+
+
+def row(name: str, values: list[dict[str, float]], seconds: float, cycled: bool) -> None:
+    mean = {
+        key: float(np.mean([v[key] for v in values])) for key in ("jaccard", "random_jaccard", "spearman")
+    }
+    low = min(v["jaccard"] for v in values)
+    print(f"{name:44s} jaccard {mean['jaccard']:.3f} (min {low:.2f}; chance {mean['random_jaccard']:.3f})  "
+          f"spearman {mean['spearman']:.3f}  seconds {seconds:7.1f}{'  cycled' if cycled else ''}  "
+          "target jaccard >= 0.8", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={UD_ROOT}",
+                          f"model.name_or_path={E5_PATH}", "wandb.mode=disabled", "fewshot.repetitions=0",
+                          "analysis.conflict_every=0", "analysis.cka_sentences=0"])  # fmt: skip
+    keep, size = cfg.masks.keep_ratio, cfg.masks.batch_size
+    with tempfile.TemporaryDirectory() as folder:
+        experiment = Run(cfg, folder)
+        experiment.setup()
+        sources, batcher = experiment.source_languages(), experiment.batcher
+        batches = {
+            lang: batcher.fixed(data, size, BATCHES, "importance") for lang, data in sources.train.items()
+        }
+        cycled = {lang: len(data) < size * BATCHES for lang, data in sources.train.items()}  # batches repeat
+        print(f"{len(batches)} source languages, {BATCHES} batches of {size} sentences each "
+              f"(cycled for {sum(cycled.values())} languages with fewer than {size * BATCHES} sentences); "
+              f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+
+        def report(state: str, grads: dict, per_batch: float, setup_seconds: float) -> None:
+            for n in SIZES:
+                values = [agreement(sum(g[0:n:2]), sum(g[1:n:2]), keep) for g in grads.values()]
+                used = any(len(sources.train[lang]) < size * n for lang in grads)
+                row(
+                    f"{state}, importance_batches={n}",
+                    values,
+                    setup_seconds + n * per_batch * len(grads),
+                    used,
+                )
+
+        # the pretrained model, fine-tuned per language (the search before training)
+        for steps in (0, 20):
+            grads, seconds, tuning = {}, [], 0.0
+            for lang, data in sources.train.items():
+                with phase_rng(batcher.seed, f"masks/{lang}", batcher.device):
+                    start = time.perf_counter()
+                    scorer = experiment.model
+                    if steps:
+                        scorer = finetuned_copy(experiment.model, batcher.fixed(data, sources.batch_size, 8, "finetune"),
+                                                steps, sources.make_optimizer)  # fmt: skip
+                    tuning += time.perf_counter() - start
+                    grads[lang], per_batch = batch_gradients(scorer, batches[lang])
+                    seconds.append(per_batch)
+            report(f"pretrained, finetune_steps={steps}", grads, float(np.mean(seconds)), tuning)
+
+        # the shared model after S steps of multilingual (baseline) training
+        for after in (50, 100):
+            start = time.perf_counter()
+            while experiment.step < after:
+                experiment.train_step()
+            print(f"  (training to step {after}: {time.perf_counter() - start:.1f} s)", flush=True)
+            results = {lang: batch_gradients(experiment.model, batches[lang]) for lang in batches}
+            grads = {lang: g for lang, (g, _) in results.items()}
+            per_batch = float(np.mean([s for _, s in results.values()]))
+            report(f"after_steps={after}, finetune_steps=0", grads, per_batch, 0.0)
+        for decay in DECAYS:
+            values = [agreement(ema(g[0::2], decay), ema(g[1::2], decay), keep) for g in grads.values()]
+            row(f"after_steps=100, EMA decay {decay} over {BATCHES // 2} steps", values, 0.0,
+                any(cycled.values()))  # fmt: skip
+        experiment.close()
+
+
+if __name__ == "__main__":
+    main()
