@@ -10,11 +10,11 @@ Importance is measured on
 
 * the pretrained model after ``masks.finetune_steps`` of fine-tuning a copy on the language
   (the budget's search until 2026-12-02: 20 steps, 2 batches),
-* the shared model after S steps of multilingual baseline training (``masks.after_steps=S``,
-  no per-language fine-tuning),
+* the shared model after 50 steps of multilingual baseline training (``masks.after_steps=50``,
+  a third of the budget's 150 steps; no per-language fine-tuning),
 
 from N batches of 16 sentences (``masks.importance_batches=N``). Dynamic masks' EMA of
-``|dL/dgate|`` (``dynamic.decay``) is compared on the model after 100 steps: the EMA of each half's
+``|dL/dgate|`` (``dynamic.decay``) is compared on the model after 50 steps: the EMA of each half's
 stream of per-batch gate gradients, as the EMA rule would accumulate them over a language's
 steps (a fixed model here: the drift of a training model is not included).
 
@@ -22,15 +22,18 @@ Every figure comes from per-batch gate gradients computed once per model state a
 (32 batches, cycled where a language has fewer than 512 sentences; such rows are marked).
 
 Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
-(default ../shared/models/multilingual-e5-small). About 15 minutes on 2 CPU cores.
+(default ../shared/models/multilingual-e5-small). About 25 minutes on 2 CPU cores (a
+batch's forward and backward pass is about 1 s).
 
 Usage::
 
-    python benchmarks/mask_reliability.py
+    python benchmarks/mask_reliability.py                       # every model state
+    python benchmarks/mask_reliability.py --states after50      # pretrained0, pretrained20, after50
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -86,6 +89,10 @@ def row(name: str, values: list[dict[str, float]], seconds: float, cycled: bool)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--states", nargs="+", default=["pretrained0", "pretrained20", "after50"],
+                        help="model states to measure (default: all three)")  # fmt: skip
+    states = parser.parse_args().states
     cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={UD_ROOT}",
                           f"model.name_or_path={E5_PATH}", "wandb.mode=disabled", "fewshot.repetitions=0",
                           "analysis.conflict_every=0", "analysis.cka_sentences=0"])  # fmt: skip
@@ -114,7 +121,7 @@ def main() -> None:
                 )
 
         # the pretrained model, fine-tuned per language (the search before training)
-        for steps in (0, 20):
+        for steps in [s for s in (0, 20) if f"pretrained{s}" in states]:
             grads, seconds, tuning = {}, [], 0.0
             for lang, data in sources.train.items():
                 with phase_rng(batcher.seed, f"masks/{lang}", batcher.device):
@@ -128,20 +135,24 @@ def main() -> None:
                     seconds.append(per_batch)
             report(f"pretrained, finetune_steps={steps}", grads, float(np.mean(seconds)), tuning)
 
-        # the shared model after S steps of multilingual (baseline) training
-        for after in (50, 100):
+        # the shared model after 50 steps of multilingual (baseline) training
+        if "after50" in states:
             start = time.perf_counter()
-            while experiment.step < after:
+            while experiment.step < 50:
                 experiment.train_step()
-            print(f"  (training to step {after}: {time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"  (50 training steps: {time.perf_counter() - start:.1f} s)", flush=True)
             results = {lang: batch_gradients(experiment.model, batches[lang]) for lang in batches}
             grads = {lang: g for lang, (g, _) in results.items()}
-            per_batch = float(np.mean([s for _, s in results.values()]))
-            report(f"after_steps={after}, finetune_steps=0", grads, per_batch, 0.0)
-        for decay in DECAYS:
-            values = [agreement(ema(g[0::2], decay), ema(g[1::2], decay), keep) for g in grads.values()]
-            row(f"after_steps=100, EMA decay {decay} over {BATCHES // 2} steps", values, 0.0,
-                any(cycled.values()))  # fmt: skip
+            report(
+                "after_steps=50, finetune_steps=0",
+                grads,
+                float(np.mean([s for _, s in results.values()])),
+                0.0,
+            )
+            for decay in DECAYS:
+                values = [agreement(ema(g[0::2], decay), ema(g[1::2], decay), keep) for g in grads.values()]
+                row(f"after_steps=50, EMA decay {decay} over {BATCHES // 2} steps", values, 0.0,
+                    any(cycled.values()))  # fmt: skip
         experiment.close()
 
 

@@ -137,3 +137,39 @@ def test_skip_mode_counts_invalid_sentences(tmp_path):
         experiment.close()
     assert experiment.data.skipped == {"syn_svo-train": 1}
     assert len(experiment.data.train["syn_svo"]) == 79
+
+
+def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp_path):
+    from subnets.trained import evaluate_run
+
+    kept = run(tiny_config(), tmp_path / "kept")
+    dropped = run(tiny_config("train.keep_optimizer_state=false"), tmp_path / "dropped")
+    assert scores(dropped) == scores(kept)  # the setting changes no result
+    last = "checkpoints/last.safetensors"
+    with_state, without = (
+        load_checkpoint(tmp_path / "kept" / last),
+        load_checkpoint(tmp_path / "dropped" / last),
+    )
+    assert "optimizer" in with_state and "optimizer" not in without
+    assert set(with_state) - set(without) == {"optimizer"}
+    assert all(torch.equal(with_state["model"][k], v) for k, v in without["model"].items())
+    size = {name: (tmp_path / name / last).stat().st_size for name in ("kept", "dropped")}
+    # AdamW keeps two moment tensors the size of every trained parameter
+    parameters = sum(v.numel() * v.element_size() for v in with_state["model"].values())
+    assert size["kept"] - size["dropped"] > 1.9 * parameters
+    # the finished command still answers, and the run is still evaluated as before
+    assert run(tiny_config("train.keep_optimizer_state=false"), tmp_path / "dropped") == dropped
+    evaluated = evaluate_run(tmp_path / "dropped")
+    assert (evaluated["source"], evaluated["fewshot"]) == (dropped["source"], dropped["fewshot"])
+    # re-running a finished run's command with the setting drops the state from it too
+    run(tiny_config("train.keep_optimizer_state=false"), tmp_path / "kept")
+    assert "optimizer" not in load_checkpoint(tmp_path / "kept" / last)
+    # a checkpoint without it cannot continue a run that has not finished
+    state = load_checkpoint(tmp_path / "dropped" / last)
+    state["step"] = 8
+    from subnets.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "dropped" / last, state)
+    (tmp_path / "dropped" / "results.json").unlink()
+    with pytest.raises(ValueError, match="holds no optimizer state.*cannot be continued to train.steps=12"):
+        run(tiny_config(), tmp_path / "dropped")

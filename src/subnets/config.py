@@ -188,6 +188,10 @@ class TrainConfig:
     # lasts); divergence_patience such intervals in a row stop the run. 0 switches it off.
     divergence_factor: float = 10.0
     divergence_patience: int = 3
+    # false: once a run has finished, its last checkpoint is rewritten without the optimizer
+    # state (AdamW: two moment tensors per parameter); evaluation and re-running the finished
+    # command still work, continuing its training does not
+    keep_optimizer_state: bool = True
 
 
 @dataclass

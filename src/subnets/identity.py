@@ -31,6 +31,7 @@ IGNORED = (
     "train.device",
     "train.log_every",
     "train.eval_batch_size",
+    "train.keep_optimizer_state",
     "languages.ud_root",
     "languages.cache",
     "model.name_or_path",

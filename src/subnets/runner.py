@@ -4,7 +4,8 @@
 :mod:`subnets.config`) and a run folder, not Hydra, so a notebook can call it too. Everything a
 run produces lands in the run folder::
 
-    checkpoints/last.safetensors   full training state (resume)
+    checkpoints/last.safetensors   full training state (resume; without the optimizer state once
+                                   finished, with train.keep_optimizer_state=false)
     checkpoints/best.safetensors   model and method state at the best development score
     metrics.jsonl                  one JSON record per logged step and evaluation
     results.json                   final per-language UAS/LAS/UPOS
@@ -293,6 +294,20 @@ class Run:
         self.checkpoint_step = self.step
         return path
 
+    def drop_optimizer_state(self) -> None:
+        """Rewrite the last checkpoint of a finished run without the optimizer state
+        (``train.keep_optimizer_state=false``); a no-op where it is already gone."""
+        path = self.last_checkpoint
+        if not self.parallel.is_main or not path.exists():
+            return
+        state = load_checkpoint(path)
+        if "optimizer" in state:
+            before = path.stat().st_size
+            del state["optimizer"]
+            save_checkpoint(path, state)
+            log.info("dropped the optimizer state from %s: %.1f MB -> %.1f MB", path, before / 1e6,
+                     path.stat().st_size / 1e6)  # fmt: skip
+
     def _last_good(self) -> str:
         if self.checkpoint_step is None:
             return "none was written"
@@ -346,7 +361,12 @@ class Run:
             return False
         state = load_checkpoint(path, self.device)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif state["step"] < self.cfg.train.steps:
+            raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
+                             f"run finished at step {state['step']}): its training cannot be continued to "
+                             f"train.steps={self.cfg.train.steps}; start a new run")  # fmt: skip
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.method.load_state_dict(state["method"])
@@ -618,11 +638,15 @@ def run(
                 )
                 log.info(message)
                 print(message)
+                if not cfg.train.keep_optimizer_state:
+                    training.drop_optimizer_state()
                 return json.loads(results_path.read_text()) if training.parallel.is_main else {}
             training.train()
             if not training.parallel.is_main:
                 return {}
             results = training.final_evaluation()
+            if not cfg.train.keep_optimizer_state:
+                training.drop_optimizer_state()
             log.info(
                 "finished in %s; results in %s",
                 duration(time.perf_counter() - training.started),
