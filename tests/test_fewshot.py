@@ -167,3 +167,30 @@ def test_few_shot_adaptation_improves_on_zero_shot(tmp_path):
     # syn_vos: a verb-initial order no source language has; 20 sentences teach it
     zero, few = results["target"]["syn_vos"]["las"], results["fewshot"]["languages"]["syn_vos"]["las_mean"]
     assert few > zero + 10, (zero, few)
+
+
+def test_each_repetition_starts_from_the_trained_model_which_is_left_unchanged(trained):
+    import copy
+
+    from subnets.data.support import draw_support
+    from subnets.evaluate import evaluate
+
+    model = trained.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trained.few_shot()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit for bit
+    assert model.training  # its mode too
+    # the last repetition of the last language, by hand on a copy of the trained model
+    code, settings = "syn_sov_an", trained.cfg.fewshot
+    last = result["languages"][code]["runs"][-1]
+    test = trained.data.target_test[code]
+    support, rest = draw_support(trained.data.treebanks[code], test, settings.k, last["seed"],
+                                 pool=trained.data.support_pools.get(code))  # fmt: skip
+    support.tokenize(trained.tokenizer)
+    adapted = copy.deepcopy(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(last["seed"])
+        fine_tune(adapted, trained.batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
+                  settings.weight_decay, trained.cfg.train.clip_norm)  # fmt: skip
+    by_hand = evaluate(adapted, rest, trained.batcher.collator, trained.cfg.train.eval_batch_size)
+    assert {k: last[k] for k in by_hand} == by_hand

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,22 @@ def fine_tune(
     return model
 
 
+@contextmanager
+def restored(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Keep a copy of ``model``'s state (weights and buffers) and its mode; yields a function
+    that restores them in place, and restores them on exit."""
+    initial, was_training = {k: v.detach().clone() for k, v in model.state_dict().items()}, model.training
+
+    def restore() -> None:
+        model.load_state_dict(initial)
+        model.train(was_training)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
 def few_shot(
     model: nn.Module,
     policy: MaskPolicy,
@@ -71,9 +87,11 @@ def few_shot(
     every method.
 
     For each target language of ``target_test`` (its whole test split) and repetition ``r``
-    (seed ``1000 * seed + r``): draw ``k`` support sentences (:func:`draw_support`), fine-tune a
-    copy of ``model`` on them for ``steps`` steps with ``policy``'s test-time adaptation (forward
-    gates and/or update mask), and score the test set without the support sentences. Returns
+    (seed ``1000 * seed + r``): draw ``k`` support sentences (:func:`draw_support`), fine-tune
+    ``model`` on them for ``steps`` steps with a fresh optimizer and ``policy``'s test-time
+    adaptation (forward gates and/or update mask), score the test set without the support
+    sentences, and restore ``model`` in place to the weights it came with (what a copy per
+    repetition would give, without the copies; ``model`` is left as it was). Returns
     per language the runs and the mean and standard deviation (ddof 1) of UAS and LAS; the
     predictions of repetition 0 go to ``<predictions>/<code>-test.conllu``. ``pools`` (code ->
     data) are the splits support sentences are drawn from, if already read (else they are read
@@ -86,43 +104,43 @@ def few_shot(
         return out
     device = torch.device(batcher.device)
     progress = bar(len(target_test) * settings.repetitions, "few-shot", "repetition")
-    for code, test in target_test.items():
-        runs, started = [], time.perf_counter()
-        for repetition in range(settings.repetitions):
-            draw_seed = 1000 * seed + repetition
-            pool = (pools or {}).get(code)
-            support, rest = draw_support(
-                treebanks.get(code), test, settings.k, draw_seed, on_error, pool=pool
-            )
-            if support.pieces is None:
-                support.tokenize(tokenizer)
-            adapted = copy.deepcopy(model)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(draw_seed)
-                gates, update_mask = policy.adaptation(adapted, code, support)
-                fine_tune(adapted, batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
-                          settings.weight_decay, clip_norm, gates, update_mask, setting(settings.optimizer))  # fmt: skip
-            path = (
-                Path(predictions) / f"{code}-test.conllu"
-                if predictions is not None and repetition == 0
-                else None
-            )
-            scores = evaluate(adapted, rest, batcher.collator, eval_batch_size, gates, path)
-            runs.append({"seed": draw_seed, "support_split": support.split, **scores})
-            del adapted
-            progress.update(1)
-        summary = {"runs": runs, "support_split": runs[0]["support_split"]}
-        for key in ("uas", "las", "upos"):
-            if key in runs[0]:
-                values = np.array([run[key] for run in runs])
-                summary[f"{key}_mean"] = float(values.mean())
-                summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        out["languages"][code] = summary
-        log.info("few-shot, %s: %s over %d repetitions (k=%d from %s, %d steps; %.1f s)", code,
-                 " ".join(f"{key.upper()} {summary[f'{key}_mean']:.2f} +- {summary[f'{key}_sd']:.2f}"
-                          for key in ("uas", "las", "upos") if f"{key}_mean" in summary),
-                 settings.repetitions, settings.k, summary["support_split"], settings.steps,
-                 time.perf_counter() - started)  # fmt: skip
+    with restored(model) as restore:
+        for code, test in target_test.items():
+            runs, started = [], time.perf_counter()
+            for repetition in range(settings.repetitions):
+                draw_seed = 1000 * seed + repetition
+                pool = (pools or {}).get(code)
+                support, rest = draw_support(
+                    treebanks.get(code), test, settings.k, draw_seed, on_error, pool=pool
+                )
+                if support.pieces is None:
+                    support.tokenize(tokenizer)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(draw_seed)
+                    gates, update_mask = policy.adaptation(model, code, support)
+                    fine_tune(model, batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
+                              settings.weight_decay, clip_norm, gates, update_mask, setting(settings.optimizer))  # fmt: skip
+                path = (
+                    Path(predictions) / f"{code}-test.conllu"
+                    if predictions is not None and not repetition
+                    else None
+                )
+                scores = evaluate(model, rest, batcher.collator, eval_batch_size, gates, path)
+                runs.append({"seed": draw_seed, "support_split": support.split, **scores})
+                restore()
+                progress.update(1)
+            summary = {"runs": runs, "support_split": runs[0]["support_split"]}
+            for key in ("uas", "las", "upos"):
+                if key in runs[0]:
+                    values = np.array([run[key] for run in runs])
+                    summary[f"{key}_mean"] = float(values.mean())
+                    summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            out["languages"][code] = summary
+            log.info("few-shot, %s: %s over %d repetitions (k=%d from %s, %d steps; %.1f s)", code,
+                     " ".join(f"{key.upper()} {summary[f'{key}_mean']:.2f} +- {summary[f'{key}_sd']:.2f}"
+                              for key in ("uas", "las", "upos") if f"{key}_mean" in summary),
+                     settings.repetitions, settings.k, summary["support_split"], settings.steps,
+                     time.perf_counter() - started)  # fmt: skip
     progress.close()
     languages = out["languages"].values()
     out["mean"] = {key: float(np.mean([s[f"{key}_mean"] for s in languages]))
