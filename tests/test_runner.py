@@ -173,3 +173,24 @@ def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp
     (tmp_path / "dropped" / "results.json").unlink()
     with pytest.raises(ValueError, match="holds no optimizer state.*cannot be continued to train.steps=12"):
         run(tiny_config(), tmp_path / "dropped")
+
+
+@pytest.mark.parametrize("method", ["baseline", "maml"])
+def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_path, method):
+    experiment = Run(
+        tiny_config(f"+method={method}", "model.freeze_embeddings=true", "train.steps=30"), tmp_path
+    )
+    experiment.setup()
+    embeddings = experiment.model.encoder.transformer.get_input_embeddings().weight
+    before = {name: p.detach().clone() for name, p in experiment.model.named_parameters()}
+    try:
+        experiment.train()
+        experiment.few_shot()
+    finally:
+        experiment.close()
+    name = next(n for n, p in experiment.model.named_parameters() if p is embeddings)
+    assert torch.equal(embeddings, before[name]) and not embeddings.requires_grad
+    moved = [n for n, p in experiment.model.named_parameters() if not torch.equal(p, before[n])]
+    assert name not in moved and len(moved) == len(before) - 1  # every other parameter trained
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < 0.8 * losses[0]

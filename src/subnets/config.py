@@ -111,6 +111,9 @@ class ModelConfig:
     max_subwords: int | None = None  # window length in subwords; None: the model's limit
     mix_dropout: float = 0.0  # UDify layer dropout of the scalar mix
     encoder_dropout: float | None = None  # every dropout inside the encoder; None: the model's own
+    # the encoder's word (input) embeddings are not updated: neither by training, MAML's inner
+    # steps, the mask search's fine-tuning nor the few-shot protocol
+    freeze_embeddings: bool = False
 
 
 @dataclass

@@ -60,7 +60,10 @@ def build_encoder(
 def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
     """The task model of ``cfg`` (``cfg.task``, built by its ``_target_``) on ``transformer``
     wrapped as an :class:`Encoder` (scalar mix with ``model.mix_dropout``; every dropout
-    inside it set to ``model.encoder_dropout`` when given)."""
+    inside it set to ``model.encoder_dropout`` when given; its word embeddings frozen with
+    ``model.freeze_embeddings``: ``requires_grad=False``, so no optimizer holds them)."""
+    if cfg.model.freeze_embeddings:
+        transformer.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.encoder_dropout is not None:
         for module in transformer.modules():
             if isinstance(module, torch.nn.Dropout):
