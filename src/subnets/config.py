@@ -36,6 +36,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # the encoder's forward under bfloat16 autocast (weights and optimizer in fp32)
+
+
 class ApplyMode(str, Enum):
     forward = "forward"  # heads outside the subnetwork are gated off in the forward pass
     gradient = "gradient"  # the full model runs; only the subnetwork is updated
@@ -195,6 +200,7 @@ class TrainConfig:
     # state (AdamW: two moment tensors per parameter); evaluation and re-running the finished
     # command still work, continuing its training does not
     keep_optimizer_state: bool = True
+    precision: Precision = Precision.fp32  # bf16: the encoder's forward (and backward) under autocast
 
 
 @dataclass

@@ -61,12 +61,14 @@ def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
     """The task model of ``cfg`` (``cfg.task``, built by its ``_target_``) on ``transformer``
     wrapped as an :class:`Encoder` (scalar mix with ``model.mix_dropout``; every dropout
     inside it set to ``model.encoder_dropout`` when given; its word embeddings frozen with
-    ``model.freeze_embeddings``: ``requires_grad=False``, so no optimizer holds them)."""
+    ``model.freeze_embeddings``: ``requires_grad=False``, so no optimizer holds them; run under
+    bfloat16 autocast with ``train.precision=bf16``)."""
     if cfg.model.freeze_embeddings:
         transformer.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.encoder_dropout is not None:
         for module in transformer.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.encoder_dropout
-    encoder = Encoder(transformer, cfg.model.mix_dropout)
+    precision = getattr(cfg.train.precision, "value", cfg.train.precision)
+    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision == "bf16" else None)
     return instantiate(cfg.task, encoder=encoder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 import transformers
@@ -47,12 +48,16 @@ class Encoder(nn.Module):
     """A Hugging Face encoder with head gates and a scalar mix, returning word representations.
 
     ``forward`` maps a :class:`~subnets.data.batching.Batch`'s subword input to ``[B, 1 + W, D]``
-    first-subword representations (position 0: the root's ``[CLS]``).
+    first-subword representations (position 0: the root's ``[CLS]``). With ``autocast`` (a
+    dtype, e.g. ``torch.bfloat16``) the transformer runs under ``torch.autocast`` on its device
+    (weights stay float32); its hidden states are returned to float32 for the scalar mix and
+    the task model.
     """
 
-    def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0):
+    def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0, autocast: torch.dtype | None = None):
         super().__init__()
         self.transformer = transformer
+        self.autocast = autocast
         self.mix = ScalarMix(transformer.config.num_hidden_layers, mix_dropout)
         self.gates = HeadGates(transformer)
         self.hidden_size = int(transformer.config.hidden_size)
@@ -60,8 +65,14 @@ class Encoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_index: torch.Tensor
     ) -> torch.Tensor:
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        mixed = self.mix(out.hidden_states[1:])
+        precision = (
+            nullcontext() if self.autocast is None else torch.autocast(input_ids.device.type, self.autocast)
+        )
+        with precision:
+            out = self.transformer(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+            )
+        mixed = self.mix([h.float() for h in out.hidden_states[1:]])
         return mixed.reshape(-1, mixed.shape[-1])[word_index]
 
 

@@ -1,0 +1,64 @@
+"""train.precision=bf16: the encoder under bfloat16 autocast, head gates still exact, and a run learns."""
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_transformer
+
+from subnets.files import read_jsonl
+from subnets.models.encoder import Encoder
+from subnets.models.head_gates import find_attention_layers
+from subnets.runner import Run
+
+
+def encoder_inputs(seed=0, batch=3, length=11):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 7:] = 0
+    return ids, mask, torch.arange(batch * length)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bf16_autocast_runs_the_encoder_in_bfloat16_and_returns_float32(attn):
+    transformer = tiny_transformer("bert", attn)
+    full, half = Encoder(transformer), Encoder(transformer, autocast=torch.bfloat16)
+    half.mix.load_state_dict(full.mix.state_dict())
+    reference, output = full(*encoder_inputs()), half(*encoder_inputs())
+    assert output.dtype == torch.float32
+    assert not torch.equal(output, reference)  # really computed in bfloat16
+    assert torch.allclose(output, reference, rtol=0.05, atol=0.05)  # bfloat16 keeps ~3 significant digits
+    assert next(transformer.parameters()).dtype == torch.float32
+
+
+def test_head_gates_stay_exact_under_bf16_autocast():
+    transformer = tiny_transformer("bert", "eager")
+    encoder = Encoder(transformer, autocast=torch.bfloat16)
+    reference = encoder(*encoder_inputs())
+    gates = encoder.gates
+    with gates.applied(torch.ones(gates.shape)):
+        assert torch.equal(encoder(*encoder_inputs()), reference)  # gates of 1: the ungated output
+    layer, head, d = 1, 2, gates.head_dim
+    values = torch.ones(gates.shape)
+    values[layer, head] = 0
+    with gates.applied(values):
+        gated = encoder(*encoder_inputs())
+    projection = find_attention_layers(transformer)[layer]["output"]
+    with torch.no_grad():
+        projection.weight[:, head * d : (head + 1) * d] = 0
+    assert torch.equal(gated, encoder(*encoder_inputs()))  # gate 0 = that head's columns zeroed
+    assert not torch.equal(gated, reference)
+
+
+@pytest.mark.parametrize("method", ["baseline", "static"])
+def test_a_bf16_run_learns(tmp_path, method):
+    settings = [f"+method={method}", "train.precision=bf16", "train.steps=30", "masks.finetune_steps=5",
+                "masks.importance_batches=2", "masks.batch_size=4"]  # fmt: skip
+    experiment = Run(tiny_config(*settings), tmp_path)
+    experiment.setup()
+    try:
+        assert experiment.model.encoder.autocast == torch.bfloat16
+        experiment.train()
+    finally:
+        experiment.close()
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
