@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from subnets.optim import MaskedOptimizer
+from subnets.optim import MaskedOptimizer, UpdateMask
 
 LRS = (0.1, 0.03)  # the two parameter groups' learning rates
 
@@ -80,9 +80,10 @@ def flat_masks(draw, shape: tuple[int, ...]) -> tuple[bool, ...]:
 @st.composite
 def steps(draw, shapes) -> Step:
     n = len(shapes)
-    style = draw(st.sampled_from(["none", "empty", "masked", "masked", "masked", "masked"]))
+    # fixed: the masks as an UpdateMask, the same object whenever the same masks recur
+    style = draw(st.sampled_from(["none", "empty", "masked", "masked", "masked", "fixed", "fixed"]))
     no_grad = draw(st.sampled_from([None, None, None, None, *range(n)]))
-    if style != "masked":
+    if style not in ("masked", "fixed"):
         return Step(style, (), no_grad)
     keys = draw(st.sampled_from(["name", "param", "mixed"]))
     chosen = draw(st.sets(st.integers(0, n - 1), min_size=1))
@@ -155,13 +156,17 @@ def update_mask_of(params, names, step: Step, masks):
     return {(names[i] if by_name else params[i]): masks[i] for i, _, by_name in step.masks}
 
 
-def run_step(wrapper, params, names, step: Step, grads, masks):
+def run_step(wrapper, params, names, step: Step, grads, masks, pool=None):
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.clone()
     if step.style == "none":
         wrapper.step()
     elif step.style == "empty":
         wrapper.step(update_mask={})
+    elif step.style == "fixed":
+        pool = {} if pool is None else pool
+        fixed = pool.setdefault(("fixed", step.masks), UpdateMask(update_mask_of(params, names, step, masks)))
+        wrapper.step(update_mask=fixed)
     else:
         wrapper.step(update_mask=update_mask_of(params, names, step, masks))
 
@@ -177,7 +182,7 @@ def checked_step(params, names, inner, wrapper, step: Step, grads, pool=None):
         rp.grad = None if g is None else (g.masked_fill(~masks[i], 0.0) if i in masks else g.clone())
     ref_inner.step()
 
-    run_step(wrapper, params, names, step, grads, masks)
+    run_step(wrapper, params, names, step, grads, masks, pool)
 
     for i, (p, rp) in enumerate(zip(params, ref_params)):
         state, ref_state = inner.state.get(p), ref_inner.state.get(rp)
@@ -521,3 +526,18 @@ def test_mask_created_in_inference_mode_is_accepted():
     p.grad = torch.ones(4)
     wrapper.step(update_mask={"p": mask})
     assert p[1] == 0 and p[3] == 0 and p[0] != 0 and p[2] != 0
+
+
+def test_an_update_mask_copies_its_masks_and_is_planned_once():
+    """An UpdateMask is read once: changing the tensors it was built from does not reach it, and
+    the optimizer resolves it once (no per-step reading of its masks)."""
+    p = nn.Parameter(torch.zeros(2, 3))
+    wrapper = MaskedOptimizer(torch.optim.AdamW([p], lr=0.1, weight_decay=0.1), [("p", p)])
+    rows = torch.tensor([[True] * 3, [False] * 3])
+    fixed = UpdateMask({"p": rows})
+    rows[1] = True  # the caller's tensor changes; the UpdateMask keeps its copy
+    for _ in range(3):
+        p.grad = torch.ones(2, 3)
+        wrapper.step(update_mask=fixed)
+    assert torch.equal(p[1], torch.zeros(3)) and bool((p[0] != 0).all())
+    assert len(wrapper._plans) == 1 and dict(fixed) == {"p": fixed["p"]} and not fixed["p"][1].any()

@@ -51,7 +51,7 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import Encoder, load_pretrained
 from subnets.models.head_gates import HeadGates
 from subnets.models.parser import DependencyParser
-from subnets.optim import MaskedOptimizer
+from subnets.optim import MaskedOptimizer, UpdateMask
 from subnets.runner import Run, run
 from subnets.trained import TrainedRun, evaluate_run, load_run
 from subnets.update import apply_update, training_step
@@ -62,7 +62,7 @@ __all__ = [
     "MAML", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser", "DynamicMasks", "Encoder",
     "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData", "LanguageSampler", "MAMLEpisodes",
     "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "RandomMasks", "Run", "Sentence", "StaticMasks",
-    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "apply_update", "attachment_scores",
+    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "UpdateMask", "apply_update", "attachment_scores",
     "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config",
     "evaluate", "evaluate_run", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",
     "head_importance", "head_parameter_masks", "iterative_pruning", "linear_cka", "load_language",

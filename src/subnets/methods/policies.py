@@ -49,7 +49,7 @@ from subnets.masks.search import find_subnetwork, matching_parameters
 from subnets.masks.selection import select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
-from subnets.optim.masked import MaskedOptimizer
+from subnets.optim.masked import MaskedOptimizer, UpdateMask
 from subnets.progress import bar
 from subnets.update import StepResult
 
@@ -110,7 +110,7 @@ class SubnetworkPolicy(MaskPolicy):
         masks = head_parameter_masks(self.model, subnetwork.head_mask.to(self._device()))
         for name, mask in subnetwork.param_masks.items():
             masks[name] = mask.to(self._device())
-        return masks
+        return UpdateMask(masks)  # planned once by the masked optimizer
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

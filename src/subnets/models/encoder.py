@@ -72,7 +72,10 @@ class Encoder(nn.Module):
             out = self.transformer(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
             )
-        mixed = self.mix([h.float() for h in out.hidden_states[1:]])
+        hidden = out.hidden_states[1:]
+        if self.autocast is not None:
+            hidden = [h.float() for h in hidden]
+        mixed = self.mix(hidden)
         return mixed.reshape(-1, mixed.shape[-1])[word_index]
 
 

@@ -1,5 +1,5 @@
 """Optimizers: exact masked updates around any torch optimizer."""
 
-from subnets.optim.masked import MaskedOptimizer
+from subnets.optim.masked import MaskedOptimizer, UpdateMask
 
-__all__ = ["MaskedOptimizer"]
+__all__ = ["MaskedOptimizer", "UpdateMask"]

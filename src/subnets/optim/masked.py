@@ -63,6 +63,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._share_inner_state()
         self.names = dict(named_parameters)
         self._frozen_cache: dict[int, tuple[torch.Tensor, _Frozen]] = {}
+        self._plans: dict[int, tuple[UpdateMask, list]] = {}
+        self._block_cache: dict[tuple, tuple] = {}
 
     def _share_inner_state(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -98,36 +100,36 @@ class MaskedOptimizer(torch.optim.Optimizer):
         """One step; with ``update_mask``, coordinates outside it stay bit-identical (class docstring)."""
         if not update_mask:
             return self.optimizer.step(closure)
-        resolved = []
-        for key, mask in update_mask.items():  # validate everything before changing anything
-            parameter = self._parameter(key)
-            if tuple(mask.shape) != tuple(parameter.shape):
-                raise ValueError(f"update_mask for {key if isinstance(key, str) else 'a parameter'}: shape "
-                                 f"{tuple(mask.shape)}, parameter shape {tuple(parameter.shape)}")  # fmt: skip
-            resolved.append((parameter, mask))
+        resolved = self._resolve(update_mask)
         skipped, partial = [], []
-        for parameter, mask in resolved:
+        for parameter, frozen in resolved:
             if parameter.grad is None:
                 continue
-            frozen = self._frozen(mask)
             if frozen.all:
                 skipped.append((parameter, parameter.grad))
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
             elif not frozen.none:
-                partial.append((parameter, frozen, set(self.optimizer.state.get(parameter, {}))))
+                partial.append((parameter, frozen))
         # Save the frozen coordinates of each parameter and its state tensors, step, write them back.
-        blocks, rows, unstructured = [], [], []
-        for parameter, frozen, _ in partial:
-            state = self.optimizer.state.get(parameter, {})
-            tensors = [parameter, *(v for v in state.values() if _same_shape(v, parameter))]
-            frozen.zero(parameter.grad)
-            if frozen.rows is not None:
-                rows += [(t, frozen.rows, t.index_select(0, frozen.rows)) for t in tensors]
-            elif frozen.runs:
-                blocks += [b for t in tensors for b in frozen.blocks(t)]
-            else:
+        blocks, saved, unstructured, fresh, grads = [], [], [], [], []
+        for parameter, frozen in partial:
+            state = self.optimizer.state.get(parameter)
+            fresh.append((parameter, frozen, set(state or ())))
+            tensors = (
+                (parameter, *(v for v in state.values() if _same_shape(v, parameter)))
+                if state
+                else (parameter,)
+            )
+            if frozen.mask_only:
                 unstructured += [(t, frozen.mask, t.clone()) for t in tensors]
-        saved = [torch.empty_like(b) for b in blocks]
+                parameter.grad.masked_fill_(frozen.mask, 0.0)
+                continue
+            views, buffers = self._blocks(frozen, tensors)
+            blocks += views
+            saved += buffers
+            grads += frozen.blocks(parameter.grad)
+        if grads:
+            torch._foreach_zero_(grads)
         if blocks:
             torch._foreach_copy_(saved, blocks)
         try:
@@ -137,16 +139,55 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 parameter.grad = grad
         if blocks:
             torch._foreach_copy_(blocks, saved)
-        for tensor, index, old in rows:
-            tensor.index_copy_(0, index, old)
         for tensor, mask, old in unstructured:
             torch.where(mask, old, tensor, out=tensor)
         # State the step created for the first time starts at zero on frozen coordinates.
-        for parameter, frozen, before in partial:
+        for parameter, frozen, before in fresh:
             for key, tensor in self.optimizer.state.get(parameter, {}).items():
                 if key not in before and _same_shape(tensor, parameter):
                     frozen.zero(tensor)
         return loss
+
+    def _resolve(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> list[tuple[torch.Tensor, _Frozen]]:
+        """``(parameter, frozen coordinates)`` for every entry, validated before anything changes.
+        An :class:`UpdateMask` is resolved once per optimizer; a plain mapping at every step
+        (the plan of each mask is cached while its content is unchanged)."""
+        if isinstance(update_mask, UpdateMask):
+            cached = self._plans.get(id(update_mask))
+            if cached is not None and cached[0] is update_mask:
+                return cached[1]
+        resolved = []
+        for key, mask in update_mask.items():
+            parameter = self._parameter(key)
+            if tuple(mask.shape) != tuple(parameter.shape):
+                raise ValueError(f"update_mask for {key if isinstance(key, str) else 'a parameter'}: shape "
+                                 f"{tuple(mask.shape)}, parameter shape {tuple(parameter.shape)}")  # fmt: skip
+            resolved.append(
+                (parameter, _Frozen(mask) if isinstance(update_mask, UpdateMask) else self._frozen(mask))
+            )
+        if isinstance(update_mask, UpdateMask):
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[id(update_mask)] = (update_mask, resolved)  # holds it: its id is not reused
+        return resolved
+
+    def _blocks(self, frozen: _Frozen, tensors: tuple[torch.Tensor, ...]) -> tuple[list, list]:
+        """Views of ``frozen``'s blocks in ``tensors`` and buffers to save them in, cached while
+        the tensors are the same objects (an optimizer updates its state in place)."""
+        key = (id(frozen), *map(id, tensors))
+        cached = self._block_cache.get(key)
+        if cached is None or cached[0] is not frozen or any(a is not b for a, b in zip(cached[1], tensors)):
+            if len(self._block_cache) > 4096:
+                self._block_cache.clear()
+            views = [v for t in tensors for v in frozen.blocks(t)]
+            cached = (
+                frozen,
+                tensors,
+                views,
+                [torch.empty_like(v) for v in views],
+            )  # holds them: ids not reused
+            self._block_cache[key] = cached
+        return cached[2], cached[3]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -167,37 +208,62 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return f"MaskedOptimizer({self.optimizer!r})"
 
 
-class _Frozen:
-    """The coordinates a mask protects, in the cheapest form to save and restore. Whole rows
-    (a mask constant along every other axis, as a head mask on query/key/value weights and
-    biases): ``rows``, an index for ``index_select``/``index_copy_``. Whole columns of a 2-D
-    tensor (a head mask on the output projection): ``runs`` of ``(start, length)`` copied as
-    views in one fused call. Otherwise ``mask`` (True where frozen) with ``torch.where``."""
+class UpdateMask(Mapping):
+    """An update mask fixed once: parameter name (or tensor) -> boolean mask of its shape, the
+    masks copied at construction, so that later changes to the given tensors do not reach it.
+    :class:`MaskedOptimizer` plans the frozen coordinates of an ``UpdateMask`` once and reuses
+    the plan at every step without reading the masks again (a plain mapping is checked at every
+    step): what the subnetwork policies pass for each language.
 
-    max_runs = 64
+    Example::
+
+        mask = UpdateMask({"encoder.layer.0.attention.self.query.weight": rows_of_kept_heads})
+        optimizer.step(update_mask=mask)
+    """
+
+    def __init__(self, masks: Mapping[MaskKey, torch.Tensor]):
+        self._masks = {key: mask.detach().bool().clone() for key, mask in masks.items()}
+
+    def __getitem__(self, key: MaskKey) -> torch.Tensor:
+        return self._masks[key]
+
+    def __iter__(self):
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+
+class _Frozen:
+    """The coordinates a mask protects, as blocks cheap to save and restore: runs of whole rows
+    (a mask constant along every other axis, as a head mask on query/key/value weights and
+    biases) or of whole columns of a 2-D tensor (a head mask on the output projection), copied
+    as views in one fused call; otherwise (``mask_only``) ``mask`` (True where frozen) with
+    ``torch.where``."""
+
+    max_runs = 256
 
     def __init__(self, mask: torch.Tensor):
         frozen = ~mask.bool()
         self.none, self.all = not bool(frozen.any()), bool(frozen.all())
-        self.mask, self.rows, self.runs = frozen, None, []
+        self.mask, self.dim, self.runs = frozen, 0, []
         first_column = frozen.reshape(frozen.shape[0], -1)[:, 0] if frozen.dim() else frozen
         if frozen.dim() >= 1 and bool((frozen == first_column.view(-1, *[1] * (frozen.dim() - 1))).all()):
-            self.rows = first_column.nonzero().squeeze(1)
+            self.runs = _runs(first_column)
         elif frozen.dim() == 2 and bool((frozen == frozen[:1]).all()):
-            runs = _runs(frozen[0])
-            if len(runs) <= self.max_runs:
-                self.runs = runs
+            self.dim, self.runs = 1, _runs(frozen[0])
+        if len(self.runs) > self.max_runs:
+            self.runs = []
+        self.mask_only = not self.runs and not self.none
 
     def blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor.narrow(1, start, length) for start, length in self.runs]
+        return [tensor.narrow(self.dim, start, length) for start, length in self.runs]
 
     def zero(self, tensor: torch.Tensor) -> None:
-        if self.rows is not None:
-            tensor.index_fill_(0, self.rows, 0.0)
-        elif self.runs:
-            torch._foreach_zero_(self.blocks(tensor))
-        else:
+        if self.mask_only:
             tensor.masked_fill_(self.mask, 0.0)
+        else:
+            torch._foreach_zero_(self.blocks(tensor))
 
 
 def _runs(line: torch.Tensor) -> list[tuple[int, int]]:
