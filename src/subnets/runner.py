@@ -72,8 +72,9 @@ def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.dev
 
 
 def check_policy_settings(cfg: DictConfig, policy) -> None:
-    """Refuse ``masks.path`` and ``masks.after_steps`` for a method whose policy would not read
-    them, and an ``after_steps`` that leaves no masked training."""
+    """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
+    for one that searches its masks before training only (dynamic.init=static), and an
+    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training."""
     name = f"method {cfg.method.name} ({type(policy).__name__})"
     if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
         raise SettingError(
@@ -82,10 +83,15 @@ def check_policy_settings(cfg: DictConfig, policy) -> None:
             "read a saved mask set"
         )
     after = cfg.masks.after_steps
-    if after and not getattr(policy, "uses_after_steps", False):
-        raise SettingError(f"masks.after_steps={after} is not used by {name}; only static and random masks "
-                           "(+method=static, maml_static, random, maml_random) are searched during training")  # fmt: skip
-    if after and cfg.masks.path:
+    if not after:
+        return
+    if getattr(policy, "uses_masks_path", False) and not getattr(policy, "uses_after_steps", False):
+        raise SettingError(f"masks.after_steps={after} is not supported by {name}: it searches its masks "
+                           "before training; only static and random masks (+method=static, maml_static, random, "
+                           "maml_random) are searched during training")  # fmt: skip
+    if not getattr(policy, "uses_after_steps", False):
+        return  # no mask search (like the other masks.* search settings, unused)
+    if cfg.masks.path:
         raise SettingError(f"masks.after_steps={after} and masks.path={cfg.masks.path!r}: a loaded mask set "
                            "is used from the first step; set one of them")  # fmt: skip
     if after >= cfg.train.steps:
