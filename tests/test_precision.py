@@ -1,4 +1,5 @@
-"""train.precision=bf16: the encoder under bfloat16 autocast, head gates still exact, and a run learns."""
+"""Speed options: train.precision=bf16 (bfloat16 autocast) and train.compile=true (torch.compile of the
+encoder); head gates and masked updates stay exact under both, and runs learn."""
 
 import pytest
 import torch
@@ -62,3 +63,64 @@ def test_a_bf16_run_learns(tmp_path, method):
         experiment.close()
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_head_gates_stay_exact_in_a_compiled_encoder():
+    """train.compile=true compiles the encoder in place (nn.Module.compile): gates of 1 give
+    the compiled ungated output bit for bit, a gate of 0 that head's columns zeroed."""
+    transformer = tiny_transformer("bert", "sdpa")
+    encoder = Encoder(transformer)
+    eager = encoder(*encoder_inputs())
+    transformer.compile()
+    ungated = encoder(*encoder_inputs())
+    assert torch.allclose(ungated, eager, atol=1e-5)
+    gates = encoder.gates
+    with gates.applied(torch.ones(gates.shape)):
+        assert torch.equal(encoder(*encoder_inputs()), ungated)
+    layer, head, d = 1, 2, gates.head_dim
+    values = torch.ones(gates.shape)
+    values[layer, head] = 0
+    with gates.applied(values):
+        gated = encoder(*encoder_inputs())
+    with torch.no_grad():
+        find_attention_layers(transformer)[layer]["output"].weight[:, head * d : (head + 1) * d] = 0
+    assert torch.allclose(gated, encoder(*encoder_inputs()), atol=1e-6)
+    assert not torch.allclose(gated, ungated, atol=1e-4)
+    assert set(transformer.state_dict()) == set(
+        tiny_transformer("bert", "sdpa").state_dict()
+    )  # names unchanged
+
+
+@pytest.mark.slow
+def test_a_compiled_static_run_learns_and_its_masked_updates_stay_exact(tmp_path):
+    settings = ["+method=static", "train.compile=true", "train.steps=30", "masks.finetune_steps=5",
+                "masks.importance_batches=2", "masks.batch_size=4", "masks.selection=keep_ratio"]  # fmt: skip
+    experiment = Run(tiny_config(*settings), tmp_path)
+    experiment.setup()
+    policy, model = experiment.method.policy, experiment.model
+    try:
+        from conftest import step_on
+
+        from subnets.masks.subnetwork import head_parameter_masks
+
+        for _ in range(3):
+            lang = experiment.sampler.next_language()
+            owned = head_parameter_masks(model, policy.masks[lang].head_mask)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            step_on(experiment, lang)
+            after = dict(model.named_parameters())
+            assert all(torch.equal(after[n][~m], before[n][~m]) for n, m in owned.items())
+        experiment.train()
+    finally:
+        experiment.close()
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_compile_is_refused_with_second_order_maml(tmp_path):
+    from subnets.config import SettingError
+    from subnets.runner import run
+
+    with pytest.raises(SettingError, match="no double backward"):
+        run(tiny_config("+method=maml", "train.compile=true", "meta.first_order=false"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -197,10 +197,10 @@ def test_a_run_with_masks_after_steps_resumes_to_the_same_result(tmp_path, monke
 def test_masks_after_steps_is_refused_where_it_cannot_apply(tmp_path, overrides, message):
     """(Where no mask is searched, as for the baseline, it is unused like the other search settings.)"""
     from subnets.config import SettingError
-    from subnets.runner import build_method, check_policy_settings
+    from subnets.runner import build_method, check_method_settings
 
     unused = tiny_config("+method=dynamic", "masks.after_steps=4")  # no search: unused, as at budget=cpu
-    check_policy_settings(unused, build_method(unused).policy)
+    check_method_settings(unused, build_method(unused))
     with pytest.raises(SettingError, match=message):
         run(tiny_config(*overrides), tmp_path / "run")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

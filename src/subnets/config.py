@@ -201,6 +201,7 @@ class TrainConfig:
     # command still work, continuing its training does not
     keep_optimizer_state: bool = True
     precision: Precision = Precision.fp32  # bf16: the encoder's forward (and backward) under autocast
+    compile: bool = False  # torch.compile of the encoder (in place: checkpoint names unchanged)
 
 
 @dataclass

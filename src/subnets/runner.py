@@ -46,6 +46,7 @@ from subnets.fewshot import few_shot
 from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from subnets.identity import config_differences, data_fingerprint, identity_differences, model_fingerprint
 from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
+from subnets.methods.episodes import MAMLEpisodes
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.progress import Clock, bar, duration, run_log
@@ -71,11 +72,16 @@ def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.dev
     return torch.device(name)
 
 
-def check_policy_settings(cfg: DictConfig, policy) -> None:
+def check_method_settings(cfg: DictConfig, method: Method) -> None:
     """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
-    for one that searches its masks before training only (dynamic.init=static), and an
-    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training."""
+    for one that searches its masks before training only (dynamic.init=static), an
+    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training, and
+    ``train.compile`` with second-order MAML."""
+    policy = method.policy
     name = f"method {cfg.method.name} ({type(policy).__name__})"
+    if cfg.train.compile and isinstance(method.strategy, MAMLEpisodes) and not cfg.meta.first_order:
+        raise SettingError("train.compile=true with meta.first_order=false: a compiled encoder has no double "
+                           "backward through MAML's inner steps; use first-order MAML or train.compile=false")  # fmt: skip
     if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
         raise SettingError(
             f"masks.path={cfg.masks.path!r} is not used by {name}; only static masks (+method=static, "
@@ -104,7 +110,7 @@ def check_inputs(cfg: DictConfig) -> None:
     settings, the method, the data (synthetic languages generated into a temporary folder) and
     the model. ``overwrite=true`` calls it before it deletes anything."""
     validate_config(cfg)
-    check_policy_settings(cfg, build_method(cfg).policy)
+    check_method_settings(cfg, build_method(cfg))
     with tempfile.TemporaryDirectory() as folder:
         data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed,
                              cache=treebank_cache(cfg.languages))  # fmt: skip
@@ -156,7 +162,7 @@ class Run:
         validate_config(cfg)
         self.method = build_method(cfg)
         policy = self.method.policy
-        check_policy_settings(cfg, policy)
+        check_method_settings(cfg, self.method)
         saved = self._saved_identity()
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -185,6 +191,8 @@ class Run:
         self.collator = Collator(self.tokenizer, self._max_subwords(transformer))
         self.batcher = Batcher(self.collator, self.device, cfg.seed)
         self.model = build_model(cfg, transformer).to(self.device)
+        if cfg.train.compile:  # in place: parameter names, head-gate hooks and checkpoints are unchanged
+            self.model.encoder.transformer.compile()
         policy.bind(self.model, self.batcher, list(self.data.train))
         self.method.strategy.bind(self.model)
         self.optimizer, self.scheduler = self._optimizer()
