@@ -203,6 +203,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
         self._share_inner_state()
+        self._block_cache.clear()  # it holds the replaced state tensors (and their buffers)
 
     def __repr__(self) -> str:
         return f"MaskedOptimizer({self.optimizer!r})"
