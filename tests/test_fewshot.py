@@ -194,3 +194,36 @@ def test_each_repetition_starts_from_the_trained_model_which_is_left_unchanged(t
                   settings.weight_decay, trained.cfg.train.clip_norm)  # fmt: skip
     by_hand = evaluate(adapted, rest, trained.batcher.collator, trained.cfg.train.eval_batch_size)
     assert {k: last[k] for k in by_hand} == by_hand
+
+
+def test_a_long_support_set_is_cut_into_length_sorted_micro_batches_that_give_the_same_step(trained):
+    import copy
+    import dataclasses
+
+    data = trained.data.target_test["syn_vos"]
+    data = dataclasses.replace(data, sentences=data.sentences[:12], pieces=data.pieces[:12])
+    lengths = [sum(len(w) for w in pieces) + 2 for pieces in data.pieces]
+    assert len(trained.batcher.micro_batches(data, 12 * max(lengths))) == 1  # fits: one batch
+    budget = 3 * max(lengths)
+    parts = trained.batcher.micro_batches(data, budget)
+    sizes = [len(p.sentences) for p in parts]
+    assert len(parts) > 1 and sum(sizes) == 12
+    assert sum(p.num_words for p in parts) == data.num_words
+    assert all(p.input_ids.shape[0] * p.input_ids.shape[1] <= budget for p in parts)
+    widths = [p.input_ids.shape[1] for p in parts]
+    assert widths == sorted(widths)  # length-sorted
+
+    steps = {}
+    for name, batches in (("whole", trained.batcher.of(data)), ("micro", parts)):
+        model = copy.deepcopy(trained.model)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the same forward for both: no dropout
+        fine_tune(model, batches, 1, 1e-2, 1e-2, optimizer="sgd")
+        steps[name] = {n: p.detach() for n, p in model.named_parameters()}
+    before = dict(trained.model.named_parameters())
+    moved = 0
+    for name, whole in steps["whole"].items():
+        torch.testing.assert_close(steps["micro"][name], whole, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(whole, before[name].detach())
+    assert moved > 10  # the step did update the model

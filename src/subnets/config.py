@@ -292,6 +292,9 @@ class FewShotConfig:
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
     repetitions: int = 5  # R draws of the support set, each with its own seed
     steps: int = 20  # fine-tuning steps on the k sentences (one batch of all k)
+    # a support set whose padded size (k x its longest sentence, in subwords) exceeds this is cut
+    # into length-sorted micro-batches whose gradients are accumulated (the same step up to rounding)
+    max_tokens: int = 2048
     optimizer: FewShotOptimizer = FewShotOptimizer.adamw  # a fresh one per repetition, masked updates exact
     lr_encoder: float = "${train.lr_encoder}"  # type: ignore[assignment]
     lr_head: float = "${train.lr_head}"  # type: ignore[assignment]

@@ -41,7 +41,8 @@ def fine_tune(
     optimizer: str = "adamw",
 ) -> torch.nn.Module:
     """``steps`` steps of ``optimizer`` (``adamw``, or ``sgd``: plain SGD) on ``model`` (in
-    place) on one ``batch``, through a masked optimizer when ``update_mask`` is given."""
+    place) on one ``batch`` (or its micro-batches, see :meth:`~subnets.data.dataset.Batcher.micro_batches`),
+    through a masked optimizer when ``update_mask`` is given."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"fewshot.optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     groups = parameter_groups(model, lr_encoder, lr_head, weight_decay)
@@ -118,7 +119,7 @@ def few_shot(
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(draw_seed)
                     gates, update_mask = policy.adaptation(model, code, support)
-                    fine_tune(model, batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
+                    fine_tune(model, batcher.micro_batches(support, settings.max_tokens), settings.steps, settings.lr_encoder, settings.lr_head,
                               settings.weight_decay, clip_norm, gates, update_mask, setting(settings.optimizer))  # fmt: skip
                 path = (
                     Path(predictions) / f"{code}-test.conllu"

@@ -181,7 +181,7 @@ def apply_update(
 
 def training_step(
     model: DependencyParser,
-    batch: Batch,
+    batch: Batch | Sequence[Batch],
     optimizer: torch.optim.Optimizer,
     *,
     gates: torch.Tensor | None = None,
@@ -193,7 +193,9 @@ def training_step(
     parallel: DataParallel | None = None,
     also_average: Sequence[torch.Tensor] = (),
 ) -> StepResult:
-    """Forward, backward and :func:`apply_update` on one batch.
+    """Forward, backward and :func:`apply_update` on one batch, or on the micro-batches of one
+    batch of one language (gradients accumulated with each part's loss weighted by its share of
+    the words, so the step is the whole batch's up to rounding).
 
     Args:
         gates: head gates ``[layers, heads]`` for the forward pass (None: all heads, no hooks cost).
@@ -209,17 +211,23 @@ def training_step(
     A step whose loss or gradient norm is NaN or infinite updates nothing and returns
     ``skipped=True``.
     """
+    micro = [batch] if isinstance(batch, Batch) else list(batch)
+    batch, words = micro[0], sum(b.num_words for b in micro)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if track_gates:
         gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
         gates = gates.to(batch.input_ids.device).requires_grad_(True)
-    with model.gates.applied(gates):
-        out = model(batch)
-    (out.loss + extra_loss() if extra_loss is not None else out.loss).backward()
-    loss = out.loss.detach().reshape(1).clone()
-    losses = {k: v.detach().reshape(1).clone() for k, v in out.losses.items()}
-    words = batch.num_words
+    loss, losses = 0.0, {}
+    for i, part in enumerate(micro):
+        with model.gates.applied(gates):
+            out = model(part)
+        share = part.num_words / words  # the loss is a mean over words: the weighted sum is the batch's
+        part_loss = out.loss * share
+        (part_loss + extra_loss() if extra_loss is not None and i == 0 else part_loss).backward()
+        loss = loss + out.loss.detach().reshape(1) * share
+        for k, v in out.losses.items():
+            losses[k] = losses.get(k, 0.0) + v.detach().reshape(1) * share
     if parallel is not None and parallel.world_size > 1:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]

@@ -119,6 +119,24 @@ class Batcher:
         )
         return batch.to(self.device)
 
+    def micro_batches(self, data: LanguageData, max_tokens: int) -> list[Batch]:
+        """All of ``data`` as one batch if its padded size (sentences x the longest sentence's
+        subwords) is at most ``max_tokens``; else its sentences sorted by length and cut into
+        batches that each stay within ``max_tokens`` (a longer sentence alone), for
+        :func:`~subnets.update.training_step` to accumulate: one long sentence then no longer
+        pads every other one to its length."""
+        if data.pieces is None:
+            raise ValueError(f"{data.code} {data.split}: tokenize the data before batching it")
+        lengths = [sum(len(word) for word in pieces) + 2 for pieces in data.pieces]  # + [CLS], [SEP]
+        if not lengths or len(lengths) * max(lengths) <= max_tokens:
+            return [self.of(data)]
+        parts: list[list[int]] = [[]]
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+            if parts[-1] and (len(parts[-1]) + 1) * lengths[i] > max_tokens:
+                parts.append([])
+            parts[-1].append(i)
+        return [self.of(data, part) for part in parts]
+
     def fixed(self, data: LanguageData, size: int, count: int, salt: str = "") -> list[Batch]:
         """``count`` batches of ``size`` sentences of ``data`` in a fixed shuffled order, seeded
         by the batcher's seed, the language and ``salt`` (cycled when ``data`` is smaller)."""
