@@ -12,8 +12,10 @@ batches of real UD sentences and reports:
 * the dynamic steps (rule ema: differentiable gates and the moving average; rule learned:
   sampled hard-concrete gates, sparsity penalty, gate-logit update) against the static step;
 * head importance on one batch against one forward and backward pass;
-* the baseline step under bfloat16 autocast (``train.precision=bf16``) and with frozen word
-  embeddings (``model.freeze_embeddings=true``) against the baseline step.
+* the baseline step under bfloat16 autocast (``train.precision=bf16``), with frozen word
+  embeddings (``model.freeze_embeddings=true``) and with a compiled encoder
+  (``train.compile=true``; a copy of the model with its own AdamW, compiled and warmed up on
+  every batch before timing, its compile time reported) against the baseline step.
 
 Ratios compare median times of variants run in the same process, rounds interleaved.
 
@@ -29,6 +31,7 @@ Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -148,6 +151,18 @@ def measure(model_name: str, args) -> dict:
         baseline(batch)
         embeddings.requires_grad_(True)
 
+    compiled = copy.deepcopy(model)
+    compiled.encoder.transformer.compile()  # as train.compile=true does
+    compiled_optimizer = torch.optim.AdamW(parameter_groups(compiled, 5e-5, 1e-3, 0.01))
+
+    def compiled_step(batch):
+        training_step(compiled, batch, compiled_optimizer, clip_norm=5.0)
+
+    start = time.perf_counter()
+    for b in batch_list:  # compiled for every batch shape before timing
+        compiled_step(b)
+    compile_seconds = time.perf_counter() - start
+
     learned = HardConcreteGates(LANGUAGES, model.gates.shape).to(device)
     gate_optimizer = torch.optim.Adam(learned.parameters(), lr=0.05)
 
@@ -185,6 +200,7 @@ def measure(model_name: str, args) -> dict:
             "learned": dynamic_learned_step,
             "bf16": bf16_step,
             "frozen_embeddings": frozen_embeddings_step,
+            "compiled": compiled_step,
         },
         batch_list,
         args.rounds,
@@ -250,6 +266,8 @@ def measure(model_name: str, args) -> dict:
         "importance_ratio": scoring["importance"] / scoring["forward_backward"],
         "bf16_ratio": steps["bf16"] / steps["baseline"],
         "frozen_embeddings_ratio": steps["frozen_embeddings"] / steps["baseline"],
+        "compiled_ratio": steps["compiled"] / steps["baseline"],
+        "compile_warmup_seconds": compile_seconds,
     }
 
 
@@ -285,6 +303,8 @@ def main() -> None:
         ("head importance / forward+backward", "importance_ratio", "{:.3f}", "<= 1.2"),
         ("bf16 step / fp32 step", "bf16_ratio", "{:.3f}", ""),
         ("frozen-embedding step / baseline step", "frozen_embeddings_ratio", "{:.3f}", ""),
+        ("compiled step / baseline step", "compiled_ratio", "{:.3f}", ""),
+        ("compile + first steps, seconds", "compile_warmup_seconds", "{:.1f}", ""),
     ]  # fmt: skip
     for r in rows:
         for name, key, fmt, target in figures:
