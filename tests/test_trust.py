@@ -125,6 +125,7 @@ def test_overwrite_checks_everything_before_it_deletes_anything(tmp_path):
     "setting,named",
     [
         ("fewshot.k=0", "fewshot.k=0: expected a positive number"),
+        ("fewshot.max_tokens=0", "fewshot.max_tokens=0: expected a positive number of subwords"),
         ("masks.keep_ratio=1.5", "masks.keep_ratio=1.5: expected in (0, 1]"),
         ("train.checkpoint_every=0", "train.checkpoint_every=0"),
         ("train.eval_every=0", "train.eval_every=0"),

@@ -291,7 +291,7 @@ class FewShotConfig:
 
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
     repetitions: int = 5  # R draws of the support set, each with its own seed
-    steps: int = 20  # fine-tuning steps on the k sentences (one batch of all k)
+    steps: int = 20  # fine-tuning steps on the k sentences (each an update on all k)
     # a support set whose padded size (k x its longest sentence, in subwords) exceeds this is cut
     # into length-sorted micro-batches whose gradients are accumulated (the same step up to rounding)
     max_tokens: int = 2048
@@ -418,6 +418,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("fewshot.k", _positive, "a positive number of support sentences"),
     ("fewshot.repetitions", _non_negative, ">= 0 (0: no few-shot protocol)"),
     ("fewshot.steps", _non_negative, ">= 0"),
+    ("fewshot.max_tokens", _positive, "a positive number of subwords per micro-batch"),
     *[(f"fewshot.{k}", _non_negative, ">= 0") for k in ("lr_encoder", "lr_head", "weight_decay")],
     *[(f"analysis.{k}", _non_negative, ">= 0 (0: off)") for k in ("conflict_every", "cka_sentences")],
     ("analysis.conflict_batch_size", _positive, "a positive number of sentences"),
