@@ -9,7 +9,8 @@ threads, and after hundreds of steps a last-bit difference moves scores by tenth
 So the command runs in a subprocess under ``FIXED_NUMERICS``: 2 threads, MKL's conditional
 numerical reproducibility in its ``COMPATIBLE`` branch (the only one MKL honours on AMD CPUs as
 well as Intel ones; AVX2 is ignored on AMD) and ATen's AVX2 kernels, meant to give the same bits
-on any x86 CPU with AVX2 (by MKL's and ATen's documented behaviour; checked on two machines). Pinned on 2026-12-02 (torch 2.13.0 CPU build, transformers 5.24.0). Re-pin (and
+on any x86 CPU with AVX2 (by MKL's and ATen's documented behaviour; checked on one machine, and
+by CI on whichever machine it gets). Pinned on 2026-12-02 (torch 2.13.0 CPU build, transformers 5.24.0). Re-pin (and
 say why) when a change of numerics is intended: run the six methods under ``FIXED_NUMERICS``,
 then the script in this file's ``record`` function.
 """
