@@ -46,7 +46,7 @@ from subnets.checkpoint import phase_rng
 from subnets.config import compose_config
 from subnets.masks.controls import split_half_agreement
 from subnets.masks.dynamic import ImportanceEMA
-from subnets.masks.importance import finetuned_copy, head_importance, normalize_importance
+from subnets.masks.importance import finetuned_copy, normalize_importance, unit_importance
 from subnets.masks.selection import select_keep_ratio
 from subnets.runner import Run
 
@@ -61,7 +61,7 @@ DECAYS = (0.9, 0.97, 0.99)
 def batch_gradients(model, batches) -> tuple[list[torch.Tensor], float]:
     """|dL/dgate| of every batch (unnormalised), and the seconds per batch."""
     start = time.perf_counter()
-    grads = [head_importance(model, [batch], normalize=False) for batch in batches]
+    grads = [unit_importance(model, [batch], normalize=False) for batch in batches]
     return grads, (time.perf_counter() - start) / len(batches)
 
 

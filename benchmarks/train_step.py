@@ -1,4 +1,4 @@
-"""Training-step benchmark on real UD batches: throughput, peak memory, and the cost of head gates.
+"""Training-step benchmark on real UD batches: throughput, peak memory, and the cost of unit gates.
 
 For each model (the tiny random BERT and multilingual-e5-small) it trains on language-homogeneous
 batches of real UD sentences and reports:
@@ -11,7 +11,8 @@ batches of real UD sentences and reports:
 * the masked optimizer step against the bare AdamW step on the same gradients;
 * the dynamic steps (rule ema: differentiable gates and the moving average; rule learned:
   sampled hard-concrete gates, sparsity penalty, gate-logit update) against the static step;
-* head importance on one batch against one forward and backward pass;
+* unit importance on one batch (heads; feed-forward neurons; both kinds at once) against one
+  forward and backward pass;
 * the baseline step under bfloat16 autocast (``train.precision=bf16``), with frozen word
   embeddings (``model.freeze_embeddings=true``) and with a compiled encoder
   (``train.compile=true``; a copy of the model with its own AdamW, compiled and warmed up on
@@ -48,11 +49,11 @@ from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, load_language
 from subnets.data.ud import discover_treebanks
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
-from subnets.masks.importance import head_importance
-from subnets.masks.subnetwork import head_parameter_masks
+from subnets.masks.importance import unit_importance
+from subnets.masks.subnetwork import unit_parameter_masks
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
-from subnets.models.head_gates import HeadGates
+from subnets.models.gates import HeadGates, NeuronGates, UnitGates
 from subnets.optim.masked import MaskedOptimizer
 from subnets.update import parameter_groups, training_step
 
@@ -117,8 +118,8 @@ def measure(model_name: str, args) -> dict:
     batch_list = batches(collator, data, args.batch_size, args.steps, device)
     words = sum(b.num_words for b in batch_list)
     generator = torch.Generator().manual_seed(0)
-    head_mask = torch.rand(model.gates.shape, generator=generator).argsort(dim=1) < model.gates.num_heads // 2
-    update_mask = head_parameter_masks(model, head_mask.to(device))
+    unit_mask = torch.rand(model.gates.shape, generator=generator).argsort(dim=1) < model.gates.num_heads // 2
+    update_mask = unit_parameter_masks(model, unit_mask.to(device))
 
     def baseline(batch):
         training_step(model, batch, optimizer, clip_norm=5.0)
@@ -232,11 +233,19 @@ def measure(model_name: str, args) -> dict:
         model(batch).loss.backward()
         model.train()
 
+    neurons, both = NeuronGates(model.encoder.transformer), UnitGates(model.encoder.transformer, "both")
     scoring = interleaved(
-        {"forward_backward": forward_backward, "importance": lambda b: head_importance(model, [b])},
+        {
+            "forward_backward": forward_backward,
+            "importance": lambda b: unit_importance(model, [b]),
+            "neuron_importance": lambda b: unit_importance(model, [b], gates=neurons),
+            "both_importance": lambda b: unit_importance(model, [b], gates=both),
+        },
         batch_list,
         args.rounds,
     )
+    neurons.remove()
+    both.remove()
 
     # Head gates at 1 versus the same model with its hooks removed, rounds interleaved.
     gate_times = {"gates_at_1": [], "no_hooks": []}
@@ -264,6 +273,8 @@ def measure(model_name: str, args) -> dict:
         "optimizer_step_seconds": bare,
         "masked_optimizer_ratio": masked / bare,
         "importance_ratio": scoring["importance"] / scoring["forward_backward"],
+        "neuron_importance_ratio": scoring["neuron_importance"] / scoring["forward_backward"],
+        "both_importance_ratio": scoring["both_importance"] / scoring["forward_backward"],
         "bf16_ratio": steps["bf16"] / steps["baseline"],
         "frozen_embeddings_ratio": steps["frozen_embeddings"] / steps["baseline"],
         "compiled_ratio": steps["compiled"] / steps["baseline"],
@@ -301,6 +312,8 @@ def main() -> None:
         ("dynamic ema step / static step", "dynamic_ema_ratio", "{:.3f}", "<= 1.05"),
         ("dynamic learned step / static step", "dynamic_learned_ratio", "{:.3f}", ""),
         ("head importance / forward+backward", "importance_ratio", "{:.3f}", "<= 1.2"),
+        ("neuron importance / forward+backward", "neuron_importance_ratio", "{:.3f}", "<= 1.2"),
+        ("head+neuron importance / forward+backward", "both_importance_ratio", "{:.3f}", "<= 1.2"),
         ("bf16 step / fp32 step", "bf16_ratio", "{:.3f}", ""),
         ("frozen-embedding step / baseline step", "frozen_embeddings_ratio", "{:.3f}", ""),
         ("compiled step / baseline step", "compiled_ratio", "{:.3f}", ""),

@@ -128,3 +128,123 @@ def tiny_transformer(
         max_length=64, architecture=architecture, attn_implementation=attn, seed=seed, pad_token_id=0,
     )  # fmt: skip
     return model.eval()
+
+
+# Every family of Hugging Face transformer the layouts cover, as a tiny random model built from
+# its config (no download): model_type -> (config settings, model class name or None for AutoModel).
+_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_DECODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 48, "vocab_size": 120, **_IDS}  # fmt: skip
+FAMILIES = {
+    "bert": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+        },
+        None,
+    ),  # fmt: skip
+    "xlm-roberta": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+        },
+        None,
+    ),  # fmt: skip
+    "electra": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+            "embedding_size": 16,
+        },
+        None,
+    ),  # fmt: skip
+    "rembert": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+            "input_embedding_size": 16,
+            "output_embedding_size": 16,
+        },
+        None,
+    ),  # fmt: skip
+    "distilbert": ({"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48, "vocab_size": 120}, None),
+    "deberta-v2": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+        },
+        None,
+    ),  # fmt: skip
+    "xlm": ({"emb_dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 120}, None),
+    "albert": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "embedding_size": 16,
+            "vocab_size": 120,
+        },
+        None,
+    ),  # fmt: skip
+    "modernbert": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "vocab_size": 120,
+            "cls_token_id": 1,
+            "sep_token_id": 2,
+            **_IDS,
+        },
+        None,
+    ),  # fmt: skip
+    "t5": (
+        {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 48, "vocab_size": 120},
+        "T5EncoderModel",
+    ),  # fmt: skip
+    "mt5": (
+        {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 48, "vocab_size": 120},
+        "MT5EncoderModel",
+    ),  # fmt: skip
+    "llama": (_DECODER, None),
+    "mistral": (_DECODER, None),
+    "qwen2": (_DECODER, None),
+    "qwen3": ({**_DECODER, "head_dim": 8}, None),
+    "gemma": ({**_DECODER, "head_dim": 8}, None),
+    "gemma2": ({**_DECODER, "head_dim": 8}, None),
+    "gemma3_text": ({**_DECODER, "head_dim": 8}, None),
+}
+
+
+def tiny_family(model_type: str, attn: str | None = None, seed: int = 0):
+    """A tiny random model of ``model_type`` (:data:`FAMILIES`) in eval mode, deterministic for ``seed``."""
+    import transformers
+
+    settings, class_name = FAMILIES[model_type]
+    config = transformers.AutoConfig.for_model(model_type, **settings)
+    if attn:
+        config._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if class_name:
+            model = getattr(transformers, class_name)(config)
+        else:
+            model = transformers.AutoModel.from_config(config)
+    return model.eval()

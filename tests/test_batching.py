@@ -118,3 +118,44 @@ def test_batch_to_keeps_sentences():
     moved = batch.to("cpu")
     assert moved.sentences == sentences and moved.lang == "en"
     assert torch.equal(moved.input_ids, batch.input_ids)
+
+
+def eos_only_tokenizer():
+    """A tokenizer framed as Qwen's are: no beginning-of-sequence token, an end-of-text token
+    that is also the padding token, no post-processor adding either."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=60, special_tokens=["<|endoftext|>", "<unk>"],
+                                                          show_progress=False))  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")  # fmt: skip
+
+
+@pytest.mark.parametrize("framing", ["cls/sep", "eos only"])
+def test_causal_collator_reads_last_subwords_and_the_final_token_as_root(tokenizer, framing):
+    tok = tokenizer if framing == "cls/sep" else eos_only_tokenizer()
+    sentences = [sentence(["the", "foxes", "jumps"]), sentence(["a", "lazy", "dog", "sleeps", "brownish"])]
+    pieces = encode_words(tok, sentences)
+    assert any(len(p) > 1 for s in pieces for p in s)  # some words have several pieces
+    batch = Collator(tok, max_length=64, causal=True)(sentences, pieces, "xx")
+    flat, width = batch.input_ids.flatten(), batch.input_ids.shape[1]
+    end = tok.sep_token_id if framing == "cls/sep" else tok.eos_token_id
+    for b, sent_pieces in enumerate(pieces):
+        length = sum(len(p) for p in sent_pieces) + (2 if framing == "cls/sep" else 1)
+        assert batch.word_index[b, 0] == b * width + length - 1  # the root: the final token ...
+        assert flat[batch.word_index[b, 0]] == end  # ... which has seen the whole sentence
+        for j, word_pieces in enumerate(sent_pieces, start=1):
+            assert flat[batch.word_index[b, j]] == word_pieces[-1]
+        if framing == "eos only":
+            assert flat[b * width] == sent_pieces[0][0]  # no opening token
+    assert batch.attention_mask.sum(1).tolist() == [sum(len(p) for p in s) + (2 if framing == "cls/sep" else 1)
+                                                    for s in pieces]  # fmt: skip
+
+
+def test_a_bidirectional_collator_needs_an_opening_token():
+    with pytest.raises(ValueError, match="has no cls/sep or bos/eos tokens"):
+        Collator(eos_only_tokenizer(), 64)
+    Collator(eos_only_tokenizer(), 64, causal=True)  # a decoder reads the root from the end

@@ -14,8 +14,8 @@ from subnets.masks.controls import (
     expected_random_jaccard,
     generator,
     jaccard,
-    random_head_mask,
     random_like,
+    random_unit_mask,
     split_half_agreement,
 )
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
@@ -26,9 +26,9 @@ def mask_set() -> SubnetworkSet:
     masks = SubnetworkSet(4, 6, {"w": (5, 7)})
     rng = np.random.default_rng(0)
     for lang in ("aa", "bb", "cc"):
-        head_mask = torch.from_numpy(rng.random((4, 6)) < 0.5)
-        head_mask[:, 0] = True
-        masks[lang] = Subnetwork(head_mask, {"w": torch.from_numpy(rng.random((5, 7)) < 0.3)})
+        unit_mask = torch.from_numpy(rng.random((4, 6)) < 0.5)
+        unit_mask[:, 0] = True
+        masks[lang] = Subnetwork(unit_mask, {"w": torch.from_numpy(rng.random((5, 7)) < 0.3)})
     return masks
 
 
@@ -36,13 +36,13 @@ def test_random_masks_keep_every_layers_and_tensors_count_and_are_seeded():
     masks = mask_set()
     drawn = random_like(masks, seed=1)
     for lang, subnetwork in masks.items():
-        assert torch.equal(drawn[lang].head_mask.sum(1), subnetwork.head_mask.sum(1))
+        assert torch.equal(drawn[lang].unit_mask.sum(1), subnetwork.unit_mask.sum(1))
         assert int(drawn[lang].param_masks["w"].sum()) == int(subnetwork.param_masks["w"].sum())
-    assert all(torch.equal(random_like(masks, 1)[lang].head_mask, drawn[lang].head_mask) for lang in masks)
+    assert all(torch.equal(random_like(masks, 1)[lang].unit_mask, drawn[lang].unit_mask) for lang in masks)
     assert any(
-        not torch.equal(random_like(masks, 2)[lang].head_mask, drawn[lang].head_mask) for lang in masks
+        not torch.equal(random_like(masks, 2)[lang].unit_mask, drawn[lang].unit_mask) for lang in masks
     )
-    assert not torch.equal(drawn["aa"].head_mask, masks["aa"].head_mask)
+    assert not torch.equal(drawn["aa"].unit_mask, masks["aa"].unit_mask)
 
 
 def test_the_chance_level_is_the_closed_form_and_what_random_masks_give():
@@ -52,7 +52,7 @@ def test_the_chance_level_is_the_closed_form_and_what_random_masks_give():
     counts_a, counts_b = [2, 3, 1], [3, 3, 2]
     rng = generator(0, "test")
     sampled = [
-        jaccard(random_head_mask(counts_a, 6, rng), random_head_mask(counts_b, 6, rng)) for _ in range(20000)
+        jaccard(random_unit_mask(counts_a, 6, rng), random_unit_mask(counts_b, 6, rng)) for _ in range(20000)
     ]
     assert np.mean(sampled) == pytest.approx(expected_random_jaccard(counts_a, counts_b, 6), abs=0.005)
 
@@ -78,9 +78,9 @@ def test_a_random_run_has_the_static_counts_other_heads_and_no_reliability_of_it
     static_masks = SubnetworkSet.load(tmp_path / "static" / "masks" / "masks.safetensors")
     random_masks = SubnetworkSet.load(tmp_path / "random" / "masks" / "masks.safetensors")
     for lang in static_masks:
-        assert torch.equal(static_masks[lang].head_mask.sum(1), random_masks[lang].head_mask.sum(1))
+        assert torch.equal(static_masks[lang].unit_mask.sum(1), random_masks[lang].unit_mask.sum(1))
     assert any(
-        not torch.equal(static_masks[lang].head_mask, random_masks[lang].head_mask) for lang in static_masks
+        not torch.equal(static_masks[lang].unit_mask, random_masks[lang].unit_mask) for lang in static_masks
     )
     static_summary = json.loads((tmp_path / "static" / "masks" / "summary.json").read_text())
     random_summary = json.loads((tmp_path / "random" / "masks" / "summary.json").read_text())

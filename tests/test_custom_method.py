@@ -43,10 +43,10 @@ def test_readme_custom_method_runs_from_a_folder_outside_the_package(tmp_path):
     masks = SubnetworkSet.load(run_dir / "masks" / "masks.safetensors")
     assert list(masks) == ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
     for subnetwork in masks.values():  # two of the four heads of every layer
-        assert subnetwork.head_mask.sum(dim=1).tolist() == [2, 2]
-    assert len({tuple(s.head_mask.flatten().tolist()) for s in masks.values()}) > 1  # drawn per language
+        assert subnetwork.unit_mask.sum(dim=1).tolist() == [2, 2]
+    assert len({tuple(s.unit_mask.flatten().tolist()) for s in masks.values()}) > 1  # drawn per language
     assert results["sparsity"] == {lang: 0.5 for lang in masks}
     losses = [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert losses[-1] < 0.8 * losses[0], losses  # it learns
-    assert torch.equal(SubnetworkSet.load(run_dir / "masks" / "masks.safetensors")["syn_svo"].head_mask,
-                       masks["syn_svo"].head_mask)  # fmt: skip
+    assert torch.equal(SubnetworkSet.load(run_dir / "masks" / "masks.safetensors")["syn_svo"].unit_mask,
+                       masks["syn_svo"].unit_mask)  # fmt: skip

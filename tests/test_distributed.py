@@ -43,7 +43,7 @@ def _worker(rank: int, overrides: list[str], folder: str, port: int) -> None:
         torch.save(
             {
                 "model": experiment.model.state_dict(),
-                "masks": {k: v.head_mask for k, v in masks.items()} if masks is not None else {},
+                "masks": {k: v.unit_mask for k, v in masks.items()} if masks is not None else {},
             },
             f"{folder}/rank{rank}.pt",
         )

@@ -11,9 +11,9 @@ from subnets.data.dataset import load_language
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
 from subnets.data.ud import discover_treebanks
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
-from subnets.masks.importance import head_importance
+from subnets.masks.importance import unit_importance
 from subnets.masks.selection import select_keep_ratio
-from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
+from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.runner import Run, run
 from subnets.update import training_step
 
@@ -39,7 +39,7 @@ def frozen(tmp_path):
 def test_ema_of_a_frozen_model_converges_to_the_static_importance(frozen):
     lang = "syn_svo"
     batches = frozen.batcher.fixed(frozen.data.train[lang], 8, 4, "ema")
-    static = head_importance(frozen.model, batches)
+    static = unit_importance(frozen.model, batches)
     gaps = {}
     for decay in (0.0, 0.98):
         ema = ImportanceEMA(frozen.model.gates.shape, decay)
@@ -54,7 +54,7 @@ def test_ema_of_a_frozen_model_converges_to_the_static_importance(frozen):
         ema.update(
             lang, training_step(frozen.model, batches[0], frozen.optimizer, track_gates=True).gate_grads[lang]
         )
-    assert torch.allclose(ema.scores(lang), head_importance(frozen.model, batches[:1]), atol=1e-6)
+    assert torch.allclose(ema.scores(lang), unit_importance(frozen.model, batches[:1]), atol=1e-6)
 
 
 def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
@@ -76,14 +76,14 @@ def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
     keep = experiment.cfg.masks.keep_ratio
 
     def expected_mask(data):
-        return select_keep_ratio(head_importance(experiment.model, [experiment.batcher.of(data)]), keep)
+        return select_keep_ratio(unit_importance(experiment.model, [experiment.batcher.of(data)]), keep)
 
     def train(steps):
         for _ in range(steps):
             experiment.train_step()
 
     train(60)
-    before = policy.masks[lang].head_mask.clone()
+    before = policy.masks[lang].unit_mask.clone()
     assert torch.equal(before, expected_mask(experiment.data.train[lang]))
 
     changed = SyntheticLanguage(lang, order="OSV", adjective="after", adposition="post")
@@ -91,7 +91,7 @@ def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
     new_data = load_language(discover_treebanks(root)[lang], "train").tokenize(experiment.tokenizer)
     experiment.data.train[lang] = new_data
     train(120)
-    after = policy.masks[lang].head_mask
+    after = policy.masks[lang].unit_mask
     assert torch.equal(after, expected_mask(new_data))
     assert not torch.equal(after, before)  # the new data calls for other heads, and the mask moved
     changes = [h["changed"] for h in policy.history[lang]]
@@ -161,9 +161,9 @@ def test_no_update_reaches_a_coordinate_outside_the_mask_of_its_step(tmp_path, a
         masks_seen = set()
         for _ in range(16):
             lang = experiment.sampler.next_language()
-            mask = method.masks[lang].head_mask.clone()
+            mask = method.masks[lang].unit_mask.clone()
             masks_seen.add((lang, tuple(mask.flatten().tolist())))
-            owned = head_parameter_masks(model, mask)
+            owned = unit_parameter_masks(model, mask)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             step_on(experiment, lang)
             for name, m in owned.items():
@@ -185,9 +185,9 @@ def test_a_reentering_coordinate_continues_from_its_frozen_optimizer_state(tmp_p
             step_on(experiment, lang)
         dropped = SubnetworkSet.for_model(model)
         for code, subnetwork in method.masks.items():
-            head_mask = subnetwork.head_mask.clone()
-            head_mask[0, 0] = code != lang
-            dropped[code] = Subnetwork(head_mask)
+            unit_mask = subnetwork.unit_mask.clone()
+            unit_mask[0, 0] = code != lang
+            dropped[code] = Subnetwork(unit_mask)
         method.set_masks(dropped)
         state = experiment.optimizer.state[parameter]
         frozen = {k: state[k][rows].clone() for k in ("exp_avg", "exp_avg_sq")}
@@ -198,9 +198,9 @@ def test_a_reentering_coordinate_continues_from_its_frozen_optimizer_state(tmp_p
             assert all(torch.equal(state[k][rows], frozen[k]) for k in frozen)  # frozen, not decayed
         restored = SubnetworkSet.for_model(model)
         for code, subnetwork in method.masks.items():
-            head_mask = subnetwork.head_mask.clone()
-            head_mask[0, 0] = True
-            restored[code] = Subnetwork(head_mask)
+            unit_mask = subnetwork.unit_mask.clone()
+            unit_mask[0, 0] = True
+            restored[code] = Subnetwork(unit_mask)
         method.set_masks(restored)
         step_on(experiment, lang)
         beta1, beta2 = experiment.optimizer.param_groups[0]["betas"]
@@ -228,7 +228,7 @@ def test_dynamic_runs_are_deterministic_and_resume_to_the_same_masks(tmp_path, m
     final = [
         SubnetworkSet.load(tmp_path / r / "masks" / "masks.safetensors") for r in ("reference", "resumed")
     ]
-    assert all(torch.equal(final[0][k].head_mask, final[1][k].head_mask) for k in final[0])
+    assert all(torch.equal(final[0][k].unit_mask, final[1][k].unit_mask) for k in final[0])
 
 
 def test_dynamic_run_writes_history_and_figures(tmp_path):

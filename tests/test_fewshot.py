@@ -83,13 +83,13 @@ def test_support_that_would_empty_the_scored_split_fails_at_start(tmp_path):
 def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained):
     import copy
 
-    from subnets.masks.subnetwork import head_parameter_masks
+    from subnets.masks.subnetwork import unit_parameter_masks
 
     model = copy.deepcopy(trained.model)
     batch = trained.batcher.of(trained.data.target_test["syn_vos"], range(6))
-    head_mask = torch.ones(model.gates.shape, dtype=torch.bool)
-    head_mask[:, :2] = False
-    mask = head_parameter_masks(model, head_mask)
+    unit_mask = torch.ones(model.gates.shape, dtype=torch.bool)
+    unit_mask[:, :2] = False
+    mask = unit_parameter_masks(model, unit_mask)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fine_tune(model, batch, 3, 1e-3, 1e-3, 0.01, 5.0, update_mask=mask)
     after = dict(model.named_parameters())
@@ -101,7 +101,7 @@ def test_fine_tuning_with_an_update_mask_leaves_other_coordinates_alone(trained)
 def test_sgd_fine_tuning_is_plain_sgd_and_masked_updates_stay_exact(trained):
     import copy
 
-    from subnets.masks.subnetwork import head_parameter_masks
+    from subnets.masks.subnetwork import unit_parameter_masks
 
     model = copy.deepcopy(trained.model).train()
     batch = trained.batcher.of(trained.data.target_test["syn_vos"], range(6))
@@ -117,9 +117,9 @@ def test_sgd_fine_tuning_is_plain_sgd_and_masked_updates_stay_exact(trained):
     for name, parameter in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(parameter.detach(), expected[name], rtol=0, atol=1e-7)
-    head_mask = torch.ones(model.gates.shape, dtype=torch.bool)
-    head_mask[:, :2] = False
-    mask = head_parameter_masks(model, head_mask)
+    unit_mask = torch.ones(model.gates.shape, dtype=torch.bool)
+    unit_mask[:, :2] = False
+    mask = unit_parameter_masks(model, unit_mask)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fine_tune(model, batch, 2, 1e-3, 1e-3, 0.01, 5.0, update_mask=mask, optimizer="sgd")
     after = dict(model.named_parameters())

@@ -10,11 +10,11 @@ from torch import nn
 from subnets.masks.importance import (
     finetuned_copy,
     fisher_information,
-    fisher_per_head,
-    head_importance,
+    fisher_per_unit,
     normalize_importance,
+    unit_importance,
 )
-from subnets.models.head_gates import HeadGates
+from subnets.models.gates import HeadGates
 
 
 class Gated(nn.Module):
@@ -45,7 +45,7 @@ def make_batches(count, seed=0):
 
 def test_raw_importance_is_the_sum_of_absolute_gate_derivatives_by_finite_differences():
     model, batches = Gated(), make_batches(3)
-    raw = head_importance(model, batches, model.loss, normalize=False)
+    raw = unit_importance(model, batches, model.loss, normalize=False)
     eps = 1e-6
     expected = torch.zeros(model.gates.shape, dtype=torch.float64)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_removing_the_most_important_head_changes_the_loss_by_about_the_first_or
             gate.view(-1)[index] = 0
             with model.gates.applied(gate):
                 changes.view(-1)[index] = model.loss(batch) - base
-    top = head_importance(model, [batch], model.loss, normalize=False).flatten().argmax()
+    top = unit_importance(model, [batch], model.loss, normalize=False).flatten().argmax()
     estimate = -gradient.flatten()[top]  # dL ~ dL/dg * (0 - 1)
     assert changes.flatten()[top].item() == pytest.approx(estimate.item(), rel=0.05)
     assert changes.abs().flatten().argmax() == top  # the largest |dL/dg| is the costliest head to remove
@@ -99,8 +99,8 @@ def test_importance_under_a_mask_leaves_weights_and_mode_alone():
     model.train()
     mask = torch.ones(2, 4)
     mask[0, :3] = 0
-    masked = head_importance(model, batches, model.loss, mask=mask, normalize=False)
-    full = head_importance(model, batches, model.loss, normalize=False)
+    masked = unit_importance(model, batches, model.loss, mask=mask, normalize=False)
+    full = unit_importance(model, batches, model.loss, normalize=False)
     assert not torch.allclose(masked, full)  # scores depend on the mask they are computed under
     assert masked[0, 0] > 0  # a gated-off head still has a derivative (it could be switched on)
     assert all(p.grad is None for p in model.parameters())
@@ -133,17 +133,17 @@ def test_fisher_is_the_mean_of_squared_per_example_gradients():
         fisher_information(linear, [], loss)
 
 
-def test_fisher_per_head_sums_each_heads_coordinates():
+def test_fisher_per_unit_sums_each_heads_coordinates():
     model = Gated()
     fisher = {name: torch.ones_like(p) for name, p in model.named_parameters()}
     d, hidden = model.gates.head_dim, 32
-    per_head = fisher_per_head(fisher, model)
+    per_head = fisher_per_unit(fisher, model)
     # query, key, value: d rows of `hidden` weights plus d biases each; output: `hidden` x d columns
     assert torch.equal(per_head, torch.full((2, 4), float(3 * (d * hidden + d) + hidden * d)))
     name = "transformer.encoder.layer.1.attention.output.dense.weight"
     fisher[name] = torch.zeros_like(fisher[name])
     fisher[name][:, 2 * d : 3 * d] = 1.5  # only head 2 of layer 1 gets output-projection mass
-    per_head = fisher_per_head(fisher, model)
+    per_head = fisher_per_unit(fisher, model)
     assert per_head[1, 2] == 3 * (d * hidden + d) + 1.5 * hidden * d
     assert per_head[1, 0] == 3 * (d * hidden + d)
 

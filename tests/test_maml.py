@@ -290,17 +290,17 @@ def test_masked_meta_methods_run_and_respect_masks(tmp_path, method):
     experiment.setup()
     method_object, model = experiment.method.policy, experiment.model
     try:
-        from subnets.masks.subnetwork import head_parameter_masks
+        from subnets.masks.subnetwork import unit_parameter_masks
 
         for _ in range(6):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            masks = {lang: s.head_mask.clone() for lang, s in method_object.masks.items()}
+            masks = {lang: s.unit_mask.clone() for lang, s in method_object.masks.items()}
             experiment.train_step()
             # heads outside every language's subnetwork did not move (the union of the episode)
             union = torch.zeros_like(next(iter(masks.values())))
             for mask in masks.values():
                 union |= mask
-            for name, owned in head_parameter_masks(model, union).items():
+            for name, owned in unit_parameter_masks(model, union).items():
                 assert torch.equal(dict(model.named_parameters())[name][~owned], before[name][~owned]), name
         if method == "maml_dynamic":
             assert any(h["changed"] for entries in method_object.history.values() for h in entries[1:])

@@ -55,7 +55,7 @@ def test_no_import_cycle_among_the_packages_modules():
 
 
 def test_public_api_imports_in_a_fresh_interpreter():
-    names = ["MaskedOptimizer", "head_importance", "MAML", "MetaTask", "HeadGates", "Subnetwork", "SubnetworkSet",
+    names = ["MaskedOptimizer", "unit_importance", "MAML", "MetaTask", "HeadGates", "Subnetwork", "SubnetworkSet",
              "fisher_information", "select_keep_ratio", "select_top_k", "iterative_pruning", "conflict_matrix",
              "linear_cka", "typological_similarity", "overlap_typology_correlation", "compose_config", "run",
              "Run", "Method", "MaskPolicy", "StepStrategy", "StaticMasks", "DynamicMasks", "MAMLEpisodes"]  # fmt: skip

@@ -7,7 +7,6 @@ from conftest import tiny_config, tiny_transformer
 
 from subnets.files import read_jsonl
 from subnets.models.encoder import Encoder
-from subnets.models.head_gates import find_attention_layers
 from subnets.runner import Run
 
 
@@ -43,7 +42,7 @@ def test_head_gates_stay_exact_under_bf16_autocast():
     values[layer, head] = 0
     with gates.applied(values):
         gated = encoder(*encoder_inputs())
-    projection = find_attention_layers(transformer)[layer]["output"]
+    projection = gates.outputs["heads"][layer]
     with torch.no_grad():
         projection.weight[:, head * d : (head + 1) * d] = 0
     assert torch.equal(gated, encoder(*encoder_inputs()))  # gate 0 = that head's columns zeroed
@@ -83,7 +82,7 @@ def test_head_gates_stay_exact_in_a_compiled_encoder():
     with gates.applied(values):
         gated = encoder(*encoder_inputs())
     with torch.no_grad():
-        find_attention_layers(transformer)[layer]["output"].weight[:, head * d : (head + 1) * d] = 0
+        gates.outputs["heads"][layer].weight[:, head * d : (head + 1) * d] = 0
     assert torch.allclose(gated, encoder(*encoder_inputs()), atol=1e-6)
     assert not torch.allclose(gated, ungated, atol=1e-4)
     assert set(transformer.state_dict()) == set(
@@ -101,11 +100,11 @@ def test_a_compiled_static_run_learns_and_its_masked_updates_stay_exact(tmp_path
     try:
         from conftest import step_on
 
-        from subnets.masks.subnetwork import head_parameter_masks
+        from subnets.masks.subnetwork import unit_parameter_masks
 
         for _ in range(3):
             lang = experiment.sampler.next_language()
-            owned = head_parameter_masks(model, policy.masks[lang].head_mask)
+            owned = unit_parameter_masks(model, policy.masks[lang].unit_mask)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             step_on(experiment, lang)
             after = dict(model.named_parameters())

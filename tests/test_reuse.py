@@ -185,7 +185,7 @@ def test_the_language_picks_its_subnetwork_and_unseen_ones_follow_the_test_time_
     trained = load_run(folder)
     masks = trained.method.policy.masks
     for code in trained.languages:
-        assert torch.equal(trained.gates(code), masks[code].head_mask.float())
+        assert torch.equal(trained.gates(code), masks[code].unit_mask.float())
     assert trained.gates("xx_unseen") is None  # masks.target_policy=full: every head
     used, applied = [], trained.model.gates.applied
 
@@ -196,14 +196,14 @@ def test_the_language_picks_its_subnetwork_and_unseen_ones_follow_the_test_time_
     monkeypatch.setattr(trained.model.gates, "applied", record)
     for code in trained.languages:
         trained.parse([["wino", "lue", "jejole", "qexy"]], language=code)
-        assert torch.equal(used[-1], masks[code].head_mask.float())
-    assert len({tuple(m.head_mask.flatten().tolist()) for m in masks.values()}) > 1  # the subnetworks differ
+        assert torch.equal(used[-1], masks[code].unit_mask.float())
+    assert len({tuple(m.unit_mask.flatten().tolist()) for m in masks.values()}) > 1  # the subnetworks differ
     supported = load_run(folder, overrides=["masks.target_policy=support"])
     with pytest.raises(ValueError, match="pass support=<CoNLL-U file>"):
         supported.gates("xx_unseen")
     support = folder / "data" / "syn_vos" / "train.conllu"
     gates = supported.gates("syn_vos", support=support)
-    assert gates.shape == masks["syn_svo"].head_mask.shape and gates.sum() == masks["syn_svo"].head_mask.sum()
+    assert gates.shape == masks["syn_svo"].unit_mask.shape and gates.sum() == masks["syn_svo"].unit_mask.sum()
 
 
 def test_load_run_in_python_parses_evaluates_and_adapts(runs):

@@ -7,7 +7,7 @@ import torch
 from conftest import crash_after_checkpoint, scores, step_on, tiny_config
 
 import subnets.methods.policies as policies
-from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, head_parameter_masks
+from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
 from subnets.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4"]
@@ -27,7 +27,7 @@ def test_static_run_writes_masks_and_figure(tmp_path):
     pruning = json.loads((folder / "pruning.json").read_text())
     for lang, history in pruning.items():
         # iterative pruning kept the last mask at or above 90% of the unpruned dev LAS
-        kept = masks[lang].num_heads_kept
+        kept = masks[lang].num_units_kept
         accepted = [metric for heads, metric in history["rounds"] if heads == kept]
         assert accepted and accepted[0] >= 0.9 * history["baseline"]
     assert results["source"]["syn_svo"]["las"] >= 0
@@ -41,7 +41,7 @@ def test_heads_outside_a_languages_subnetwork_receive_no_update_from_its_batches
     try:
         for _ in range(6):
             lang = experiment.sampler.next_language()
-            owned = head_parameter_masks(model, method.masks[lang].head_mask)
+            owned = unit_parameter_masks(model, method.masks[lang].unit_mask)
             before = {name: p.detach().clone() for name, p in model.named_parameters()}
             step_on(experiment, lang)
             after = dict(model.named_parameters())
@@ -68,7 +68,7 @@ def test_forward_mode_gates_off_heads_outside_the_subnetwork(tmp_path):
         lang = "syn_sov"
         policy = experiment.method.policy
         gates = policy.gates(lang)
-        assert torch.equal(gates.bool(), policy.masks[lang].head_mask)
+        assert torch.equal(gates.bool(), policy.masks[lang].unit_mask)
         assert policy.update_mask(lang) is None
         assert torch.equal(policy.eval_gates(lang), gates)
     finally:
@@ -82,7 +82,7 @@ def test_masks_path_reuses_a_saved_set_and_rejects_another_models(tmp_path, monk
     run(tiny_config(*KEEP_HALF, f"masks.path={saved}"), tmp_path / "second")
     first = SubnetworkSet.load(saved)
     second = SubnetworkSet.load(tmp_path / "second" / "masks" / "masks.safetensors")
-    assert all(torch.equal(first[k].head_mask, second[k].head_mask) for k in first)
+    assert all(torch.equal(first[k].unit_mask, second[k].unit_mask) for k in first)
     with pytest.raises(MaskMismatchError, match=r"\(layers, heads\) = \(2, 4\).*\(3, 4\)"):
         run(tiny_config(*KEEP_HALF, f"masks.path={saved}", "model.tiny.num_layers=3"), tmp_path / "third")
 
@@ -143,7 +143,7 @@ def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_pat
     experiment.setup()
     policy, model = experiment.method.policy, experiment.model
     try:
-        heads = set(head_parameter_masks(model, torch.ones(model.gates.shape, dtype=torch.bool)))
+        heads = set(unit_parameter_masks(model, torch.ones(model.gates.shape, dtype=torch.bool)))
         for step in range(1, 7):
             assert policy.masks is None and policy.update_mask("syn_svo") is None
             before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -154,9 +154,9 @@ def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_pat
         if method == "static":
             again = policies.search_masks(model, policy.search, experiment.source_languages(), experiment.batcher,
                                           experiment.outputs)  # fmt: skip
-            assert all(torch.equal(again[lang].head_mask, policy.masks[lang].head_mask) for lang in again)
+            assert all(torch.equal(again[lang].unit_mask, policy.masks[lang].unit_mask) for lang in again)
         lang = experiment.sampler.next_language()
-        owned = head_parameter_masks(model, policy.masks[lang].head_mask)
+        owned = unit_parameter_masks(model, policy.masks[lang].unit_mask)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         step_on(experiment, lang)
         after = dict(model.named_parameters())
@@ -167,7 +167,7 @@ def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_pat
     later = SubnetworkSet.load(tmp_path / "run" / "masks" / "masks.safetensors")
     first = SubnetworkSet.load(tmp_path / "from_start" / "masks" / "masks.safetensors")
     if method == "static":  # importance on the trained model is not the pretrained model's
-        assert any(not torch.equal(later[lang].head_mask, first[lang].head_mask) for lang in first)
+        assert any(not torch.equal(later[lang].unit_mask, first[lang].unit_mask) for lang in first)
     assert from_start["source"]
 
 

@@ -1,4 +1,4 @@
-"""Mask objects: Subnetwork, SubnetworkSet (checks, saving, summaries) and head_parameter_masks."""
+"""Mask objects: Subnetwork, SubnetworkSet (checks, saving, summaries) and unit_parameter_masks."""
 
 import copy
 
@@ -14,9 +14,9 @@ from conftest import tiny_transformer
 from safetensors.torch import save_file
 from torch import nn
 
-from subnets.masks.subnetwork import MaskMismatchError, Subnetwork, SubnetworkSet, head_parameter_masks
+from subnets.masks.subnetwork import MaskMismatchError, Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.models.encoder import build_tiny_transformer
-from subnets.models.head_gates import HeadGates
+from subnets.models.gates import HeadGates
 
 QUERY = "transformer.encoder.layer.{}.attention.self.query.{}"
 KEY = "transformer.encoder.layer.{}.attention.self.key.{}"
@@ -26,7 +26,7 @@ FEED_FORWARD = "transformer.encoder.layer.{}.intermediate.dense.weight"
 
 
 class Wrapper(nn.Module):
-    """A small model with ``.gates``, as SubnetworkSet.for_model and head_parameter_masks expect."""
+    """A small model with ``.gates``, as SubnetworkSet.for_model and unit_parameter_masks expect."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -71,19 +71,19 @@ def test_subnetwork_converts_masks_to_bool_on_cpu():
         {"w": torch.tensor([0.0, 3.0, 0.0])},
         scores=torch.tensor([[1, 2], [3, 4]], dtype=torch.float64, requires_grad=True),
     )
-    assert s.head_mask.dtype == torch.bool and s.head_mask.device.type == "cpu"
-    assert s.head_mask.tolist() == [[True, False], [True, False]]
+    assert s.unit_mask.dtype == torch.bool and s.unit_mask.device.type == "cpu"
+    assert s.unit_mask.tolist() == [[True, False], [True, False]]
     assert s.param_masks["w"].dtype == torch.bool and s.param_masks["w"].device.type == "cpu"
     assert s.param_masks["w"].tolist() == [False, True, False]
     assert s.scores.dtype == torch.float32 and not s.scores.requires_grad
     assert s.scores.tolist() == [[1.0, 2.0], [3.0, 4.0]]
-    assert s.num_heads_kept == 2
+    assert s.num_units_kept == 2
 
 
 def test_sparsity_and_layer_sparsity_by_hand():
     s = Subnetwork(heads([1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 0]))
     # 7 of 12 heads kept; per layer 4/4, 2/4, 1/4 kept.
-    assert s.num_heads_kept == 7
+    assert s.num_units_kept == 7
     assert s.sparsity() == pytest.approx(5 / 12)
     assert s.layer_sparsity() == pytest.approx([0.0, 0.5, 0.75])
 
@@ -108,7 +108,7 @@ def test_param_sparsity_none_without_parameter_masks():
 def test_for_model_reads_geometry_and_parameter_shapes():
     model = wrapper(layers=2, heads=4)
     masks = SubnetworkSet.for_model(model)
-    assert (masks.num_layers, masks.num_heads) == (2, 4)
+    assert (masks.num_layers, masks.units) == (2, {"heads": 4})
     assert masks.param_shapes[QUERY.format(1, "weight")] == (32, 32)
     assert masks.param_shapes[FEED_FORWARD.format(0)] == (64, 32)
     assert len(masks) == 0
@@ -154,7 +154,7 @@ def three_languages(model: nn.Module) -> SubnetworkSet:
     masks = SubnetworkSet.for_model(model)
     masks["sw"] = Subnetwork(heads([1, 0, 1, 1], [0, 1, 1, 0]))
     en_heads = heads([1, 1, 0, 1], [1, 0, 0, 1])
-    params = head_parameter_masks(model, en_heads)
+    params = unit_parameter_masks(model, en_heads)
     params[FEED_FORWARD.format(1)] = torch.rand(64, 32, generator=generator) > 0.5
     masks["en"] = Subnetwork(en_heads, params)
     masks["de"] = Subnetwork(heads([0, 0, 1, 1], [1, 1, 1, 0]), scores=torch.randn(2, 4, generator=generator))
@@ -163,11 +163,11 @@ def three_languages(model: nn.Module) -> SubnetworkSet:
 
 def assert_identical(loaded: SubnetworkSet, original: SubnetworkSet):
     assert list(loaded) == list(original)
-    assert (loaded.num_layers, loaded.num_heads) == (original.num_layers, original.num_heads)
+    assert (loaded.num_layers, loaded.units) == (original.num_layers, original.units)
     for language, expected in original.items():
         got = loaded[language]
-        assert got.head_mask.dtype == torch.bool
-        assert torch.equal(got.head_mask, expected.head_mask)
+        assert got.unit_mask.dtype == torch.bool
+        assert torch.equal(got.unit_mask, expected.unit_mask)
         assert set(got.param_masks) == set(expected.param_masks)
         for name, mask in expected.param_masks.items():
             assert got.param_masks[name].dtype == torch.bool
@@ -230,7 +230,7 @@ def test_head_masks_only_load_into_model_of_other_hidden_size(tmp_path):
     masks["en"] = Subnetwork(heads([1, 0, 1, 0], [0, 1, 0, 1]))
     path = masks.save(tmp_path / "heads.safetensors")
     loaded = SubnetworkSet.load(path, expect=wide_wrapper())
-    assert torch.equal(loaded["en"].head_mask, masks["en"].head_mask)
+    assert torch.equal(loaded["en"].unit_mask, masks["en"].unit_mask)
 
 
 def test_load_rejects_safetensors_file_without_mask_metadata(tmp_path):
@@ -261,7 +261,7 @@ def test_state_dict_round_trip():
     model = wrapper()
     masks = three_languages(model)
     state = masks.state_dict()
-    assert state["num_layers"] == 2 and state["num_heads"] == 4
+    assert state["num_layers"] == 2 and state["units"] == {"heads": 4}
     assert list(state["masks"]) == ["sw", "en", "de"]
     restored = SubnetworkSet.from_state_dict(copy.deepcopy(state), masks.param_shapes)
     assert_identical(restored, masks)
@@ -275,9 +275,16 @@ def test_state_dict_round_trip():
 def test_from_state_dict_checks_shapes():
     masks = three_languages(wrapper())
     state = masks.state_dict()
-    state["num_heads"] = 3
+    state["units"] = {"heads": 3}
     with pytest.raises(MaskMismatchError, match=r"\(2, 3\)"):
         SubnetworkSet.from_state_dict(state, masks.param_shapes)
+
+
+def test_checkpoint_state_written_before_neuron_units_still_loads():
+    masks = three_languages(wrapper())
+    state = masks.state_dict()
+    old = {"num_layers": 2, "num_heads": 4, "masks": state["masks"]}
+    assert_identical(SubnetworkSet.from_state_dict(old, masks.param_shapes), masks)
 
 
 # Summaries ----------------------------------------------------------------------------------------
@@ -307,12 +314,12 @@ def test_sparsity_summary_by_hand():
     masks["d"] = Subnetwork(heads([1, 1, 1], [0, 0, 0]), {"w": torch.tensor([True, False, False, False])})
     summary = masks.sparsity()
     assert list(summary) == ["a", "b", "c", "d"]
-    assert summary["a"]["heads_kept"] == 3
+    assert summary["a"]["units_kept"] == 3
     assert summary["a"]["sparsity"] == pytest.approx(0.5)
     assert summary["a"]["layer_sparsity"] == pytest.approx([1 / 3, 2 / 3])
     assert summary["b"]["layer_sparsity"] == pytest.approx([2 / 3, 1 / 3])
     assert "param_sparsity" not in summary["a"]
-    assert summary["d"]["heads_kept"] == 3
+    assert summary["d"]["units_kept"] == 3
     assert summary["d"]["layer_sparsity"] == pytest.approx([0.0, 1.0])
     assert summary["d"]["param_sparsity"] == pytest.approx(0.75)
 
@@ -333,16 +340,16 @@ def test_overlap_figure_saves_png_with_one_tick_per_language(tmp_path):
         plt.close(figure)
 
 
-# head_parameter_masks -----------------------------------------------------------------------------
+# unit_parameter_masks -----------------------------------------------------------------------------
 
 
-def test_head_parameter_masks_own_exactly_the_heads_rows_and_columns():
+def test_unit_parameter_masks_own_exactly_the_heads_rows_and_columns():
     model = wrapper(layers=2, heads=4)
     d = model.gates.head_dim
     assert d == 8
-    head_mask = torch.ones(2, 4, dtype=torch.bool)
-    head_mask[1, 2] = False
-    masks = head_parameter_masks(model, head_mask)
+    unit_mask = torch.ones(2, 4, dtype=torch.bool)
+    unit_mask[1, 2] = False
+    masks = unit_parameter_masks(model, unit_mask)
 
     expected_names = {
         pattern.format(layer, kind)
@@ -367,10 +374,10 @@ def test_head_parameter_masks_own_exactly_the_heads_rows_and_columns():
     assert masks[OUTPUT.format(0, "weight")].all()
 
 
-def test_head_parameter_masks_follow_the_head_mask_per_layer():
+def test_unit_parameter_masks_follow_the_head_mask_per_layer():
     model = wrapper(layers=2, heads=4)
-    head_mask = heads([0, 1, 1, 0], [1, 1, 1, 1])
-    masks = head_parameter_masks(model, head_mask)
+    unit_mask = heads([0, 1, 1, 0], [1, 1, 1, 1])
+    masks = unit_parameter_masks(model, unit_mask)
     rows = masks[KEY.format(0, "weight")][:, 0]
     assert rows.tolist() == [False] * 8 + [True] * 16 + [False] * 8
     assert masks[OUTPUT.format(0, "weight")][0].tolist() == rows.tolist()
@@ -379,13 +386,13 @@ def test_head_parameter_masks_follow_the_head_mask_per_layer():
 
 def test_zeroing_the_masked_coordinates_equals_gating_the_head_off():
     model = wrapper(layers=2, heads=4)
-    head_mask = torch.ones(2, 4, dtype=torch.bool)
-    head_mask[1, 2] = False
-    masks = head_parameter_masks(model, head_mask)
+    unit_mask = torch.ones(2, 4, dtype=torch.bool)
+    unit_mask[1, 2] = False
+    masks = unit_parameter_masks(model, unit_mask)
 
     with torch.no_grad():
         reference = model(**inputs())
-        with model.gates.applied(head_mask.float()):
+        with model.gates.applied(unit_mask.float()):
             gated = model(**inputs())
         zeroed_model = copy.deepcopy(model)
         zeroed_model.gates.set(None)

@@ -270,4 +270,4 @@ def test_files_of_the_earlier_format_still_load(tmp_path):
     save_file({"en/heads": torch.ones(2, 4, dtype=torch.uint8)}, masks,
               metadata={"format": "subnets-masks-1", "num_layers": "2", "num_heads": "4",
                         "languages": '["en"]', "param_shapes": "{}"})  # fmt: skip
-    assert SubnetworkSet.load(masks)["en"].num_heads_kept == 8
+    assert SubnetworkSet.load(masks)["en"].num_units_kept == 8

@@ -13,7 +13,7 @@ from subnets.runner import run
 from subnets.tracking import Tracker, wandb_mode
 
 STATIC = ["+method=static", "masks.finetune_steps=2", "masks.selection=top_k", "masks.top_k=4"]
-PHASE_LINES = ["mask search, syn_svo: kept 4 of 8 heads", "step 3/12  loss", "step 12/12  loss",
+PHASE_LINES = ["mask search, syn_svo: kept 4 of 8 units", "step 3/12  loss", "step 12/12  loss",
                "development evaluation at step 6: syn_svo_na", "final evaluation, target language syn_vos (test",
                "few-shot, syn_vos: UAS"]  # fmt: skip
 

@@ -4,7 +4,7 @@ The names a notebook needs, in one place::
 
     from subnets import compose_config, run                     # a whole run, as the CLI runs it
     from subnets import load_run, evaluate_run                  # a trained run, reused
-    from subnets import HeadGates, head_importance, select_keep_ratio, MaskedOptimizer, MAML
+    from subnets import HeadGates, unit_importance, select_keep_ratio, MaskedOptimizer, MAML
 """
 
 from subnets.analysis import (
@@ -24,13 +24,13 @@ from subnets.masks import (
     SubnetworkSet,
     find_subnetwork,
     fisher_information,
-    fisher_per_head,
-    head_importance,
-    head_parameter_masks,
+    fisher_per_unit,
     iterative_pruning,
     select_keep_ratio,
     select_parameters,
     select_top_k,
+    unit_importance,
+    unit_parameter_masks,
 )
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
 from subnets.meta import MAML, MetaTask
@@ -49,7 +49,8 @@ from subnets.methods import (
 from subnets.metrics import attachment_scores, score_conllu
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import Encoder, load_pretrained
-from subnets.models.head_gates import HeadGates
+from subnets.models.gates import HeadGates, NeuronGates, UnitGates
+from subnets.models.layouts import AttentionLayout, FeedForwardLayout, ModelLayout, detect_layout
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer, UpdateMask
 from subnets.runner import Run, run
@@ -59,13 +60,14 @@ from subnets.update import apply_update, training_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "MAML", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser", "DynamicMasks", "Encoder",
-    "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData", "LanguageSampler", "MAMLEpisodes",
-    "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "NoMasks", "RandomMasks", "Run", "Sentence", "StaticMasks",
-    "StepStrategy", "Subnetwork", "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "UpdateMask", "apply_update", "attachment_scores",
-    "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config",
-    "evaluate", "evaluate_run", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_head",
-    "head_importance", "head_parameter_masks", "iterative_pruning", "linear_cka", "load_language",
+    "MAML", "AttentionLayout", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser",
+    "DynamicMasks", "Encoder", "FeedForwardLayout", "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData",
+    "LanguageSampler", "MAMLEpisodes", "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "ModelLayout",
+    "NeuronGates", "NoMasks", "RandomMasks", "Run", "Sentence", "StaticMasks", "StepStrategy", "Subnetwork",
+    "SubnetworkPolicy", "SubnetworkSet", "TrainedRun", "UnitGates", "UpdateMask", "apply_update", "attachment_scores",
+    "build_encoder", "build_model", "cka_matrix", "compose_config", "conflict_matrix", "default_config", "detect_layout",
+    "evaluate", "evaluate_run", "few_shot", "find_subnetwork", "fine_tune", "fisher_information", "fisher_per_unit",
+    "unit_importance", "unit_parameter_masks", "iterative_pruning", "linear_cka", "load_language",
     "load_pretrained", "load_run", "overlap_typology_correlation", "predict", "read_conllu", "run", "score_conllu",
     "select_keep_ratio", "select_parameters", "select_top_k", "training_step", "typological_similarity",
     "write_conllu",

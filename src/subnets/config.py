@@ -16,6 +16,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from subnets.models.layouts import ModelLayout
+
 
 class DataSource(str, Enum):
     synthetic = "synthetic"
@@ -48,8 +50,14 @@ class ApplyMode(str, Enum):
 
 
 class Importance(str, Enum):
-    head = "head"  # Michel et al. 2019: |dL/dgate|
-    fisher = "fisher"  # diagonal Fisher information summed per head
+    head = "head"  # Michel et al. 2019: |dL/dgate| of each unit (head or neuron)
+    fisher = "fisher"  # diagonal Fisher information summed over each unit's coordinates
+
+
+class UnitKind(str, Enum):
+    heads = "heads"  # attention heads
+    neurons = "neurons"  # feed-forward intermediate units
+    both = "both"  # heads and neurons, each kind selected on its own
 
 
 class Selection(str, Enum):
@@ -99,11 +107,12 @@ class TargetPolicy(str, Enum):
 class TinyModelConfig:
     """Settings of the built-in random BERT (``model.name_or_path=tiny``)."""
 
-    architecture: str = "bert"  # bert | xlm-roberta
+    architecture: str = "bert"  # bert | xlm-roberta | modernbert | mt5 (encoder) | qwen2 (causal decoder)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 256
+    num_kv_heads: int | None = None  # qwen2: key-value heads (grouped-query attention); None: half the heads
     vocab_size: int = 2000  # byte-pair vocabulary trained on the training text
     max_length: int = 128  # positions, special tokens included
 
@@ -119,6 +128,9 @@ class ModelConfig:
     # the encoder's word (input) embeddings are not updated: neither by training, MAML's inner
     # steps, the mask search's fine-tuning nor the few-shot protocol
     freeze_embeddings: bool = False
+    # where the transformer keeps its heads and neurons; None: detected (subnets.models.layouts,
+    # README "Any transformer"); declare it for a model no known layout fits
+    layout: ModelLayout | None = None
 
 
 @dataclass
@@ -249,6 +261,9 @@ class MasksConfig:
     param_include: list[str] = field(default_factory=lambda: [r"\.intermediate\.dense\.weight$"])  # regexes
     param_samples: int = 32  # single-sentence samples for the Fisher information
     target_policy: TargetPolicy = TargetPolicy.full  # unseen (dev and target) languages
+    # the units a subnetwork is made of: attention heads, feed-forward neurons, or both (each kind
+    # selected on its own: keep_ratio keeps that share of each; min_heads_per_layer holds for each)
+    units: UnitKind = UnitKind.heads
 
 
 @dataclass

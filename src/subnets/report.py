@@ -42,7 +42,7 @@ from scipy import stats
 from subnets.analysis.conflict import load_conflict
 from subnets.analysis.similarity import load_cka
 from subnets.analysis.typology import overlap_typology_correlation, typological_similarity, uriel_code
-from subnets.masks.controls import expected_random_jaccard
+from subnets.masks.controls import chance_jaccard
 from subnets.masks.controls import jaccard as mask_jaccard
 from subnets.masks.figures import plot_history
 from subnets.masks.subnetwork import SubnetworkSet
@@ -322,7 +322,7 @@ def mask_reliability(runs: Sequence[Run]) -> list[dict[str, Any]]:
     languages of ``masks/summary.json``'s ``reliability``: Jaccard, its chance level, Spearman)
     and the agreement of the final masks across seeds (mean Jaccard over pairs of runs with
     different seeds and their shared languages, and the chance level of those head counts,
-    :func:`~subnets.masks.controls.expected_random_jaccard`)."""
+    (:func:`~subnets.masks.controls.chance_jaccard`)."""
     rows = []
     for method in methods_of(runs):
         masked = [r for r in runs if r.method == method and (r.path / "masks" / "masks.safetensors").exists()]
@@ -339,11 +339,9 @@ def mask_reliability(runs: Sequence[Run]) -> list[dict[str, Any]]:
             if seed_a == seed_b:
                 continue
             for lang in set(a) & set(b):
-                first, second = a[lang].head_mask, b[lang].head_mask
+                first, second = a[lang].unit_mask, b[lang].unit_mask
                 observed.append(mask_jaccard(first, second))
-                chance.append(
-                    expected_random_jaccard(first.sum(1).tolist(), second.sum(1).tolist(), a.num_heads)
-                )
+                chance.append(chance_jaccard(first, second, a.units))
         if observed:
             row["seed_jaccard"], row["seed_random_jaccard"] = float(np.mean(observed)), float(np.mean(chance))
         rows.append(row)

@@ -188,9 +188,11 @@ class Run:
         if main:
             self.parallel.barrier()
         self.data.tokenize(self.tokenizer, cache)
-        self.collator = Collator(self.tokenizer, self._max_subwords(transformer))
-        self.batcher = Batcher(self.collator, self.device, cfg.seed)
         self.model = build_model(cfg, transformer).to(self.device)
+        self.collator = Collator(
+            self.tokenizer, self._max_subwords(transformer), causal=self.model.gates.layout.causal
+        )
+        self.batcher = Batcher(self.collator, self.device, cfg.seed)
         if cfg.train.compile:  # in place: parameter names, head-gate hooks and checkpoints are unchanged
             self.model.encoder.transformer.compile()
         policy.bind(self.model, self.batcher, list(self.data.train))

@@ -310,8 +310,8 @@ def load_run(
     torch_device = resolve_device(cfg.train.device)
     model = build_model(cfg, transformer).to(torch_device)
     method = build_method(cfg)
-    batcher = Batcher(Collator(tokenizer, cfg.model.max_subwords or max_subwords(transformer, tokenizer)),
-                      torch_device, cfg.seed)  # fmt: skip
+    batcher = Batcher(Collator(tokenizer, cfg.model.max_subwords or max_subwords(transformer, tokenizer),
+                               causal=model.gates.layout.causal), torch_device, cfg.seed)  # fmt: skip
     method.policy.bind(model, batcher, list(cfg.languages.train))
     method.strategy.bind(model)
     state = load_checkpoint(path, torch_device)

@@ -1,7 +1,10 @@
 """Subword alignment and batch collation.
 
-Each word is represented by its first subword. Word ``0`` of every sentence is the artificial
-root, represented by the first window's ``[CLS]`` token. A sentence whose subwords do not fit
+In a bidirectional encoder each word is represented by its first subword, and word ``0`` of
+every sentence, the artificial root, by the first window's ``[CLS]`` token. In a causal
+decoder (a token sees only what precedes it) each word is represented by its last subword,
+the first that has seen the whole word, and the root by the first window's final token
+(``[SEP]``/``</s>``/EOS), the one that has seen the whole window. A sentence whose subwords do not fit
 into the encoder's length limit is split into overlapping windows at word boundaries; each word
 is read from the window in which it has the most context on both sides, so no word is ever
 dropped (the evaluation denominator equals the number of words in the gold file).
@@ -87,7 +90,7 @@ class Batch:
     Attributes:
         input_ids, attention_mask: ``[windows, T]`` subword input of the encoder.
         word_index: ``[B, 1 + W]`` index into the flattened ``[windows * T]`` encoder output of
-            each word's first subword (position 0: the root's ``[CLS]``).
+            each word's representing subword (position 0: the root's token; module docstring).
         word_mask: ``[B, 1 + W]`` true at real words (not at the root nor padding).
         heads, deprels, upos: ``[B, 1 + W]`` gold annotation (0 where ``word_mask`` is false).
     """
@@ -118,37 +121,50 @@ class Collator:
     """Turns sentences and their word pieces into a :class:`Batch` for one encoder.
 
     Args:
-        tokenizer: gives the special-token ids (``[CLS]``/``<s>``, ``[SEP]``/``</s>``, padding).
+        tokenizer: gives the special-token ids (``[CLS]``/``<s>``/BOS, ``[SEP]``/``</s>``/EOS,
+            padding). A window is framed by the first and the last where the tokenizer has them.
         max_length: the encoder's limit in subwords, special tokens included.
+        causal: the encoder is a causal decoder: words are read from their last subword and the
+            root from the window's final token (module docstring); the opening token is then
+            optional (Qwen's tokenizers have none), the final one required.
     """
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, causal: bool = False):
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if self.cls_id is None or self.sep_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has neither cls/sep nor bos/eos tokens")
-        if max_length < 3:
+        self.causal = causal
+        if self.sep_id is None or (self.cls_id is None and not causal):
+            needed = "a sep or eos token" if causal else "cls/sep or bos/eos tokens"
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no {needed}, which frame the words and represent the root"
+            )
+        self.framing = 1 + (self.cls_id is not None)
+        if max_length < self.framing + 1:
             raise ValueError(f"max_length must leave room for at least one subword, got {max_length}")
         self.max_length = max_length
 
     def __call__(self, sentences: Sequence[Sentence], pieces: Sequence[WordPieces], lang: str = "") -> Batch:
-        budget = self.max_length - 2
+        budget = self.max_length - self.framing
+        opening = [] if self.cls_id is None else [self.cls_id]
         rows: list[list[int]] = []
         positions: list[list[tuple[int, int]]] = []  # per sentence: (row, token position) of root and words
         for word_pieces in pieces:
             windows, owner = plan_windows([len(p) for p in word_pieces], budget)
             first_row = len(rows)
-            starts = {}
+            reads = {}  # (window, word) -> the position the word is read from
             for w, (s, e) in enumerate(windows):
-                ids = [self.cls_id]
+                ids = list(opening)
                 for i in range(s, e):
-                    starts[(w, i)] = len(ids)
-                    ids.extend(word_pieces[i][:budget])
+                    kept = word_pieces[i][:budget]
+                    reads[(w, i)] = len(ids) + (len(kept) - 1 if self.causal else 0)
+                    ids.extend(kept)
+                if w == 0:
+                    root = len(ids) if self.causal else 0
                 rows.append(ids + [self.sep_id])
             positions.append(
-                [(first_row, 0)]
-                + [(first_row + owner[i], starts[(owner[i], i)]) for i in range(len(word_pieces))]
+                [(first_row, root)]
+                + [(first_row + owner[i], reads[(owner[i], i)]) for i in range(len(word_pieces))]
             )
 
         width = max(len(r) for r in rows)

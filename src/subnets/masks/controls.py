@@ -1,6 +1,6 @@
 """Controls for masks: random masks, their chance level, and split-half reliability.
 
-* :func:`random_head_mask` / :func:`random_like`: masks with given per-layer head counts (and
+* :func:`random_unit_mask` / :func:`random_like`: masks with given per-layer unit counts (and
   per-tensor parameter counts) whose members are drawn uniformly, from a generator seeded by a
   seed and a name (no global random state is used or changed).
 * :func:`expected_random_jaccard`: the exact expected Jaccard overlap of two independent random
@@ -17,6 +17,9 @@ In layer ``l`` with ``n`` heads, two random masks of ``a_l`` and ``b_l`` heads s
 * :func:`split_half_agreement`: how reliable a mask is: the masks selected from importance
   measured on two disjoint halves of the data, with the mask's own per-layer counts, compared
   by Jaccard (against the chance level above) and the two score maps by Spearman correlation.
+
+With several kinds of unit (heads and neurons), counts are kept per layer and per kind: each
+(layer, kind) block plays the part of a layer above.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from math import comb
 import numpy as np
 import torch
 
+from subnets.masks.selection import Units, kind_columns, per_kind
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
 
 
@@ -36,29 +40,39 @@ def generator(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def random_head_mask(counts: Sequence[int], heads: int, rng: np.random.Generator) -> torch.Tensor:
-    """Boolean ``[layers, heads]`` mask with ``counts[l]`` heads in layer ``l``, drawn uniformly."""
-    mask = torch.zeros(len(counts), heads, dtype=torch.bool)
+def random_unit_mask(counts: Sequence[int], units: int, rng: np.random.Generator) -> torch.Tensor:
+    """Boolean ``[layers, units]`` mask with ``counts[l]`` units in layer ``l``, drawn uniformly."""
+    mask = torch.zeros(len(counts), units, dtype=torch.bool)
     for layer, count in enumerate(counts):
-        if not 0 <= count <= heads:
-            raise ValueError(f"layer {layer}: {count} heads asked of {heads}")
-        mask[layer, torch.from_numpy(rng.permutation(heads)[:count])] = True
+        if not 0 <= count <= units:
+            raise ValueError(f"layer {layer}: {count} units asked of {units}")
+        mask[layer, torch.from_numpy(rng.permutation(units)[:count])] = True
     return mask
 
 
+def random_mask_like(
+    mask: torch.Tensor, rng: np.random.Generator, units: Units | None = None
+) -> torch.Tensor:
+    """A random mask with ``mask``'s count in every layer and kind of unit (a float ``mask``,
+    e.g. the mean of several masks, gives the rounded counts)."""
+    return per_kind(lambda block, kind: random_unit_mask([int(round(float(c))) for c in block.sum(dim=1)],
+                                                         block.shape[1], rng), mask, units)  # fmt: skip
+
+
 def random_like(masks: SubnetworkSet, seed: int) -> SubnetworkSet:
-    """For every language, a random subnetwork with its head counts in every layer and its
-    number of kept coordinates in every parameter mask (generator: ``seed``, ``random/<lang>``)."""
-    randomized = SubnetworkSet(masks.num_layers, masks.num_heads, masks.param_shapes)
+    """For every language, a random subnetwork with its unit counts in every layer (and kind)
+    and its number of kept coordinates in every parameter mask (generator: ``seed``,
+    ``random/<lang>``)."""
+    randomized = SubnetworkSet(masks.num_layers, masks.units, masks.param_shapes)
     for lang, subnetwork in masks.items():
         rng = generator(seed, f"random/{lang}")
-        head_mask = random_head_mask(subnetwork.head_mask.sum(dim=1).tolist(), masks.num_heads, rng)
+        unit_mask = random_mask_like(subnetwork.unit_mask, rng, masks.units)
         params = {}
         for name, mask in subnetwork.param_masks.items():
             flat = torch.zeros(mask.numel(), dtype=torch.bool)
             flat[torch.from_numpy(rng.permutation(mask.numel())[: int(mask.sum())])] = True
             params[name] = flat.view(mask.shape)
-        randomized[lang] = Subnetwork(head_mask, params)
+        randomized[lang] = Subnetwork(unit_mask, params)
     return randomized
 
 
@@ -67,12 +81,16 @@ def _hypergeometric(n: int, a: int, b: int) -> np.ndarray:
     return np.array([comb(a, i) * comb(n - a, b - i) / comb(n, b) for i in range(min(a, b) + 1)])
 
 
-def expected_random_jaccard(counts_a: Sequence[int], counts_b: Sequence[int], heads: int) -> float:
-    """The exact expected Jaccard overlap of two independent random head masks with per-layer
-    counts ``counts_a`` and ``counts_b`` (module docstring)."""
+def expected_random_jaccard(
+    counts_a: Sequence[int], counts_b: Sequence[int], units: int | Sequence[int]
+) -> float:
+    """The exact expected Jaccard overlap of two independent random unit masks with per-layer
+    counts ``counts_a`` and ``counts_b`` among ``units`` per layer (a number, or one per layer)
+    (module docstring)."""
+    sizes = [units] * len(counts_a) if isinstance(units, int) else list(units)
     distribution = np.ones(1)
-    for a, b in zip(counts_a, counts_b):
-        distribution = np.convolve(distribution, _hypergeometric(heads, int(a), int(b)))
+    for n, a, b in zip(sizes, counts_a, counts_b):
+        distribution = np.convolve(distribution, _hypergeometric(int(n), int(a), int(b)))
     total = sum(counts_a) + sum(counts_b)
     overlap = np.arange(len(distribution))
     union = total - overlap
@@ -80,18 +98,38 @@ def expected_random_jaccard(counts_a: Sequence[int], counts_b: Sequence[int], he
     return float((distribution * ratios).sum())
 
 
+def block_counts(mask: torch.Tensor, units: Units | None = None) -> tuple[list[int], list[int]]:
+    """The kept units and the units of every (layer, kind) block of ``mask``: the counts and
+    sizes :func:`expected_random_jaccard` takes."""
+    counts, sizes = [], []
+
+    def collect(block: torch.Tensor, kind: str) -> torch.Tensor:
+        counts.extend(int(c) for c in block.sum(dim=1))
+        sizes.extend([block.shape[1]] * block.shape[0])
+        return block
+
+    per_kind(collect, mask, units)
+    return counts, sizes
+
+
+def chance_jaccard(a: torch.Tensor, b: torch.Tensor, units: Units | None = None) -> float:
+    """The Jaccard overlap that random masks with the counts of ``a`` and ``b`` (per layer and
+    kind) have on average."""
+    (counts_a, sizes), (counts_b, _) = block_counts(a, units), block_counts(b, units)
+    return expected_random_jaccard(counts_a, counts_b, sizes)
+
+
 def random_jaccard_matrix(masks: SubnetworkSet) -> tuple[list[str], np.ndarray]:
-    """Languages and the matrix of :func:`expected_random_jaccard` for each pair's head counts
+    """Languages and the matrix of :func:`expected_random_jaccard` for each pair's unit counts
     (the chance level of :meth:`SubnetworkSet.jaccard`)."""
     languages = list(masks)
-    counts = {lang: masks[lang].head_mask.sum(dim=1).tolist() for lang in languages}
-    matrix = np.array([[expected_random_jaccard(counts[a], counts[b], masks.num_heads) for b in languages]
+    matrix = np.array([[chance_jaccard(masks[a].unit_mask, masks[b].unit_mask, masks.units) for b in languages]
                        for a in languages])  # fmt: skip
     return languages, matrix
 
 
 def top_per_layer(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Boolean mask of the ``counts[l]`` highest-scoring heads of each layer ``l`` (ties by position)."""
+    """Boolean mask of the ``counts[l]`` highest-scoring units of each layer ``l`` (ties by position)."""
     mask = torch.zeros(scores.shape, dtype=torch.bool)
     for layer, count in enumerate(counts):
         order = torch.sort(-scores[layer].double(), stable=True).indices
@@ -105,16 +143,25 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(int((a & b).sum()) / union) if union else 1.0
 
 
-def split_half_agreement(halves: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
-    """Reliability of ``mask`` from head importance measured on two disjoint halves of the data:
-    ``jaccard`` of the masks each half selects with ``mask``'s per-layer counts, the chance level
-    ``random_jaccard`` of those counts (:func:`expected_random_jaccard`), and the ``spearman``
-    correlation of the two halves' scores (1 for identical halves)."""
+def split_half_agreement(
+    halves: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, units: Units | None = None
+) -> dict[str, float]:
+    """Reliability of ``mask`` from unit importance measured on two disjoint halves of the data:
+    ``jaccard`` of the masks each half selects with ``mask``'s per-layer (and per-kind) counts,
+    the chance level ``random_jaccard`` of those counts (:func:`expected_random_jaccard`), and
+    the ``spearman`` correlation of the two halves' scores (1 for identical halves)."""
     from scipy.stats import spearmanr
 
-    counts = mask.sum(dim=1).tolist()
-    first, second = (top_per_layer(h, counts) for h in halves)
+    columns = kind_columns(units).values() if units else [slice(None)]
+
+    def select(half: torch.Tensor) -> torch.Tensor:
+        return torch.cat([top_per_layer(half[:, c], mask[:, c].sum(dim=1).tolist()) for c in columns], dim=1)
+
+    first, second = select(halves[0]), select(halves[1])
     a, b = (h.flatten().double().numpy() for h in halves)
     rho = 1.0 if np.array_equal(a, b) else float(spearmanr(a, b).statistic)
-    return {"jaccard": jaccard(first, second), "random_jaccard": expected_random_jaccard(counts, counts, mask.shape[1]),
-            "spearman": rho}  # fmt: skip
+    return {
+        "jaccard": jaccard(first, second),
+        "random_jaccard": chance_jaccard(mask, mask, units),
+        "spearman": rho,
+    }

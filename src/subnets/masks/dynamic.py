@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from subnets.masks.importance import normalize_importance
-from subnets.masks.selection import select_keep_ratio, select_top_k
+from subnets.masks.selection import Units, kind_columns, per_kind, select_keep_ratio, select_top_k
 
 
 class ImportanceEMA:
@@ -40,10 +40,10 @@ class ImportanceEMA:
         scores = ema.scores("en")       # normalised [layers, heads]
     """
 
-    def __init__(self, shape: tuple[int, int], decay: float):
+    def __init__(self, shape: tuple[int, int], decay: float, units: Units | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay}")
-        self.shape, self.decay = tuple(shape), decay
+        self.shape, self.decay, self.units = tuple(shape), decay, units
         self.averages: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
@@ -57,7 +57,7 @@ class ImportanceEMA:
 
     def scores(self, language: str, normalize: bool = True) -> torch.Tensor:
         raw = self.averages[language].float()
-        return normalize_importance(raw) if normalize else raw
+        return normalize_importance(raw, self.units) if normalize else raw
 
     def state_dict(self) -> dict:
         return {"averages": dict(self.averages), "counts": dict(self.counts)}
@@ -68,15 +68,23 @@ class ImportanceEMA:
 
 
 def select_threshold(
-    scores: torch.Tensor, threshold: float, min_per_layer: int = 1, strict: bool = False
+    scores: torch.Tensor,
+    threshold: float,
+    min_per_layer: int = 1,
+    strict: bool = False,
+    units: Units | None = None,
 ) -> torch.Tensor:
-    """Heads whose (normalised) score reaches ``threshold`` (exceeds it if ``strict``), plus each
-    layer's best heads up to ``min_per_layer``."""
-    mask = scores > threshold if strict else scores >= threshold
-    for layer in range(scores.shape[0]):
-        if int(mask[layer].sum()) < min_per_layer:
-            mask[layer, torch.sort(-scores[layer].double(), stable=True).indices[:min_per_layer]] = True
-    return mask
+    """Units whose (normalised) score reaches ``threshold`` (exceeds it if ``strict``), plus each
+    layer's best units up to ``min_per_layer`` (of each kind)."""
+
+    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+        mask = block > threshold if strict else block >= threshold
+        for layer in range(block.shape[0]):
+            if int(mask[layer].sum()) < min_per_layer:
+                mask[layer, torch.sort(-block[layer].double(), stable=True).indices[:min_per_layer]] = True
+        return mask
+
+    return per_kind(select, scores, units)
 
 
 def reselect(
@@ -87,24 +95,39 @@ def reselect(
     top_k: int | None = None,
     threshold: float = 0.3,
     min_per_layer: int = 1,
+    units: Units | None = None,
 ) -> torch.Tensor:
     """A new mask from ``scores`` by ``selection``: ``keep_ratio``, ``top_k``, ``threshold``, or
-    ``same_size`` (as many heads as ``current`` keeps)."""
+    ``same_size`` (as many units of each kind as ``current`` keeps)."""
     if selection == "keep_ratio":
-        return select_keep_ratio(scores, keep_ratio, min_per_layer)
+        return select_keep_ratio(scores, keep_ratio, min_per_layer, units)
     if selection == "top_k":
         if top_k is None:
             raise ValueError("selection=top_k needs masks.top_k")
-        return select_top_k(scores, top_k, min_per_layer)
+        return select_top_k(scores, top_k, min_per_layer, units)
     if selection == "threshold":
-        return select_threshold(scores, threshold, min_per_layer)
+        return select_threshold(scores, threshold, min_per_layer, units=units)
     if selection == "same_size":
-        return select_top_k(scores, max(int(current.sum()), scores.shape[0] * min_per_layer), min_per_layer)
+        return select_same_size(scores, current, min_per_layer, units)
     raise ValueError(f"unknown selection {selection!r} (keep_ratio, top_k, threshold, same_size)")
 
 
+def select_same_size(
+    scores: torch.Tensor, current: torch.Tensor, min_per_layer: int = 1, units: Units | None = None
+) -> torch.Tensor:
+    """The best units by ``scores``, as many of each kind as ``current`` keeps (at least
+    ``min_per_layer`` per layer)."""
+    columns = kind_columns(units) if units else {"heads": slice(None)}
+
+    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+        kept = int(current[:, columns[kind]].sum())
+        return select_top_k(block, max(kept, block.shape[0] * min_per_layer), min_per_layer)
+
+    return per_kind(select, scores, units)
+
+
 class HardConcreteGates(nn.Module):
-    """Per-language hard-concrete gates over heads (Louizos et al. 2018).
+    """Per-language hard-concrete gates over units (Louizos et al. 2018).
 
     Training samples ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
     stretches it to ``(gamma, zeta)`` and clamps to ``[0, 1]``; the gate is differentiable in
@@ -151,14 +174,20 @@ class HardConcreteGates(nn.Module):
         """``P(gate != 0)`` per head (differentiable)."""
         return torch.sigmoid(self.log_alpha[language] - self.beta * math.log(-self.gamma / self.zeta))
 
-    def mask(self, language: str, min_per_layer: int = 1) -> torch.Tensor:
-        """The deterministic boolean mask (see the class docstring)."""
+    def mask(self, language: str, min_per_layer: int = 1, units: Units | None = None) -> torch.Tensor:
+        """The deterministic boolean mask (see the class docstring), for each kind of unit."""
         log_alpha = self.log_alpha[language].detach().cpu()
-        layers = log_alpha.shape[0]
-        expected = round(float(self.open_probability(language).detach().sum()))
-        return select_top_k(
-            log_alpha, min(log_alpha.numel(), max(layers * min_per_layer, expected)), min_per_layer
-        )
+        open_probability = self.open_probability(language).detach().cpu()
+        columns = kind_columns(units) if units else {"heads": slice(None)}
+
+        def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+            layers = block.shape[0]
+            expected = round(float(open_probability[:, columns[kind]].sum()))
+            return select_top_k(
+                block, min(block.numel(), max(layers * min_per_layer, expected)), min_per_layer
+            )
+
+        return per_kind(select, log_alpha, units)
 
     def sparsity_penalty(self, language: str, target_keep: float) -> torch.Tensor:
         """``(mean P(gate != 0) - target_keep)^2``."""

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def history_figure(history: dict[str, list[dict[str, Any]]]):
-    """Sparsity and heads changed per mask update, one line per language."""
+    """Sparsity and units changed per mask update, one line per language."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -21,12 +21,12 @@ def history_figure(history: dict[str, list[dict[str, Any]]]):
 
 
 def plot_history(history: dict[str, list[dict[str, Any]]], top, bottom) -> None:
-    """Draw a mask history on two matplotlib axes: share of heads removed (``top``) and heads
+    """Draw a mask history on two matplotlib axes: share of units removed (``top``) and heads
     changed (``bottom``) at each update, one line per language."""
     for lang, entries in history.items():
         steps = [h["step"] for h in entries]
         top.plot(steps, [h["sparsity"] for h in entries], marker=".", label=lang)
         bottom.plot(steps, [h["changed"] for h in entries], marker=".", label=lang)
-    top.set_ylabel("share of heads removed")
-    bottom.set_ylabel("heads changed")
+    top.set_ylabel("share of units removed")
+    bottom.set_ylabel("units changed")
     bottom.set_xlabel("training step")

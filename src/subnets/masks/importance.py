@@ -1,27 +1,30 @@
-"""Importance of attention heads and parameters, for any gated encoder and any loss.
+"""Importance of units (attention heads, feed-forward neurons) and parameters, for any gated
+encoder and any loss.
 
-Head importance (Michel et al. 2019, "Are Sixteen Heads Really Better than One?")::
+Unit importance (for heads: Michel et al. 2019, "Are Sixteen Heads Really Better than One?";
+for neurons the same gradient of a gate on the intermediate unit)::
 
-    I[l, h] = sum over batches b of | dL_b / dg[l, h] |        (gates g at the current mask)
+    I[l, u] = sum over batches b of | dL_b / dg[l, u] |        (gates g at the current mask)
 
-then normalised per layer by the L2 norm over the layer's heads and globally by min-max to
-[0, 1]. Only the gates are differentiated (``torch.autograd.grad``), so no weight gradient is
-computed or disturbed.
+then normalised per layer by the L2 norm over the layer's units and globally by min-max to
+[0, 1], each kind of unit on its own. Only the gates are differentiated
+(``torch.autograd.grad``), so no weight gradient is computed or disturbed, and scoring neurons
+costs what scoring heads does: one forward and one backward pass to the gates.
 
 Fisher information (diagonal, empirical)::
 
     F[theta] = 1/N sum over samples n of (dL_n / dtheta)^2
 
 where each item of ``batches`` is one sample: pass single-sentence batches for the per-example
-Fisher. :func:`fisher_per_head` sums it over the coordinates each head owns.
+Fisher. :func:`fisher_per_unit` sums it over the coordinates each unit owns.
 
 Both can run on a copy of the model fine-tuned briefly on the language first
 (:func:`finetuned_copy`; Prasanna et al. 2020 look for subnetworks in a model that can do the task).
 
 Example (any Hugging Face encoder, any loss)::
 
-    gates = HeadGates(hf_model)
-    scores = head_importance(hf_model, loader, lambda b: hf_model(**b).loss, gates=gates)
+    gates = HeadGates(hf_model)                 # or NeuronGates, UnitGates(hf_model, "both")
+    scores = unit_importance(hf_model, loader, lambda b: hf_model(**b).loss, gates=gates)
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from subnets.models.head_gates import HeadGates
+from subnets.masks.selection import Units, per_kind
+from subnets.models.gates import UnitGates
 
 LossFn = Callable[[object], torch.Tensor]
 
@@ -42,31 +46,36 @@ def _default_loss(model: nn.Module) -> LossFn:
     return lambda batch: model(batch).loss
 
 
-def normalize_importance(scores: torch.Tensor) -> torch.Tensor:
-    """Per-layer L2 normalisation, then global min-max to [0, 1] (Michel et al. 2019)."""
-    scores = scores / scores.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-20)
-    low, high = scores.min(), scores.max()
-    return (scores - low) / (high - low) if high > low else torch.zeros_like(scores)
+def normalize_importance(scores: torch.Tensor, units: Units | None = None) -> torch.Tensor:
+    """Per-layer L2 normalisation, then global min-max to [0, 1] (Michel et al. 2019), for
+    each kind of unit on its own."""
+
+    def normalize(block: torch.Tensor, kind: str) -> torch.Tensor:
+        block = block / block.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-20)
+        low, high = block.min(), block.max()
+        return (block - low) / (high - low) if high > low else torch.zeros_like(block)
+
+    return per_kind(normalize, scores, units)
 
 
-def head_importance(
+def unit_importance(
     model: nn.Module,
     batches: Iterable,
     loss_fn: LossFn | None = None,
     *,
-    gates: HeadGates | None = None,
+    gates: UnitGates | None = None,
     mask: torch.Tensor | None = None,
     max_batches: int | None = None,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """Accumulated ``|dL/dgate|`` per head, ``[layers, heads]`` on the CPU.
+    """Accumulated ``|dL/dgate|`` per unit, ``[layers, units]`` on the CPU.
 
     Args:
         model: the model (put in eval mode while scoring, then restored).
         batches: an iterable of batches (a data loader); the first ``max_batches`` are used.
         loss_fn: batch -> scalar loss (default: ``model(batch).loss``).
-        gates: the model's :class:`HeadGates` (default: ``model.gates``).
-        mask: the gate values to score under (pruned heads at 0); default: all heads.
+        gates: the model's :class:`~subnets.models.gates.UnitGates` (default: ``model.gates``).
+        mask: the gate values to score under (pruned units at 0); default: all units.
         normalize: apply :func:`normalize_importance` (else return raw sums).
     """
     gates = gates or model.gates
@@ -86,7 +95,7 @@ def head_importance(
     finally:
         model.train(was_training)
     total = total.float().cpu()
-    return normalize_importance(total) if normalize else total
+    return normalize_importance(total, gates.units) if normalize else total
 
 
 def fisher_information(
@@ -129,25 +138,34 @@ def fisher_information(
     return {n: (s / count).cpu() for n, s in zip(names, sums)}
 
 
-def fisher_per_head(
-    fisher: dict[str, torch.Tensor], model: nn.Module, gates: HeadGates | None = None
+def fisher_per_unit(
+    fisher: dict[str, torch.Tensor], model: nn.Module, gates: UnitGates | None = None
 ) -> torch.Tensor:
-    """Sum of the Fisher information over each head's coordinates: rows of its query, key and
-    value weights and biases, columns of its output projection; ``[layers, heads]``."""
+    """The Fisher information summed over the coordinates each unit owns, ``[layers, units]``.
+
+    A coordinate owned by several units (a grouped key-value head, a weight shared across
+    depths) is divided equally among them, so the scores sum to the owned coordinates' total.
+    """
     gates = gates or model.gates
     names = {id(p): n for n, p in model.named_parameters()}
-    heads, d = gates.num_heads, gates.head_dim
-    scores = torch.zeros(gates.shape)
-    for layer, modules in enumerate(gates.layers):
-        for role in ("query", "key", "value"):
-            for tensor in (modules[role].weight, modules[role].bias):
-                if tensor is not None and names[id(tensor)] in fisher:
-                    per_row = fisher[names[id(tensor)]].reshape(heads * d, -1).sum(dim=1)
-                    scores[layer] += per_row.reshape(heads, d).sum(dim=1)
-        output = names[id(modules["output"].weight)]
-        if output in fisher:
-            scores[layer] += fisher[output].reshape(-1, heads, d).sum(dim=(0, 2))
-    return scores
+    scores = torch.zeros(gates.shape, dtype=torch.float64)
+    shares: dict[str, torch.Tensor] = {}  # owners per entry along the owned dimension, over all depths
+    for owned in gates.owned:
+        name = names[id(owned.parameter)]
+        if name in fisher:
+            count = torch.full((len(owned.owners),), owned.owners.shape[1], dtype=torch.float64)
+            shares[name] = shares[name] + count if name in shares else count
+    for owned in gates.owned:
+        name = names[id(owned.parameter)]
+        if name not in fisher:
+            continue
+        values = fisher[name].double()
+        per_entry = (
+            values.movedim(owned.dim, 0).reshape(values.shape[owned.dim], -1).sum(dim=1) / shares[name]
+        )
+        k = owned.owners.shape[1]
+        scores[owned.layer].index_add_(0, owned.owners.flatten(), per_entry.repeat_interleave(k))
+    return scores.float()
 
 
 def finetuned_copy(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subnets.masks.importance import finetuned_copy, fisher_information, fisher_per_head, head_importance
+from subnets.masks.importance import finetuned_copy, fisher_information, fisher_per_unit, unit_importance
 from subnets.masks.selection import (
     PruningResult,
     iterative_pruning,
@@ -27,7 +27,7 @@ from subnets.masks.subnetwork import Subnetwork
 
 @dataclass
 class SubnetworkSearch:
-    """The subnetwork found, the normalised head importance under all heads, and the pruning
+    """The subnetwork found, the normalised unit importance under all units, and the pruning
     history (``selection="iterative"``)."""
 
     subnetwork: Subnetwork
@@ -67,8 +67,9 @@ def find_subnetwork(
     is the task loss).
 
     Args:
-        batches: the language's batches for head importance.
-        importance: ``"head"`` (|dL/dgate|) or ``"fisher"`` (Fisher information per head,
+        batches: the language's batches for unit importance.
+        importance: ``"head"`` (|dL/dgate| of each unit the gates cover, heads or neurons) or
+            ``"fisher"`` (Fisher information summed over the coordinates each unit owns,
             from ``samples``: single-sentence batches).
         selection: ``"iterative"`` (needs ``dev_metric(model, mask)``), ``"keep_ratio"`` or ``"top_k"``.
         finetune_steps: if > 0, score a copy of the model first trained for that many steps
@@ -76,7 +77,7 @@ def find_subnetwork(
         param_names: parameters that also get unstructured masks from the Fisher information
             of ``samples`` (keeping ``param_keep_ratio`` per tensor or globally).
         split_half: also score the even and the odd ``batches`` apart (``halves``, for
-            :func:`~subnets.masks.controls.split_half_agreement`; head importance only).
+            :func:`~subnets.masks.controls.split_half_agreement`; gate-gradient importance only).
     """
     scorer = model
     if finetune_steps > 0:
@@ -85,7 +86,7 @@ def find_subnetwork(
 
     def score(mask: torch.Tensor | None) -> torch.Tensor:
         if importance == "head":
-            return head_importance(scorer, batches, mask=mask)
+            return unit_importance(scorer, batches, mask=mask)
         if importance == "fisher":
             if not samples:
                 raise ValueError("importance='fisher' needs single-sentence samples")
@@ -95,8 +96,9 @@ def find_subnetwork(
                 with gates.applied(values):
                     return scorer(batch).loss
 
-            names = [n for n, _ in _head_owned(scorer)]
-            return fisher_per_head(fisher_information(scorer, samples, loss, parameters=names), scorer)
+            owned = {id(p) for p in gates.owned_parameters()}
+            names = [n for n, p in scorer.named_parameters() if id(p) in owned]
+            return fisher_per_unit(fisher_information(scorer, samples, loss, parameters=names), scorer)
         raise ValueError(f"importance must be 'head' or 'fisher', got {importance!r}")
 
     full_scores = score(None)
@@ -111,14 +113,15 @@ def find_subnetwork(
             fraction=prune_fraction,
             threshold=threshold,
             min_per_layer=min_heads_per_layer,
+            units=gates.units,
         )
-        head_mask = pruning.mask
+        unit_mask = pruning.mask
     elif selection == "keep_ratio":
-        head_mask = select_keep_ratio(full_scores, keep_ratio, min_heads_per_layer)
+        unit_mask = select_keep_ratio(full_scores, keep_ratio, min_heads_per_layer, gates.units)
     elif selection == "top_k":
         if top_k is None:
             raise ValueError("selection='top_k' needs top_k (masks.top_k)")
-        head_mask = select_top_k(full_scores, top_k, min_heads_per_layer)
+        unit_mask = select_top_k(full_scores, top_k, min_heads_per_layer, gates.units)
     else:
         raise ValueError(f"selection must be 'iterative', 'keep_ratio' or 'top_k', got {selection!r}")
 
@@ -133,16 +136,5 @@ def find_subnetwork(
     )
     halves = None
     if split_half and importance == "head" and len(batches) >= 2:
-        halves = (head_importance(scorer, batches[0::2]), head_importance(scorer, batches[1::2]))
-    return SubnetworkSearch(Subnetwork(head_mask, param_masks), normalized, pruning, halves)
-
-
-def _head_owned(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    owned = {
-        id(t)
-        for layer in model.gates.layers
-        for m in layer.values()
-        for t in (m.weight, m.bias)
-        if t is not None
-    }
-    return [(n, p) for n, p in model.named_parameters() if id(p) in owned]
+        halves = (unit_importance(scorer, batches[0::2]), unit_importance(scorer, batches[1::2]))
+    return SubnetworkSearch(Subnetwork(unit_mask, param_masks), normalized, pruning, halves)

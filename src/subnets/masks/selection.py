@@ -10,6 +10,11 @@
   fraction of each tensor or of all of them together.
 
 Ties are broken by position (the earlier layer and head wins), so selection is deterministic.
+
+Scores and masks are ``[layers, units]``. With several kinds of unit (heads, then neurons:
+``units={"heads": 12, "neurons": 1536}``, the gates' ``units``), every rule applies to each
+kind's columns on its own (:func:`per_kind`): a keep ratio keeps that share of the heads and
+that share of the neurons, and ``min_per_layer`` holds for each kind.
 """
 
 from __future__ import annotations
@@ -20,43 +25,89 @@ from dataclasses import dataclass, field
 
 import torch
 
+Units = Mapping[str, int]  # kind -> units per layer, in column order
+
+
+def per_kind(function: Callable[[torch.Tensor, str], torch.Tensor], tensor: torch.Tensor,
+             units: Units | None = None) -> torch.Tensor:  # fmt: skip
+    """``function(block, kind)`` on each kind's columns of ``tensor`` (``[layers, units]``),
+    the results joined again; one call on the whole tensor for a single kind (or ``units=None``)."""
+    if units is None or len(units) <= 1:
+        return function(tensor, next(iter(units)) if units else "heads")
+    return torch.cat(
+        [function(tensor[:, columns], kind) for kind, columns in kind_columns(units).items()], dim=1
+    )
+
+
+def kind_columns(units: Units) -> dict[str, slice]:
+    """Each kind's columns in a ``[layers, units]`` tensor."""
+    columns, start = {}, 0
+    for kind, count in units.items():
+        columns[kind] = slice(start, start + count)
+        start += count
+    return columns
+
 
 def _order(scores: torch.Tensor) -> torch.Tensor:
     """Flat indices from the highest to the lowest score, ties by position."""
     return torch.sort(-scores.flatten().double(), stable=True).indices
 
 
-def select_top_k(scores: torch.Tensor, k: int, min_per_layer: int = 1) -> torch.Tensor:
-    """Boolean ``[layers, heads]`` mask of the ``k`` best heads with at least ``min_per_layer`` per layer."""
-    layers, heads = scores.shape
-    if not layers * min_per_layer <= k <= layers * heads:
+def select_top_k(
+    scores: torch.Tensor, k: int, min_per_layer: int = 1, units: Units | None = None
+) -> torch.Tensor:
+    """Boolean ``[layers, units]`` mask of the ``k`` best units with at least ``min_per_layer`` per
+    layer (one kind of unit: a number of heads says nothing about a number of neurons)."""
+    if units is not None and len(units) > 1:
+        raise ValueError(f"top_k selects among one kind of unit; these scores hold {' and '.join(units)} "
+                         "(use a keep ratio)")  # fmt: skip
+    layers, count = scores.shape
+    if not layers * min_per_layer <= k <= layers * count:
         raise ValueError(
-            f"k={k} must lie between {layers * min_per_layer} (min_per_layer x layers) and {layers * heads}"
+            f"k={k} must lie between {layers * min_per_layer} (min_per_layer x layers) and {layers * count}"
         )
-    mask = torch.zeros(layers, heads, dtype=torch.bool)
+    mask = torch.zeros(layers, count, dtype=torch.bool)
     for layer in range(layers):
         mask[layer, _order(scores[layer])[:min_per_layer]] = True
-    for index in _order(scores).tolist():
-        if int(mask.sum()) >= k:
-            break
-        mask.view(-1)[index] = True
+    order = _order(scores)
+    rest = order[~mask.view(-1)[order]]  # the best first, among those not yet kept
+    mask.view(-1)[rest[: k - int(mask.sum())]] = True
     return mask
 
 
-def select_keep_ratio(scores: torch.Tensor, keep_ratio: float, min_per_layer: int = 1) -> torch.Tensor:
-    """:func:`select_top_k` with ``k = round(keep_ratio * layers * heads)`` (at least the minimum)."""
+def select_keep_ratio(
+    scores: torch.Tensor, keep_ratio: float, min_per_layer: int = 1, units: Units | None = None
+) -> torch.Tensor:
+    """:func:`select_top_k` with ``k = round(keep_ratio * layers * units)`` (at least the
+    minimum), for each kind of unit."""
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
-    layers, heads = scores.shape
-    k = max(layers * min_per_layer, round(keep_ratio * layers * heads))
-    return select_top_k(scores, k, min_per_layer)
+
+    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+        layers, count = block.shape
+        return select_top_k(
+            block, max(layers * min_per_layer, round(keep_ratio * layers * count)), min_per_layer
+        )
+
+    return per_kind(select, scores, units)
 
 
 def prune_lowest(
-    scores: torch.Tensor, mask: torch.Tensor, fraction: float, min_per_layer: int = 1
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    fraction: float,
+    min_per_layer: int = 1,
+    units: Units | None = None,
 ) -> torch.Tensor:
-    """Remove the lowest-scoring ``ceil(fraction * remaining)`` heads of ``mask`` (at least one),
-    never leaving a layer with fewer than ``min_per_layer`` heads."""
+    """Remove the lowest-scoring ``ceil(fraction * remaining)`` units of ``mask`` (at least one),
+    never leaving a layer with fewer than ``min_per_layer`` units; for each kind of unit."""
+    if units is not None and len(units) > 1:
+        columns = kind_columns(units)
+
+        def prune(block: torch.Tensor, kind: str) -> torch.Tensor:
+            return prune_lowest(block, mask[:, columns[kind]], fraction, min_per_layer)
+
+        return per_kind(prune, scores, units)
     mask = mask.clone().bool()
     count = max(1, math.ceil(fraction * int(mask.sum()) - 1e-9))  # 0.55 * 100 is 55.000000000000007
     kept_per_layer = mask.sum(dim=1)
@@ -91,13 +142,15 @@ def iterative_pruning(
     threshold: float = 0.9,
     min_per_layer: int = 1,
     max_rounds: int | None = None,
+    units: Units | None = None,
 ) -> PruningResult:
-    """Prune heads until the metric would fall below ``threshold`` x the unpruned metric.
+    """Prune units until the metric would fall below ``threshold`` x the unpruned metric.
 
     Args:
-        score: mask -> importance ``[layers, heads]`` computed under that mask (re-scoring).
+        score: mask -> importance ``[layers, units]`` computed under that mask (re-scoring).
         metric: mask -> development metric (higher is better) of the model gated by the mask.
-        shape: ``(layers, heads)``.
+        shape: ``(layers, units)``.
+        units: the kinds of unit in the columns (each round prunes ``fraction`` of each kind).
     Returns:
         the last mask whose metric stayed >= ``threshold * metric(all heads)``.
     """
@@ -106,7 +159,7 @@ def iterative_pruning(
     result = PruningResult(mask.clone(), baseline, [(int(mask.sum()), baseline)])
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
-        candidate = prune_lowest(score(mask), mask, fraction, min_per_layer)
+        candidate = prune_lowest(score(mask), mask, fraction, min_per_layer, units)
         if torch.equal(candidate, mask):
             result.stopped_by = "minimum heads per layer reached"
             return result

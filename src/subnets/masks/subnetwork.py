@@ -1,19 +1,21 @@
-"""Language-specific subnetworks: per-language head masks (and optional parameter masks).
+"""Language-specific subnetworks: per-language unit masks (and optional parameter masks).
 
-A :class:`Subnetwork` is one language's mask: ``head_mask[layer, head]`` is True where the head
-belongs to the language, and ``param_masks[name]`` (optional) marks the coordinates of other
-parameter tensors it owns. A :class:`SubnetworkSet` holds the subnetworks of several languages
-for one model, whose identity (layers, heads, masked parameter shapes) travels with the saved
-file, so masks cannot be applied to another model by mistake.
+A :class:`Subnetwork` is one language's mask: ``unit_mask[layer, unit]`` is True where the unit
+(an attention head, or a feed-forward neuron) belongs to the language, and ``param_masks[name]``
+(optional) marks the coordinates of other parameter tensors it owns. A :class:`SubnetworkSet`
+holds the subnetworks of several languages for one model, whose identity (layers, units of
+each kind, masked parameter shapes) travels with the saved file, so masks cannot be applied to
+another model by mistake.
 
-Head ``h`` of layer ``i`` owns rows ``h*d:(h+1)*d`` of that layer's query, key and value weights
-and biases and columns ``h*d:(h+1)*d`` of its attention output projection
-(:func:`head_parameter_masks`).
+What a unit owns in the parameters is given by the model's layout
+(:mod:`subnets.models.layouts`): e.g. head ``h`` of layer ``i`` of a BERT owns rows
+``h*d:(h+1)*d`` of that layer's query, key and value weights and biases and columns
+``h*d:(h+1)*d`` of its attention output projection (:func:`unit_parameter_masks`).
 
 Example::
 
-    masks = SubnetworkSet.for_model(model)            # model: DependencyParser or HeadGates owner
-    masks["en"] = Subnetwork(head_mask)               # [layers, heads] bool
+    masks = SubnetworkSet.for_model(model)            # model: a module with .gates (e.g. a DependencyParser)
+    masks["en"] = Subnetwork(unit_mask)               # [layers, heads] bool
     masks.save("masks.safetensors")
     masks = SubnetworkSet.load("masks.safetensors", expect=model)
     languages, overlap = masks.jaccard()
@@ -32,7 +34,8 @@ import torch
 from torch import nn
 
 from subnets.files import load_safetensors, save_safetensors
-from subnets.models.head_gates import HeadGates
+from subnets.masks.selection import Units, kind_columns
+from subnets.models.gates import UnitGates
 
 
 class MaskMismatchError(ValueError):
@@ -41,30 +44,30 @@ class MaskMismatchError(ValueError):
 
 @dataclass
 class Subnetwork:
-    """One language's subnetwork: a boolean head mask ``[layers, heads]``, optional boolean
-    parameter masks by parameter name, and optionally the head scores it was selected from."""
+    """One language's subnetwork: a boolean unit mask ``[layers, units]``, optional boolean
+    parameter masks by parameter name, and optionally the unit scores it was selected from."""
 
-    head_mask: torch.Tensor
+    unit_mask: torch.Tensor
     param_masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    scores: torch.Tensor | None = None  # the head importance it was selected from, if known
+    scores: torch.Tensor | None = None  # the unit importance it was selected from, if known
 
     def __post_init__(self):
-        self.head_mask = self.head_mask.detach().to(torch.bool).cpu()
+        self.unit_mask = self.unit_mask.detach().to(torch.bool).cpu()
         self.param_masks = {k: v.detach().to(torch.bool).cpu() for k, v in self.param_masks.items()}
         if self.scores is not None:
             self.scores = self.scores.detach().float().cpu()
 
     @property
-    def num_heads_kept(self) -> int:
-        return int(self.head_mask.sum())
+    def num_units_kept(self) -> int:
+        return int(self.unit_mask.sum())
 
     def layer_sparsity(self) -> list[float]:
-        """Fraction of heads removed in each layer."""
-        return (1.0 - self.head_mask.float().mean(dim=1)).tolist()
+        """Fraction of units removed in each layer."""
+        return (1.0 - self.unit_mask.float().mean(dim=1)).tolist()
 
     def sparsity(self) -> float:
-        """Fraction of all heads removed."""
-        return 1.0 - float(self.head_mask.float().mean())
+        """Fraction of all units removed."""
+        return 1.0 - float(self.unit_mask.float().mean())
 
     def param_sparsity(self) -> float | None:
         """Fraction of masked parameter coordinates removed (None without parameter masks)."""
@@ -78,22 +81,36 @@ class SubnetworkSet(Mapping):
     """The subnetworks of several languages for one model.
 
     Args:
-        num_layers, num_heads: the model's attention geometry.
+        num_layers: the model's depth.
+        units: units per layer by kind, in column order (``{"heads": 12}``, ``{"neurons": 1536}``
+            or both); a number means that many heads.
         param_shapes: shapes of the parameters that parameter masks may cover.
     """
 
     def __init__(
-        self, num_layers: int, num_heads: int, param_shapes: Mapping[str, tuple[int, ...]] | None = None
+        self, num_layers: int, units: Units | int, param_shapes: Mapping[str, tuple[int, ...]] | None = None
     ):
-        self.num_layers, self.num_heads = int(num_layers), int(num_heads)
+        self.num_layers = int(num_layers)
+        self.units = (
+            {"heads": int(units)} if isinstance(units, int) else {k: int(v) for k, v in units.items()}
+        )
         self.param_shapes = {k: tuple(v) for k, v in (param_shapes or {}).items()}
         self._masks: dict[str, Subnetwork] = {}
+
+    @property
+    def num_units(self) -> int:
+        """Units per layer, all kinds together."""
+        return sum(self.units.values())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_layers, self.num_units)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> SubnetworkSet:
         """An empty set for ``model`` (a module with ``.gates``, e.g. a DependencyParser)."""
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        return cls(model.gates.num_layers, model.gates.num_heads, shapes)
+        return cls(model.gates.num_layers, model.gates.units, shapes)
 
     # Mapping interface ------------------------------------------------------------
     def __getitem__(self, language: str) -> Subnetwork:
@@ -106,11 +123,11 @@ class SubnetworkSet(Mapping):
         return len(self._masks)
 
     def __setitem__(self, language: str, subnetwork: Subnetwork) -> None:
-        shape = tuple(subnetwork.head_mask.shape)
-        if shape != (self.num_layers, self.num_heads):
+        shape = tuple(subnetwork.unit_mask.shape)
+        if shape != self.shape:
             raise MaskMismatchError(
-                f"{language}: head mask of shape {shape} for a model with (layers, heads) = "
-                f"{(self.num_layers, self.num_heads)}"
+                f"{language}: unit mask of shape {shape} for a model with (layers, units) = {self.shape} "
+                f"({self.describe()})"
             )
         for name, mask in subnetwork.param_masks.items():
             expected = self.param_shapes.get(name)
@@ -129,9 +146,9 @@ class SubnetworkSet(Mapping):
         """A nested dictionary of tensors and numbers (for checkpoints)."""
         return {
             "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
+            "units": dict(self.units),
             "masks": {
-                lang: {"heads": s.head_mask, "params": dict(s.param_masks), "scores": s.scores}
+                lang: {"heads": s.unit_mask, "params": dict(s.param_masks), "scores": s.scores}
                 for lang, s in self._masks.items()
             },
         }
@@ -144,16 +161,17 @@ class SubnetworkSet(Mapping):
             param_shapes = {
                 n: tuple(m.shape) for entry in state["masks"].values() for n, m in entry["params"].items()
             }
-        masks = cls(state["num_layers"], state["num_heads"], param_shapes)
+        masks = cls(state["num_layers"], state.get("units", state.get("num_heads")), param_shapes)
         for language, entry in state["masks"].items():
             masks[language] = Subnetwork(entry["heads"], entry["params"], entry.get("scores"))
         return masks
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write all masks and the model identity to one safetensors file (atomically)."""
+        """Write all masks and the model identity (layers, units of each kind, the masked
+        parameters' shapes) to one safetensors file (atomically)."""
         tensors = {}
         for language, subnetwork in self._masks.items():
-            tensors[f"{language}/heads"] = subnetwork.head_mask.to(torch.uint8).contiguous()
+            tensors[f"{language}/heads"] = subnetwork.unit_mask.to(torch.uint8).contiguous()
             if subnetwork.scores is not None:
                 tensors[f"{language}/scores"] = subnetwork.scores.contiguous()
             for name, mask in subnetwork.param_masks.items():
@@ -162,7 +180,7 @@ class SubnetworkSet(Mapping):
         header = {
             "format": "subnets-masks-1",
             "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
+            "units": self.units,
             "languages": list(self._masks),
             "param_shapes": {k: v for k, v in self.param_shapes.items() if k in used},
         }
@@ -181,7 +199,10 @@ class SubnetworkSet(Mapping):
             raise ValueError(f"{path} is not a subnets mask file (format {meta.get('format')!r})")
         # files of the earlier format hold every header value as a JSON string
         meta = {k: json.loads(v) if isinstance(v, str) and k != "format" else v for k, v in meta.items()}
-        masks = cls(int(meta["num_layers"]), int(meta["num_heads"]), meta["param_shapes"])
+        # files written before neuron units hold num_heads
+        masks = cls(
+            int(meta["num_layers"]), meta.get("units") or int(meta["num_heads"]), meta["param_shapes"]
+        )
         if expect is not None:
             reference = expect if isinstance(expect, SubnetworkSet) else cls.for_model(expect)
             masks.check_compatible(reference, str(path))
@@ -196,11 +217,9 @@ class SubnetworkSet(Mapping):
 
     def check_compatible(self, other: SubnetworkSet, source: str = "masks") -> None:
         """Raise :class:`MaskMismatchError` unless ``other`` describes the same model geometry."""
-        mine, theirs = (self.num_layers, self.num_heads), (other.num_layers, other.num_heads)
-        if mine != theirs:
+        if (self.num_layers, self.units) != (other.num_layers, other.units):
             raise MaskMismatchError(
-                f"{source} were made for a model with (layers, heads) = {mine}, "
-                f"but this model has (layers, heads) = {theirs}"
+                f"{source} were made for a model with {self.describe()}, but this model has {other.describe()}"
             )
         for name, shape in self.param_shapes.items():
             if name in other.param_shapes and other.param_shapes[name] != shape:
@@ -212,12 +231,26 @@ class SubnetworkSet(Mapping):
                     f"{source}: parameter {name!r} (shape {shape}) does not exist in this model"
                 )
 
+    def describe(self) -> str:
+        """The geometry in words, e.g. ``(layers, heads) = (12, 12)``."""
+        kinds = ", ".join(self.units)
+        return f"(layers, {kinds}) = {(self.num_layers, *self.units.values())}"
+
+    def kind(self, kind: str) -> SubnetworkSet:
+        """The same languages' masks restricted to one kind of unit (no parameter masks)."""
+        columns = kind_columns(self.units)[kind]
+        restricted = SubnetworkSet(self.num_layers, {kind: self.units[kind]})
+        for language, s in self._masks.items():
+            scores = None if s.scores is None else s.scores[:, columns]
+            restricted[language] = Subnetwork(s.unit_mask[:, columns], scores=scores)
+        return restricted
+
     # Summaries ---------------------------------------------------------------------
     def sparsity(self) -> dict[str, dict]:
-        """Per language: heads kept, overall and per-layer fraction of heads removed."""
+        """Per language: units kept, overall and per-layer fraction of units removed."""
         return {
             language: {
-                "heads_kept": s.num_heads_kept,
+                "units_kept": s.num_units_kept,
                 "sparsity": s.sparsity(),
                 "layer_sparsity": s.layer_sparsity(),
                 **({"param_sparsity": s.param_sparsity()} if s.param_masks else {}),
@@ -226,16 +259,16 @@ class SubnetworkSet(Mapping):
         }
 
     def jaccard(self) -> tuple[list[str], np.ndarray]:
-        """Languages and the matrix of Jaccard overlaps |A & B| / |A | B| of their head masks."""
+        """Languages and the matrix of Jaccard overlaps |A & B| / |A | B| of their unit masks."""
         languages = list(self._masks)
-        flat = torch.stack([self._masks[lang].head_mask.flatten() for lang in languages]).float()
+        flat = torch.stack([self._masks[lang].unit_mask.flatten() for lang in languages]).float()
         intersection = flat @ flat.T
         sizes = flat.sum(dim=1)
         union = sizes[:, None] + sizes[None, :] - intersection
         overlap = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
         return languages, overlap.numpy()
 
-    def overlap_figure(self, title: str = "Head-mask overlap (Jaccard)"):
+    def overlap_figure(self, title: str | None = None):
         """A matplotlib heatmap of :meth:`jaccard`."""
         import matplotlib
 
@@ -243,6 +276,7 @@ class SubnetworkSet(Mapping):
         import matplotlib.pyplot as plt
 
         languages, overlap = self.jaccard()
+        title = title or f"{' and '.join(self.units).capitalize()}: mask overlap (Jaccard)"
         size = 1.2 + 0.55 * len(languages)
         figure, axis = plt.subplots(figsize=(size + 1.2, size))
         image = axis.imshow(overlap, vmin=0, vmax=1, cmap="viridis")
@@ -258,28 +292,26 @@ class SubnetworkSet(Mapping):
         return figure
 
 
-def head_parameter_masks(
-    model: nn.Module, head_mask: torch.Tensor, gates: HeadGates | None = None
+def unit_parameter_masks(
+    model: nn.Module, mask: torch.Tensor, gates: UnitGates | None = None
 ) -> dict[str, torch.Tensor]:
-    """Parameter masks equivalent to ``head_mask`` (True: owned by a kept head).
+    """Parameter masks equivalent to the unit ``mask`` (``[layers, units]``; True: kept), by
+    the parameter names of ``model`` (whose ``.gates`` are ``gates`` by default).
 
-    Covers the query, key and value weights and biases (rows) and the output projection weight
-    (columns) of every layer; parameters no head owns (output bias, feed-forward, LayerNorm,
-    embeddings, task heads) are not in the result, i.e. shared.
+    A coordinate is True when any unit that owns it is kept (:mod:`subnets.models.layouts`: a
+    key-value head shared by a group of query heads, a weight shared by several depths);
+    parameters no unit owns are not in the result, i.e. shared.
     """
     gates = gates or model.gates
     names = {id(p): n for n, p in model.named_parameters()}
-    head_mask = head_mask.to(torch.bool)
-    d = gates.head_dim
-    masks = {}
-    for layer, modules in enumerate(gates.layers):
-        rows = head_mask[layer].repeat_interleave(d)
-        for role in ("query", "key", "value"):
-            linear = modules[role]
-            device = linear.weight.device
-            masks[names[id(linear.weight)]] = rows.to(device)[:, None].expand_as(linear.weight).clone()
-            if linear.bias is not None:
-                masks[names[id(linear.bias)]] = rows.to(device).clone()
-        output = modules["output"].weight
-        masks[names[id(output)]] = rows.to(output.device)[None, :].expand_as(output).clone()
+    mask = mask.to(torch.bool)
+    masks: dict[str, torch.Tensor] = {}
+    for owned in gates.owned:
+        parameter = owned.parameter
+        kept = mask[owned.layer].to(parameter.device)[owned.owners.to(parameter.device)].any(dim=1)
+        shape = [1] * parameter.ndim
+        shape[owned.dim] = -1
+        kept = kept.view(shape).expand_as(parameter)
+        name = names[id(parameter)]
+        masks[name] = masks[name] | kept if name in masks else kept.clone()
     return masks

@@ -57,7 +57,7 @@ class MetaTask:
     support: object
     query: object
     name: str = ""
-    gates: torch.Tensor | None = None  # forward head gates for the inner steps and the query
+    gates: torch.Tensor | None = None  # forward unit gates for the inner steps and the query
     update_mask: Mapping[str, torch.Tensor] | None = None  # inner and outer update mask
     track_gates: bool = False  # return dL_query/dgate
 
@@ -96,8 +96,8 @@ class MAML(nn.Module):
         first_order: drop the inner Jacobian.
         learn_inner_lr: make the per-group inner learning rates trainable (Meta-SGD); their
             parameters are :attr:`log_inner_lr`, to be given to the outer optimizer.
-        gates: the model's :class:`~subnets.models.head_gates.HeadGates` (default ``model.gates``
-            if present) for tasks with head gates.
+        gates: the model's :class:`~subnets.models.gates.UnitGates` (default ``model.gates``
+            if present) for tasks with unit gates.
     """
 
     def __init__(

@@ -99,7 +99,7 @@ class MaskPolicy:
         return []
 
     def gates(self, lang: str) -> torch.Tensor | None:
-        """Forward head gates ``[layers, heads]`` for a training step of ``lang`` (None: all heads)."""
+        """Forward unit gates ``[layers, units]`` for a training step of ``lang`` (None: all units)."""
         return None
 
     def update_mask(self, lang: str) -> dict[str, torch.Tensor] | None:

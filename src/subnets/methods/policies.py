@@ -2,19 +2,21 @@
 
 A step of language ``l`` runs and updates through ``l``'s subnetwork according to ``apply``:
 
-* ``forward``: heads outside the subnetwork are gated off (gate 0) in the forward pass; the
+* ``forward``: units outside the subnetwork are gated off (gate 0) in the forward pass; the
   update is the optimizer's ordinary step (their gradients are zero, but weight decay and
   momentum may still move them);
 * ``gradient``: the full model runs; the update is exact-masked (:class:`MaskedOptimizer`):
   nothing outside the subnetwork moves;
 * ``both``: gated forward and exact-masked update.
 
-Parameters no head owns (embeddings, feed-forward, LayerNorm, the task heads) are shared by all
+A subnetwork is made of attention heads, feed-forward neurons or both (``masks.units``: the
+model's gates decide); parameters no unit owns (embeddings, LayerNorm, the task heads, and the
+feed-forward block unless neurons are units) are shared by all
 languages unless unstructured parameter masks cover them.
 
 Unseen (development and target) languages get a subnetwork by ``masks.target_policy``:
-``full`` (no mask), ``support`` (heads selected from importance on the language's k support
-sentences, keeping the source languages' mean share of heads) or ``nearest`` (the mask of the
+``full`` (no mask), ``support`` (units selected from importance on the language's k support
+sentences, keeping the source languages' mean share of each kind of unit) or ``nearest`` (the mask of the
 source language whose importance scores have the highest cosine similarity with the
 support-estimated scores).
 """
@@ -37,17 +39,17 @@ from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
 from subnets.masks.controls import (
     generator,
-    random_head_mask,
     random_jaccard_matrix,
     random_like,
+    random_mask_like,
     split_half_agreement,
 )
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.figures import history_figure
-from subnets.masks.importance import head_importance
+from subnets.masks.importance import unit_importance
 from subnets.masks.search import find_subnetwork, matching_parameters
-from subnets.masks.selection import select_keep_ratio
-from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, head_parameter_masks
+from subnets.masks.selection import Units, kind_columns, per_kind, select_keep_ratio
+from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
 from subnets.progress import bar
@@ -82,13 +84,20 @@ class SubnetworkPolicy(MaskPolicy):
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         self.model, self.batcher = model, batcher
-        layers, heads = model.gates.shape
+        layers, units = model.gates.num_layers, model.gates.units
         minimum, top_k = self.search.min_heads_per_layer, self.search.top_k
-        if minimum > heads:
-            raise SettingError(f"masks.min_heads_per_layer={minimum}: the model has {heads} heads per layer")
-        if top_k is not None and not layers * minimum <= top_k <= layers * heads:
+        fewest = min(units, key=units.get)
+        if minimum > units[fewest]:
+            raise SettingError(
+                f"masks.min_heads_per_layer={minimum}: the model has {units[fewest]} {fewest} per layer"
+            )
+        if top_k is not None and len(units) > 1:
+            raise SettingError(f"masks.top_k={top_k}: a number of units cannot be shared between {' and '.join(units)} "
+                               "(masks.units=both); use masks.selection=keep_ratio")  # fmt: skip
+        count = sum(units.values())
+        if top_k is not None and not layers * minimum <= top_k <= layers * count:
             raise SettingError(f"masks.top_k={top_k}: expected between {layers * minimum} (masks.min_heads_per_layer "
-                               f"x {layers} layers) and {layers * heads} (every head)")  # fmt: skip
+                               f"x {layers} layers) and {layers * count} (every unit)")  # fmt: skip
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         return MaskedOptimizer(optimizer, model.named_parameters())
@@ -102,12 +111,12 @@ class SubnetworkPolicy(MaskPolicy):
     def gates_of(self, subnetwork: Subnetwork | None) -> torch.Tensor | None:
         if subnetwork is None or self.mode == "gradient":
             return None
-        return subnetwork.head_mask.float().to(self._device())
+        return subnetwork.unit_mask.float().to(self._device())
 
     def update_mask_of(self, subnetwork: Subnetwork | None) -> dict[str, torch.Tensor] | None:
         if subnetwork is None or self.mode == "forward":
             return None
-        masks = head_parameter_masks(self.model, subnetwork.head_mask.to(self._device()))
+        masks = unit_parameter_masks(self.model, subnetwork.unit_mask.to(self._device()))
         for name, mask in subnetwork.param_masks.items():
             masks[name] = mask.to(self._device())
         return UpdateMask(masks)  # planned once by the masked optimizer
@@ -153,12 +162,19 @@ class SubnetworkPolicy(MaskPolicy):
         if policy == "full":
             return None
         size = self.search.batch_size
-        scores = head_importance(
+        scores = unit_importance(
             model, self.batcher.fixed(support, size, max(1, -(-len(support) // size)), "support")
         )
-        if policy == "support":
-            keep = float(np.mean([s.head_mask.float().mean() for s in self.masks.values()]))
-            return Subnetwork(select_keep_ratio(scores, keep, self.search.min_heads_per_layer), scores=scores)
+        if policy == "support":  # the source masks' mean share of each kind of unit
+            units, columns = self.masks.units, kind_columns(self.masks.units)
+
+            def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+                keep = float(
+                    np.mean([s.unit_mask[:, columns[kind]].float().mean() for s in self.masks.values()])
+                )
+                return select_keep_ratio(block, keep, self.search.min_heads_per_layer)
+
+            return Subnetwork(per_kind(select, scores, units), scores=scores)
         similarity = {
             source: float(torch.nn.functional.cosine_similarity(scores.flatten(), s.scores.flatten(), dim=0))
             for source, s in self.masks.items()
@@ -169,7 +185,7 @@ class SubnetworkPolicy(MaskPolicy):
         source = max(similarity, key=similarity.get)
         self.nearest[code] = source
         chosen = self.masks[source]
-        return Subnetwork(chosen.head_mask, chosen.param_masks, scores)
+        return Subnetwork(chosen.unit_mask, chosen.param_masks, scores)
 
     def adaptation(self, model: nn.Module, lang: str, support: LanguageData):
         subnetwork = self.policy_subnetwork(model, lang, support)
@@ -178,27 +194,27 @@ class SubnetworkPolicy(MaskPolicy):
     # ---------------------------------------------------------------- outputs and state
     def write_summary(self, outputs: Outputs, extra: Mapping[str, Any] | None = None) -> None:
         """Masks, sparsity, overlap matrix (and its chance level), ``extra`` entries and the
-        heatmap into ``<run>/masks/``; logged to W&B."""
+        heatmap into ``<run>/masks/``; with several kinds of unit, the same per kind
+        (``by_unit`` in summary.json, ``overlap_<kind>.png``); logged to W&B."""
+        import matplotlib.pyplot as plt
+
         folder = outputs.folder / "masks"
         folder.mkdir(parents=True, exist_ok=True)
         self.masks.save(folder / "masks.safetensors")
-        languages, overlap = self.masks.jaccard()
-        _, chance = random_jaccard_matrix(self.masks)
-        summary = {
-            "sparsity": self.masks.sparsity(),
-            "jaccard": {"languages": languages, "matrix": overlap.tolist()},
-            # the expected Jaccard of independent random masks with each pair's per-layer counts
-            "random_jaccard": {"languages": languages, "matrix": chance.tolist()},
-            **(extra or {}),
-        }
+        summary = {"units": self.masks.units, **_overlap_summary(self.masks), **(extra or {})}
+        figures = {"overlap": self.masks.overlap_figure()}
+        if len(self.masks.units) > 1:
+            summary["by_unit"] = {kind: _overlap_summary(self.masks.kind(kind)) for kind in self.masks.units}
+            figures.update(
+                {f"overlap_{kind}": self.masks.kind(kind).overlap_figure() for kind in self.masks.units}
+            )
         atomic_write_json(folder / "summary.json", summary)
-        figure = self.masks.overlap_figure()
-        figure.savefig(folder / "overlap.png", dpi=120)
+        for name, figure in figures.items():
+            figure.savefig(folder / f"{name}.png", dpi=120)
         outputs.log({f"masks/{lang}/sparsity": s["sparsity"] for lang, s in summary["sparsity"].items()},
-                    images={"masks/overlap": figure})  # fmt: skip
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+                    images={f"masks/{name}": figure for name, figure in figures.items()})  # fmt: skip
+        for figure in figures.values():
+            plt.close(figure)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -217,6 +233,18 @@ class SubnetworkPolicy(MaskPolicy):
         if state.get("masks") is not None:
             shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()} if self.model else None
             self.set_masks(SubnetworkSet.from_state_dict(state["masks"], shapes))
+
+
+def _overlap_summary(masks: SubnetworkSet) -> dict[str, Any]:
+    """Sparsity per language, the Jaccard overlap matrix, and its chance level: the expected
+    Jaccard of independent random masks with each pair's per-layer counts."""
+    languages, overlap = masks.jaccard()
+    _, chance = random_jaccard_matrix(masks)
+    return {
+        "sparsity": masks.sparsity(),
+        "jaccard": {"languages": languages, "matrix": overlap.tolist()},
+        "random_jaccard": {"languages": languages, "matrix": chance.tolist()},
+    }
 
 
 def static_masks(model: nn.Module, search: Any, sources: SourceLanguages, batcher: Batcher,
@@ -284,15 +312,15 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
         if found.pruning is not None:
             history[lang] = {"baseline": found.pruning.baseline, "rounds": found.pruning.history,
                              "stopped_by": found.pruning.stopped_by}  # fmt: skip
-        kept, total = found.subnetwork.num_heads_kept, found.subnetwork.head_mask.numel()
+        kept, total = found.subnetwork.num_units_kept, found.subnetwork.unit_mask.numel()
         agreement = ""
         if found.halves is not None:
-            reliability[lang] = split_half_agreement(found.halves, found.subnetwork.head_mask)
+            reliability[lang] = split_half_agreement(found.halves, found.subnetwork.unit_mask, masks.units)
             # with fewer sentences than the importance batches hold, the halves share sentences
             reliability[lang]["disjoint"] = len(data) >= search.batch_size * search.importance_batches
             agreement = (f"; split-half Jaccard {reliability[lang]['jaccard']:.2f} (chance "
                          f"{reliability[lang]['random_jaccard']:.2f}), Spearman {reliability[lang]['spearman']:.2f}")  # fmt: skip
-        log.info("mask search, %s: kept %d of %d heads%s (%.1f s)", lang, kept, total, agreement,
+        log.info("mask search, %s: kept %d of %d units%s (%.1f s)", lang, kept, total, agreement,
                  time.perf_counter() - started)  # fmt: skip
         progress.update(1)
     progress.close()
@@ -351,7 +379,7 @@ class StaticMasks(SubnetworkPolicy):
 
 class RandomMasks(StaticMasks):
     """Random-mask control (``+method=random``, ``maml_random``): each language's mask keeps in
-    every layer as many heads as its static mask (:func:`static_masks`: the search of
+    every layer as many units (of each kind) as its static mask (:func:`static_masks`: the search of
     ``masks.*``, or the set at ``masks.path``; at step ``masks.after_steps`` if set), and
     parameter masks as many coordinates per tensor, drawn uniformly from a generator seeded by
     the run seed and the language (:func:`~subnets.masks.controls.random_like`); fixed for the
@@ -368,9 +396,9 @@ class RandomMasks(StaticMasks):
     def policy_subnetwork(self, model: nn.Module, code: str, support: LanguageData) -> Subnetwork | None:
         if self.masks is None or setting(self.search.target_policy) == "full":
             return None
-        counts = torch.stack([s.head_mask.sum(dim=1).float() for s in self.masks.values()]).mean(dim=0)
+        mean = torch.stack([s.unit_mask.float() for s in self.masks.values()]).mean(dim=0)
         rng = generator(self.batcher.seed, f"random/{code}")
-        return Subnetwork(random_head_mask([int(round(float(c))) for c in counts], self.masks.num_heads, rng))
+        return Subnetwork(random_mask_like(mean, rng, self.masks.units))
 
 
 class ScoreRule:
@@ -383,9 +411,11 @@ class ScoreRule:
 
     def __init__(self, search: Any, dynamic: Any):
         self.search, self.dynamic = search, dynamic
+        self.units: Units | None = None
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
-        pass
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0,
+             units: Units | None = None) -> None:  # fmt: skip
+        self.units = units
 
     def start_from(self, masks: SubnetworkSet) -> None:
         pass
@@ -405,8 +435,8 @@ class ScoreRule:
     def select(self, scores: torch.Tensor, current: Subnetwork) -> torch.Tensor:
         """The mask the configured selection keeps from ``scores``."""
         search = self.search
-        return reselect(scores, current.head_mask, setting(self.dynamic.selection), search.keep_ratio,
-                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer)  # fmt: skip
+        return reselect(scores, current.unit_mask, setting(self.dynamic.selection), search.keep_ratio,
+                        search.top_k, self.dynamic.score_threshold, search.min_heads_per_layer, self.units)  # fmt: skip
 
 
 class EMARule(ScoreRule):
@@ -420,8 +450,10 @@ class EMARule(ScoreRule):
         super().__init__(search, dynamic)
         self.ema: ImportanceEMA | None = None
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
-        self.ema = ImportanceEMA(shape, self.dynamic.decay)
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0,
+             units: Units | None = None) -> None:  # fmt: skip
+        super().bind(languages, shape, device, seed, units)
+        self.ema = ImportanceEMA(shape, self.dynamic.decay, units)
 
     def observe(self, result: StepResult) -> dict[str, float]:
         for lang, gate_grad in result.gate_grads.items():
@@ -430,7 +462,7 @@ class EMARule(ScoreRule):
 
     def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
         if lang not in self.ema.averages:  # no step of this language yet
-            return current.head_mask, current.scores
+            return current.unit_mask, current.scores
         scores = self.ema.scores(lang)
         return self.select(scores, current), scores
 
@@ -455,14 +487,16 @@ class LearnedRule:
         self.learned: HardConcreteGates | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0,
+             units: Units | None = None) -> None:  # fmt: skip
+        self.units = units
         self.learned = HardConcreteGates(languages, shape, beta=self.dynamic.temperature).to(device)
         self.optimizer = torch.optim.Adam(self.learned.parameters(), lr=self.dynamic.gate_lr)
 
     def start_from(self, masks: SubnetworkSet) -> None:
         with torch.no_grad():  # start the logits at the given masks
             for lang, subnetwork in masks.items():
-                self.learned.log_alpha[lang].copy_(subnetwork.head_mask.float() * 4 - 2)
+                self.learned.log_alpha[lang].copy_(subnetwork.unit_mask.float() * 4 - 2)
 
     def gates(self, lang: str, mask_gates: torch.Tensor | None) -> torch.Tensor:
         return self.learned.sample(lang)
@@ -483,9 +517,9 @@ class LearnedRule:
         }
 
     def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.learned.mask(lang, self.search.min_heads_per_layer), self.learned.open_probability(
-            lang
-        ).detach()
+        return self.learned.mask(
+            lang, self.search.min_heads_per_layer, self.units
+        ), self.learned.open_probability(lang).detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {"learned": self.learned.state_dict(), "gate_optimizer": self.optimizer.state_dict()}
@@ -505,7 +539,9 @@ class RandomRule(ScoreRule):
         super().__init__(search, dynamic)
         self.updates: dict[str, int] = {}
 
-    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0) -> None:
+    def bind(self, languages: list[str], shape: tuple[int, int], device: torch.device, seed: int = 0,
+             units: Units | None = None) -> None:  # fmt: skip
+        super().bind(languages, shape, device, seed, units)
         self.shape, self.seed = tuple(shape), seed
 
     def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -531,9 +567,10 @@ class DynamicMasks(SubnetworkPolicy):
     (``static``). Every ``dynamic.update_every`` steps each language's mask is re-selected by
     the rule (``dynamic.rule``: :class:`EMARule`, :class:`LearnedRule`, the control
     :class:`RandomRule`, or any object with their methods passed as ``rule``; its ``bind``
-    receives the languages, the gate shape, the device and ``seed=``, the run seed). A coordinate that re-enters a language's subnetwork
+    receives the languages, the gate shape, the device, ``seed=``, the run seed, and ``units=``,
+    the kinds of unit in the gate columns). A coordinate that re-enters a language's subnetwork
     continues from the optimizer state it had when it left (:class:`MaskedOptimizer`: frozen,
-    not advanced). The mask after every update and the number of heads that changed are kept
+    not advanced). The mask after every update and the number of units that changed are kept
     per language and written, with figures, to ``<run>/masks/`` at the end of training.
 
     Args:
@@ -554,7 +591,9 @@ class DynamicMasks(SubnetworkPolicy):
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         super().bind(model, batcher, languages)
-        self.rule.bind(list(languages), model.gates.shape, batcher.device, seed=batcher.seed)
+        self.rule.bind(
+            list(languages), model.gates.shape, batcher.device, seed=batcher.seed, units=model.gates.units
+        )
 
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
         if self.masks is not None:  # restored from a checkpoint
@@ -588,17 +627,17 @@ class DynamicMasks(SubnetworkPolicy):
         logs = self.rule.observe(result)
         if step % self.dynamic.update_every == 0:
             changed = self.update_masks(step)
-            logs["masks/heads_changed"] = float(sum(changed.values()))
+            logs["masks/units_changed"] = float(sum(changed.values()))
             logs.update({f"masks/{lang}/sparsity": self.masks[lang].sparsity() for lang in self.masks})
         return logs
 
     def update_masks(self, step: int) -> dict[str, int]:
-        """Re-select every language's mask; returns the number of heads that changed per language."""
+        """Re-select every language's mask; returns the number of units that changed per language."""
         masks, changed = SubnetworkSet.for_model(self.model), {}
         for lang, current in self.masks.items():
             mask, scores = self.rule.reselect(lang, current)
             masks[lang] = Subnetwork(mask, current.param_masks, scores)
-            changed[lang] = int((mask != current.head_mask).sum())
+            changed[lang] = int((mask != current.unit_mask).sum())
         self.set_masks(masks)
         self._record(step, changed)
         return changed
@@ -607,7 +646,7 @@ class DynamicMasks(SubnetworkPolicy):
         for lang, subnetwork in self.masks.items():
             self.history.setdefault(lang, []).append({
                 "step": step, "changed": changed.get(lang, 0), "sparsity": subnetwork.sparsity(),
-                "mask": subnetwork.head_mask.int().tolist(),
+                "mask": subnetwork.unit_mask.int().tolist(),
             })  # fmt: skip
 
     # ---------------------------------------------------------------- outputs and state

@@ -1,1 +1,1 @@
-"""Encoders, head gates, the parser and tagger, MST decoding, and building them from config."""
+"""Encoders, their layouts and unit gates, the parser and tagger, MST decoding, and building them from config."""

@@ -31,7 +31,7 @@ def build_encoder(
 ) -> tuple[nn.Module, Any]:
     """The transformer and its tokenizer for ``model`` (the ``model.*`` settings).
 
-    ``model.name_or_path="tiny"`` builds the random tiny BERT (``model.tiny.*``, weights
+    ``model.name_or_path="tiny"`` builds the random tiny transformer (``model.tiny.*``, weights
     deterministic for ``seed``) with a byte-pair tokenizer trained on ``texts``, or loaded from
     ``tokenizer_folder`` if it holds one (a resumed run), and saved there otherwise. Anything
     else is loaded with ``AutoModel``/``AutoTokenizer`` (a hub name or a local folder).
@@ -53,6 +53,7 @@ def build_encoder(
     transformer = build_tiny_transformer(
         len(tokenizer), tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
         tiny.max_length, tiny.architecture, model.attn_implementation, seed, tokenizer.pad_token_id,
+        tiny.num_kv_heads, tokenizer.cls_token_id, tokenizer.sep_token_id,
     )  # fmt: skip
     return transformer, tokenizer
 
@@ -62,7 +63,8 @@ def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
     wrapped as an :class:`Encoder` (scalar mix with ``model.mix_dropout``; every dropout
     inside it set to ``model.encoder_dropout`` when given; its word embeddings frozen with
     ``model.freeze_embeddings``: ``requires_grad=False``, so no optimizer holds them; run under
-    bfloat16 autocast with ``train.precision=bf16``)."""
+    bfloat16 autocast with ``train.precision=bf16``; gates on the units of ``masks.units``, found
+    by ``model.layout`` or the detected layout)."""
     if cfg.model.freeze_embeddings:
         transformer.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.encoder_dropout is not None:
@@ -70,5 +72,6 @@ def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.encoder_dropout
     precision = getattr(cfg.train.precision, "value", cfg.train.precision)
-    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision == "bf16" else None)
+    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision == "bf16" else None,
+                      units=str(getattr(cfg.masks.units, "value", cfg.masks.units)), layout=cfg.model.layout)  # fmt: skip
     return instantiate(cfg.task, encoder=encoder)

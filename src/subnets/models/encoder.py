@@ -10,11 +10,14 @@ import transformers
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
-from subnets.models.head_gates import HeadGates
+from subnets.models.gates import UnitGates
+from subnets.models.layouts import ModelLayout
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # Models whose BPE tokenizer needs a leading space to tokenize pre-split words as in running text.
 _PREFIX_SPACE_TYPES = {"roberta", "longformer", "bart", "deberta", "gpt2"}
+# Encoder-decoder families whose encoder is used alone (AutoModel would build both halves).
+_ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 class ScalarMix(nn.Module):
@@ -45,21 +48,29 @@ class ScalarMix(nn.Module):
 
 
 class Encoder(nn.Module):
-    """A Hugging Face encoder with head gates and a scalar mix, returning word representations.
+    """A Hugging Face transformer with unit gates and a scalar mix, returning word representations.
 
     ``forward`` maps a :class:`~subnets.data.batching.Batch`'s subword input to ``[B, 1 + W, D]``
-    first-subword representations (position 0: the root's ``[CLS]``). With ``autocast`` (a
-    dtype, e.g. ``torch.bfloat16``) the transformer runs under ``torch.autocast`` on its device
-    (weights stay float32); its hidden states are returned to float32 for the scalar mix and
-    the task model.
+    word representations at the positions the batch's ``word_index`` names (the collator
+    reads each word from its first subword and the root from ``[CLS]`` in a bidirectional
+    encoder; from its last subword and the root from the final token in a causal decoder,
+    ``causal``). With ``autocast`` (a dtype, e.g. ``torch.bfloat16``) the transformer runs under
+    ``torch.autocast`` on its device (weights stay float32); its hidden states are returned to
+    float32 for the scalar mix and the task model.
+
+    Args:
+        units: the gated units, ``heads``, ``neurons`` or ``both`` (:class:`UnitGates`).
+        layout: the transformer's :class:`~subnets.models.layouts.ModelLayout` (default: detected).
     """
 
-    def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0, autocast: torch.dtype | None = None):
+    def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0, autocast: torch.dtype | None = None,
+                 units: str = "heads", layout: ModelLayout | None = None):  # fmt: skip
         super().__init__()
         self.transformer = transformer
         self.autocast = autocast
         self.mix = ScalarMix(transformer.config.num_hidden_layers, mix_dropout)
-        self.gates = HeadGates(transformer)
+        self.gates = UnitGates(transformer, units, layout)
+        self.causal = self.gates.layout.causal
         self.hidden_size = int(transformer.config.hidden_size)
 
     def forward(
@@ -80,15 +91,16 @@ class Encoder(nn.Module):
 
 
 def max_subwords(transformer: nn.Module, tokenizer) -> int:
-    """The encoder's input limit in subwords (special tokens included)."""
+    """The encoder's input limit in subwords (special tokens included): its position
+    embeddings' and its tokenizer's; 512 for a model with neither (relative positions, as T5)."""
     config = transformer.config
-    limit = int(config.max_position_embeddings)
-    if config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"}:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in {"roberta", "xlm-roberta", "camembert", "longformer"}:
         limit -= int(config.pad_token_id) + 1  # positions start after the padding index
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max and model_max < 1_000_000:
-        limit = min(limit, int(model_max))
-    return limit
+        limit = min(limit, int(model_max)) if limit is not None else int(model_max)
+    return int(limit) if limit is not None else 512
 
 
 def load_pretrained(name_or_path: str, attn_implementation: str | None = None) -> tuple[nn.Module, object]:
@@ -101,10 +113,15 @@ def load_pretrained(name_or_path: str, attn_implementation: str | None = None) -
         config = transformers.AutoConfig.from_pretrained(name_or_path)
         tokenizer_kwargs = {"add_prefix_space": True} if config.model_type in _PREFIX_SPACE_TYPES else {}
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
-        try:
-            model = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
-        except TypeError:  # architectures without a pooler option
-            model = AutoModel.from_pretrained(name_or_path, **kwargs)
+        if config.model_type in _ENCODER_ONLY:  # an encoder-decoder checkpoint: its encoder alone
+            model = getattr(transformers, _ENCODER_ONLY[config.model_type]).from_pretrained(
+                name_or_path, **kwargs
+            )
+        else:
+            try:
+                model = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+            except TypeError:  # architectures without a pooler option
+                model = AutoModel.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
         raise OSError(
             f"could not load encoder {name_or_path!r} (model.name_or_path): {error}\n"
@@ -147,6 +164,9 @@ def train_subword_tokenizer(
     )
 
 
+TINY_ARCHITECTURES = ("bert", "xlm-roberta", "modernbert", "mt5", "qwen2")
+
+
 def build_tiny_transformer(
     vocab_size: int,
     hidden_size: int = 64,
@@ -158,8 +178,15 @@ def build_tiny_transformer(
     attn_implementation: str | None = None,
     seed: int = 0,
     pad_token_id: int = 0,
+    num_kv_heads: int | None = None,
+    cls_token_id: int = 2,
+    sep_token_id: int = 3,
 ) -> nn.Module:
-    """A small randomly initialised BERT (or XLM-R style) encoder, deterministic for ``seed``."""
+    """A small randomly initialised transformer, deterministic for ``seed``: a BERT or XLM-R
+    style encoder, a ModernBERT, an mT5 encoder (gated-GELU feed-forward), or a Qwen2-style
+    decoder with grouped-query attention (``num_kv_heads`` key-value heads; default: half the
+    query heads). ``cls_token_id`` and ``sep_token_id`` are the tokenizer's framing tokens
+    (beginning and end of a sequence for the decoder)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -168,18 +195,38 @@ def build_tiny_transformer(
         intermediate_size=intermediate_size,
         pad_token_id=pad_token_id,
     )
+    framing = dict(bos_token_id=cls_token_id, eos_token_id=sep_token_id)
+    kwargs = {}
     if architecture == "bert":
         config = transformers.BertConfig(max_position_embeddings=max_length, **common)
-        model_class = transformers.BertModel
+        model_class, kwargs = transformers.BertModel, {"add_pooling_layer": False}
     elif architecture == "xlm-roberta":
         config = transformers.XLMRobertaConfig(
             max_position_embeddings=max_length + pad_token_id + 1, **common
         )
-        model_class = transformers.XLMRobertaModel
+        model_class, kwargs = transformers.XLMRobertaModel, {"add_pooling_layer": False}
+    elif architecture == "modernbert":
+        config = transformers.ModernBertConfig(max_position_embeddings=max_length, cls_token_id=cls_token_id,
+                                               sep_token_id=sep_token_id, **framing, **common)  # fmt: skip
+        model_class = transformers.ModernBertModel
+    elif architecture == "mt5":
+        config = transformers.MT5Config(
+            vocab_size=vocab_size, d_model=hidden_size, num_layers=num_layers, num_heads=num_heads,
+            d_kv=hidden_size // num_heads, d_ff=intermediate_size, feed_forward_proj="gated-gelu",
+            pad_token_id=pad_token_id, eos_token_id=sep_token_id, decoder_start_token_id=pad_token_id,
+        )  # fmt: skip
+        model_class = transformers.MT5EncoderModel
+    elif architecture == "qwen2":
+        config = transformers.Qwen2Config(max_position_embeddings=max_length, use_sliding_window=False,
+                                          num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
+                                          **framing, **common)  # fmt: skip
+        model_class = transformers.Qwen2Model
     else:
-        raise ValueError(f"model.tiny.architecture must be 'bert' or 'xlm-roberta', got {architecture!r}")
+        raise ValueError(
+            f"model.tiny.architecture must be one of {', '.join(TINY_ARCHITECTURES)}, got {architecture!r}"
+        )
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_class(config, add_pooling_layer=False)
+        return model_class(config, **kwargs)

@@ -125,7 +125,7 @@ class DependencyParser(nn.Module):
 
     @property
     def gates(self):
-        """The encoder's :class:`~subnets.models.head_gates.HeadGates`."""
+        """The encoder's :class:`~subnets.models.gates.UnitGates` (heads, neurons or both)."""
         return self.encoder.gates
 
     def encoder_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -1,0 +1,366 @@
+"""Where a transformer keeps its attention heads and feed-forward neurons: declared layouts.
+
+A :class:`ModelLayout` says, by attribute paths, where the layer list is and which linear
+projections of a layer belong to its attention (query, key, value and output, or one fused
+query-key-value projection and its split order) and to its feed-forward block (the input
+projections, gate and up projections of gated MLPs included, and the output projection). It
+is detected for the families in :data:`LAYOUTS` (:func:`detect_layout`) and can be declared
+for any other model, in code or as ``model.layout`` in a config::
+
+    layout = ModelLayout(
+        attention=AttentionLayout(layers="model.blocks", output="attn.proj", qkv="attn.qkv"),
+        feed_forward=FeedForwardLayout(layers="model.blocks", inputs=["mlp.fc1"], output="mlp.fc2"),
+    )
+    gates = HeadGates(transformer, layout=layout)
+
+What a unit owns follows from the layout (:func:`head_units`, :func:`neuron_units`):
+
+* Head ``h`` (of ``H`` query heads, head size ``d``) owns rows ``h*d:(h+1)*d`` of the query
+  projection (weight and bias) and columns ``h*d:(h+1)*d`` of the output projection. Its key and
+  value rows are those of its key-value head ``g = h // (H / H_kv)``: with grouped-query
+  attention (``H_kv < H``) a key-value head is owned by its whole group, so it is updated while
+  any query head of the group is in the subnetwork and frozen only when all of them are out.
+  In a fused projection the same rules apply inside each of its query, key and value blocks.
+* Neuron ``j`` of a feed-forward block with ``I`` intermediate units owns row ``j`` of every
+  input projection (gate and up projections alike; in a fused input projection holding
+  ``fused_inputs`` blocks of ``I`` rows, row ``j`` of each block) and column ``j`` of the output
+  projection.
+* Shared layers (ALBERT: fewer physical layers than ``config.num_hidden_layers``): gates and
+  masks are per depth, as for any model, and depth ``i`` runs physical layer
+  ``i * P // L``. A coordinate of a shared weight is owned by that unit at every depth the
+  layer serves: it is updated while the unit is kept at any of those depths and frozen only
+  when it is masked at all of them.
+
+Weights no unit owns (embeddings, normalisation, attention biases of the output projection,
+T5's relative position bias, ...) are shared by every language.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionLayout:
+    """Where a layer's attention projections are.
+
+    Attributes:
+        layers: path of the layer list inside the transformer (``*`` matches every entry of a
+            list on the way, e.g. ``encoder.albert_layer_groups.*.albert_layers.0``).
+        output: the attention output projection inside a layer (its input is ``[..., H * d]``).
+        query, key, value: the separate projections, or None with ``qkv``.
+        qkv: one fused projection whose rows hold the query, key and value blocks ...
+        qkv_order: ... in this order.
+        num_heads, num_kv_heads: None: the model config's ``num_attention_heads`` and
+            ``num_key_value_heads`` (else as many as query heads).
+    """
+
+    layers: str
+    output: str
+    query: str | None = None
+    key: str | None = None
+    value: str | None = None
+    qkv: str | None = None
+    qkv_order: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+
+
+@dataclass
+class FeedForwardLayout:
+    """Where a layer's feed-forward projections are.
+
+    Attributes:
+        layers: path of the layer list (it may differ from the attention's, as in XLM).
+        inputs: the input projections whose rows are the intermediate units (gate and up
+            projections of a gated MLP).
+        output: the output projection whose columns are the intermediate units.
+        fused_inputs: blocks of ``I`` rows in each input projection (2 for ModernBERT's fused
+            ``Wi``, which holds the input and the gate).
+    """
+
+    layers: str
+    inputs: list[str]
+    output: str
+    fused_inputs: int = 1
+
+
+@dataclass
+class ModelLayout:
+    """A model family's layout (module docstring). ``causal``: a decoder whose tokens see only
+    what precedes them, so words are read from their last subword and the root from the
+    sentence's final token (:class:`~subnets.data.batching.Collator`)."""
+
+    attention: AttentionLayout
+    feed_forward: FeedForwardLayout | None = None
+    causal: bool = False
+    family: str = "declared"
+
+
+def _bert_like(prefix: str, query: str, key: str, value: str) -> ModelLayout:
+    return ModelLayout(
+        AttentionLayout(prefix, "attention.output.dense", query, key, value),
+        FeedForwardLayout(prefix, ["intermediate.dense"], "output.dense"),
+    )
+
+
+def _t5(inputs: list[str]) -> ModelLayout:
+    block = "layer.1.DenseReluDense."
+    return ModelLayout(
+        AttentionLayout(
+            "encoder.block",
+            "layer.0.SelfAttention.o",
+            "layer.0.SelfAttention.q",
+            "layer.0.SelfAttention.k",
+            "layer.0.SelfAttention.v",
+        ),  # fmt: skip
+        FeedForwardLayout("encoder.block", [block + name for name in inputs], block + "wo"),
+    )
+
+
+_ALBERT_LAYERS = "encoder.albert_layer_groups.*.albert_layers.0"
+
+#: Layouts tried in order by :func:`detect_layout`, by family; the first whose every path leads
+#: to a linear projection in every layer is taken.
+LAYOUTS: dict[str, ModelLayout] = {
+    # BERT, RoBERTa, XLM-R, ELECTRA, RemBERT, CamemBERT, mBERT, multilingual-e5, ...
+    "bert": _bert_like("encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value"),
+    "deberta-v2": _bert_like(
+        "encoder.layer", "attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"
+    ),  # fmt: skip
+    "distilbert": ModelLayout(
+        AttentionLayout(
+            "transformer.layer", "attention.out_lin", "attention.q_lin", "attention.k_lin", "attention.v_lin"
+        ),  # fmt: skip
+        FeedForwardLayout("transformer.layer", ["ffn.lin1"], "ffn.lin2"),
+    ),
+    "xlm": ModelLayout(
+        AttentionLayout("attentions", "out_lin", "q_lin", "k_lin", "v_lin"),
+        FeedForwardLayout("ffns", ["lin1"], "lin2"),
+    ),
+    "modernbert": ModelLayout(
+        AttentionLayout("layers", "attn.Wo", qkv="attn.Wqkv"),
+        FeedForwardLayout("layers", ["mlp.Wi"], "mlp.Wo", fused_inputs=2),
+    ),
+    "t5-gated": _t5(["wi_0", "wi_1"]),  # mT5, T5 v1.1: gated-GELU
+    "t5": _t5(["wi"]),
+    "albert": ModelLayout(
+        AttentionLayout(
+            _ALBERT_LAYERS, "attention.dense", "attention.query", "attention.key", "attention.value"
+        ),
+        FeedForwardLayout(_ALBERT_LAYERS, ["ffn"], "ffn_output"),
+    ),
+    # decoder LLMs: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3-style separate projections, ...
+    "llama": ModelLayout(
+        AttentionLayout(
+            "layers", "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
+        ),
+        FeedForwardLayout("layers", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"),
+        causal=True,
+    ),
+}
+for _family, _layout in LAYOUTS.items():
+    _layout.family = _family
+
+
+class UnknownLayoutError(NotImplementedError):
+    """No declared or known layout fits the model."""
+
+
+def get_module(root: nn.Module, path: str) -> list[nn.Module]:
+    """The modules at ``path`` (attribute names and list indices separated by dots; ``*``
+    takes every entry of a list) below ``root``; empty if the path leads nowhere."""
+    found = [root]
+    for name in path.split("."):
+        step = []
+        for module in found:
+            if name == "*":
+                step.extend(module if isinstance(module, nn.ModuleList) else [])
+            else:
+                child = getattr(module, name, None)
+                if child is not None:
+                    step.append(child)
+        found = step
+    return found
+
+
+def _layer_list(model: nn.Module, path: str) -> list[nn.Module]:
+    found = get_module(model, path)
+    if "*" not in path:
+        found = list(found[0]) if len(found) == 1 and isinstance(found[0], nn.ModuleList) else []
+    return found
+
+
+def _linears(model: nn.Module, layers: str, paths: list[str]) -> list[list[nn.Linear]] | None:
+    """Per physical layer, the linear projections at ``paths``; None unless every one exists."""
+    physical = _layer_list(model, layers)
+    if not physical:
+        return None
+    rows = []
+    for layer in physical:
+        row = [get_module(layer, p) for p in paths]
+        if not all(len(m) == 1 and isinstance(m[0], nn.Linear) for m in row):
+            return None
+        rows.append([m[0] for m in row])
+    return rows
+
+
+def _attention_paths(layout: AttentionLayout) -> list[str]:
+    separate = [layout.query, layout.key, layout.value]
+    if layout.qkv is None and None in separate:
+        raise ValueError("an attention layout needs query, key and value projections, or a fused qkv")
+    return [layout.output, *([layout.qkv] if layout.qkv else separate)]
+
+
+def fits(model: nn.Module, layout: ModelLayout) -> bool:
+    """Whether every path of ``layout`` leads to a linear projection in every layer of ``model``."""
+    attention = layout.attention
+    if _linears(model, attention.layers, _attention_paths(attention)) is None:
+        return False
+    ff = layout.feed_forward
+    return ff is None or _linears(model, ff.layers, [*ff.inputs, ff.output]) is not None
+
+
+def detect_layout(model: nn.Module) -> ModelLayout:
+    """The first layout of :data:`LAYOUTS` that fits ``model``.
+
+    Raises:
+        UnknownLayoutError: none fits; the message says what to declare.
+    """
+    for layout in LAYOUTS.values():
+        if fits(model, layout):
+            return layout
+    raise UnknownLayoutError(
+        f"cannot locate the attention heads of {type(model).__name__} (model_type "
+        f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}): none of the known layouts "
+        f"({', '.join(LAYOUTS)}) fits. Declare its layout: model.layout (in a config) or "
+        "layout=ModelLayout(attention=AttentionLayout(layers=<path of the layer list>, output=<attention "
+        "output projection>, query=..., key=..., value=... or qkv=<fused projection>), feed_forward="
+        "FeedForwardLayout(layers=..., inputs=[...], output=...)) (subnets.models.layouts; README, "
+        "'Any transformer')."
+    )
+
+
+def resolve_layout(model: nn.Module, layout: ModelLayout | None) -> ModelLayout:
+    """``layout`` checked against ``model`` (a clear error where a path does not fit), or the
+    detected one."""
+    if layout is None:
+        return detect_layout(model)
+    if not isinstance(layout, ModelLayout):  # a config node or a dictionary
+        from omegaconf import OmegaConf
+
+        plain = OmegaConf.to_container(layout, resolve=True) if OmegaConf.is_config(layout) else dict(layout)
+        ff = plain.get("feed_forward")
+        layout = ModelLayout(AttentionLayout(**plain["attention"]), FeedForwardLayout(**ff) if ff else None,
+                             bool(plain.get("causal", False)))  # fmt: skip
+    if not fits(model, layout):
+        raise UnknownLayoutError(
+            f"the declared layout does not fit {type(model).__name__}: every path of {layout} must lead to a "
+            "torch.nn.Linear in every layer (paths are relative to the transformer for 'layers', to a layer "
+            "for the projections)"
+        )
+    return layout
+
+
+def num_layers(model: nn.Module, physical: int) -> int:
+    """The model's depth: ``config.num_hidden_layers`` when it has it, else the physical layers."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_hidden_layers", physical) or physical)
+
+
+@dataclass
+class Owned:
+    """Coordinates of ``parameter`` that units of depth ``layer`` own: entry ``i`` along ``dim``
+    belongs to the units ``owners[i, :]`` (indices among the layer's units of one kind)."""
+
+    layer: int
+    parameter: nn.Parameter
+    dim: int
+    owners: torch.Tensor  # long, [size along dim, owners per entry]
+
+
+@dataclass
+class Units:
+    """One kind of unit of a model: ``count`` per layer at ``len(outputs)`` depths.
+
+    ``outputs[i]`` is the projection whose input (``[..., count * width]``) is gated at depth
+    ``i``; ``owned`` lists what the units own (:class:`Owned`)."""
+
+    kind: str
+    count: int
+    width: int
+    outputs: list[nn.Linear]
+    owned: list[Owned]
+
+
+def _own(layer: int, linear: nn.Linear, dim: int, owners: torch.Tensor) -> list[Owned]:
+    entries = [Owned(layer, linear.weight, dim, owners)]
+    if dim == 0 and linear.bias is not None:
+        entries.append(Owned(layer, linear.bias, 0, owners))
+    return entries
+
+
+def head_units(model: nn.Module, layout: ModelLayout) -> Units:
+    """The attention heads of ``model`` under ``layout`` (module docstring: what a head owns)."""
+    attention = layout.attention
+    physical = _linears(model, attention.layers, _attention_paths(attention))
+    config = getattr(model, "config", None)
+    heads = int(attention.num_heads or config.num_attention_heads)
+    kv_heads = int(attention.num_kv_heads or getattr(config, "num_key_value_heads", None) or heads)
+    output_width = physical[0][0].in_features
+    if output_width % heads or heads % kv_heads:
+        raise ValueError(f"{type(model).__name__}: the attention output projection's {output_width} inputs are not "
+                         f"{heads} heads of equal size, or {kv_heads} key-value heads do not divide them")  # fmt: skip
+    d = output_width // heads
+    query_rows = torch.arange(heads * d)[:, None] // d  # [H*d, 1]
+    group = heads // kv_heads
+    kv_rows = (torch.arange(kv_heads * d) // d)[:, None] * group + torch.arange(group)  # [H_kv*d, group]
+    depth = num_layers(model, len(physical))
+    outputs, owned = [], []
+    for i in range(depth):
+        row = physical[i * len(physical) // depth]
+        output, projections = row[0], row[1:]
+        outputs.append(output)
+        owned += _own(i, output, 1, query_rows)
+        if attention.qkv is None:
+            for role, linear in zip(("query", "key", "value"), projections):
+                owned += _own(i, linear, 0, query_rows if role == "query" else kv_rows)
+        else:
+            blocks = [query_rows if role == "query" else kv_rows for role in attention.qkv_order]
+            fused = projections[0]
+            if fused.out_features != sum(len(b) for b in blocks):
+                raise ValueError(f"{attention.qkv}: {fused.out_features} rows, expected {heads} query and 2 x "
+                                 f"{kv_heads} key-value heads of size {d}")  # fmt: skip
+            owned += _own(i, fused, 0, torch.cat(blocks))
+    return Units("heads", heads, d, outputs, owned)
+
+
+def neuron_units(model: nn.Module, layout: ModelLayout) -> Units:
+    """The feed-forward neurons of ``model`` under ``layout`` (module docstring: what a neuron owns)."""
+    ff = layout.feed_forward
+    if ff is None:
+        raise UnknownLayoutError(
+            "the layout declares no feed-forward block (feed_forward), so it has no neurons"
+        )
+    physical = _linears(model, ff.layers, [*ff.inputs, ff.output])
+    intermediate = physical[0][-1].in_features
+    rows = torch.arange(intermediate)[:, None]
+    depth = num_layers(model, len(physical))
+    outputs, owned = [], []
+    for i in range(depth):
+        row = physical[i * len(physical) // depth]
+        *inputs, output = row
+        outputs.append(output)
+        owned += _own(i, output, 1, rows)
+        for linear in inputs:
+            if linear.out_features != ff.fused_inputs * intermediate:
+                raise ValueError(f"{type(model).__name__}: a feed-forward input projection has {linear.out_features} "
+                                 f"rows, expected {ff.fused_inputs} x {intermediate} (feed_forward.fused_inputs)")  # fmt: skip
+            owned += _own(i, linear, 0, rows.repeat(ff.fused_inputs, 1))
+    return Units("neurons", intermediate, 1, outputs, owned)
+
+
+UNIT_KINDS = {"heads": head_units, "neurons": neuron_units}
