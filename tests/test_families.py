@@ -135,3 +135,33 @@ def test_neuron_subnetworks_learn_on_a_small_default_job(tmp_path, method, units
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert sum(las) / len(las) >= 65, (method, units, las)
     assert losses[-1] < 0.25 * losses[0], (method, units, losses)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["+method=maml_static"],
+        ["+method=maml_random", "masks.target_policy=support"],
+        ["+method=dynamic", "dynamic.rule=learned", "dynamic.update_every=4"],
+        [
+            "+method=maml_dynamic",
+            "dynamic.rule=random",
+            "dynamic.update_every=4",
+            "masks.target_policy=nearest",
+        ],
+    ],
+    ids=["maml_static", "maml_random-support", "dynamic-learned", "maml_dynamic-random-nearest"],
+)
+def test_every_method_family_runs_on_neurons(tmp_path, settings):
+    """The MAML variants, the other dynamic rules and the test-time policies on neuron units:
+    the masks have the neuron geometry, keep half of the neurons (keep_ratio; the learned rule
+    keeps its expected number of open gates), and the run finishes."""
+    overrides = [s for s in NEURONS if not s.startswith("+method")]
+    results = run(tiny_config(*settings, *overrides), tmp_path)
+    masks = SubnetworkSet.load(tmp_path / "masks" / "masks.safetensors")
+    assert masks.units == {"neurons": 64} and set(masks) == set(SOURCES)
+    for subnetwork in masks.values():
+        assert subnetwork.unit_mask.shape == (2, 64) and subnetwork.unit_mask.sum(dim=1).min() >= 1
+        if "dynamic.rule=learned" not in settings:
+            assert int(subnetwork.unit_mask.sum()) == 64
+    assert results["fewshot"]["mean"]["las"] >= 0

@@ -94,22 +94,22 @@ def test_a_zero_gate_equals_zeroed_output_projection_columns(family, attn, units
 
 @pytest.fixture
 def float64_throughout(monkeypatch):
-    """Casts of float64 tensors to float32 are no-ops: RMSNorm (Llama, Qwen, Gemma, Mistral),
-    T5's layer norm and the decoders' and XLM's softmax compute in float32 on purpose, and float32
-    rounding would swamp a finite difference; the gates' derivative is what is tested, in
-    float64 throughout."""
-    to, float_, softmax = torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax
+    """Every cast to float32 gives float64: RMSNorm (Llama, Qwen, Gemma, Mistral), T5's layer
+    norm, rotary embeddings and the decoders' and XLM's softmax compute in float32 on purpose,
+    and float32 rounding would swamp a finite difference; the gates' derivative is what is
+    tested, in float64 throughout."""
+    to, softmax = torch.Tensor.to, torch.nn.functional.softmax
 
     def to64(self, *args, **kwargs):
-        asks32 = torch.float32 in args or kwargs.get("dtype") == torch.float32
-        return self if self.dtype == torch.float64 and asks32 else to(self, *args, **kwargs)
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        if kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        return to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to64)
-    monkeypatch.setattr(
-        torch.Tensor, "float", lambda self: self if self.dtype == torch.float64 else float_(self)
-    )
+    monkeypatch.setattr(torch.Tensor, "float", lambda self: to(self, torch.float64))
     monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **kw: softmax(
-        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))  # fmt: skip
+        x, dim=dim, dtype=torch.float64 if dtype is torch.float32 else dtype, **kw))  # fmt: skip
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
