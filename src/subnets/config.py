@@ -16,8 +16,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from subnets.models.layouts import ModelLayout
-
 
 class DataSource(str, Enum):
     synthetic = "synthetic"
@@ -129,8 +127,10 @@ class ModelConfig:
     # steps, the mask search's fine-tuning nor the few-shot protocol
     freeze_embeddings: bool = False
     # where the transformer keeps its heads and neurons; None: detected (subnets.models.layouts,
-    # README "Any transformer"); declare it for a model no known layout fits
-    layout: ModelLayout | None = None
+    # README "Any transformer"); declare it for a model no known layout fits, as a mapping
+    # {attention: {...}, feed_forward: {...}, causal} (checked by ModelLayout.from_dict when
+    # the model is built, at start; untyped here so that a command-line override can set it)
+    layout: Any = None
 
 
 @dataclass

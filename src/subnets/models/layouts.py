@@ -99,6 +99,26 @@ class ModelLayout:
     causal: bool = False
     family: str = "declared"
 
+    @classmethod
+    def from_dict(cls, value) -> ModelLayout:
+        """A layout from a mapping (``model.layout`` of a config: ``attention``, optional
+        ``feed_forward`` and ``causal``), with an error naming the setting when it does not fit."""
+        from omegaconf import OmegaConf
+
+        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
+        try:
+            unknown = set(plain) - {"attention", "feed_forward", "causal", "family"}
+            if unknown:
+                raise TypeError(f"unknown key(s) {sorted(unknown)}")
+            ff = plain.get("feed_forward")
+            return cls(AttentionLayout(**plain["attention"]), FeedForwardLayout(**ff) if ff else None,
+                       bool(plain.get("causal", False)))  # fmt: skip
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"model.layout={plain}: {error}; expected {{attention: {{layers, output, query, key, value (or qkv, "
+                "qkv_order), num_heads, num_kv_heads}, feed_forward: {layers, inputs, output, fused_inputs}, causal}"
+            ) from None
+
 
 def _bert_like(prefix: str, query: str, key: str, value: str) -> ModelLayout:
     return ModelLayout(
@@ -250,12 +270,7 @@ def resolve_layout(model: nn.Module, layout: ModelLayout | None) -> ModelLayout:
     if layout is None:
         return detect_layout(model)
     if not isinstance(layout, ModelLayout):  # a config node or a dictionary
-        from omegaconf import OmegaConf
-
-        plain = OmegaConf.to_container(layout, resolve=True) if OmegaConf.is_config(layout) else dict(layout)
-        ff = plain.get("feed_forward")
-        layout = ModelLayout(AttentionLayout(**plain["attention"]), FeedForwardLayout(**ff) if ff else None,
-                             bool(plain.get("causal", False)))  # fmt: skip
+        layout = ModelLayout.from_dict(layout)
     if not fits(model, layout):
         raise UnknownLayoutError(
             f"the declared layout does not fit {type(model).__name__}: every path of {layout} must lead to a "
