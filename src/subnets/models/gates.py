@@ -40,8 +40,8 @@ UNIT_CHOICES = {"heads": ("heads",), "neurons": ("neurons",), "both": ("heads", 
 
 class _Gate:
     """Forward pre-hook of one output projection: multiplies its input by the gates of ``kind``
-    at ``depths`` (several for a layer shared by several depths, taken in call order). An
-    object, so that a deep copy of the model rebinds it."""
+    at its depth (a layer shared by several ``depths`` counts its kind's calls since the forward
+    began: they run depth after depth). An object, so that a deep copy of the model rebinds it."""
 
     def __init__(self, owner: UnitGates, kind: str, depths: list[int]):
         self.owner, self.kind, self.depths = owner, kind, depths
@@ -53,8 +53,8 @@ class _Gate:
             return None
         if len(self.depths) == 1:
             depth = self.depths[0]
-        else:
-            depth = self.depths[owner.calls[self.kind] % len(self.depths)]
+        else:  # a shared layer: the depth is the number of this kind's calls since the forward began
+            depth = owner.calls[self.kind]
             owner.calls[self.kind] += 1
         x = args[0]
         columns = owner.columns[self.kind]

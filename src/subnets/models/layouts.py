@@ -173,7 +173,7 @@ LAYOUTS: dict[str, ModelLayout] = {
         ),
         FeedForwardLayout(_ALBERT_LAYERS, ["ffn"], "ffn_output"),
     ),
-    # decoder LLMs: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3-style separate projections, ...
+    # decoder LLMs with separate q/k/v/o and gate/up/down projections: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, ...
     "llama": ModelLayout(
         AttentionLayout(
             "layers", "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
