@@ -31,6 +31,7 @@ KINDS = {
         groups, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True
     ),
     "adam": lambda groups: torch.optim.Adam(groups, lr=0.01),
+    "adam_decay": lambda groups: torch.optim.Adam(groups, lr=0.01, weight_decay=0.1),  # coupled decay
     "adamw": lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1),
     "adam_amsgrad": lambda groups: torch.optim.Adam(groups, lr=0.01, amsgrad=True),
     "rmsprop": lambda groups: torch.optim.RMSprop(groups, lr=0.01, momentum=0.9),
@@ -541,3 +542,4 @@ def test_an_update_mask_copies_its_masks_and_is_planned_once():
         wrapper.step(update_mask=fixed)
     assert torch.equal(p[1], torch.zeros(3)) and bool((p[0] != 0).all())
     assert len(wrapper._plans) == 1 and dict(fixed) == {"p": fixed["p"]} and not fixed["p"][1].any()
+
