@@ -133,96 +133,22 @@ def tiny_transformer(
 # Every family of Hugging Face transformer the layouts cover, as a tiny random model built from
 # its config (no download): model_type -> (config settings, model class name or None for AutoModel).
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-_DECODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 48, "vocab_size": 120, **_IDS}  # fmt: skip
+_ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48,
+            "vocab_size": 120}  # fmt: skip
+_DECODER = {**_ENCODER, "num_key_value_heads": 2, **_IDS}
+_T5 = {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 48, "vocab_size": 120}
 FAMILIES = {
-    "bert": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-        },
-        None,
-    ),  # fmt: skip
-    "xlm-roberta": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-        },
-        None,
-    ),  # fmt: skip
-    "electra": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-            "embedding_size": 16,
-        },
-        None,
-    ),  # fmt: skip
-    "rembert": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-            "input_embedding_size": 16,
-            "output_embedding_size": 16,
-        },
-        None,
-    ),  # fmt: skip
+    "bert": (_ENCODER, None),
+    "xlm-roberta": (_ENCODER, None),
+    "electra": ({**_ENCODER, "embedding_size": 16}, None),
+    "rembert": ({**_ENCODER, "input_embedding_size": 16, "output_embedding_size": 16}, None),
     "distilbert": ({"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48, "vocab_size": 120}, None),
-    "deberta-v2": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-        },
-        None,
-    ),  # fmt: skip
+    "deberta-v2": (_ENCODER, None),
     "xlm": ({"emb_dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 120}, None),
-    "albert": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "embedding_size": 16,
-            "vocab_size": 120,
-        },
-        None,
-    ),  # fmt: skip
-    "modernbert": (
-        {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 48,
-            "vocab_size": 120,
-            "cls_token_id": 1,
-            "sep_token_id": 2,
-            **_IDS,
-        },
-        None,
-    ),  # fmt: skip
-    "t5": (
-        {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 48, "vocab_size": 120},
-        "T5EncoderModel",
-    ),  # fmt: skip
-    "mt5": (
-        {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 48, "vocab_size": 120},
-        "MT5EncoderModel",
-    ),  # fmt: skip
+    "albert": ({**_ENCODER, "num_hidden_layers": 3, "embedding_size": 16}, None),
+    "modernbert": ({**_ENCODER, "cls_token_id": 1, "sep_token_id": 2, **_IDS}, None),
+    "t5": (_T5, "T5EncoderModel"),
+    "mt5": (_T5, "MT5EncoderModel"),
     "llama": (_DECODER, None),
     "mistral": (_DECODER, None),
     "qwen2": (_DECODER, None),
