@@ -542,4 +542,3 @@ def test_an_update_mask_copies_its_masks_and_is_planned_once():
         wrapper.step(update_mask=fixed)
     assert torch.equal(p[1], torch.zeros(3)) and bool((p[0] != 0).all())
     assert len(wrapper._plans) == 1 and dict(fixed) == {"p": fixed["p"]} and not fixed["p"][1].any()
-

@@ -31,7 +31,7 @@ from math import comb
 import numpy as np
 import torch
 
-from subnets.masks.selection import Units, kind_columns, per_kind
+from subnets.masks.selection import Units, per_kind
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
 
 
@@ -55,7 +55,7 @@ def random_mask_like(
 ) -> torch.Tensor:
     """A random mask with ``mask``'s count in every layer and kind of unit (a float ``mask``,
     e.g. the mean of several masks, gives the rounded counts)."""
-    return per_kind(lambda block, kind: random_unit_mask([int(round(float(c))) for c in block.sum(dim=1)],
+    return per_kind(lambda block, columns: random_unit_mask([int(round(float(c))) for c in block.sum(dim=1)],
                                                          block.shape[1], rng), mask, units)  # fmt: skip
 
 
@@ -103,7 +103,7 @@ def block_counts(mask: torch.Tensor, units: Units | None = None) -> tuple[list[i
     sizes :func:`expected_random_jaccard` takes."""
     counts, sizes = [], []
 
-    def collect(block: torch.Tensor, kind: str) -> torch.Tensor:
+    def collect(block: torch.Tensor, columns: slice) -> torch.Tensor:
         counts.extend(int(c) for c in block.sum(dim=1))
         sizes.extend([block.shape[1]] * block.shape[0])
         return block
@@ -152,10 +152,10 @@ def split_half_agreement(
     the ``spearman`` correlation of the two halves' scores (1 for identical halves)."""
     from scipy.stats import spearmanr
 
-    columns = kind_columns(units).values() if units else [slice(None)]
-
     def select(half: torch.Tensor) -> torch.Tensor:
-        return torch.cat([top_per_layer(half[:, c], mask[:, c].sum(dim=1).tolist()) for c in columns], dim=1)
+        return per_kind(
+            lambda block, columns: top_per_layer(block, mask[:, columns].sum(dim=1).tolist()), half, units
+        )
 
     first, second = select(halves[0]), select(halves[1])
     a, b = (h.flatten().double().numpy() for h in halves)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from subnets.masks.importance import normalize_importance
-from subnets.masks.selection import Units, kind_columns, per_kind, select_keep_ratio, select_top_k
+from subnets.masks.selection import Units, per_kind, select_keep_ratio, select_top_k
 
 
 class ImportanceEMA:
@@ -77,7 +77,7 @@ def select_threshold(
     """Units whose (normalised) score reaches ``threshold`` (exceeds it if ``strict``), plus each
     layer's best units up to ``min_per_layer`` (of each kind)."""
 
-    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+    def select(block: torch.Tensor, columns: slice) -> torch.Tensor:
         mask = block > threshold if strict else block >= threshold
         for layer in range(block.shape[0]):
             if int(mask[layer].sum()) < min_per_layer:
@@ -117,10 +117,9 @@ def select_same_size(
 ) -> torch.Tensor:
     """The best units by ``scores``, as many of each kind as ``current`` keeps (at least
     ``min_per_layer`` per layer)."""
-    columns = kind_columns(units) if units else {"heads": slice(None)}
 
-    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
-        kept = int(current[:, columns[kind]].sum())
+    def select(block: torch.Tensor, columns: slice) -> torch.Tensor:
+        kept = int(current[:, columns].sum())
         return select_top_k(block, max(kept, block.shape[0] * min_per_layer), min_per_layer)
 
     return per_kind(select, scores, units)
@@ -178,11 +177,10 @@ class HardConcreteGates(nn.Module):
         """The deterministic boolean mask (see the class docstring), for each kind of unit."""
         log_alpha = self.log_alpha[language].detach().cpu()
         open_probability = self.open_probability(language).detach().cpu()
-        columns = kind_columns(units) if units else {"heads": slice(None)}
 
-        def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+        def select(block: torch.Tensor, columns: slice) -> torch.Tensor:
             layers = block.shape[0]
-            expected = round(float(open_probability[:, columns[kind]].sum()))
+            expected = round(float(open_probability[:, columns].sum()))
             return select_top_k(
                 block, min(block.numel(), max(layers * min_per_layer, expected)), min_per_layer
             )

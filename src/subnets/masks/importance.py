@@ -50,7 +50,7 @@ def normalize_importance(scores: torch.Tensor, units: Units | None = None) -> to
     """Per-layer L2 normalisation, then global min-max to [0, 1] (Michel et al. 2019), for
     each kind of unit on its own."""
 
-    def normalize(block: torch.Tensor, kind: str) -> torch.Tensor:
+    def normalize(block: torch.Tensor, columns: slice) -> torch.Tensor:
         block = block / block.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-20)
         low, high = block.min(), block.max()
         return (block - low) / (high - low) if high > low else torch.zeros_like(block)

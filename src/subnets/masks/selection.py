@@ -28,14 +28,15 @@ import torch
 Units = Mapping[str, int]  # kind -> units per layer, in column order
 
 
-def per_kind(function: Callable[[torch.Tensor, str], torch.Tensor], tensor: torch.Tensor,
+def per_kind(function: Callable[[torch.Tensor, slice], torch.Tensor], tensor: torch.Tensor,
              units: Units | None = None) -> torch.Tensor:  # fmt: skip
-    """``function(block, kind)`` on each kind's columns of ``tensor`` (``[layers, units]``),
-    the results joined again; one call on the whole tensor for a single kind (or ``units=None``)."""
+    """``function(block, columns)`` on each kind's columns of ``tensor`` (``[layers, units]``;
+    ``columns`` is the block's slice, to take the same columns of another tensor), the results
+    joined again; one call on the whole tensor for a single kind (or ``units=None``)."""
     if units is None or len(units) <= 1:
-        return function(tensor, next(iter(units)) if units else "heads")
+        return function(tensor, slice(None))
     return torch.cat(
-        [function(tensor[:, columns], kind) for kind, columns in kind_columns(units).items()], dim=1
+        [function(tensor[:, columns], columns) for columns in kind_columns(units).values()], dim=1
     )
 
 
@@ -83,7 +84,7 @@ def select_keep_ratio(
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
 
-    def select(block: torch.Tensor, kind: str) -> torch.Tensor:
+    def select(block: torch.Tensor, columns: slice) -> torch.Tensor:
         layers, count = block.shape
         return select_top_k(
             block, max(layers * min_per_layer, round(keep_ratio * layers * count)), min_per_layer
@@ -102,12 +103,8 @@ def prune_lowest(
     """Remove the lowest-scoring ``ceil(fraction * remaining)`` units of ``mask`` (at least one),
     never leaving a layer with fewer than ``min_per_layer`` units; for each kind of unit."""
     if units is not None and len(units) > 1:
-        columns = kind_columns(units)
-
-        def prune(block: torch.Tensor, kind: str) -> torch.Tensor:
-            return prune_lowest(block, mask[:, columns[kind]], fraction, min_per_layer)
-
-        return per_kind(prune, scores, units)
+        return per_kind(lambda block, columns: prune_lowest(block, mask[:, columns], fraction, min_per_layer),
+                        scores, units)  # fmt: skip
     mask = mask.clone().bool()
     count = max(1, math.ceil(fraction * int(mask.sum()) - 1e-9))  # 0.55 * 100 is 55.000000000000007
     kept_per_layer = mask.sum(dim=1)

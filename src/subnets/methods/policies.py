@@ -48,7 +48,7 @@ from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.figures import history_figure
 from subnets.masks.importance import unit_importance
 from subnets.masks.search import find_subnetwork, matching_parameters
-from subnets.masks.selection import Units, kind_columns, per_kind, select_keep_ratio
+from subnets.masks.selection import Units, per_kind, select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
@@ -166,15 +166,12 @@ class SubnetworkPolicy(MaskPolicy):
             model, self.batcher.fixed(support, size, max(1, -(-len(support) // size)), "support")
         )
         if policy == "support":  # the source masks' mean share of each kind of unit
-            units, columns = self.masks.units, kind_columns(self.masks.units)
 
-            def select(block: torch.Tensor, kind: str) -> torch.Tensor:
-                keep = float(
-                    np.mean([s.unit_mask[:, columns[kind]].float().mean() for s in self.masks.values()])
-                )
+            def select(block: torch.Tensor, columns: slice) -> torch.Tensor:
+                keep = float(np.mean([s.unit_mask[:, columns].float().mean() for s in self.masks.values()]))
                 return select_keep_ratio(block, keep, self.search.min_heads_per_layer)
 
-            return Subnetwork(per_kind(select, scores, units), scores=scores)
+            return Subnetwork(per_kind(select, scores, self.masks.units), scores=scores)
         similarity = {
             source: float(torch.nn.functional.cosine_similarity(scores.flatten(), s.scores.flatten(), dim=0))
             for source, s in self.masks.items()
