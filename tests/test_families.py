@@ -24,6 +24,7 @@ from test_methods_learn import SMALL_DEFAULT_JOB
 
 from subnets.files import read_jsonl
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
+from subnets.models.gates import UnitGates
 from subnets.models.layouts import UnknownLayoutError
 from subnets.runner import Run, run
 from subnets.trained import load_run
@@ -187,3 +188,21 @@ def test_a_layout_declared_in_the_config_gives_the_detected_layouts_run(tmp_path
     )
     with pytest.raises(ValueError, match=r"model.layout=.*unexpected keyword argument 'layer'"):
         run(tiny_config(*settings, misspelt), tmp_path / "misspelt")
+
+
+def test_an_encoder_decoder_checkpoint_loads_its_encoder_alone(tmp_path):
+    """A saved mT5 (encoder and decoder) loads as MT5EncoderModel with the encoder's weights."""
+    import transformers
+
+    from subnets.models.encoder import load_pretrained
+
+    config = transformers.MT5Config(vocab_size=120, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=48,
+                                    decoder_start_token_id=0)  # fmt: skip
+    full = transformers.MT5ForConditionalGeneration(config)
+    full.save_pretrained(tmp_path)
+    eos_only_tokenizer().save_pretrained(tmp_path)
+    encoder, _ = load_pretrained(str(tmp_path))
+    assert type(encoder).__name__ == "MT5EncoderModel"
+    assert torch.equal(encoder.encoder.block[1].layer[0].SelfAttention.q.weight,
+                       full.encoder.block[1].layer[0].SelfAttention.q.weight)  # fmt: skip
+    assert UnitGates(encoder, "both").units == {"heads": 4, "neurons": 48}
