@@ -54,9 +54,9 @@ class Encoder(nn.Module):
     word representations at the positions the batch's ``word_index`` names (the collator
     reads each word from its first subword and the root from ``[CLS]`` in a bidirectional
     encoder; from its last subword and the root from the final token in a causal decoder,
-    ``causal``). With ``autocast`` (a dtype, e.g. ``torch.bfloat16``) the transformer runs under
-    ``torch.autocast`` on its device (weights stay float32); its hidden states are returned to
-    float32 for the scalar mix and the task model.
+    ``gates.layout.causal``). With ``autocast`` (a dtype, e.g. ``torch.bfloat16``) the
+    transformer runs under ``torch.autocast`` on its device (weights stay float32); its hidden
+    states are returned to float32 for the scalar mix and the task model.
 
     Args:
         units: the gated units, ``heads``, ``neurons`` or ``both`` (:class:`UnitGates`).
@@ -70,7 +70,6 @@ class Encoder(nn.Module):
         self.autocast = autocast
         self.mix = ScalarMix(transformer.config.num_hidden_layers, mix_dropout)
         self.gates = UnitGates(transformer, units, layout)
-        self.causal = self.gates.layout.causal
         self.hidden_size = int(transformer.config.hidden_size)
 
     def forward(
