@@ -15,19 +15,16 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
+
+from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.config import compose_config
 from subnets.data.cache import TreebankCache
 from subnets.data.languages import load_run_data, treebank_root
 from subnets.models.encoder import load_pretrained
-
-REPO = Path(__file__).resolve().parents[1]
-UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(REPO.parent / "shared" / "data" / "ud"))
-E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
 
 
 def read(cfg, tokenizer, cache: TreebankCache) -> tuple[float, int]:

@@ -19,12 +19,11 @@ Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -35,10 +34,6 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.optim.masked import MaskedOptimizer
 from subnets.update import parameter_groups, training_step
-
-REPO = Path(__file__).resolve().parents[1]
-UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
-E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
 
 
 def main() -> None:

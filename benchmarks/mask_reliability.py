@@ -34,13 +34,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.checkpoint import phase_rng
 from subnets.config import compose_config
@@ -50,9 +49,6 @@ from subnets.masks.importance import finetuned_copy, normalize_importance, unit_
 from subnets.masks.selection import select_keep_ratio
 from subnets.runner import Run
 
-REPO = Path(__file__).resolve().parents[1]
-UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(REPO.parent / "shared" / "data" / "ud"))
-E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
 BATCHES = 32  # per language and model state; options use the first N
 SIZES = (2, 8, 16, 32)
 DECAYS = (0.9, 0.97, 0.99)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -42,9 +42,6 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.update import parameter_groups
 
-REPO = Path(__file__).resolve().parents[1]
-UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
-E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
 LANGUAGES = ["en_ewt", "ko_kaist"]
 INNER_LR = {"encoder": 1e-3, "head": 1e-2}
 

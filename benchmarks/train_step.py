@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -57,9 +57,6 @@ from subnets.models.gates import HeadGates, NeuronGates, UnitGates
 from subnets.optim.masked import MaskedOptimizer
 from subnets.update import parameter_groups, training_step
 
-REPO = Path(__file__).resolve().parents[1]
-UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", REPO.parent / "shared" / "data" / "ud"))
-E5_PATH = os.environ.get("SUBNETS_E5_PATH", str(REPO.parent / "shared" / "models" / "multilingual-e5-small"))
 LANGUAGES = ["en_ewt", "ko_kaist", "ar_pud", "cs_pud"]
 
 
