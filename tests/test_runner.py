@@ -176,11 +176,13 @@ def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp
 
 
 @pytest.mark.parametrize("method", ["baseline", "maml"])
-def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_path, method):
+def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_path, method, caplog):
     experiment = Run(
         tiny_config(f"+method={method}", "model.freeze_embeddings=true", "train.steps=30"), tmp_path
     )
-    experiment.setup()
+    with caplog.at_level("WARNING", logger="subnets.models.build"):
+        experiment.setup()
+    assert "freezes its random initial embeddings" in caplog.text  # the tiny model's are random
     embeddings = experiment.model.encoder.transformer.get_input_embeddings().weight
     before = {name: p.detach().clone() for name, p in experiment.model.named_parameters()}
     try:
