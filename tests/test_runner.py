@@ -180,7 +180,7 @@ def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_pat
     experiment = Run(
         tiny_config(f"+method={method}", "model.freeze_embeddings=true", "train.steps=30"), tmp_path
     )
-    with caplog.at_level("WARNING", logger="subnets.models.build"):
+    with caplog.at_level("WARNING", logger="subnets.runner"):
         experiment.setup()
     assert "freezes its random initial embeddings" in caplog.text  # the tiny model's are random
     embeddings = experiment.model.encoder.transformer.get_input_embeddings().weight

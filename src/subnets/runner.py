@@ -188,6 +188,10 @@ class Run:
         if main:
             self.parallel.barrier()
         self.data.tokenize(self.tokenizer, cache)
+        if cfg.model.freeze_embeddings and cfg.model.name_or_path == "tiny":
+            log.warning("model.freeze_embeddings=true on the tiny model freezes its random initial "
+                        "embeddings (the default job loses about 8 development LAS); the setting is "
+                        "meant for pretrained encoders")  # fmt: skip
         self.model = build_model(cfg, transformer).to(self.device)
         self.collator = Collator(
             self.tokenizer, self._max_subwords(transformer), causal=self.model.gates.layout.causal

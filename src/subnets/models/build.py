@@ -11,7 +11,6 @@ Example (what the runner and the benchmarks do)::
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,8 +21,6 @@ from hydra.utils import instantiate
 from torch import nn
 
 from subnets.models.encoder import Encoder, build_tiny_transformer, load_pretrained, train_subword_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def build_encoder(
@@ -69,10 +66,6 @@ def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
     bfloat16 autocast with ``train.precision=bf16``; gates on the units of ``masks.units``, found
     by ``model.layout`` or the detected layout)."""
     if cfg.model.freeze_embeddings:
-        if cfg.model.name_or_path == "tiny":
-            log.warning("model.freeze_embeddings=true on the tiny model freezes its random initial "
-                        "embeddings (the default job loses about 8 development LAS); the setting is "
-                        "meant for pretrained encoders")  # fmt: skip
         transformer.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.encoder_dropout is not None:
         for module in transformer.modules():
