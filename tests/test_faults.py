@@ -16,11 +16,12 @@ from subnets.checkpoint import load_checkpoint
 from subnets.data.batching import Collator, encode_words
 from subnets.data.treebank import Sentence
 from subnets.files import read_jsonl
+from subnets.guards import DivergenceGuard
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer
 from subnets.runner import Run, run
-from subnets.update import DivergenceGuard, linear_schedule, training_step
+from subnets.update import linear_schedule, training_step
 
 
 def train_command(run_dir, *extra):
@@ -130,10 +131,11 @@ def test_nan_steps_are_skipped_logged_and_the_run_finishes(tmp_path, monkeypatch
 
 def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     poison_training_steps(monkeypatch, set(range(6, 13)))
-    with pytest.raises(
-        FloatingPointError, match=r"3 steps in a row \(steps 6-8, train.max_nonfinite_steps=3\)"
-    ):
+    last = tmp_path / "checkpoints" / "last.safetensors"
+    with pytest.raises(FloatingPointError) as error:
         run(tiny_config("train.max_nonfinite_steps=3"), tmp_path)
+    assert "3 steps in a row (steps 6-8, train.max_nonfinite_steps=3)" in str(error.value)
+    assert f"the last good checkpoint is {last} (step 4)" in str(error.value)  # step 5 was fine
     last = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
     assert last["step"] == 4  # checkpoint_every=4; the one at step 8 was never written
     assert all(torch.isfinite(t).all() for t in last["model"].values())
@@ -159,29 +161,40 @@ def test_divergence_guard_flags_intervals_far_above_the_running_best():
 EXPLODING = ["train.lr_encoder=3", "train.lr_head=3", "train.warmup_steps=20", "train.steps=30"]
 
 
-def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, caplog):
+def test_a_diverging_run_stops_saying_that_no_good_checkpoint_is_kept(tmp_path, caplog):
     with caplog.at_level("WARNING"), pytest.raises(FloatingPointError) as error:
         run(tiny_config(*EXPLODING), tmp_path)
     message = str(error.value)
     assert "3 log intervals in a row (steps 6-12)" in message and "train.divergence_patience=3" in message
     last = tmp_path / "checkpoints" / "last.safetensors"
-    assert f"{last} (step 4)" in message
+    # step 5's loss (measured: hundreds) was already above 10 x the first step's: the weights of step 4 had
+    # exploded, so the checkpoint is not called good (issue 26)
+    assert "last good checkpoint" not in message
+    assert (
+        f"no good checkpoint is kept: {last} (step 4) holds weights whose next loss was already wrong"
+        in message
+    )
     # checkpoint_every=4: the one at step 8 fell inside the streak and was not written
     assert load_checkpoint(last)["step"] == 4
-    assert "step 6: training loss" in caplog.text and "more than 10 times its best" in caplog.text
+    assert (
+        "step 6: training loss" in caplog.text
+        and "is above 10 x the lower of the first step's loss" in caplog.text
+    )
     assert not (tmp_path / "results.json").exists()
 
 
 def test_diverging_intervals_are_counted_in_the_results(tmp_path):
     results = run(tiny_config(*EXPLODING, "train.divergence_patience=100", "fewshot.repetitions=0"), tmp_path)
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    initial = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")["divergence"]["initial"]
     best, flagged = math.inf, 0
-    for loss in losses:  # the rule, recomputed from the logged interval means
-        if loss > 10 * best:
+    for loss in losses:  # the rule, recomputed from the logged interval means and the first step's loss
+        if loss > 10 * min(initial, best):
             flagged += 1
         else:
             best = min(best, loss)
     assert flagged >= 5 and results["diverging_log_intervals"] == flagged
+    assert results["status"] == "diverged" and results["divergence"]["since_step"] == 6
 
 
 def test_overwrite_reruns_a_finished_run_from_scratch(tmp_path, monkeypatch):

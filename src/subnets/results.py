@@ -33,6 +33,10 @@ def format_results(results: dict[str, Any]) -> str:
             )
     header = ("language", "role", "split", "words", "UAS", "LAS", "UPOS")
     lines = _table(header, rows)
+    if results.get("status") == "diverged":
+        since = results.get("divergence", {}).get("since_step", "?")
+        lines = [f"DIVERGED: the training loss diverged from step {since} to the end (results.json status: "
+                 "diverged); these are the scores of a diverged run", *lines]  # fmt: skip
     fewshot = results.get("fewshot", {})
     if fewshot.get("languages"):
         lines += ["", f"few-shot: k={fewshot['k']} support sentences, {fewshot['steps']} steps, "

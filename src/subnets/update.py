@@ -1,5 +1,5 @@
 """The update every step shares (mask, clip, finite check, masked step, schedule), one training
-step on a batch, the runner's parameter groups and schedule, and the divergence guard."""
+step on a batch, the runner's parameter groups and schedule."""
 
 from __future__ import annotations
 
@@ -29,106 +29,6 @@ class StepResult:
     gate_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     language: str = ""  # the step's language (the first of a meta-learning episode)
     skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
-
-
-@dataclass
-class DivergenceGuard:
-    """Flags log intervals whose mean training loss exceeds ``factor`` times the best interval
-    mean so far; :meth:`check` says when ``patience`` intervals in a row were flagged.
-
-    The NaN/inf guard of :func:`training_step` catches non-finite values only; a loss that
-    climbs from 0.5 to 500 and stays finite is caught here. ``factor <= 0`` switches it off.
-    """
-
-    factor: float = 10.0
-    patience: int = 3
-    best: float | None = None  # the lowest interval mean so far
-    best_step: int = 0
-    in_a_row: int = 0  # flagged intervals in a row, ending at the latest
-    streak_start: int = 0  # the step of the first interval of the current streak
-    flagged: int = 0  # flagged intervals in the whole run
-
-    def check(self, step: int, loss: float) -> bool:
-        """Record the mean loss of the interval ending at ``step``; returns whether it is flagged."""
-        if self.factor <= 0 or loss != loss:  # off, or a NaN mean (the NaN guard's business)
-            return False
-        if self.best is not None and loss > self.factor * self.best:
-            self.in_a_row += 1
-            self.flagged += 1
-            if self.in_a_row == 1:
-                self.streak_start = step
-            return True
-        self.in_a_row = 0
-        if self.best is None or loss < self.best:
-            self.best, self.best_step = loss, step
-        return False
-
-    @property
-    def exhausted(self) -> bool:
-        """Whether ``patience`` intervals in a row were flagged."""
-        return self.factor > 0 and self.in_a_row >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "in_a_row": self.in_a_row,
-                "streak_start": self.streak_start, "flagged": self.flagged}  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-class LossGuard:
-    """Stops a run whose training loss goes wrong, with an error that names the steps and the
-    last good checkpoint: ``max_nonfinite`` steps in a row skipped for a NaN or infinite loss
-    or gradient (:meth:`after_step`), or ``divergence`` flagging its ``patience`` log
-    intervals in a row (:meth:`after_interval`; each flagged interval is logged as a warning).
-
-    Args:
-        where: the run (its folder), named in the errors.
-        last_good: returns the description of the last good checkpoint ("none was written").
-    """
-
-    def __init__(
-        self, where: object, max_nonfinite: int, divergence: DivergenceGuard, last_good: Callable[[], str]
-    ):
-        self.where, self.max_nonfinite, self.divergence, self.last_good = (
-            where,
-            max_nonfinite,
-            divergence,
-            last_good,
-        )
-        self.nonfinite_in_a_row = 0
-
-    def after_step(self, step: int, result: StepResult) -> None:
-        if not result.skipped:
-            self.nonfinite_in_a_row = 0
-            return
-        self.nonfinite_in_a_row += 1
-        log.warning("step %d (%s): loss %s, gradient norm %s; the step was skipped",
-                    step, result.language, result.loss, result.grad_norm)  # fmt: skip
-        if self.nonfinite_in_a_row >= self.max_nonfinite:
-            raise FloatingPointError(
-                f"{self.where}: {self.nonfinite_in_a_row} steps in a row (steps {step - self.nonfinite_in_a_row + 1}"
-                f"-{step}, train.max_nonfinite_steps={self.max_nonfinite}) had a NaN or infinite loss or gradient; "
-                f"the last good checkpoint is {self.last_good()}. Lower the learning rates (train.lr_encoder, "
-                "train.lr_head) or check the data."
-            )
-
-    def after_interval(self, step: int, loss: float) -> None:
-        guard = self.divergence
-        if not guard.check(step, loss):
-            return
-        factor = guard.factor
-        log.warning("step %d: training loss %.4g is more than %g times its best %.4g (step %d): diverging?",
-                    step, loss, factor, guard.best, guard.best_step)  # fmt: skip
-        if guard.exhausted:
-            raise FloatingPointError(
-                f"{self.where}: the training loss diverged: {guard.in_a_row} log intervals in a row (steps "
-                f"{guard.streak_start}-{step}) above {factor:g} x its best {guard.best:.4g} (step "
-                f"{guard.best_step}); the last was {loss:.4g} (train.divergence_factor={factor:g}, "
-                f"train.divergence_patience={guard.patience}). The last good checkpoint is {self.last_good()}. "
-                "Lower the learning rates (train.lr_encoder, train.lr_head, meta.inner_lr_*) or check the data."
-            )
 
 
 def _finite(*values: torch.Tensor | float) -> bool:
