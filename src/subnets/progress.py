@@ -54,18 +54,28 @@ class Clock:
         return {phase: round(seconds, 2) for phase, seconds in self.seconds.items()}
 
 
+class _FolderLogHandler(logging.FileHandler):
+    """A file handler that writes nothing while its folder does not exist (a run refused before
+    it made its folder leaves no folder behind)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None and not Path(self.baseFilename).parent.is_dir():
+            return
+        super().emit(record)
+
+
 @contextmanager
 def run_log(folder: str | os.PathLike) -> Iterator[None]:
     """While a run lasts: its ``subnets`` log records at INFO go to ``<folder>/train.log``
-    (unless a handler writes there already, as Hydra's does), and log lines written to a
-    terminal do not break its progress bars."""
+    once the folder exists (unless a handler writes there already, as Hydra's does), and log
+    lines written to a terminal do not break its progress bars."""
     path = (Path(folder) / "train.log").resolve()
     package = logging.getLogger("subnets")
     handlers = [*logging.getLogger().handlers, *package.handlers]
     logged = any(Path(getattr(h, "baseFilename", "")).resolve() == path for h in handlers)
     handler, level = None, package.level
     if not logged:
-        handler = logging.FileHandler(path, delay=True)
+        handler = _FolderLogHandler(path, delay=True)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         package.addHandler(handler)
     if package.getEffectiveLevel() > logging.INFO:
