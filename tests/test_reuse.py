@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
 
 def scores(results: dict) -> dict:
     """Everything an evaluation reproduces: the scores and the policy's figures."""
-    return {k: v for k, v in results.items() if k not in ("seconds", "evaluated", "diverging_log_intervals")}
+    return {k: v for k, v in results.items()
+            if k not in ("seconds", "evaluated", "diverging_log_intervals", "status")}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -75,7 +76,10 @@ def test_evaluate_command_on_a_new_language_and_other_fewshot_settings(runs, tmp
     assert list(evaluated["target"]) == ["syn_new"] and evaluated["source"] == results["source"]
     fewshot = evaluated["fewshot"]
     assert (fewshot["k"], fewshot["repetitions"], len(fewshot["languages"]["syn_new"]["runs"])) == (3, 3, 3)
-    assert "syn_new" in done.stdout.splitlines()[-2]  # the results table, last
+    assert "syn_new" in done.stdout.splitlines()[-3]  # the results table, then where it went
+    assert (
+        done.stdout.splitlines()[-1].startswith("evaluated ") and str(output / "results.json") in done.stdout
+    )
 
 
 @pytest.mark.parametrize(

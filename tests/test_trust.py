@@ -61,7 +61,12 @@ def test_other_data_under_the_same_root_is_refused_and_the_folder_left_as_it_was
     train.write_text(train.read_text().replace("\tnsubj\t", "\tobj\t", 1))
     with pytest.raises(ValueError, match=r"data: syn_svo/train.conllu has other content"):
         run(ud_job(ud_root), folder)
-    assert hashes(folder) == before
+    refused = hashes(folder)
+    assert (
+        refused.pop("train.log") != before["train.log"]
+    )  # the error is added to the log, nothing else changes
+    assert "data: syn_svo/train.conllu has other content" in (folder / "train.log").read_text()
+    assert refused == {k: v for k, v in before.items() if k != "train.log"}
     # the same content elsewhere is the same run: found finished, not run again
     moved = tmp_path / "moved"
     os.rename(ud_root, moved)
@@ -117,7 +122,9 @@ def test_overwrite_checks_everything_before_it_deletes_anything(tmp_path):
         run(tiny_config("overwrite=true", f"model.name_or_path={tmp_path / 'no-such-model'}"), folder)
     with pytest.raises(SettingError, match="masks.keep_ratio"):
         run(tiny_config("overwrite=true", "masks.keep_ratio=1.5"), folder)
-    assert hashes(folder) == before
+    after = hashes(folder)
+    assert after.pop("train.log") != before.pop("train.log")  # the two errors are added to the log
+    assert after == before and "masks.keep_ratio=1.5" in (folder / "train.log").read_text()
 
 
 # ---------------------------------------------------------------- settings, checked at start

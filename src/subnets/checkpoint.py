@@ -74,6 +74,36 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return _unflatten(json.loads(state) if isinstance(state, str) else state, tensors)
 
 
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config a checkpoint recorded (None if it holds none), read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        state = json.loads(metadata["subnets"])["state"]
+        state = json.loads(state) if isinstance(state, str) else state
+    except (KeyError, TypeError, ValueError):
+        return None
+    return state.get("config") if isinstance(state, dict) else None
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                     described_by: str = "the settings") -> None:  # fmt: skip
+    """``model.load_state_dict(state)``, where a checkpoint that does not fit is a ValueError
+    naming the checkpoint ``path``, what ``described_by`` the model (e.g. a run.json), and the
+    first tensors that differ (instead of torch's size-mismatch traceback)."""
+    own = model.state_dict()
+    problems = [f"{name} has shape {list(t.shape)} in the checkpoint, {list(own[name].shape)} in the model"
+                for name, t in state.items() if name in own and own[name].shape != t.shape]  # fmt: skip
+    problems += [f"{name} is missing from the checkpoint" for name in own if name not in state]
+    problems += [f"{name} is in the checkpoint, not in the model" for name in state if name not in own]
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"{path} does not fit the model {described_by} describes: {listed}")
+    model.load_state_dict(state)
+
+
 @contextlib.contextmanager
 def phase_rng(seed: int, phase: str, device: str | torch.device = "cpu") -> Iterator[None]:
     """Run a phase (a mask search, a few-shot repetition) on torch's global generators forked

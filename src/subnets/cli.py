@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from subnets.config import SettingError
+from subnets.runfolder import RunFolderInUse
 
 
 def split_arguments(
@@ -38,6 +39,6 @@ def main_of(command, usage: str) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         command(sys.argv[1:])
-    except (SettingError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (SettingError, ValueError, OSError, RunFolderInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

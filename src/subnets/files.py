@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -30,7 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -46,6 +47,49 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (),
+                      setting: str = "output") -> Path:  # fmt: skip
+    """Refuse, before any work, an output file that would destroy an input or could not be
+    written: one that is an input (the same path, or the same file under another name), a
+    folder, a file that is not writable, or a path whose nearest existing parent is a file or a
+    folder that is not writable. The errors name ``setting``; returns the output path."""
+    path = Path(output)
+    for given in inputs:
+        source = Path(given)
+        if source.exists() and (
+            path.resolve() == source.resolve() or (path.exists() and os.path.samefile(path, source))
+        ):
+            raise ValueError(f"{setting}={path} is the input file {source}: writing it would destroy the input; "
+                             "choose another output path")  # fmt: skip
+    if path.is_dir():
+        raise ValueError(f"{setting}={path} is a folder; expected a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{setting}={path} is not writable")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{setting}={path}: {parent} is a file, so the output cannot be created below it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{setting}={path}: the folder {parent} is not writable")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The JSON value in ``path``; a file that is not valid JSON (truncated, edited) raises a
+    ValueError naming the file, ``what`` it is, and the line and column of the problem."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} ({what}) is not valid JSON at line {error.lineno} column {error.colno}: "
+            f"{error.msg} (the file is damaged or was edited)"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} ({what}) is not UTF-8 text: {error}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from subnets.analysis.conflict import conflict_matrix, probe_batches
 from subnets.analysis.similarity import cka_record
-from subnets.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from subnets.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from subnets.config import SettingError, setting, validate_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
@@ -43,7 +50,8 @@ from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.evaluate import evaluate
 from subnets.fewshot import few_shot
-from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from subnets.guards import DivergenceGuard, LossGuard
 from subnets.identity import config_differences, data_fingerprint, identity_differences, model_fingerprint
 from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
 from subnets.methods.episodes import MAMLEpisodes
@@ -51,8 +59,9 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.progress import Clock, bar, duration, run_log
 from subnets.results import format_results
+from subnets.runfolder import RunFolder
 from subnets.tracking import Tracker
-from subnets.update import DivergenceGuard, LossGuard, StepResult, linear_schedule, parameter_groups
+from subnets.update import StepResult, linear_schedule, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +114,18 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
                            "or no step would be trained with the masks")  # fmt: skip
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The settings alone (:func:`~subnets.config.validate_config`) and those of the method
+    (:func:`check_method_settings`): what is refused before any file is read or written."""
+    validate_config(cfg)
+    check_method_settings(cfg, build_method(cfg))
+
+
 def check_inputs(cfg: DictConfig) -> None:
     """Everything :meth:`Run.setup` checks before training that needs no run folder: the
     settings, the method, the data (synthetic languages generated into a temporary folder) and
     the model. ``overwrite=true`` calls it before it deletes anything."""
-    validate_config(cfg)
-    check_method_settings(cfg, build_method(cfg))
+    check_settings(cfg)
     with tempfile.TemporaryDirectory() as folder:
         data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed,
                              cache=treebank_cache(cfg.languages))  # fmt: skip
@@ -147,9 +162,8 @@ class Run:
         self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
         self.parallel = DataParallel()
         self.tracker = Tracker(self.folder, enabled=False)
-        self.checkpoint_step: int | None = None  # the step checkpoints/last.safetensors holds
-        self.divergence = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
-        self.guard = LossGuard(self.folder, cfg.train.max_nonfinite_steps, self.divergence, self._last_good)
+        divergence = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
+        self.guard = LossGuard(self.folder, cfg.train.max_nonfinite_steps, divergence, self.last_checkpoint)
 
     # ------------------------------------------------------------------ setup
     def setup(self, record: Mapping[str, str] | None = None) -> None:
@@ -307,11 +321,11 @@ class Run:
             "sampler": self.sampler.state_dict(),
             "method": self.method.state_dict(),
             "best": self.best,
-            "divergence": self.divergence.state_dict(),
+            "divergence": self.guard.state_dict(),
             "rng": rng_state(),
         }
         path = save_checkpoint(self.last_checkpoint, state)
-        self.checkpoint_step = self.step
+        self.guard.checkpoint_written(self.step, None if self.guard.healthy else False)
         return path
 
     def drop_optimizer_state(self) -> None:
@@ -327,11 +341,6 @@ class Run:
             save_checkpoint(path, state)
             log.info("dropped the optimizer state from %s: %.1f MB -> %.1f MB", path, before / 1e6,
                      path.stat().st_size / 1e6)  # fmt: skip
-
-    def _last_good(self) -> str:
-        if self.checkpoint_step is None:
-            return "none was written"
-        return f"{self.last_checkpoint} (step {self.checkpoint_step})"
 
     @property
     def identity_path(self) -> Path:
@@ -352,7 +361,9 @@ class Run:
                 f"{self.folder} already holds a run ({path}); pass resume=true to continue it, "
                 "or choose another folder (hydra.run.dir=...)"
             )
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "the run's identity")
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError(f"{path}: expected a JSON object with the run's 'config' (the file is damaged)")
         self._refuse(config_differences(saved["config"], self._config_container()))
         return saved
 
@@ -380,7 +391,7 @@ class Run:
             self._drop_records_after(None)  # a run killed before its first checkpoint starts again
             return False
         state = load_checkpoint(path, self.device)
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], path, f"the settings of {self.identity_path}")
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         elif state["step"] < self.cfg.train.steps:
@@ -391,8 +402,8 @@ class Run:
         self.sampler.load_state_dict(state["sampler"])
         self.method.load_state_dict(state["method"])
         self.step, self.best = state["step"], state["best"]
-        self.checkpoint_step = self.step
-        self.divergence.load_state_dict(state["divergence"])
+        self.guard.load_state_dict(state["divergence"])
+        self.guard.checkpoint_written(self.step)
         set_rng_state(state["rng"])
         self._drop_records_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -464,9 +475,8 @@ class Run:
             if main and conflict_every > 0 and self.step % conflict_every == 0:
                 with clock("analyses"):
                     self.measure_conflict()
-            # While the loss is flagged as diverging, last.safetensors stays the last good state.
-            diverging = self.divergence.in_a_row > 0
-            if (self.step % train.checkpoint_every == 0 and not diverging) or self.step == train.steps:
+            # While the loss goes wrong, last.safetensors stays the last good state (but at the end).
+            if (self.step % train.checkpoint_every == 0 and self.guard.healthy) or self.step == train.steps:
                 with clock("checkpoints"):
                     self.save_checkpoint()
         progress.close()
@@ -490,7 +500,7 @@ class Run:
             clip_norm=train.clip_norm, scheduler=self.scheduler, parallel=self.parallel,
         )  # fmt: skip
         self.step += 1
-        self.guard.after_step(self.step, result)
+        self.guard.after_step(self.step, result.loss, result.skipped, result.language, result.grad_norm)
         return result, self.method.policy.after_step(self.step, result)
 
     def validate(self) -> float | None:
@@ -515,8 +525,8 @@ class Run:
                  " (best so far)" if best else "")  # fmt: skip
         if best:
             self.best = {"metric": metric, "step": self.step}
-            state = {"step": self.step, "metric": metric, "model": self.model.state_dict(),
-                     "method": self.method.state_dict()}  # fmt: skip
+            state = {"step": self.step, "metric": metric, "config": self._config_container(),
+                     "model": self.model.state_dict(), "method": self.method.state_dict()}  # fmt: skip
             save_checkpoint(self.best_checkpoint, state)
         return metric
 
@@ -536,7 +546,12 @@ class Run:
         if self.cfg.analysis.cka_sentences > 0:
             with self.clock("analyses"):
                 self.measure_cka("after")
-        return self.write_results({"diverging_log_intervals": self.divergence.flagged})
+        status = self.guard.status()
+        if status["status"] == "diverged":
+            log.warning("the run ended with its training loss diverging (since step %d, above %s): its results are "
+                        "those of a diverged run (results.json status: diverged)", status["divergence"]["since_step"],
+                        status["divergence"]["reference"])  # fmt: skip
+        return self.write_results(status)
 
     def write_results(self, about: Mapping[str, Any]) -> dict[str, Any]:
         """Score the current model on every evaluated language (predictions into
@@ -637,54 +652,53 @@ def run(
 ) -> dict[str, Any]:
     """Set up, train, evaluate; returns the results (also in ``folder/results.json``).
 
-    A run folder that already holds a checkpoint is resumed (``resume=true``); one whose
-    training finished and whose results exist is not run again, unless ``overwrite=true``,
-    which first checks the new settings, data and model (:func:`check_inputs`) and then
-    deletes the folder's earlier outputs. ``record``: files written into the folder once it is
-    accepted (:meth:`Run.setup`). Under ``torchrun`` every process trains; rank 0 evaluates and
-    returns the results, the others return an empty dict.
+    The folder is locked for the whole run (:meth:`RunFolder.lock`: a second command on it is
+    refused, naming the holder). A run folder that already holds a checkpoint is resumed
+    (``resume=true``); one whose training finished and whose results exist is not run again,
+    unless ``overwrite=true``, which first checks the new settings, data and model
+    (:func:`check_inputs`) and then deletes the folder's earlier outputs. ``record``: files
+    written into the folder once it is accepted (:meth:`Run.setup`). Under ``torchrun`` every
+    process trains; rank 0 holds the lock, evaluates and returns the results, the others return
+    an empty dict. An error is also written to the folder's ``train.log``.
     """
-    results_path = Path(folder) / "results.json"
-    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+    paths = RunFolder(folder)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with run_log(folder):  # into the folder's train.log once it exists (Hydra makes it first)
+        try:
+            check_settings(cfg)  # before the folder is made or locked
+            with paths.lock() if main else nullcontext():
+                return _run_locked(cfg, paths, record, main)
+        except Exception as error:
+            log.error("%s: %s", type(error).__name__, error)
+            raise
+
+
+def _run_locked(
+    cfg: DictConfig, paths: RunFolder, record: Mapping[str, str] | None, main: bool
+) -> dict[str, Any]:
+    if cfg.overwrite and main:
         check_inputs(cfg)
-        clear_outputs(folder)
-    training = Run(cfg, folder)
+        paths.clear()
+    training = Run(cfg, paths.root)
     try:
-        with run_log(folder):
-            training.setup(record)
-            if training.resumed and training.step >= cfg.train.steps and results_path.exists():
-                message = (
-                    f"{folder} already finished; its results are in {results_path} (overwrite=true reruns it)"
-                )
-                log.info(message)
-                print(message)
-                if not cfg.train.keep_optimizer_state:
-                    training.drop_optimizer_state()
-                return json.loads(results_path.read_text()) if training.parallel.is_main else {}
-            training.train()
-            if not training.parallel.is_main:
-                return {}
-            results = training.final_evaluation()
+        training.setup(record)
+        if training.resumed and training.step >= cfg.train.steps and paths.results.exists():
+            message = f"{paths.root} already finished; its results are in {paths.results} (overwrite=true reruns it)"
+            log.info(message)
+            print(message)
             if not cfg.train.keep_optimizer_state:
                 training.drop_optimizer_state()
-            log.info(
-                "finished in %s; results in %s",
-                duration(time.perf_counter() - training.started),
-                results_path,
-            )
+            return read_json(paths.results, "the run's results") if training.parallel.is_main else {}
+        training.train()
+        if not training.parallel.is_main:
+            return {}
+        results = training.final_evaluation()
+        if not cfg.train.keep_optimizer_state:
+            training.drop_optimizer_state()
+        log.info(
+            "finished in %s; results in %s", duration(time.perf_counter() - training.started), paths.results
+        )
     finally:
         training.close()
     print(format_results(results))
     return results
-
-
-def clear_outputs(folder: str | os.PathLike) -> None:
-    """Delete what a run wrote into ``folder``, its ``.hydra/`` record included (log files stay:
-    Hydra's logger holds them open)."""
-    for path in Path(folder).glob("*"):
-        if path.suffix == ".log":
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()

@@ -16,7 +16,7 @@ Example (a notebook)::
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,20 +26,24 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from subnets.checkpoint import load_checkpoint
+from subnets.checkpoint import checkpoint_config, load_checkpoint, load_model_state
 from subnets.config import Config, SettingError, run_folder_name, setting, validate_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, unparsed, write_conllu
 from subnets.evaluate import evaluate, predict
 from subnets.fewshot import few_shot
-from subnets.identity import model_fingerprint
+from subnets.files import check_output_path, read_json
+from subnets.identity import config_differences, model_fingerprint
 from subnets.methods.base import Method
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.progress import run_log
 from subnets.results import format_results
+from subnets.runfolder import RunFolder
 from subnets.runner import Run, build_method, resolve_device
+
+log = logging.getLogger(__name__)
 
 # Settings an evaluation may change: which languages and data, the few-shot protocol, the
 # test-time policy for unseen languages, where the model is and what runs it.
@@ -63,7 +67,13 @@ def read_run_config(folder: str | os.PathLike) -> DictConfig:
     if not path.exists():
         raise FileNotFoundError(f"run={folder} holds no run of subnets (no run.json): pass the folder a "
                                 "training run wrote (outputs/<name>/<overrides>, or its hydra.run.dir)")  # fmt: skip
-    return OmegaConf.merge(OmegaConf.structured(Config), json.loads(path.read_text())["config"])
+    saved = read_json(path, "the run's identity")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{path}: expected a JSON object with the run's 'config' (the file is damaged)")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), saved["config"])
+    except Exception as error:  # OmegaConf's validation errors name the key
+        raise ValueError(f"{path}: its config does not fit the settings schema: {error}") from None
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -152,6 +162,10 @@ class TrainedRun:
         policy = self.method.policy
         if language in self.languages:
             return policy.eval_gates(language)
+        if language is not None and getattr(policy, "masks", None) is not None:
+            log.warning("language=%s is not a training language of run=%s (%s): its subnetwork comes from the "
+                        "test-time policy (masks.target_policy=%s)", language, self.folder, ", ".join(self.languages),
+                        setting(self.cfg.masks.target_policy))  # fmt: skip
         if not policy.needs_support:
             return policy.eval_gates(language) if language else None
         if support is None:
@@ -182,9 +196,10 @@ class TrainedRun:
         :func:`~subnets.data.read_conllu` with ``trees=False``) with ``language``'s subnetwork
         (:meth:`gates`); returns the sentences with predicted heads and relations (and UPOS
         with a tagger), their CoNLL-U ``lines`` rewritten to match."""
-        sentences = [
-            s if isinstance(s, Sentence) else _sentence_of(list(s), i) for i, s in enumerate(sentences, 1)
-        ]
+        if isinstance(sentences, str):
+            raise TypeError(f"sentences: expected a list of sentences, each a list of words, got the string "
+                            f"{sentences[:40]!r} (e.g. [{sentences[:40]!r}.split()])")  # fmt: skip
+        sentences = [s if isinstance(s, Sentence) else _sentence_of(s, i) for i, s in enumerate(sentences, 1)]
         data = LanguageData(language or "unseen", "input", sentences).tokenize(self.tokenizer)
         gates = self.gates(language, support)
         predictions = predict(self.model, data, self.collator, self.cfg.train.eval_batch_size, gates)
@@ -210,6 +225,7 @@ class TrainedRun:
         input = Path(input)
         if not input.is_file():
             raise FileNotFoundError(f"input={input}: no such file")
+        check_output_path(output, [input, *([support] if isinstance(support, (str, os.PathLike)) else [])])
         if format == "auto":
             format = _detect_format(input)
         if format == "conllu":
@@ -255,7 +271,11 @@ class TrainedRun:
         )  # fmt: skip
 
 
-def _sentence_of(forms: list[str], number: int) -> Sentence:
+def _sentence_of(forms: Sequence[str], number: int) -> Sentence:
+    if isinstance(forms, str):
+        raise TypeError(f"sentence {number}: expected a list of words, got the string {forms[:40]!r} "
+                        f"(split it into words first, e.g. {forms[:40]!r}.split())")  # fmt: skip
+    forms = list(forms)
     if not forms or not all(isinstance(f, str) and f and not f.isspace() for f in forms):
         raise ValueError(f"sentence {number}: expected a non-empty list of non-empty tokens, got {forms!r}")
     return unparsed(str(number), forms)
@@ -271,17 +291,37 @@ def _detect_format(path: Path) -> str:
 
 
 def _checkpoint_file(folder: Path, checkpoint: str) -> Path:
+    """The checkpoint file ``checkpoint`` (``best`` or ``last``) of the run in ``folder``; a
+    missing file is an error that says what is missing and what is there instead."""
     if checkpoint not in CHECKPOINTS:
         raise SettingError(f"checkpoint={checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
-    last, best = folder / "checkpoints" / "last.safetensors", folder / "checkpoints" / "best.safetensors"
-    if not last.exists():
-        raise FileNotFoundError(f"run={folder} has no checkpoint yet ({last}): it has not trained a step")
+    paths = RunFolder(folder)
+    last, best, results = paths.last_checkpoint, paths.best_checkpoint, paths.results
     if checkpoint == "last":
-        return last
-    if not (folder / "results.json").exists():
+        if last.exists():
+            return last
+        if results.exists():
+            raise FileNotFoundError(f"run={folder}: {last} is missing, although the run finished ({results} is "
+                                    f"there){'; checkpoint=best uses ' + str(best) if best.exists() else ''}")  # fmt: skip
+        raise FileNotFoundError(f"run={folder} has no checkpoint yet ({last}): it has not trained a step")
+    if not results.exists():
+        if not last.exists():
+            raise FileNotFoundError(f"run={folder} has no checkpoint yet ({last}): it has not trained a step")
         raise ValueError(f"run={folder} is unfinished (no results.json): run its command again to finish it "
                          "(it resumes), or pass checkpoint=last to use its last checkpoint as it is")  # fmt: skip
-    return best if best.exists() else last  # a run without development languages keeps its last model
+    best_step = read_json(results, "the run's results").get("best_step")
+    if best.exists():
+        return best
+    if best_step is None and last.exists():  # no development languages: the run evaluated its last model
+        return last
+    if best_step is None:
+        raise FileNotFoundError(f"run={folder}: {last} is missing (the run has no development languages, so its "
+                                "final evaluation used its last checkpoint)")  # fmt: skip
+    raise FileNotFoundError(
+        f"run={folder}: {best} is missing, although the run selected its model at step {best_step} "
+        f"({results}); pass checkpoint=last to use {last} instead"
+        + ("" if last.exists() else f" ({last} is missing too)")
+    )
 
 
 def load_run(
@@ -315,11 +355,25 @@ def load_run(
     method.policy.bind(model, batcher, list(cfg.languages.train))
     method.strategy.bind(model)
     state = load_checkpoint(path, torch_device)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path, _described_by(folder, cfg, path))
     method.load_state_dict(state["method"])
     model.eval()
     best = {"metric": state["metric"], "step": state["step"]} if "metric" in state else state.get("best")
     return TrainedRun(folder, cfg, model, tokenizer, method, batcher, path, state["step"], best)
+
+
+def _described_by(folder: Path, cfg: DictConfig, checkpoint: Path) -> str:
+    """run.json, and the settings in it that differ from those the run's checkpoints recorded
+    (an edited run.json makes a model its checkpoints do not fit)."""
+    described = str(folder / "run.json")
+    recorded = next((c for c in (checkpoint_config(p) for p in (checkpoint, RunFolder(folder).last_checkpoint)
+                                 if p.exists()) if c), None)  # fmt: skip
+    if recorded is None:
+        return described
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    changed = config_differences(recorded, current)
+    return described + (f" (its settings differ from those the checkpoints recorded: {'; '.join(changed)})"
+                        if changed else "")  # fmt: skip
 
 
 def _encoder(cfg: DictConfig, folder: Path):
@@ -330,7 +384,7 @@ def _encoder(cfg: DictConfig, folder: Path):
             raise FileNotFoundError(f"run={folder}: the tiny model's tokenizer {tokenizer_folder} is missing")
         return build_encoder(cfg.model, cfg.seed, None, tokenizer_folder)
     transformer, tokenizer = build_encoder(cfg.model, cfg.seed)
-    saved = json.loads((folder / "run.json").read_text()).get("model", {})
+    saved = read_json(folder / "run.json", "the run's identity").get("model", {})
     current = model_fingerprint(transformer, tokenizer)
     changed = [key for key in ("class", "config", "tokenizer") if key in saved and saved[key] != current[key]]
     if changed:
@@ -358,15 +412,18 @@ def evaluate_run(
     languages and settings that ``overrides`` name (:func:`load_run`), writing results.json and
     predictions into ``output`` (default :func:`evaluation_folder`). On the run's own languages
     and settings it reproduces the run's scores and predictions."""
-    trained = load_run(folder, checkpoint, overrides=overrides)
     output = Path(output) if output is not None else evaluation_folder(folder, overrides, checkpoint)
     if (output / "run.json").exists():
         raise FileExistsError(f"output={output} holds a training run; choose another folder")
-    evaluation = Run(trained.cfg, output)
-    with run_log(output):
+    trained = load_run(folder, checkpoint, overrides=overrides)
+    output.mkdir(parents=True, exist_ok=True)
+    with run_log(output), RunFolder(output).lock():
+        log.info("evaluating %s (step %d) of run=%s", trained.checkpoint, trained.step, trained.folder)
+        evaluation = Run(trained.cfg, output)
         evaluation.setup_evaluation(trained)
         about = {"evaluated": {"run": str(trained.folder), "checkpoint": str(trained.checkpoint),
-                               "overrides": list(overrides)}}  # fmt: skip
+                               "step": trained.step, "overrides": list(overrides)}}  # fmt: skip
         results = evaluation.write_results(about)
     print(format_results(results))
+    print(f"evaluated {trained.checkpoint} (step {trained.step}); results in {output / 'results.json'}")
     return results
