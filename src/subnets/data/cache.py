@@ -5,7 +5,11 @@ A parsed file is keyed by the SHA-256 of its content and ``on_error``; the subwo
 set of sentences by the tokenizer's fingerprint and the sentences' forms. A key never names a
 path, so a moved or copied file is found, and a changed one is read again; a cached entry holds
 exactly what reading gives (the validated sentences and the skipped sentences' errors), so a
-run gives the same results with the cache, without it, cold or warm (tested).
+run gives the same results with the cache, without it, cold or warm (tested). Each entry is
+written whole or not at all (a temporary folder renamed into place) and ends with
+``done.json``, its row count and the checksum of its files: an entry damaged later (a cut
+file) is found when it is read, and read and written again with a warning. The cache's
+folders and files follow the umask, so a group can share one.
 
 The cache folder is ``languages.cache_dir``, else ``$SUBNETS_CACHE_DIR``, else
 ``~/.cache/subnets``; ``languages.cache=false`` switches it off.
@@ -13,8 +17,10 @@ The cache folder is ``languages.cache_dir``, else ``$SUBNETS_CACHE_DIR``, else
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,8 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from subnets.data.treebank import ConlluError, ConlluFile, Sentence
+from subnets.files import current_umask
 
-VERSION = "1"  # bump when what is cached changes
+log = logging.getLogger(__name__)
+
+VERSION = "2"  # bump when what is cached changes
+DONE = "done.json"  # written last into an entry: its row count and checksum
 
 
 def cache_folder(configured: str | None) -> Path:
@@ -65,8 +75,9 @@ class TreebankCache:
         if self.folder is None:
             return reader(path, on_error)
         entry = self.folder / "parsed" / f"{sha256_path(path)[:32]}-{on_error}-v{VERSION}"
-        if (entry / "skipped.json").exists():
-            return _load_parsed(entry, path)
+        columns = self._load(entry)
+        if columns is not None:
+            return _parsed_file(columns, json.loads((entry / "skipped.json").read_text()), path)
         file = reader(path, on_error)
         self._save(
             entry, _parsed_columns(file.sentences, path), {"skipped.json": _skipped_json(file.skipped, path)}
@@ -83,29 +94,66 @@ class TreebankCache:
         for sentence in sentences:
             digest.update("\t".join(sentence.forms).encode() + b"\n")
         entry = self.folder / "pieces" / f"{digest.hexdigest()[:32]}-v{VERSION}"
-        if (entry / "done").exists():
-            from datasets import load_from_disk
-
-            return load_from_disk(str(entry / "dataset"))["pieces"]
+        columns = self._load(entry)
+        if columns is not None and len(columns["pieces"]) == len(sentences):
+            return columns["pieces"]
         pieces = encode()
-        self._save(entry, {"pieces": pieces}, {"done": ""})
+        self._save(entry, {"pieces": pieces}, {})
         return pieces
 
+    def _load(self, entry: Path) -> dict | None:
+        """The columns of a complete, intact entry; None where there is none. A damaged entry
+        (a file cut or changed since it was written: its row count or checksum differs from its
+        ``done.json``) is removed with a warning, to be written again."""
+        if not entry.exists():
+            return None
+        from datasets import load_from_disk
+
+        try:
+            record = json.loads((entry / DONE).read_text())
+            if _entry_checksum(entry) != record["sha256"]:
+                raise ValueError("its files do not match the checksum written with them")
+            with _no_progress_bars():
+                columns = load_from_disk(str(entry / "dataset")).to_dict()
+            rows = len(next(iter(columns.values()), []))
+            if rows != record["rows"]:
+                raise ValueError(f"it holds {rows} rows, {record['rows']} were written")
+            return columns
+        except Exception as error:  # a missing or cut file: json, pyarrow and datasets raise their own types
+            log.warning("the cache entry %s is damaged (%s: %s); reading the data again and rewriting it",
+                        entry, type(error).__name__, error)  # fmt: skip
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
     def _save(self, entry: Path, columns: dict, files: dict[str, str]) -> None:
-        """Write the dataset and ``files`` into a temporary folder and rename it into place (a
-        crash or a concurrent job never leaves half an entry)."""
+        """Write the dataset and ``files`` into a temporary folder, then ``done.json`` (row count
+        and checksum of everything else), and rename the folder into place: a crash or a
+        concurrent job never leaves half an entry, and a file damaged later is detected
+        (:meth:`_load`). A failure to write (disk full, permissions) is a warning: the run goes
+        on without caching the entry."""
         from datasets import Dataset
 
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+        temporary = None
         try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            temporary = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
+            os.chmod(
+                temporary, 0o777 & ~current_umask()
+            )  # mkdtemp makes it private; a shared cache follows the umask
             with _no_progress_bars():
                 Dataset.from_dict(columns).save_to_disk(str(temporary / "dataset"))
             for name, text in files.items():
                 (temporary / name).write_text(text)
+            rows = len(next(iter(columns.values()), []))
+            (temporary / DONE).write_text(json.dumps({"rows": rows, "sha256": _entry_checksum(temporary)}))
             os.rename(temporary, entry)
-        except OSError:  # another job wrote the same entry first
-            shutil.rmtree(temporary, ignore_errors=True)
+        except OSError as error:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+            if not (
+                error.errno in (errno.EEXIST, errno.ENOTEMPTY) and entry.exists()
+            ):  # else another job wrote it first
+                log.warning("could not write the cache entry %s (%s); going on without it", entry, error)
 
 
 @contextmanager
@@ -139,10 +187,7 @@ def _skipped_json(errors: Sequence[ConlluError], path: Path) -> str:
     return json.dumps([{"line": e.line, "sent_id": e.sent_id, "problem": e.problem} for e in errors])
 
 
-def _load_parsed(entry: Path, path: Path) -> ConlluFile:
-    from datasets import load_from_disk
-
-    columns = load_from_disk(str(entry / "dataset")).to_dict()
+def _parsed_file(columns: dict, skipped: list[dict], path: Path) -> ConlluFile:
     sentences = [
         Sentence(sent_id, forms, upos, heads, deprels, None, lines, f"{path}:{first}")
         for sent_id, forms, upos, heads, deprels, lines, first in zip(
@@ -150,6 +195,14 @@ def _load_parsed(entry: Path, path: Path) -> ConlluFile:
             columns["lines"], columns["first_line"],
         )
     ]  # fmt: skip
-    skipped = [ConlluError(path, e["line"], e["sent_id"], e["problem"])
-               for e in json.loads((entry / "skipped.json").read_text())]  # fmt: skip
-    return ConlluFile(path, sentences, skipped)
+    return ConlluFile(
+        path, sentences, [ConlluError(path, e["line"], e["sent_id"], e["problem"]) for e in skipped]
+    )
+
+
+def _entry_checksum(entry: Path) -> str:
+    """SHA-256 of every file of a cache entry but ``done.json``."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in entry.rglob("*") if p.is_file() and p.name != DONE):
+        digest.update(str(file.relative_to(entry)).encode() + b"\0" + bytes.fromhex(sha256_path(file)))
+    return digest.hexdigest()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from subnets.data.treebank import ConlluFile, parse_conllu
+from subnets.data.treebank import ConlluError, ConlluFile, parse_conllu
 
 SPLIT_NAMES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
 _COLUMNS = ("tokens", "lemmas", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
@@ -47,19 +47,48 @@ def read_dataset_split(path: Path, on_error: str = "raise") -> ConlluFile:
                          f"(the universal_dependencies layout); missing: {', '.join(missing)}")  # fmt: skip
     upos_feature = getattr(dataset.features["upos"], "feature", None)
     upos_names = getattr(upos_feature, "names", None)
-    blocks = []
+    blocks, problems = [], []
     for number, row in enumerate(dataset, start=1):
-        lines = [f"# sent_id = {row.get('idx') or number}"]
+        sent_id = str(row.get("idx") or number)
+        problem = _row_problem(row)
+        if problem:
+            error = ConlluError(path, number, sent_id, f"row {number}: {problem}")
+            if on_error == "raise":
+                raise error
+            problems.append(error)
+            continue
+        lines = [f"# sent_id = {sent_id}"]
         if row.get("text"):
             lines.append(f"# text = {row['text']}")
         for i in range(len(row["tokens"])):
             values = []
             for column in _COLUMNS:
                 value = row.get(column)
-                value = value[i] if value is not None and i < len(value) else None
+                value = value[i] if value is not None else None
                 if column == "upos" and isinstance(value, int) and upos_names:
                     value = upos_names[value]
                 values.append("_" if value is None or value == "" else str(value))
             lines.append("\t".join([str(i + 1), *values]))
         blocks.append("\n".join(lines))
-    return parse_conllu("\n\n".join(blocks) + "\n", path, on_error)
+    if not blocks:
+        raise ConlluError(path, 1, None, f"no valid sentence ({len(problems)} rows skipped; first: {problems[0].problem})"
+                          if problems else "the dataset holds no row")  # fmt: skip
+    file = parse_conllu("\n\n".join(blocks) + "\n", path, on_error)
+    file.skipped = problems + file.skipped
+    return file
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with a row that converting it to CoNLL-U would hide (an empty token would
+    become ``_``, a short column ``_`` for the tokens it lacks), or None."""
+    tokens = row["tokens"]
+    if not tokens:
+        return "no tokens"
+    for i, token in enumerate(tokens, start=1):
+        if not isinstance(token, str) or not token.strip():
+            return f"token {i} is empty ({token!r}; the CoNLL-U reader refuses an empty FORM)"
+    for column in _COLUMNS[1:]:
+        value = row.get(column)
+        if value is not None and len(value) != len(tokens):
+            return f"column {column} has {len(value)} values for {len(tokens)} tokens"
+    return None
