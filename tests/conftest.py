@@ -156,6 +156,24 @@ FAMILIES = {
     "gemma": ({**_DECODER, "head_dim": 8}, None),
     "gemma2": ({**_DECODER, "head_dim": 8}, None),
     "gemma3_text": ({**_DECODER, "head_dim": 8}, None),
+    "gpt2": (
+        {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48, "vocab_size": 120, **_IDS},
+        None,
+    ),  # Conv1D
+    "gpt_neox": ({**_ENCODER, **_IDS}, None),  # fused qkv, interleaved per head
+    "bloom": ({"hidden_size": 32, "n_layer": 2, "n_head": 4, "vocab_size": 120, **_IDS}, None),
+    "falcon": (
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 120,
+            "new_decoder_architecture": True,
+            "num_kv_heads": 2,
+            **_IDS,
+        },
+        None,
+    ),  # interleaved per key-value group
 }
 
 

@@ -30,9 +30,22 @@ EXPECTED_LAYOUT = {
     "bert": "bert", "xlm-roberta": "bert", "electra": "bert", "rembert": "bert", "distilbert": "distilbert",
     "deberta-v2": "deberta-v2", "xlm": "xlm", "albert": "albert", "modernbert": "modernbert", "t5": "t5",
     "mt5": "t5-gated", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama",
+    "gemma2": "llama", "gemma3_text": "llama", "gpt2": "gpt2", "gpt_neox": "gpt_neox", "bloom": "bloom",
+    "falcon": "bloom",
 }  # fmt: skip
-CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+CAUSAL = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt2",
+    "gpt_neox",
+    "bloom",
+    "falcon",
+}
 ATTENTION = [(family, None) for family in FAMILIES] + [("bert", "eager"), ("xlm-roberta", "eager"), ("llama", "eager"),
                                                        ("modernbert", "eager"), ("t5", "eager")]  # fmt: skip
 
@@ -51,6 +64,10 @@ def hidden(model, **kw):
 
 def name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
+
+
+def conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
 
 
 def test_every_family_is_detected_with_its_layout():
@@ -87,7 +104,10 @@ def test_a_zero_gate_equals_zeroed_output_projection_columns(family, attn, units
     with torch.no_grad():
         for output in {id(o): o for o in gates.outputs[units]}.values():
             reference_weight = dict(reference_model.named_modules())[name_of(model, output)].weight
-            reference_weight[:, unit * width : (unit + 1) * width] = 0
+            if conv1d(output):  # GPT-2: the weight is [in, out]
+                reference_weight[unit * width : (unit + 1) * width] = 0
+            else:
+                reference_weight[:, unit * width : (unit + 1) * width] = 0
     assert torch.allclose(gated, hidden(reference_model), atol=1e-6)
     assert not torch.allclose(gated, hidden(model), atol=1e-4)  # the unit did matter
 
@@ -152,7 +172,12 @@ def _expected_head_rows(
 def test_head_parameter_masks_own_the_families_query_key_value_rows_and_output_columns(family):
     model = tiny_family(family)
     gates = HeadGates(model)
-    kv_heads = getattr(model.config, "num_key_value_heads", None) or gates.num_heads
+    config = model.config
+    kv_heads = (
+        getattr(config, "num_key_value_heads", None)
+        or getattr(config, "num_kv_heads", None)
+        or gates.num_heads
+    )
     mask = torch.zeros(gates.shape, dtype=torch.bool)
     mask[0, 0] = mask[1, 1] = mask[1, 2] = True
     masks = unit_parameter_masks(model, mask, gates)
@@ -160,13 +185,22 @@ def test_head_parameter_masks_own_the_families_query_key_value_rows_and_output_c
     layers = dict(model.named_modules())
     layer_names = [name_of(model, output) for output in gates.outputs["heads"]]
     for layer, output_name in enumerate(layer_names):
-        assert torch.equal(masks[f"{output_name}.weight"], mask[layer].repeat_interleave(gates.head_dim)[None, :]
-                           .expand_as(layers[output_name].weight))  # fmt: skip
+        columns = mask[layer].repeat_interleave(gates.head_dim)
+        columns = columns[:, None] if conv1d(layers[output_name]) else columns[None, :]
+        assert torch.equal(masks[f"{output_name}.weight"], columns.expand_as(layers[output_name].weight))
         prefix = output_name[: -len(attention.output)]
         if attention.qkv:
-            rows = torch.cat([_expected_head_rows(gates, mask, layer, None if role == "query" else kv_heads)
-                              for role in attention.qkv_order])  # fmt: skip
-            assert torch.equal(masks[f"{prefix}{attention.qkv}.weight"][:, 0], rows)
+            blocks = {role: _expected_head_rows(gates, mask, layer, None if role == "query" else kv_heads)
+                      for role in attention.qkv_order}  # fmt: skip
+            if attention.qkv_layout == "interleaved":  # per key-value head: its query heads, key, value
+                d, group = gates.head_dim, gates.num_heads // kv_heads
+                size = {"query": group * d, "key": d, "value": d}
+                rows = torch.cat([blocks[role][g * size[role] : (g + 1) * size[role]]
+                                  for g in range(kv_heads) for role in attention.qkv_order])  # fmt: skip
+            else:
+                rows = torch.cat([blocks[role] for role in attention.qkv_order])
+            fused = masks[f"{prefix}{attention.qkv}.weight"]
+            assert torch.equal(fused[0, :] if conv1d(layers[prefix + attention.qkv]) else fused[:, 0], rows)
             continue
         for role in ("query", "key", "value"):
             name = prefix + getattr(attention, role)
@@ -366,9 +400,11 @@ def test_an_unknown_model_is_an_error_that_says_what_to_declare_and_a_declared_l
         HeadGates(model)
     layout = ModelLayout(AttentionLayout(layers="blocks", output="proj", qkv="qkv"),
                          FeedForwardLayout(layers="blocks", inputs=["up"], output="down"))  # fmt: skip
-    gates = UnitGates(model, "both", layout=layout)
-    assert gates.units == {"heads": 2, "neurons": 16} and gates.head_dim == 4
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="cannot probe the layout of Blocks with token ids"):
+        UnitGates(model, "both", layout=layout)
+    gates = UnitGates(model, "both", layout=layout, check=lambda m: m(x))  # the probe runs the model on x
+    assert gates.units == {"heads": 2, "neurons": 16} and gates.head_dim == 4
     reference = model(x)
     values = torch.ones(gates.shape)
     with gates.applied(values):

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,6 +72,9 @@ class UnitGates:
         model: a Hugging Face transformer (the bare model, e.g. ``AutoModel``).
         units: ``"heads"``, ``"neurons"`` or ``"both"``.
         layout: a :class:`~subnets.models.layouts.ModelLayout` (default: detected).
+        check: probe the layout on the model (:func:`check_layout`) with random token ids
+            (True), with ``check(model)`` (a callable that runs a model taking other input and
+            returns an output tensor), or not at all (False).
 
     Attributes:
         layout: the layout in use; num_layers: depth; units: kind -> units per layer (in column
@@ -82,13 +85,14 @@ class UnitGates:
         num_heads, head_dim (with heads), num_neurons (with neurons).
     """
 
-    def __init__(self, model: nn.Module, units: str = "heads", layout: ModelLayout | None = None):
+    def __init__(self, model: nn.Module, units: str = "heads", layout: ModelLayout | None = None,
+                 check: bool | Callable[[nn.Module], torch.Tensor] = True):  # fmt: skip
         if units not in UNIT_CHOICES:
             raise ValueError(f"units must be one of {', '.join(UNIT_CHOICES)}, got {units!r}")
         self.layout = resolve_layout(model, layout)
         self.units: dict[str, int] = {}
         self.columns: dict[str, slice] = {}
-        self.outputs: dict[str, list[nn.Linear]] = {}
+        self.outputs: dict[str, list[nn.Module]] = {}
         self.owned: list[Owned] = []
         self.values: torch.Tensor | None = None
         self.calls = {kind: 0 for kind in UNIT_CHOICES[units]}
@@ -115,6 +119,10 @@ class UnitGates:
             shared = shared or len(depths) < len(found.outputs)
         if shared:  # layers shared by several depths: the depth is the call's order since the forward's start
             self._handles.append(model.register_forward_pre_hook(self._restart))
+        # query heads per key-value head (grouped-query attention: a key-value head's owners)
+        self.kv_group = max((o.owners.shape[1] for o in self.owned), default=1)
+        if check:
+            check_layout(model, self, None if check is True else check)
 
     def _restart(self, module: nn.Module, args: tuple) -> None:
         for kind in self.calls:
@@ -167,3 +175,100 @@ class NeuronGates(UnitGates):
 
     def __init__(self, model: nn.Module, layout: ModelLayout | None = None):
         super().__init__(model, "neurons", layout)
+
+
+def check_layout(
+    model: nn.Module,
+    gates: UnitGates,
+    run: Callable[[nn.Module], torch.Tensor] | None = None,
+    tokens: int = 16,
+) -> None:
+    """Check ``gates.layout`` on ``model`` with a gradient probe: gate off, at the first depth,
+    the last unit of each kind (the last group of query heads sharing a key-value head) and
+    compare, for every projection the layout gives a unit, the rows or columns whose gradient is
+    zero with those the layout says the gated units own (:mod:`subnets.models.layouts`).
+
+    Every coordinate the gated units own alone must get a zero gradient (a layout that gives a
+    unit what another unit uses would freeze and train the wrong weights); for attention head
+    weights, every zero row or column must belong to them (not for neurons, which may be dead
+    under ReLU, nor for biases: a key bias gets no gradient at all). The probe is
+    one forward and backward pass in eval mode, of ``tokens`` random token ids (a Hugging Face
+    model) or of ``run(model)``, on generators of its own: the model, its mode and the global
+    random state are left as they were.
+
+    Raises:
+        ValueError: naming the projection, the unit and the rows or columns that disagree.
+    """
+    mask = torch.ones(gates.shape)
+    for kind, columns in gates.columns.items():
+        size = gates.kv_group if kind == "heads" else 1
+        mask[0, columns.stop - size : columns.stop] = 0
+    kinds = {kind: (c.start, c.stop) for kind, c in gates.columns.items()}
+    # (parameter, owned dim) -> [kind, kept along the dim: some unit left on owns the entry]
+    expected: dict[tuple[int, int], list] = {}
+    parameters: dict[int, nn.Parameter] = {}
+    for owned in gates.owned:
+        if not owned.parameter.requires_grad:
+            continue
+        kind = next(k for k, (a, b) in kinds.items() if a <= int(owned.owners.min()) < b)
+        keep = mask[owned.layer][owned.owners].bool().any(dim=1)
+        entry = expected.setdefault((id(owned.parameter), owned.dim), [kind, torch.zeros_like(keep)])
+        entry[1] = entry[1] | keep
+        parameters[id(owned.parameter)] = owned.parameter
+    if all(bool(keep.all()) for _, keep in expected.values()):
+        return  # nothing the probe could see (e.g. every owned weight frozen)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    if run is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not vocab:
+            raise ValueError(f"cannot probe the layout of {type(model).__name__} with token ids (it has no "
+                             "config.vocab_size): pass check=<a function that runs the model and returns its "
+                             "output> or check=False (the layout then goes unchecked)")  # fmt: skip
+        input_ids = torch.randint(0, int(vocab), (1, tokens), generator=generator).to(device)
+
+        def run(model: nn.Module) -> torch.Tensor:
+            output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), gates.applied(mask.to(device)):
+            hidden = run(model)
+            weights = torch.randn(hidden.shape, generator=generator).to(hidden.device, hidden.dtype)
+            grads = torch.autograd.grad(
+                (hidden * weights).sum(), list(parameters.values()), allow_unused=True
+            )
+    finally:
+        model.train(was_training)
+    grad_of = dict(zip(parameters, grads))
+    for (pid, dim), (kind, keep) in expected.items():
+        grad = grad_of[pid] if grad_of[pid] is not None else torch.zeros_like(parameters[pid])
+        other = [d for d in range(grad.ndim) if d != dim]
+        zero = (grad.abs().amax(dim=other) == 0).cpu() if other else (grad == 0).cpu()
+        # the other way round only for head weights: ReLU neurons can be dead, and the gradient of a key
+        # bias is zero in theory (softmax ignores what adds the same score to every key)
+        wrong = ~keep != zero if kind == "heads" and grad.ndim > 1 else ~keep & ~zero
+        if bool(wrong.any()):
+            what = "rows" if dim == 0 else "columns"
+            raise ValueError(
+                f"the {gates.layout.family} layout does not fit {type(model).__name__}: with the last "
+                f"{'head(s)' if kind == 'heads' else 'neuron'} of layer 0 gated off, the layout says {what} "
+                f"{_ranges(~keep)} of {names.get(pid, '?')} get no gradient, but the gradient is zero in {what} "
+                f"{_ranges(zero)}. Fix the layout (model.layout; for a fused projection its qkv_order and qkv_layout: "
+                "blocked or interleaved); README, 'Any transformer'."
+            )
+
+
+def _ranges(flags: torch.Tensor) -> str:
+    """``0-7, 32-39`` for the indices where ``flags`` is true (``none`` if there are none)."""
+    indices = torch.nonzero(flags).flatten().tolist()
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs) or "none"

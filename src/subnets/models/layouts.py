@@ -20,7 +20,8 @@ What a unit owns follows from the layout (:func:`head_units`, :func:`neuron_unit
   value rows are those of its key-value head ``g = h // (H / H_kv)``: with grouped-query
   attention (``H_kv < H``) a key-value head is owned by its whole group, so it is updated while
   any query head of the group is in the subnetwork and frozen only when all of them are out.
-  In a fused projection the same rules apply inside each of its query, key and value blocks.
+  In a fused projection the same rules apply inside each of its query, key and value blocks
+  (``qkv_layout``: blocked, or interleaved per key-value head).
 * Neuron ``j`` of a feed-forward block with ``I`` intermediate units owns row ``j`` of every
   input projection (gate and up projections alike; in a fused input projection holding
   ``fused_inputs`` blocks of ``I`` rows, row ``j`` of each block) and column ``j`` of the output
@@ -33,6 +34,12 @@ What a unit owns follows from the layout (:func:`head_units`, :func:`neuron_unit
 
 Weights no unit owns (embeddings, normalisation, attention biases of the output projection,
 T5's relative position bias, ...) are shared by every language.
+
+Projections are ``torch.nn.Linear`` (weight ``[out, in]``) or GPT-2's ``Conv1D`` (weight
+``[in, out]``): a unit's rows are its output features and its columns its input features in
+either. Every layout is checked once when gates are put on a model (:func:`check_layout` in
+:mod:`subnets.models.gates`): a probe gates one unit of each kind off and compares the
+coordinates with zero gradient with those the layout says the unit owns.
 """
 
 from __future__ import annotations
@@ -53,9 +60,12 @@ class AttentionLayout:
         output: the attention output projection inside a layer (its input is ``[..., H * d]``).
         query, key, value: the separate projections, or None with ``qkv``.
         qkv: one fused projection whose rows hold the query, key and value blocks ...
-        qkv_order: ... in this order.
+        qkv_order: ... in this order ...
+        qkv_layout: ... ``blocked`` (all query heads, then all key heads, then all value heads:
+            ModernBERT, GPT-2) or ``interleaved`` (per key-value head, its group's query heads,
+            then its key and its value head: GPT-NeoX, Bloom, Falcon).
         num_heads, num_kv_heads: None: the model config's ``num_attention_heads`` and
-            ``num_key_value_heads`` (else as many as query heads).
+            ``num_key_value_heads`` (or ``num_kv_heads``; else as many as query heads).
     """
 
     layers: str
@@ -65,6 +75,7 @@ class AttentionLayout:
     value: str | None = None
     qkv: str | None = None
     qkv_order: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    qkv_layout: str = "blocked"
     num_heads: int | None = None
     num_kv_heads: int | None = None
 
@@ -116,7 +127,7 @@ class ModelLayout:
         except (KeyError, TypeError) as error:
             raise ValueError(
                 f"model.layout={plain}: {error}; expected {{attention: {{layers, output, query, key, value (or qkv, "
-                "qkv_order), num_heads, num_kv_heads}, feed_forward: {layers, inputs, output, fused_inputs}, causal}"
+                "qkv_order, qkv_layout), num_heads, num_kv_heads}, feed_forward: {layers, inputs, output, fused_inputs}, causal}"
             ) from None
 
 
@@ -173,6 +184,28 @@ LAYOUTS: dict[str, ModelLayout] = {
         ),
         FeedForwardLayout(_ALBERT_LAYERS, ["ffn"], "ffn_output"),
     ),
+    # decoders with a fused, per-head interleaved query-key-value projection
+    "gpt_neox": ModelLayout(
+        AttentionLayout(
+            "layers", "attention.dense", qkv="attention.query_key_value", qkv_layout="interleaved"
+        ),
+        FeedForwardLayout("layers", ["mlp.dense_h_to_4h"], "mlp.dense_4h_to_h"),
+        causal=True,
+    ),
+    # Bloom, and Falcon's new decoder architecture (grouped: per key-value head, its query heads, key, value)
+    "bloom": ModelLayout(
+        AttentionLayout(
+            "h", "self_attention.dense", qkv="self_attention.query_key_value", qkv_layout="interleaved"
+        ),
+        FeedForwardLayout("h", ["mlp.dense_h_to_4h"], "mlp.dense_4h_to_h"),
+        causal=True,
+    ),
+    # GPT-2: Conv1D projections (weight [in, out]), a blocked fused c_attn
+    "gpt2": ModelLayout(
+        AttentionLayout("h", "attn.c_proj", qkv="attn.c_attn"),
+        FeedForwardLayout("h", ["mlp.c_fc"], "mlp.c_proj"),
+        causal=True,
+    ),
     # decoder LLMs with separate q/k/v/o and gate/up/down projections: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, ...
     "llama": ModelLayout(
         AttentionLayout(
@@ -214,15 +247,27 @@ def _layer_list(model: nn.Module, path: str) -> list[nn.Module]:
     return found
 
 
-def _linears(model: nn.Module, layers: str, paths: list[str]) -> list[list[nn.Linear]] | None:
-    """Per physical layer, the linear projections at ``paths``; None unless every one exists."""
+def is_projection(module: nn.Module) -> bool:
+    """A ``torch.nn.Linear`` or a GPT-2-style ``Conv1D`` (a linear map with the weight transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def features(projection: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a projection (:func:`is_projection`)."""
+    if isinstance(projection, nn.Linear):
+        return projection.in_features, projection.out_features
+    return tuple(projection.weight.shape)  # Conv1D: [in, out]
+
+
+def _linears(model: nn.Module, layers: str, paths: list[str]) -> list[list[nn.Module]] | None:
+    """Per physical layer, the projections at ``paths``; None unless every one exists."""
     physical = _layer_list(model, layers)
     if not physical:
         return None
     rows = []
     for layer in physical:
         row = [get_module(layer, p) for p in paths]
-        if not all(len(m) == 1 and isinstance(m[0], nn.Linear) for m in row):
+        if not all(len(m) == 1 and is_projection(m[0]) for m in row):
             return None
         rows.append([m[0] for m in row])
     return rows
@@ -274,7 +319,7 @@ def resolve_layout(model: nn.Module, layout: ModelLayout | None) -> ModelLayout:
     if not fits(model, layout):
         raise UnknownLayoutError(
             f"the declared layout does not fit {type(model).__name__}: every path of {layout} must lead to a "
-            "torch.nn.Linear in every layer (paths are relative to the transformer for 'layers', to a layer "
+            "torch.nn.Linear (or a GPT-2 Conv1D) in every layer (paths are relative to the transformer for 'layers', to a layer "
             "for the projections)"
         )
     return layout
@@ -307,14 +352,17 @@ class Units:
     kind: str
     count: int
     width: int
-    outputs: list[nn.Linear]
+    outputs: list[nn.Module]
     owned: list[Owned]
 
 
-def _own(layer: int, linear: nn.Linear, dim: int, owners: torch.Tensor) -> list[Owned]:
-    entries = [Owned(layer, linear.weight, dim, owners)]
-    if dim == 0 and linear.bias is not None:
-        entries.append(Owned(layer, linear.bias, 0, owners))
+def _own(layer: int, projection: nn.Module, rows: bool, owners: torch.Tensor) -> list[Owned]:
+    """What ``owners`` own of ``projection``: its output features (``rows``: weight rows and the
+    bias) or its input features (weight columns); a Conv1D's weight is transposed."""
+    dim = int(rows) if type(projection).__name__ == "Conv1D" else int(not rows)
+    entries = [Owned(layer, projection.weight, dim, owners)]
+    if rows and projection.bias is not None:
+        entries.append(Owned(layer, projection.bias, 0, owners))
     return entries
 
 
@@ -324,8 +372,9 @@ def head_units(model: nn.Module, layout: ModelLayout) -> Units:
     physical = _linears(model, attention.layers, _attention_paths(attention))
     config = getattr(model, "config", None)
     heads = int(attention.num_heads or config.num_attention_heads)
-    kv_heads = int(attention.num_kv_heads or getattr(config, "num_key_value_heads", None) or heads)
-    output_width = physical[0][0].in_features
+    kv_heads = int(attention.num_kv_heads or getattr(config, "num_key_value_heads", None)
+                   or _falcon_kv_heads(config) or heads)  # fmt: skip
+    output_width = features(physical[0][0])[0]
     if output_width % heads or heads % kv_heads:
         raise ValueError(f"{type(model).__name__}: the attention output projection's {output_width} inputs are not "
                          f"{heads} heads of equal size, or {kv_heads} key-value heads do not divide them")  # fmt: skip
@@ -339,18 +388,43 @@ def head_units(model: nn.Module, layout: ModelLayout) -> Units:
         row = physical[i * len(physical) // depth]
         output, projections = row[0], row[1:]
         outputs.append(output)
-        owned += _own(i, output, 1, query_rows)
+        owned += _own(i, output, False, query_rows)
         if attention.qkv is None:
             for role, linear in zip(("query", "key", "value"), projections):
-                owned += _own(i, linear, 0, query_rows if role == "query" else kv_rows)
+                owned += _own(i, linear, True, query_rows if role == "query" else kv_rows)
         else:
-            blocks = [query_rows if role == "query" else kv_rows for role in attention.qkv_order]
             fused = projections[0]
-            if fused.out_features != sum(len(b) for b in blocks):
-                raise ValueError(f"{attention.qkv}: {fused.out_features} rows, expected {heads} query and 2 x "
+            rows = _fused_rows(attention, query_rows, kv_rows, kv_heads, group * d, d)
+            if features(fused)[1] != len(rows):
+                raise ValueError(f"{attention.qkv}: {features(fused)[1]} rows, expected {heads} query and 2 x "
                                  f"{kv_heads} key-value heads of size {d}")  # fmt: skip
-            owned += _own(i, fused, 0, torch.cat(blocks))
+            owned += _own(i, fused, True, rows)
     return Units("heads", heads, d, outputs, owned)
+
+
+def _fused_rows(attention: AttentionLayout, query_rows: torch.Tensor, kv_rows: torch.Tensor, kv_heads: int,
+                group_rows: int, d: int) -> torch.Tensor:  # fmt: skip
+    """The owners of a fused projection's rows, in its ``qkv_layout`` and ``qkv_order``."""
+    # one owners width for every row: a query row's one owner repeated as often as a key-value row has owners
+    block = {"query": query_rows.expand(-1, kv_rows.shape[1]), "key": kv_rows, "value": kv_rows}
+    if attention.qkv_layout == "blocked":
+        return torch.cat([block[role] for role in attention.qkv_order])
+    if attention.qkv_layout != "interleaved":
+        raise ValueError(f"qkv_layout={attention.qkv_layout!r}: expected blocked or interleaved")
+    size = {"query": group_rows, "key": d, "value": d}
+    parts = []
+    for g in range(kv_heads):  # per key-value head: its group's query heads, its key head, its value head
+        for role in attention.qkv_order:
+            start = g * size[role]
+            parts.append(block[role][start : start + size[role]])
+    return torch.cat(parts)
+
+
+def _falcon_kv_heads(config) -> int | None:
+    """Falcon's new decoder architecture names its key-value heads ``num_kv_heads``."""
+    if getattr(config, "new_decoder_architecture", False):
+        return getattr(config, "num_kv_heads", None)
+    return None
 
 
 def neuron_units(model: nn.Module, layout: ModelLayout) -> Units:
@@ -361,7 +435,7 @@ def neuron_units(model: nn.Module, layout: ModelLayout) -> Units:
             "the layout declares no feed-forward block (feed_forward), so it has no neurons"
         )
     physical = _linears(model, ff.layers, [*ff.inputs, ff.output])
-    intermediate = physical[0][-1].in_features
+    intermediate = features(physical[0][-1])[0]
     rows = torch.arange(intermediate)[:, None]
     depth = num_layers(model, len(physical))
     outputs, owned = [], []
@@ -369,12 +443,12 @@ def neuron_units(model: nn.Module, layout: ModelLayout) -> Units:
         row = physical[i * len(physical) // depth]
         *inputs, output = row
         outputs.append(output)
-        owned += _own(i, output, 1, rows)
+        owned += _own(i, output, False, rows)
         for linear in inputs:
-            if linear.out_features != ff.fused_inputs * intermediate:
-                raise ValueError(f"{type(model).__name__}: a feed-forward input projection has {linear.out_features} "
+            if features(linear)[1] != ff.fused_inputs * intermediate:
+                raise ValueError(f"{type(model).__name__}: a feed-forward input projection has {features(linear)[1]} "
                                  f"rows, expected {ff.fused_inputs} x {intermediate} (feed_forward.fused_inputs)")  # fmt: skip
-            owned += _own(i, linear, 0, rows.repeat(ff.fused_inputs, 1))
+            owned += _own(i, linear, True, rows.repeat(ff.fused_inputs, 1))
     return Units("neurons", intermediate, 1, outputs, owned)
 
 
