@@ -133,19 +133,58 @@ class ModelConfig:
     layout: Any = None
 
 
+# The task group (``task=<name>``): each option's YAML file starts from one of these schemas
+# (registered as ``task_schema/<name>``), so a misspelt task setting fails at start. A task of
+# your own needs no schema: its config names the class by ``_target_`` and its arguments.
 @dataclass
-class TaskConfig:
-    """The task model on top of the encoder, built by ``_target_(encoder=..., **settings)``
-    (the class must take the :class:`~subnets.models.encoder.Encoder` as ``encoder``; see
-    :class:`~subnets.models.parser.DependencyParser` for the rest of its contract)."""
+class ParsingTaskConfig:
+    """``task=parsing``, ``parsing_pos``: :class:`subnets.tasks.Parsing`."""
 
-    _target_: str = "subnets.models.parser.DependencyParser"
+    _target_: str = "subnets.tasks.Parsing"
     parse: bool = True  # dependency arcs and labels
     tag: bool = False  # UPOS tags
     arc_dim: int = 256
     label_dim: int = 128
     dropout: float = 0.33
     word_dropout: float = 0.1
+
+
+@dataclass
+class TaggingTaskConfig:
+    """``task=tagging``, ``pos``: :class:`subnets.tasks.Tagging` (a CoNLL-U column)."""
+
+    _target_: str = "subnets.tasks.Tagging"
+    column: str = "upos"  # upos | xpos | feats | deprel
+    dropout: float = 0.1
+
+
+@dataclass
+class NERTaskConfig:
+    """``task=ner``: :class:`subnets.tasks.NER` (IOB2 tags in CoNLL columns)."""
+
+    _target_: str = "subnets.tasks.NER"
+    dropout: float = 0.1
+
+
+@dataclass
+class ClassificationTaskConfig:
+    """``task=classification``: :class:`subnets.tasks.Classification` (sentences or pairs)."""
+
+    _target_: str = "subnets.tasks.Classification"
+    dropout: float = 0.1
+
+
+@dataclass
+class LanguageModellingTaskConfig:
+    """``task=mlm``, ``clm``: :class:`subnets.tasks.LanguageModelling` on raw text."""
+
+    _target_: str = "subnets.tasks.LanguageModelling"
+    objective: str = "masked"  # masked (encoders) | causal (decoders)
+    mlm_probability: float = 0.15
+
+
+TASK_SCHEMAS = {"parsing": ParsingTaskConfig, "tagging": TaggingTaskConfig, "ner": NERTaskConfig,
+                "classification": ClassificationTaskConfig, "lm": LanguageModellingTaskConfig}  # fmt: skip
 
 
 @dataclass
@@ -333,7 +372,7 @@ class Config:
     resume: bool = True  # continue from the run folder's last checkpoint if there is one
     overwrite: bool = False  # delete the run folder's earlier outputs and start again
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: Any = None  # the task group's option (task=<name>), with its own schema (TASK_SCHEMAS)
     languages: LanguagesConfig = field(default_factory=LanguagesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -402,8 +441,8 @@ RULES: list[tuple[str, Any, str]] = [
     ("model.mix_dropout", _probability, "in [0, 1)"),
     ("model.encoder_dropout", lambda v: v is None or 0 <= v < 1, "null (the model's own) or in [0, 1)"),
     ("model.max_subwords", lambda v: v is None or v >= 3, "null (the model's limit) or at least 3"),
-    ("task.dropout", _probability, "in [0, 1)"),
-    ("task.word_dropout", _probability, "in [0, 1)"),
+    ("task.dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+    ("task.word_dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("masks.keep_ratio", _share, "in (0, 1]"),
     ("masks.param_keep_ratio", _share, "in (0, 1]"),
     ("masks.prune_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
@@ -476,7 +515,10 @@ def run_folder_name(overrides: str) -> str:
 def register_configs() -> None:
     """Register the schema as ``base_config`` (named first in ``config.yaml``'s defaults) and
     the resolver that names run folders."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for name, schema in TASK_SCHEMAS.items():
+        store.store(group="task_schema", name=name, node=schema)
     OmegaConf.register_new_resolver("subnets_run_name", run_folder_name, replace=True)
 
 
@@ -500,6 +542,7 @@ def default_config(**overrides: Any) -> DictConfig:
     with Hydra (:func:`compose_config`) for the runner's full default.
     """
     cfg = OmegaConf.structured(Config)
+    cfg.task = OmegaConf.structured(ParsingTaskConfig)
     return OmegaConf.merge(cfg, overrides) if overrides else cfg
 
 

@@ -13,7 +13,7 @@ dropped (the evaluation denominator equals the number of words in the gold file)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -83,7 +83,7 @@ def plan_windows(lengths: Sequence[int], budget: int) -> tuple[list[tuple[int, i
 
 @dataclass
 class Batch:
-    """A batch of sentences of one language.
+    """A batch of sentences of one language, for parsing and UPOS tagging.
 
     Word axis: position 0 is the root, positions ``1..n`` the words, then padding.
 
@@ -102,7 +102,7 @@ class Batch:
     heads: torch.Tensor
     deprels: torch.Tensor
     upos: torch.Tensor
-    sentences: list[Sentence] = field(default_factory=list)
+    examples: list[Sentence] = field(default_factory=list)
     lang: str = ""
 
     @property
@@ -110,15 +110,41 @@ class Batch:
         return int(self.word_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            name: getattr(self, name).to(device)
-            for name in ("input_ids", "attention_mask", "word_index", "word_mask", "heads", "deprels", "upos")
-        }
-        return Batch(**moved, sentences=self.sentences, lang=self.lang)
+        return _moved(self, device)
 
 
-class Collator:
-    """Turns sentences and their word pieces into a :class:`Batch` for one encoder.
+@dataclass
+class LabelledBatch:
+    """A batch of one language for a word-level or example-level classifier: the encoder input
+    and word positions as :class:`Batch` (for a sentence classifier, position 0 is the token that
+    represents the example), and ``labels`` (``[B, 1 + W]`` per word or ``[B]`` per example;
+    ``-100`` where nothing is scored). ``num_words`` counts the labels scored."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_index: torch.Tensor
+    word_mask: torch.Tensor
+    labels: torch.Tensor
+    examples: list = field(default_factory=list)
+    lang: str = ""
+
+    @property
+    def num_words(self) -> int:
+        return int((self.labels != UNSPECIFIED).sum())
+
+    def to(self, device: torch.device | str) -> LabelledBatch:
+        return _moved(self, device)
+
+
+def _moved(batch, device: torch.device | str):
+    """A copy of a batch dataclass with its tensors on ``device``."""
+    values = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return type(batch)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+
+class WordCollator:
+    """Frames the subword pieces of a batch's sentences for one encoder: windows, padding and
+    the position each word (and the root) is read from (module docstring).
 
     Args:
         tokenizer: gives the special-token ids (``[CLS]``/``<s>``/BOS, ``[SEP]``/``</s>``/EOS,
@@ -144,7 +170,8 @@ class Collator:
             raise ValueError(f"max_length must leave room for at least one subword, got {max_length}")
         self.max_length = max_length
 
-    def __call__(self, sentences: Sequence[Sentence], pieces: Sequence[WordPieces], lang: str = "") -> Batch:
+    def encode(self, pieces: Sequence[WordPieces]) -> tuple[torch.Tensor, ...]:
+        """``input_ids``, ``attention_mask``, ``word_index`` and ``word_mask`` (:class:`Batch`)."""
         budget = self.max_length - self.framing
         opening = [] if self.cls_id is None else [self.cls_id]
         rows: list[list[int]] = []
@@ -166,23 +193,35 @@ class Collator:
                 [(first_row, root)]
                 + [(first_row + owner[i], reads[(owner[i], i)]) for i in range(len(word_pieces))]
             )
+        input_ids, attention_mask = self.pad(rows)
+        width = input_ids.shape[1]
+        shape = (len(pieces), max(len(p) for p in pieces) + 1)
+        word_index = torch.zeros(shape, dtype=torch.long)
+        word_mask = torch.zeros(shape, dtype=torch.bool)
+        for b, where in enumerate(positions):
+            word_index[b, : len(where)] = torch.tensor([row * width + pos for row, pos in where])
+            word_mask[b, 1 : len(where)] = True
+        return input_ids, attention_mask, word_index, word_mask
 
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``rows`` padded to the longest."""
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, ids in enumerate(rows):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             attention_mask[r, : len(ids)] = 1
+        return input_ids, attention_mask
 
-        num_words = max(len(p) for p in pieces) + 1
-        shape = (len(sentences), num_words)
-        word_index = torch.zeros(shape, dtype=torch.long)
-        word_mask = torch.zeros(shape, dtype=torch.bool)
-        heads, deprels, upos = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
-        for b, (sentence, where) in enumerate(zip(sentences, positions)):
+
+class Collator(WordCollator):
+    """Turns sentences and their word pieces into a parsing :class:`Batch` (:class:`WordCollator`)."""
+
+    def __call__(self, sentences: Sequence[Sentence], pieces: Sequence[WordPieces], lang: str = "") -> Batch:
+        input_ids, attention_mask, word_index, word_mask = self.encode(pieces)
+        heads, deprels, upos = (torch.zeros(word_mask.shape, dtype=torch.long) for _ in range(3))
+        for b, sentence in enumerate(sentences):
             n = len(sentence)
-            word_index[b, : n + 1] = torch.tensor([row * width + pos for row, pos in where])
-            word_mask[b, 1 : n + 1] = True
             heads[b, 1 : n + 1] = torch.tensor(sentence.heads)
             deprels[b, 1 : n + 1] = torch.tensor(
                 [DEPREL_INDEX[universal_deprel(d)] for d in sentence.deprels]

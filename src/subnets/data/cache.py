@@ -1,10 +1,11 @@
-"""Parsed and tokenized treebanks cached on disk as ``datasets.Dataset`` folders, so that the
+"""Read and tokenized data files cached on disk as ``datasets.Dataset`` folders, so that the
 jobs of a sweep read and tokenize each file once.
 
-A parsed file is keyed by the SHA-256 of its content and ``on_error``; the subword pieces of a
-set of sentences by the tokenizer's fingerprint and the sentences' forms. A key never names a
+A read file is keyed by the SHA-256 of its content, the reader (a task and its settings) and
+``on_error``; the subword pieces of a set of examples by the tokenizer's fingerprint and the
+examples' words. A key never names a
 path, so a moved or copied file is found, and a changed one is read again; a cached entry holds
-exactly what reading gives (the validated sentences and the skipped sentences' errors), so a
+exactly what reading gives (the validated examples and the skipped examples' errors), so a
 run gives the same results with the cache, without it, cold or warm (tested). Each entry is
 written whole or not at all (a temporary folder renamed into place) and ends with
 ``done.json``, its row count and the checksum of its files: an entry damaged later (a cut
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -26,14 +28,15 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
-from subnets.data.treebank import ConlluError, ConlluFile, Sentence
+from subnets.data.examples import DataError, ExampleFile
 from subnets.files import current_umask
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"  # bump when what is cached changes
+VERSION = "3"  # bump when what is cached changes
 DONE = "done.json"  # written last into an entry: its row count and checksum
 
 
@@ -63,28 +66,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class TreebankCache:
+class DataCache:
     """The cache under ``folder`` (``None``: no caching, every call reads or tokenizes)."""
 
     def __init__(self, folder: str | os.PathLike | None):
         self.folder = Path(folder) if folder is not None else None
         self._tokenizer_keys: dict[int, str] = {}  # id(tokenizer) -> fingerprint, computed once
 
-    def read(self, path: Path, on_error: str, reader: Callable[[Path, str], ConlluFile]) -> ConlluFile:
-        """``reader(path, on_error)``, or what it gave for a file of the same content before."""
+    def read(
+        self, path: Path, on_error: str, reader: Callable[[Path, str], ExampleFile], kind: str
+    ) -> ExampleFile:
+        """``reader(path, on_error)``, or what it gave for a file of the same content before;
+        ``kind`` names the reader (a task and its reading settings) in the cache key."""
         if self.folder is None:
             return reader(path, on_error)
-        entry = self.folder / "parsed" / f"{sha256_path(path)[:32]}-{on_error}-v{VERSION}"
+        entry = self.folder / "parsed" / f"{sha256_path(path)[:32]}-{kind}-{on_error}-v{VERSION}"
         columns = self._load(entry)
         if columns is not None:
-            return _parsed_file(columns, json.loads((entry / "skipped.json").read_text()), path)
+            about = json.loads((entry / "examples.json").read_text())
+            return _example_file(columns, about, path)
         file = reader(path, on_error)
-        self._save(
-            entry, _parsed_columns(file.sentences, path), {"skipped.json": _skipped_json(file.skipped, path)}
-        )
+        self._save(entry, _example_columns(file.examples, path), {"examples.json": _about(file, path)})
         return file
 
-    def pieces(self, sentences: Sequence[Sentence], tokenizer, encode: Callable[[], list]) -> list:
+    def pieces(self, sentences: Sequence, tokenizer, encode: Callable[[], list]) -> list:
         """``encode()`` (the sentences' word pieces), or what it gave for the same forms and tokenizer."""
         if self.folder is None or not sentences:
             return encode()
@@ -170,34 +175,34 @@ def _no_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _parsed_columns(sentences: Sequence[Sentence], path: Path) -> dict[str, list]:
+NOT_CACHED = ("tokens",)  # Sentence.tokens: the conllu TokenList, rebuilt by nothing that reads the cache
+
+
+def _example_columns(examples: Sequence, path: Path) -> dict[str, list]:
+    """An example dataclass per row, its fields as columns (a ``source`` without the file's path:
+    the same content may be read from another path)."""
     prefix = f"{path}:"
-    return {
-        "sent_id": [s.sent_id for s in sentences],
-        "forms": [s.forms for s in sentences],
-        "upos": [s.upos for s in sentences],
-        "heads": [s.heads for s in sentences],
-        "deprels": [s.deprels for s in sentences],
-        "lines": [s.lines for s in sentences],
-        "first_line": [int(s.source.removeprefix(prefix)) for s in sentences],
-    }
+    names = [f.name for f in fields(examples[0]) if f.name not in NOT_CACHED]
+    columns = {name: [getattr(e, name) for e in examples] for name in names}
+    if "source" in columns:
+        columns["source"] = [s.removeprefix(prefix) if s.startswith(prefix) else s for s in columns["source"]]
+    return columns
 
 
-def _skipped_json(errors: Sequence[ConlluError], path: Path) -> str:
-    return json.dumps([{"line": e.line, "sent_id": e.sent_id, "problem": e.problem} for e in errors])
+def _about(file: ExampleFile, path: Path) -> str:
+    kind = type(file.examples[0])
+    skipped = [{"line": e.line, "sent_id": e.sent_id, "problem": e.problem} for e in file.skipped]
+    return json.dumps({"class": f"{kind.__module__}:{kind.__qualname__}", "skipped": skipped})
 
 
-def _parsed_file(columns: dict, skipped: list[dict], path: Path) -> ConlluFile:
-    sentences = [
-        Sentence(sent_id, forms, upos, heads, deprels, None, lines, f"{path}:{first}")
-        for sent_id, forms, upos, heads, deprels, lines, first in zip(
-            columns["sent_id"], columns["forms"], columns["upos"], columns["heads"], columns["deprels"],
-            columns["lines"], columns["first_line"],
-        )
-    ]  # fmt: skip
-    return ConlluFile(
-        path, sentences, [ConlluError(path, e["line"], e["sent_id"], e["problem"]) for e in skipped]
-    )
+def _example_file(columns: dict, about: dict, path: Path) -> ExampleFile:
+    module, _, name = about["class"].partition(":")
+    kind = getattr(importlib.import_module(module), name)
+    if "source" in columns:
+        columns["source"] = [f"{path}:{s}" if s.isdigit() else s for s in columns["source"]]
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    skipped = [DataError(path, e["line"], e["sent_id"], e["problem"]) for e in about["skipped"]]
+    return ExampleFile(path, [kind(**row) for row in rows], skipped)
 
 
 def _entry_checksum(entry: Path) -> str:

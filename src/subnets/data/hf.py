@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from subnets.data.treebank import ConlluError, ConlluFile, parse_conllu
+from subnets.data.examples import ExampleFile
+from subnets.data.treebank import ConlluError, parse_conllu
 
 SPLIT_NAMES = {"train": "train", "validation": "dev", "dev": "dev", "test": "test"}
 _COLUMNS = ("tokens", "lemmas", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
@@ -36,7 +37,7 @@ def dataset_splits(folder: Path) -> dict[str, Path]:
     return {SPLIT_NAMES[name]: folder / name for name in names if name in SPLIT_NAMES}
 
 
-def read_dataset_split(path: Path, on_error: str = "raise") -> ConlluFile:
+def read_dataset_split(path: Path, on_error: str = "raise") -> ExampleFile:
     """Read and validate one split folder of a ``datasets`` treebank (module docstring)."""
     from datasets import load_from_disk
 

@@ -1,5 +1,5 @@
 """The data of a run: every language and split it trains on, selects checkpoints on and
-evaluates, read once (:func:`load_run_data`)."""
+evaluates, read once with the run's task (:func:`load_run_data`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from subnets.config import setting
-from subnets.data.cache import TreebankCache, cache_folder
+from subnets.data.cache import DataCache, cache_folder
 from subnets.data.dataset import LanguageData, load_language
+from subnets.data.discovery import LanguageFiles, discover_languages, manifest_targets, select_languages
 from subnets.data.support import draw_support, support_pool
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
-from subnets.data.ud import TreebankFiles, discover_treebanks, manifest_targets, select_treebanks
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class RunData:
     """A run's languages.
 
     Attributes:
-        treebanks: every treebank found under ``root``, by code.
+        treebanks: every language's files found under ``root``, by code.
         train: source languages, train split (capped by ``languages.max_train_sentences``).
         dev: development languages, dev split (checkpoint selection).
         evaluated: every language and split evaluated at the end, keyed ``(role, code)`` with
@@ -40,7 +40,7 @@ class RunData:
             in every file read.
     """
 
-    treebanks: dict[str, TreebankFiles]
+    treebanks: dict[str, LanguageFiles]
     root: Path
     train: dict[str, LanguageData]
     dev: dict[str, LanguageData]
@@ -56,19 +56,20 @@ class RunData:
                  *self.support_pools.values()]  # fmt: skip
         return list({id(d): d for d in items}.values())
 
-    def tokenize(self, tokenizer, cache: TreebankCache | None = None) -> None:
+    def tokenize(self, tokenizer, cache: DataCache | None = None) -> None:
         for data in self.all():
             data.tokenize(tokenizer, cache)
 
 
-def treebank_cache(languages: Any) -> TreebankCache:
-    """The cache of parsed and tokenized files (``languages.cache``, ``languages.cache_dir``)."""
-    return TreebankCache(cache_folder(languages.cache_dir) if languages.cache else None)
+def data_cache(languages: Any) -> DataCache:
+    """The cache of read and tokenized files (``languages.cache``, ``languages.cache_dir``)."""
+    return DataCache(cache_folder(languages.cache_dir) if languages.cache else None)
 
 
-def treebank_root(languages: Any, folder: Path) -> Path:
-    """The folder of the run's treebanks: the synthetic languages written into ``folder/data``,
-    or the UD root (``languages.ud_root``, else ``$SUBNETS_UD_ROOT``)."""
+def data_root(languages: Any, folder: Path) -> Path:
+    """The folder of the run's languages: the synthetic languages written into ``folder/data``
+    (treebanks and their NER and classification variants), or a folder of language folders
+    (``languages.ud_root``, else ``$SUBNETS_UD_ROOT``: UD treebanks, or any task's files)."""
     if setting(languages.source) == "synthetic":
         synthetic = languages.synthetic
         specs = {code: SyntheticLanguage(code, **spec) for code, spec in synthetic.languages.items()}
@@ -84,40 +85,44 @@ def load_run_data(
     languages: Any,
     fewshot: Any,
     root: Path,
+    task,
     *,
     seed: int = 1,
     needs_support: bool = False,
     read_train: bool = True,
-    cache: TreebankCache | None = None,
+    cache: DataCache | None = None,
 ) -> RunData:
-    """Read and validate every split the run uses (``languages.*`` settings) from the treebanks
-    under ``root``; with ``fewshot.repetitions > 0``, check now (not after training) that every
-    target has ``fewshot.k`` support sentences; with ``needs_support``, draw the development
-    and target languages' support sentences (seeded by ``seed``). ``read_train=False`` (the
-    evaluation of a trained run) leaves the training splits unread (``train`` is empty). Files
-    are read through ``cache`` if given (:func:`treebank_cache`)."""
-    treebanks = discover_treebanks(root)
+    """Read and validate, with ``task`` (:class:`~subnets.tasks.Task`), every split the run uses
+    (``languages.*`` settings) from the language folders under ``root``; with
+    ``fewshot.repetitions > 0``, check now (not after training) that every target has
+    ``fewshot.k`` support examples; with ``needs_support``, draw the development and target
+    languages' support examples (seeded by ``seed``). ``read_train=False`` (the evaluation of a
+    trained run) leaves the training splits unread (``train`` is empty). Files are read through
+    ``cache`` if given (:func:`data_cache`)."""
+    treebanks = discover_languages(root, task.suffixes)
     on_error = setting(languages.on_error)
     if not languages.train:
         raise ValueError("languages.train is empty: name at least one training language")
 
     def load(code: str, split: str, cap: int | None) -> LanguageData:
-        return load_language(treebanks[code], split, on_error, cap, cache)
+        return load_language(treebanks[code], split, task, on_error, cap, cache)
 
     train_codes = list(languages.train)
     if not read_train:  # an evaluation scores the training languages' dev splits where the root has them
         train_codes = [code for code in train_codes if code in treebanks]
-    train = select_treebanks(treebanks, train_codes, "languages.train", root)
-    dev = select_treebanks(treebanks, languages.dev, "languages.dev", root)
+    train = select_languages(treebanks, train_codes, "languages.train", root, task.suffixes)
+    dev = select_languages(treebanks, languages.dev, "languages.dev", root, task.suffixes)
     target_codes = list(languages.target)
     if target_codes == ["auto"]:
         target_codes = manifest_targets(root, treebanks, [*languages.train, *languages.dev])
-    target = select_treebanks(treebanks, target_codes, "languages.target", root)
+    target = select_languages(treebanks, target_codes, "languages.target", root, task.suffixes)
     for role, split, selected in (("train", "train", train if read_train else []), ("dev", "dev", dev),
                                   ("target", "test", target)):  # fmt: skip
         for tb in selected:
             if split not in tb.files:
-                raise ValueError(f"languages.{role}: {tb.code} has no {split} split in {tb.folder}")
+                tried = ", ".join(split + s for s in tb.tried)
+                raise ValueError(f"languages.{role}: {tb.code} has no {split} split in {tb.folder} (tried {tried} "
+                                 f"and a datasets folder; it has: {', '.join(tb.files) or 'none'})")  # fmt: skip
     cap = languages.max_eval_sentences
     data = RunData(
         treebanks,
@@ -135,24 +140,23 @@ def load_run_data(
     for tb in target:
         data.evaluated[("target", tb.code)] = load(tb.code, "test", cap)
     data.target_test = {tb.code: data.evaluated[("target", tb.code)] for tb in target}
-    # Where support sentences come from, checked now (not after training) and read once.
+    # Where support examples come from, checked now (not after training) and read once.
     supported = [(r, c) for r, c in data.evaluated if r != "source"] if needs_support else []
     if fewshot.repetitions > 0:
         supported += [("target", code) for code in data.target_test if ("target", code) not in supported]
     for role, code in supported:
         data.support_pools[code] = support_pool(
-            treebanks[code], data.evaluated[(role, code)], fewshot.k, on_error, cache
+            treebanks[code], data.evaluated[(role, code)], fewshot.k, task, on_error, cache
         )
     total = sum(d.skipped for d in data.all())
     if total:
-        log.warning("skipped %d invalid sentence(s) in total (languages.on_error=skip)", total)
+        log.warning("skipped %d invalid example(s) in total (languages.on_error=skip)", total)
     data.skipped = {f"{d.code}-{d.split}": d.skipped for d in data.all() if d.skipped}
     if needs_support:
         for (role, code), evaluated in list(data.evaluated.items()):
             if role == "source":
                 continue
-            pool = data.support_pools[code]
-            support, rest = draw_support(treebanks[code], evaluated, fewshot.k, seed, pool=pool)
+            support, rest = draw_support(data.support_pools[code], evaluated, fewshot.k, seed)
             data.support[code] = support
             data.evaluated[(role, code)] = rest
             if role == "dev":

@@ -1,8 +1,9 @@
-"""Support sentences of an unseen language: where they come from and how they are drawn.
+"""Support examples of an unseen language: where they come from and how they are drawn, the
+same for every task.
 
-``k`` support sentences of a language come from its train split, else its dev split, else its
-test file: the first of these that holds at least ``k`` sentences. When they come from the
-split being evaluated, they are removed from it, so a support sentence is never scored.
+``k`` support examples of a language come from its train split, else its dev split, else its
+test file: the first of these that holds at least ``k`` examples. When they come from the
+split being evaluated, they are removed from it, so a support example is never scored.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import zlib
 
 import numpy as np
 
-from subnets.data.cache import TreebankCache
+from subnets.data.cache import DataCache
 from subnets.data.dataset import LanguageData, load_language
-from subnets.data.ud import SPLITS, TreebankFiles
+from subnets.data.discovery import SPLITS, LanguageFiles
 
 
-def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int]) -> str:
+def support_split(treebank: LanguageFiles, k: int, sizes: dict[str, int]) -> str:
     """The split support sentences are drawn from: train, else dev, else test, the first with
     at least ``k`` sentences (``sizes``: the sizes of the splits, as far as they are known)."""
     found = {}
@@ -34,11 +35,12 @@ def support_split(treebank: TreebankFiles, k: int, sizes: dict[str, int]) -> str
 
 
 def support_pool(
-    treebank: TreebankFiles,
+    treebank: LanguageFiles,
     evaluated: LanguageData,
     k: int,
+    task,
     on_error: str = "raise",
-    cache: TreebankCache | None = None,
+    cache: DataCache | None = None,
 ) -> LanguageData:
     """The sentences ``k`` support sentences of ``evaluated``'s language are drawn from: the first
     split by :func:`support_split` (read with ``on_error``, through ``cache``), which may be ``evaluated`` itself;
@@ -48,7 +50,7 @@ def support_pool(
         if split not in treebank.files:
             continue
         if split not in loaded:
-            loaded[split] = load_language(treebank, split, on_error, cache=cache)
+            loaded[split] = load_language(treebank, split, task, on_error, cache=cache)
         sizes[split] = len(loaded[split])
         if sizes[split] >= k:
             break
@@ -63,19 +65,13 @@ def support_pool(
 
 
 def draw_support(
-    treebank: TreebankFiles | None,
-    evaluated: LanguageData,
-    k: int,
-    seed: int,
-    on_error: str = "raise",
-    pool: LanguageData | None = None,
+    pool: LanguageData, evaluated: LanguageData, k: int, seed: int
 ) -> tuple[LanguageData, LanguageData]:
-    """Draw ``k`` support sentences for ``evaluated``'s language from ``pool`` (default:
-    :func:`support_pool`); returns (support, evaluated data without the support sentences).
-    Deterministic for (seed, language); ``treebank`` is read only when no ``pool`` is given."""
-    pool = pool if pool is not None else support_pool(treebank, evaluated, k, on_error)
+    """Draw ``k`` support examples for ``evaluated``'s language from ``pool`` (:func:`support_pool`);
+    returns (support, evaluated data without the support examples). Deterministic for (seed,
+    language)."""
     if len(pool) < k:
-        raise ValueError(f"{evaluated.code}: fewshot.k={k} support sentences, but its {pool.split} split "
+        raise ValueError(f"{evaluated.code}: fewshot.k={k} support examples, but its {pool.split} split "
                          f"({pool.path}) has {len(pool)}")  # fmt: skip
     rng = np.random.default_rng([seed, zlib.crc32(evaluated.code.encode())])
     chosen = sorted(int(i) for i in rng.choice(len(pool), size=k, replace=False))

@@ -220,10 +220,67 @@ def generate_treebank(
     lang: SyntheticLanguage, lexicon: Mapping[tuple[str, int], str], size: int, seed: int, split: str
 ) -> str:
     """CoNLL-U text of ``size`` sentences of ``lang``; deterministic for (seed, code, split)."""
-    rng = random.Random(f"{seed}/{lang.code}/{split}")
     return "".join(
-        to_conllu(generate_sentence(lang, lexicon, rng), f"{lang.code}-{split}-{i + 1}") for i in range(size)
+        to_conllu(words, sent_id) for sent_id, words in _sentences(lang, lexicon, size, seed, split)
     )
+
+
+def _sentences(
+    lang: SyntheticLanguage, lexicon: Mapping[tuple[str, int], str], size: int, seed: int, split: str
+):
+    rng = random.Random(f"{seed}/{lang.code}/{split}")
+    for i in range(size):
+        yield f"{lang.code}-{split}-{i + 1}", generate_sentence(lang, lexicon, rng)
+
+
+ROLES = {"nsubj": "SUBJ", "obj": "OBJ", "obl": "OBL"}
+
+
+def role_spans(words: list) -> list[str]:
+    """IOB2 tags of a sentence's argument spans: the whole subtree of the subject (``SUBJ``), the
+    object (``OBJ``) and the oblique (``OBL``, its adposition included); the rest ``O``. The
+    spans are contiguous, and finding them takes the language's word order: with shared forms,
+    the first noun phrase is the subject in one language and the object in another."""
+    heads = {id(w): w[2] for w in words}
+    tags = []
+    for word in words:
+        node, role = word, None
+        while node is not None and role is None:
+            role = (
+                ROLES.get(node[3]) if heads[id(node)] is not None and heads[id(node)][3] == "root" else None
+            )
+            node = heads[id(node)]
+        tags.append(role)
+    out, previous = [], None
+    for tag in tags:
+        out.append("O" if tag is None else ("I-" if tag == previous else "B-") + tag)
+        previous = tag
+    return out
+
+
+def subject_class(words: list, concepts: Mapping[str, tuple[str, int]]) -> str:
+    """A sentence's class: the subject noun's concept index modulo 3 (``c0``, ``c1``, ``c2``),
+    which takes the word order to find."""
+    subject = next(w for w in words if w[3] == "nsubj")
+    return f"c{concepts[subject[0]][1] % 3}"
+
+
+def task_variants(lang: SyntheticLanguage, lexicon: Mapping[tuple[str, int], str], size: int, seed: int,
+                  split: str) -> dict[str, str]:  # fmt: skip
+    """The same sentences as :func:`generate_treebank`, as a token-classification file (CoNLL
+    columns, :func:`role_spans`; suffix ``.conll``) and a sentence-classification file (JSON
+    lines, :func:`subject_class`; suffix ``.jsonl``), keyed by suffix."""
+    import json
+
+    concepts = {form: concept for concept, form in lexicon.items()}
+    conll, jsonl = [], []
+    for sent_id, words in _sentences(lang, lexicon, size, seed, split):
+        conll.append("".join(f"{w[0]}\t{t}\n" for w, t in zip(words, role_spans(words))) + "\n")
+        text = " ".join(w[0] for w in words)
+        jsonl.append(
+            json.dumps({"id": sent_id, "text": text, "label": subject_class(words, concepts)}) + "\n"
+        )
+    return {".conll": "".join(conll), ".jsonl": "".join(jsonl)}
 
 
 def write_synthetic_treebanks(
@@ -232,7 +289,9 @@ def write_synthetic_treebanks(
     sizes: Mapping[str, int],
     seed: int = 0,
 ) -> Path:
-    """Write ``root/<code>/<split>.conllu`` for every language and split; returns ``root``.
+    """Write ``root/<code>/<split>.conllu`` for every language and split, and beside it the same
+    sentences for token classification (``.conll``) and sentence classification (``.jsonl``,
+    :func:`task_variants`); returns ``root``.
 
     ``sizes`` maps split names (``train``, ``dev``, ``test``) to numbers of sentences; a split
     of size 0 is not written. Existing files with the same content are left untouched.
@@ -243,8 +302,10 @@ def write_synthetic_treebanks(
         for split, size in sizes.items():
             if size <= 0:
                 continue
-            path = root / code / f"{split}.conllu"
-            text = generate_treebank(lang, lexicons[code], size, seed, split)
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
-                atomic_write_text(path, text)
+            files = {".conllu": generate_treebank(lang, lexicons[code], size, seed, split),
+                     **task_variants(lang, lexicons[code], size, seed, split)}  # fmt: skip
+            for suffix, text in files.items():
+                path = root / code / f"{split}{suffix}"
+                if not path.exists() or path.read_text(encoding="utf-8") != text:
+                    atomic_write_text(path, text)
     return root

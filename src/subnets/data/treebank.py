@@ -6,7 +6,7 @@ multiword-token lines and empty nodes included, so that predictions can be writt
 
 Every sentence is validated before it is used. A problem raises :class:`ConlluError`, whose
 message names the file, the line and the sentence id, or, with ``on_error="skip"``, the sentence
-is left out and the error is kept in :attr:`ConlluFile.skipped` so that the caller can report it.
+is left out and the error is kept in :attr:`ExampleFile.skipped` so that the caller can report it.
 """
 
 from __future__ import annotations
@@ -19,22 +19,17 @@ from pathlib import Path
 
 import conllu
 
+from subnets.data.examples import ON_ERROR, DataError, ExampleFile, read_utf8
 from subnets.data.labels import DEPREL_INDEX, UPOS_INDEX, universal_deprel
 from subnets.files import atomic_write_text
 
 _WORD_ID = re.compile(r"[1-9][0-9]*\Z")
 _RANGE_ID = re.compile(r"[1-9][0-9]*-[1-9][0-9]*\Z")
 _EMPTY_ID = re.compile(r"[0-9]+\.[1-9][0-9]*\Z")
-ON_ERROR = ("raise", "skip")
 
 
-class ConlluError(ValueError):
+class ConlluError(DataError):
     """A CoNLL-U problem, located by file, line (1-based) and sentence id."""
-
-    def __init__(self, path: str | os.PathLike, line: int, sent_id: str | None, problem: str):
-        self.path, self.line, self.sent_id, self.problem = str(path), line, sent_id, problem
-        where = f"{self.path}:{line}" + (f" (sentence {sent_id})" if sent_id else "")
-        super().__init__(f"{where}: {problem}")
 
 
 @dataclass
@@ -93,20 +88,7 @@ class Sentence:
         )  # fmt: skip
 
 
-@dataclass
-class ConlluFile:
-    """The valid sentences of a file, and the errors of the sentences skipped (``on_error="skip"``)."""
-
-    path: Path
-    sentences: list[Sentence]
-    skipped: list[ConlluError]
-
-    @property
-    def num_words(self) -> int:
-        return sum(len(s) for s in self.sentences)
-
-
-def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = True) -> ConlluFile:
+def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = True) -> ExampleFile:
     """Read and validate a CoNLL-U file.
 
     Args:
@@ -117,27 +99,15 @@ def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = 
             word IDs, non-empty FORM); HEAD, DEPREL and UPOS may hold anything (``_``), and the
             sentences get placeholder heads (0) and relations (``dep``).
 
+    Returns the valid :class:`Sentence` objects (``examples``) and the skipped ones' errors.
+
     The file must be UTF-8; a leading byte-order mark is accepted (and dropped).
 
     Raises:
         ConlluError: an invalid sentence (with ``on_error="raise"``), a file with no valid
             sentence at all (in both modes), or bytes that are not UTF-8 (their line named).
     """
-    return parse_conllu(_read_utf8(Path(path), "CoNLL-U"), path, on_error, trees)
-
-
-def _read_utf8(path: Path, kind: str) -> str:
-    """The text of a UTF-8 file without its byte-order mark; undecodable bytes raise
-    :class:`ConlluError` naming their line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} file not found: {path}")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        bad = data[error.start : error.end]
-        raise ConlluError(path, line, None, f"bytes {bad!r} are not UTF-8 ({kind} files are UTF-8)") from None
+    return parse_conllu(read_utf8(path, "CoNLL-U", ConlluError), path, on_error, trees)
 
 
 def unparsed(sent_id: str, forms: list[str], upos: list[str] | None = None, lines: list[str] | None = None,
@@ -151,7 +121,7 @@ def unparsed(sent_id: str, forms: list[str], upos: list[str] | None = None, line
 
 def parse_conllu(
     text: str, path: str | os.PathLike = "<string>", on_error: str = "raise", trees: bool = True
-) -> ConlluFile:
+) -> ExampleFile:
     """Validate and parse CoNLL-U ``text`` (as :func:`read_conllu`); ``path`` is used in error
     messages only."""
     if on_error not in ON_ERROR:
@@ -167,7 +137,7 @@ def parse_conllu(
     if not sentences:
         problem = "no valid sentence" if skipped else "the file holds no sentence"
         raise ConlluError(path, 1, None, problem + " (expected blank-line separated CoNLL-U sentences)")
-    return ConlluFile(Path(path), sentences, skipped)
+    return ExampleFile(Path(path), sentences, skipped)
 
 
 def _blocks(text: str):
@@ -315,7 +285,7 @@ def read_tokenized_text(path: str | os.PathLike) -> list[Sentence]:
     """Sentences of a plain-text file with one pre-tokenized sentence per line (tokens separated
     by whitespace; blank lines are skipped), to be parsed; sentence ids are the line numbers."""
     path = Path(path)
-    text = _read_utf8(path, "text")
+    text = read_utf8(path, "text", ConlluError)
     sentences = []
     for number, line in enumerate(text.split("\n"), start=1):
         forms = line.split()

@@ -1,6 +1,5 @@
 """Building the model a config describes: the encoder (the built-in tiny BERT or any Hugging Face
-checkpoint) and the task model on top of it (``task._target_``, default
-:class:`~subnets.models.parser.DependencyParser`).
+checkpoint) and the task's model on top of it (:meth:`subnets.tasks.Task.build_model`).
 
 Example (what the runner and the benchmarks do)::
 
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from subnets.models.encoder import Encoder, build_tiny_transformer, load_pretrained, train_subword_tokenizer
@@ -58,13 +56,14 @@ def build_encoder(
     return transformer, tokenizer
 
 
-def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
-    """The task model of ``cfg`` (``cfg.task``, built by its ``_target_``) on ``transformer``
-    wrapped as an :class:`Encoder` (scalar mix with ``model.mix_dropout``; every dropout
-    inside it set to ``model.encoder_dropout`` when given; its word embeddings frozen with
-    ``model.freeze_embeddings``: ``requires_grad=False``, so no optimizer holds them; run under
-    bfloat16 autocast with ``train.precision=bf16``; gates on the units of ``masks.units``, found
-    by ``model.layout`` or the detected layout)."""
+def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: Any = None) -> nn.Module:
+    """The task model of ``cfg`` on ``transformer`` wrapped as an :class:`Encoder` (scalar mix
+    with ``model.mix_dropout``; every dropout inside it set to ``model.encoder_dropout`` when
+    given; its word embeddings frozen with ``model.freeze_embeddings``: ``requires_grad=False``,
+    so no optimizer holds them; run under bfloat16 autocast with ``train.precision=bf16``; gates
+    on the units of ``masks.units``, found by ``model.layout`` or the detected layout): the head
+    of ``task`` (a :class:`~subnets.tasks.Task`; default: built from ``cfg.task``), which first
+    checks that it fits the model and its ``tokenizer``."""
     if cfg.model.freeze_embeddings:
         transformer.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.encoder_dropout is not None:
@@ -74,4 +73,9 @@ def build_model(cfg: Any, transformer: nn.Module) -> nn.Module:
     precision = getattr(cfg.train.precision, "value", cfg.train.precision)
     encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision == "bf16" else None,
                       units=str(getattr(cfg.masks.units, "value", cfg.masks.units)), layout=cfg.model.layout)  # fmt: skip
-    return instantiate(cfg.task, encoder=encoder)
+    if task is None:
+        from subnets.tasks import build_task
+
+        task = build_task(cfg)
+    task.use_model(transformer, tokenizer, encoder.gates.layout.causal)
+    return task.build_model(encoder)

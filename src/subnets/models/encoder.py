@@ -88,6 +88,17 @@ class Encoder(nn.Module):
         mixed = self.mix(hidden)
         return mixed.reshape(-1, mixed.shape[-1])[word_index]
 
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]``: the transformer's last hidden layer (what a language-model head reads),
+        in float32."""
+        precision = (
+            nullcontext() if self.autocast is None else torch.autocast(input_ids.device.type, self.autocast)
+        )
+        with precision:
+            out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return hidden.float()
+
 
 def max_subwords(transformer: nn.Module, tokenizer) -> int:
     """The encoder's input limit in subwords (special tokens included): its position

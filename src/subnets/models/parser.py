@@ -22,6 +22,7 @@ from torch import nn
 from subnets.data.batching import Batch
 from subnets.data.labels import DEPRELS, ROOT_DEPREL, UPOS
 from subnets.models.encoder import Encoder
+from subnets.models.heads import TaskModel
 from subnets.models.mst import decode_mst
 
 
@@ -84,14 +85,11 @@ class Prediction:
     upos: list[str] | None
 
 
-class DependencyParser(nn.Module):
-    """Encoder + task heads: dependency arcs and labels (``parse``), UPOS tags (``tag``), or both.
-
-    The contract the runner relies on (a task model of your own, named by ``task._target_``,
-    keeps it): the constructor takes the encoder as ``encoder``; ``model(batch)`` returns an
-    object with ``loss`` and ``losses``; ``model.predict(batch)`` returns one
-    :class:`Prediction` per sentence; ``model.parsing`` / ``model.tagging`` say which
-    predictions are made; ``model.gates`` and ``model.encoder_parameters()`` reach the encoder.
+class DependencyParser(TaskModel):
+    """Encoder + task heads: dependency arcs and labels (``parse``), UPOS tags (``tag``), or both
+    (the model of :class:`~subnets.tasks.Parsing`). ``model(batch)`` returns the losses,
+    ``model.predict(batch)`` one :class:`Prediction` per sentence; ``model.parsing`` /
+    ``model.tagging`` say which predictions are made.
 
     Example::
 
@@ -123,18 +121,9 @@ class DependencyParser(nn.Module):
         if self.tagging:
             self.tagger = nn.Linear(size, len(UPOS))
 
-    @property
-    def gates(self):
-        """The encoder's :class:`~subnets.models.gates.UnitGates` (heads, neurons or both)."""
-        return self.encoder.gates
-
-    def encoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters of the pretrained transformer (the rest are task-head parameters)."""
-        return [(f"encoder.transformer.{n}", p) for n, p in self.encoder.transformer.named_parameters()]
-
     def represent(self, batch: Batch) -> torch.Tensor:
-        words = self.encoder(batch.input_ids, batch.attention_mask, batch.word_index)
-        return self.word_dropout(words)
+        """The word representations the scorers read (with word dropout in training)."""
+        return self.word_dropout(self.words(batch))
 
     def arc_scores(self, words: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Biaffine arc scores with impossible heads (padding, the word itself) at -inf."""
