@@ -22,15 +22,16 @@ from pathlib import Path
 from shared_paths import E5_PATH, UD_ROOT
 
 from subnets.config import compose_config
-from subnets.data.cache import TreebankCache
-from subnets.data.languages import load_run_data, treebank_root
+from subnets.data.cache import DataCache
+from subnets.data.languages import data_root, load_run_data
 from subnets.models.encoder import load_pretrained
+from subnets.tasks import Parsing
 
 
-def read(cfg, tokenizer, cache: TreebankCache) -> tuple[float, int]:
+def read(cfg, tokenizer, cache: DataCache) -> tuple[float, int]:
     start = time.perf_counter()
-    data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(".")), seed=cfg.seed,
-                         cache=cache)  # fmt: skip
+    data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, Path(".")), Parsing(),
+                         seed=cfg.seed, cache=cache)  # fmt: skip
     data.tokenize(tokenizer, cache)
     return time.perf_counter() - start, sum(len(d) for d in data.all())
 
@@ -40,9 +41,9 @@ def main() -> None:
                           f"model.name_or_path={E5_PATH}"])  # fmt: skip
     _, tokenizer = load_pretrained(E5_PATH)
     with tempfile.TemporaryDirectory() as folder:
-        none, sentences = read(cfg, tokenizer, TreebankCache(None))
-        cold, _ = read(cfg, tokenizer, TreebankCache(folder))
-        warm, _ = read(cfg, tokenizer, TreebankCache(folder))
+        none, sentences = read(cfg, tokenizer, DataCache(None))
+        cold, _ = read(cfg, tokenizer, DataCache(folder))
+        warm, _ = read(cfg, tokenizer, DataCache(folder))
     print(f"UD study data ({sentences} sentences), read and tokenized with the e5-small tokenizer:")
     print(f"  no cache     {none:6.2f} s")
     print(f"  cold cache   {cold:6.2f} s   {cold / none:.2f}x (the first job of a sweep fills it)")

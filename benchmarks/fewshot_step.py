@@ -28,11 +28,12 @@ from shared_paths import E5_PATH, UD_ROOT
 from subnets.config import compose_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, load_language
-from subnets.data.support import draw_support
-from subnets.data.ud import discover_treebanks
+from subnets.data.discovery import discover_languages
+from subnets.data.support import draw_support, support_pool
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.optim.masked import MaskedOptimizer
+from subnets.tasks import Parsing
 from subnets.update import parameter_groups, training_step
 
 
@@ -47,12 +48,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048)
     args = parser.parse_args()
 
-    treebank = discover_treebanks(UD_ROOT)[args.language]
-    test = load_language(treebank, "test")
+    treebank = discover_languages(UD_ROOT)[args.language]
+    test = load_language(treebank, "test", Parsing())
     model_settings = [] if args.model == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
     cfg = compose_config(model_settings)
     transformer, tokenizer = build_encoder(
-        cfg.model, seed=0, texts=[" ".join(s.forms) for s in test.sentences]
+        cfg.model, seed=0, texts=[" ".join(s.forms) for s in test.examples]
     )
     model = build_model(cfg, transformer)
     optimizer = MaskedOptimizer(
@@ -72,8 +73,9 @@ def main() -> None:
     print(
         "repetition  real subwords  padded (one batch)  padded (micro)  parts  s/step one batch  s/step micro  ratio"
     )
+    pool = support_pool(treebank, test, args.k, Parsing())
     for repetition in range(args.repetitions):
-        support, _ = draw_support(treebank, test, args.k, 1000 * args.seed + repetition)
+        support, _ = draw_support(pool, test, args.k, 1000 * args.seed + repetition)
         support.tokenize(tokenizer)
         whole, micro = batcher.of(support), batcher.micro_batches(support, args.max_tokens)
         times = {"whole": [], "micro": []}

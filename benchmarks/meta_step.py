@@ -36,10 +36,11 @@ from shared_paths import E5_PATH, UD_ROOT
 from subnets.config import compose_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, load_language
-from subnets.data.ud import discover_treebanks
+from subnets.data.discovery import discover_languages
 from subnets.meta import MAML, MetaTask
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
+from subnets.tasks import Parsing
 from subnets.update import parameter_groups
 
 LANGUAGES = ["en_ewt", "ko_kaist"]
@@ -47,14 +48,14 @@ INNER_LR = {"encoder": 1e-3, "head": 1e-2}
 
 
 def setup(model_name: str):
-    treebanks = discover_treebanks(UD_ROOT)
-    data = [load_language(treebanks[code], "train", max_sentences=64) for code in LANGUAGES]
+    treebanks = discover_languages(UD_ROOT)
+    data = [load_language(treebanks[code], "train", Parsing(), max_examples=64) for code in LANGUAGES]
     # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH; eager
     # attention (what higher needs for second order)
     model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
     cfg = compose_config([*model_settings, "model.mix_dropout=0.0", "model.attn_implementation=eager"])
     transformer, tokenizer = build_encoder(
-        cfg.model, seed=0, texts=[" ".join(s.forms) for d in data for s in d.sentences]
+        cfg.model, seed=0, texts=[" ".join(s.forms) for d in data for s in d.examples]
     )
     for d in data:
         d.tokenize(tokenizer)

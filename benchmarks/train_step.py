@@ -47,7 +47,7 @@ from shared_paths import E5_PATH, UD_ROOT
 from subnets.config import compose_config
 from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, load_language
-from subnets.data.ud import discover_treebanks
+from subnets.data.discovery import discover_languages
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA
 from subnets.masks.importance import unit_importance
 from subnets.masks.subnetwork import unit_parameter_masks
@@ -55,6 +55,7 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.models.gates import HeadGates, NeuronGates, UnitGates
 from subnets.optim.masked import MaskedOptimizer
+from subnets.tasks import Parsing
 from subnets.update import parameter_groups, training_step
 
 LANGUAGES = ["en_ewt", "ko_kaist", "ar_pud", "cs_pud"]
@@ -62,14 +63,15 @@ LANGUAGES = ["en_ewt", "ko_kaist", "ar_pud", "cs_pud"]
 
 def build(model_name: str, sentences_per_language: int):
     """Parser, optimizer and the real-UD language data for ``model_name`` (tiny | e5)."""
-    treebanks = discover_treebanks(UD_ROOT)
+    treebanks = discover_languages(UD_ROOT)
     data = [
-        load_language(treebanks[code], "train", max_sentences=sentences_per_language) for code in LANGUAGES
+        load_language(treebanks[code], "train", Parsing(), max_examples=sentences_per_language)
+        for code in LANGUAGES
     ]
     # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH
     model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
     cfg = compose_config([*model_settings, "model.mix_dropout=0.0"])
-    texts = [" ".join(s.forms) for d in data for s in d.sentences]
+    texts = [" ".join(s.forms) for d in data for s in d.examples]
     transformer, tokenizer = build_encoder(cfg.model, seed=0, texts=texts)
     for d in data:
         d.tokenize(tokenizer)
@@ -110,7 +112,7 @@ def interleaved(variants: dict, inputs, rounds: int) -> dict[str, float]:
 
 def measure(model_name: str, args) -> dict:
     torch.manual_seed(0)
-    model, optimizer, collator, data, device = build(model_name, args.sentences)
+    model, optimizer, collator, data, device = build(model_name, args.examples)
     masked_optimizer = MaskedOptimizer(optimizer, model.named_parameters())
     batch_list = batches(collator, data, args.batch_size, args.steps, device)
     words = sum(b.num_words for b in batch_list)

@@ -3,6 +3,7 @@
 The names a notebook needs, in one place::
 
     from subnets import compose_config, run                     # a whole run, as the CLI runs it
+    from subnets import assemble, Parsing, NER, Classification  # a run's parts; the tasks
     from subnets import load_run, evaluate_run                  # a trained run, reused
     from subnets import HeadGates, unit_importance, select_keep_ratio, MaskedOptimizer, MAML
 """
@@ -14,10 +15,11 @@ from subnets.analysis import (
     overlap_typology_correlation,
     typological_similarity,
 )
+from subnets.assemble import Parts, assemble, build_method, build_task
 from subnets.config import Config, compose_config, default_config
 from subnets.data import Batch, Collator, LanguageSampler, Sentence, read_conllu, write_conllu
 from subnets.data.dataset import Batcher, LanguageData, load_language
-from subnets.evaluate import evaluate, predict
+from subnets.evaluate import Evaluator, evaluate, predict
 from subnets.fewshot import few_shot, fine_tune
 from subnets.masks import (
     Subnetwork,
@@ -50,16 +52,22 @@ from subnets.metrics import attachment_scores, score_conllu
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import Encoder, load_pretrained
 from subnets.models.gates import HeadGates, NeuronGates, UnitGates
+from subnets.models.heads import SequenceClassifier, TaskModel, TokenClassifier
 from subnets.models.layouts import AttentionLayout, FeedForwardLayout, ModelLayout, detect_layout
+from subnets.models.lm import LanguageModel
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer, UpdateMask
+from subnets.runfolder import RunFolder
 from subnets.runner import Run, run
+from subnets.tasks import NER, Classification, LanguageModelling, Parsing, Tagging, Task
 from subnets.trained import TrainedRun, evaluate_run, load_run
 from subnets.update import apply_update, training_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NER", "Classification", "Evaluator", "LanguageModel", "LanguageModelling", "Parsing", "Parts", "RunFolder",
+    "SequenceClassifier", "Tagging", "Task", "TaskModel", "TokenClassifier", "assemble", "build_method", "build_task",
     "MAML", "AttentionLayout", "Batch", "BatchStep", "Batcher", "Collator", "Config", "DependencyParser",
     "DynamicMasks", "Encoder", "FeedForwardLayout", "HardConcreteGates", "HeadGates", "ImportanceEMA", "LanguageData",
     "LanguageSampler", "MAMLEpisodes", "MaskPolicy", "MaskedOptimizer", "MetaTask", "Method", "ModelLayout",

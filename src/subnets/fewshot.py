@@ -17,8 +17,7 @@ from torch import nn
 from subnets.config import setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.support import draw_support
-from subnets.data.ud import TreebankFiles
-from subnets.evaluate import evaluate
+from subnets.evaluate import Evaluator
 from subnets.methods.base import MaskPolicy
 from subnets.optim.masked import MaskedOptimizer
 from subnets.progress import bar
@@ -72,37 +71,35 @@ def few_shot(
     model: nn.Module,
     policy: MaskPolicy,
     target_test: Mapping[str, LanguageData],
-    treebanks: Mapping[str, TreebankFiles],
+    pools: Mapping[str, LanguageData],
     batcher: Batcher,
     tokenizer,
     settings: Any,
+    evaluator: Evaluator,
     *,
     seed: int,
     clip_norm: float | None = None,
-    eval_batch_size: int = 128,
-    on_error: str = "raise",
-    pools: Mapping[str, LanguageData] | None = None,
     predictions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The few-shot protocol on the target languages (``settings``: ``fewshot.*``), the same for
-    every method.
+    every method and task.
 
     For each target language of ``target_test`` (its whole test split) and repetition ``r``
-    (seed ``1000 * seed + r``): draw ``k`` support sentences (:func:`draw_support`), fine-tune
-    ``model`` on them for ``steps`` steps with a fresh optimizer and ``policy``'s test-time
-    adaptation (forward gates and/or update mask), score the test set without the support
-    sentences, and restore ``model`` in place to the weights it came with (what a copy per
-    repetition would give, without the copies; ``model`` is left as it was). Returns
-    per language the runs and the mean and standard deviation (ddof 1) of UAS and LAS; the
-    predictions of repetition 0 go to ``<predictions>/<code>-test.conllu``. ``pools`` (code ->
-    data) are the splits support sentences are drawn from, if already read (else they are read
-    with ``on_error``).
+    (seed ``1000 * seed + r``): draw ``k`` support examples from its pool in ``pools``
+    (:func:`draw_support`, :func:`~subnets.data.support.support_pool`), fine-tune ``model`` on
+    them for ``steps`` steps with a fresh optimizer and ``policy``'s test-time adaptation
+    (forward gates and/or update mask), score the test set without the support examples
+    (``evaluator``: the task's metrics), and restore ``model`` in place to the weights it came
+    with (what a copy per repetition would give, without the copies; ``model`` is left as it
+    was). Returns per language the runs and the mean and standard deviation (ddof 1) of each
+    metric; the predictions of repetition 0 go to ``<predictions>/<code>-test.<format>``.
     """
     out: dict[str, Any] = {"k": settings.k, "steps": settings.steps, "repetitions": settings.repetitions,
                            "optimizer": setting(settings.optimizer), "lr_encoder": settings.lr_encoder,
                            "lr_head": settings.lr_head, "languages": {}}  # fmt: skip
     if settings.repetitions <= 0:
         return out
+    metrics = evaluator.task.metrics
     device = torch.device(batcher.device)
     progress = bar(len(target_test) * settings.repetitions, "few-shot", "repetition")
     with restored(model) as restore:
@@ -110,10 +107,7 @@ def few_shot(
             runs, started = [], time.perf_counter()
             for repetition in range(settings.repetitions):
                 draw_seed = 1000 * seed + repetition
-                pool = (pools or {}).get(code)
-                support, rest = draw_support(
-                    treebanks.get(code), test, settings.k, draw_seed, on_error, pool=pool
-                )
+                support, rest = draw_support(pools[code], test, settings.k, draw_seed)
                 if support.pieces is None:
                     support.tokenize(tokenizer)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -122,28 +116,25 @@ def few_shot(
                     fine_tune(model, batcher.micro_batches(support, settings.max_tokens), settings.steps, settings.lr_encoder, settings.lr_head,
                               settings.weight_decay, clip_norm, gates, update_mask, setting(settings.optimizer))  # fmt: skip
                 path = (
-                    Path(predictions) / f"{code}-test.conllu"
+                    Path(predictions) / f"{code}-test{evaluator.task.prediction_suffix}"
                     if predictions is not None and not repetition
                     else None
                 )
-                scores = evaluate(model, rest, batcher.collator, eval_batch_size, gates, path)
+                scores = evaluator.score(model, rest, gates, path)
                 runs.append({"seed": draw_seed, "support_split": support.split, **scores})
                 restore()
                 progress.update(1)
             summary = {"runs": runs, "support_split": runs[0]["support_split"]}
-            for key in ("uas", "las", "upos"):
-                if key in runs[0]:
-                    values = np.array([run[key] for run in runs])
-                    summary[f"{key}_mean"] = float(values.mean())
-                    summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            for key in metrics:
+                values = np.array([run[key] for run in runs])
+                summary[f"{key}_mean"] = float(values.mean())
+                summary[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             out["languages"][code] = summary
             log.info("few-shot, %s: %s over %d repetitions (k=%d from %s, %d steps; %.1f s)", code,
-                     " ".join(f"{key.upper()} {summary[f'{key}_mean']:.2f} +- {summary[f'{key}_sd']:.2f}"
-                              for key in ("uas", "las", "upos") if f"{key}_mean" in summary),
+                     " ".join(f"{key.upper()} {summary[f'{key}_mean']:.2f} +- {summary[f'{key}_sd']:.2f}" for key in metrics),
                      settings.repetitions, settings.k, summary["support_split"], settings.steps,
                      time.perf_counter() - started)  # fmt: skip
     progress.close()
     languages = out["languages"].values()
-    out["mean"] = {key: float(np.mean([s[f"{key}_mean"] for s in languages]))
-                   for key in ("uas", "las", "upos") if f"{key}_mean" in next(iter(languages))}  # fmt: skip
+    out["mean"] = {key: float(np.mean([s[f"{key}_mean"] for s in languages])) for key in metrics}
     return out

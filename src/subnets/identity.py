@@ -107,3 +107,36 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
                     f"model: other {key} ({saved['model'].get(key)!s:.12} -> {current['model'].get(key)!s:.12})"
                 )
     return differences
+
+
+def saved_identity(folder, config: Mapping[str, Any], resume: bool) -> dict | None:
+    """The identity ``folder`` (a :class:`~subnets.runfolder.RunFolder`) records, its settings
+    checked against ``config`` before anything is written (the data and the model are checked
+    once they are loaded: :func:`refuse` with :func:`identity_differences`); None for a new folder."""
+    from subnets.files import read_json
+
+    path = folder.identity
+    if not path.exists():
+        if folder.last_checkpoint.exists():
+            raise ValueError(f"{folder.root} holds a checkpoint but no run.json (a run of an earlier version of "
+                             "subnets): its settings cannot be checked; use another folder (hydra.run.dir=...) "
+                             "or overwrite=true")  # fmt: skip
+        return None
+    if not resume:
+        raise FileExistsError(f"{folder.root} already holds a run ({path}); pass resume=true to continue it, "
+                              "or choose another folder (hydra.run.dir=...)")  # fmt: skip
+    saved = read_json(path, "the run's identity")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{path}: expected a JSON object with the run's 'config' (the file is damaged)")
+    refuse(folder.root, config_differences(saved["config"], config))
+    return saved
+
+
+def refuse(folder, differences: list[str]) -> None:
+    """Raise naming ``differences`` between ``folder``'s run and this one, if there are any."""
+    if differences:
+        raise ValueError(
+            f"{folder} holds another run: it differs from this one in\n  " + "\n  ".join(differences)
+            + "\nUse the same settings, data and model, another run folder (hydra.run.dir=...) for a new "
+            "run, or overwrite=true to replace it."
+        )  # fmt: skip

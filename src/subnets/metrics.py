@@ -61,8 +61,8 @@ def attachment_scores(
 
 def score_conllu(gold_path: str | os.PathLike, system_path: str | os.PathLike) -> dict[str, float]:
     """Score a system CoNLL-U file against the gold one (same sentences and words required)."""
-    gold = read_conllu(gold_path).sentences
-    system = read_conllu(system_path).sentences
+    gold = read_conllu(gold_path).examples
+    system = read_conllu(system_path).examples
     if len(gold) != len(system):
         raise ValueError(f"{system_path}: {len(system)} sentences, but {gold_path} has {len(gold)}")
     for g, s in zip(gold, system):

@@ -8,7 +8,7 @@ The report goes to ``<folder>/report/`` (``--out`` to change it)::
 
     report.md                 tables, significance statements, analyses, figure links
     results.csv               every table cell: setting, metric, language, method, mean, sd, n
-    fewshot_las.png           per-language few-shot LAS, one bar per method (+- sd)
+    fewshot_<metric>.png      per-language few-shot primary metric (LAS for parsing), one bar per method (+- sd)
     mask_overlap.png          Jaccard overlap of the languages' head masks (subnetwork methods)
     dynamic_masks.png         sparsity and heads changed per mask update (dynamic methods)
     dev_curve.png             development metric over training (mean over seeds)
@@ -46,6 +46,7 @@ from subnets.masks.controls import chance_jaccard
 from subnets.masks.controls import jaccard as mask_jaccard
 from subnets.masks.figures import plot_history
 from subnets.masks.subnetwork import SubnetworkSet
+from subnets.results import task_of
 
 BASELINE = "baseline"
 CONTROLS = {"static": "random", "maml_static": "maml_random"}  # a method and its random-mask control
@@ -142,19 +143,34 @@ def first_per_method(runs: Sequence[Run], load: Callable[[Run], Any]) -> list[tu
 
 
 # ---------------------------------------------------------------------------- scores
+def task_record(runs: Sequence[Run]) -> dict[str, Any]:
+    """The task the runs share (results.json ``task``: name, metrics, primary metric); runs of
+    different tasks cannot be compared in one report."""
+    tasks = {task_of(r.results)["name"] for r in runs}
+    if len(tasks) > 1:
+        raise ValueError(
+            f"the runs are of different tasks ({', '.join(sorted(tasks))}); report each task's runs apart"
+        )
+    return task_of(runs[0].results)
+
+
 def scores(
-    runs: Sequence[Run], setting: str = "fewshot", metric: str = "las"
+    runs: Sequence[Run], setting: str = "fewshot", metric: str | None = None
 ) -> dict[tuple[str, str], dict[int, list[float]]]:
     """``(method, language) -> seed -> values`` of the target languages: the few-shot
-    repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``)."""
+    repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``), of
+    ``metric`` (default: the task's primary metric, :func:`task_record`)."""
+    metric = metric or task_record(runs)["primary_metric"]
     out: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(dict)
     for run in runs:
         if setting == "fewshot":
             for code, summary in run.results.get("fewshot", {}).get("languages", {}).items():
-                out[(run.method, code)][run.seed] = [r[metric] for r in summary["runs"]]
+                if all(metric in r for r in summary["runs"]):
+                    out[(run.method, code)][run.seed] = [r[metric] for r in summary["runs"]]
         else:
             for code, s in run.results.get("target", {}).items():
-                out[(run.method, code)][run.seed] = [s[metric]]
+                if metric in s:
+                    out[(run.method, code)][run.seed] = [s[metric]]
     return dict(out)
 
 
@@ -163,7 +179,9 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def score_table(runs: Sequence[Run], setting: str = "fewshot", metric: str = "las") -> list[dict[str, Any]]:
+def score_table(
+    runs: Sequence[Run], setting: str = "fewshot", metric: str | None = None
+) -> list[dict[str, Any]]:
     """Rows ``{language, method, mean, sd, n}``: per target language and method, the mean and
     standard deviation (ddof 1) over every seed and repetition; then per method the ``average``
     row: the mean over languages, its sd over the (seed, repetition) draws of the
@@ -222,7 +240,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 def significance(
     runs: Sequence[Run],
     setting: str = "fewshot",
-    metric: str = "las",
+    metric: str | None = None,
     alpha: float = 0.05,
     pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
@@ -262,11 +280,14 @@ def control_pairs(runs: Sequence[Run]) -> list[tuple[str, str]]:
     return pairs
 
 
-def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: float = 0.05) -> str:
-    """One sentence for a :func:`significance` entry."""
+def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: float = 0.05,
+                           lower_is_better: bool = False) -> str:  # fmt: skip
+    """One sentence for a :func:`significance` entry (the difference is the method's score minus
+    the reference's; ``lower_is_better`` says so, as for perplexity)."""
     verdict = "significant" if entry["significant"] else "not significant"
     reference = entry.get("reference", BASELINE)
     reference = "the baseline" if reference == BASELINE else reference
+    metric = f"{metric} (lower is better)" if lower_is_better else metric
     return (f"{entry['method']}: {entry['mean_gain']:+.2f} {metric} over {reference} (mean of {entry['n']} "
             f"language x seed pairs); {entry['test']} p = {entry['p']:.3g}, Holm-adjusted {entry['p_holm']:.3g}: "
             f"{verdict} at alpha = {alpha}.")  # fmt: skip
@@ -371,8 +392,9 @@ def _pyplot():
     return plt
 
 
-def scores_figure(runs: Sequence[Run], setting: str = "fewshot", metric: str = "las"):
+def scores_figure(runs: Sequence[Run], setting: str = "fewshot", metric: str | None = None):
     """Grouped bars: per target language (and the average) the score of each method, +- sd."""
+    metric = metric or task_record(runs)["primary_metric"]
     plt = _pyplot()
     rows = score_table(runs, setting, metric)
     methods = methods_of(runs)
@@ -528,8 +550,7 @@ def cka_figure(runs: Sequence[Run]):
     return _heatmaps(matrices, 0, 1, "magma") if matrices else None
 
 
-FIGURES = {
-    "fewshot_las.png": scores_figure,
+FIGURES = {  # the few-shot scores figure comes first, named by the task's primary metric
     "mask_overlap.png": mask_overlap_figure,
     "dynamic_masks.png": dynamic_masks_figure,
     "dev_curve.png": dev_curve_figure,
@@ -562,9 +583,14 @@ def write_report(
     if fewshot:
         lines.append(f"Few-shot: k = {fewshot['k']} support sentences, {fewshot['steps']} steps, "
                      f"{fewshot['repetitions']} repetitions per seed. Cells: mean ± sd over seeds and repetitions.")  # fmt: skip
+    task = task_record(runs)
+    primary, lower = task["primary_metric"], task.get("lower_is_better", False)
+    lines.append(
+        f"Task: {task['name']}; primary metric {primary.upper()}{' (lower is better)' if lower else ''}."
+    )
     csv_rows = []
     for setting, title in (("fewshot", "Few-shot"), ("zeroshot", "Zero-shot")):
-        for metric in ("las", "uas"):
+        for metric in [primary, *(m for m in task["metrics"] if m != primary)]:
             rows = score_table(runs, setting, metric)
             if not rows:
                 continue
@@ -580,9 +606,9 @@ def write_report(
                                                                     control_pairs(runs))):  # fmt: skip
             if (pairs is None and BASELINE not in methods) or pairs == [] or len(methods) < 2:
                 continue
-            entries = significance(runs, setting, "las", alpha, pairs)
-            lines += ["", f"## {heading} ({title} LAS)", ""]
-            lines += [f"- {significance_statement(e, 'LAS', alpha)}" for e in entries] or [
+            entries = significance(runs, setting, primary, alpha, pairs)
+            lines += ["", f"## {heading} ({title} {primary.upper()})", ""]
+            lines += [f"- {significance_statement(e, primary.upper(), alpha, lower)}" for e in entries] or [
                 "- no paired results"
             ]
     if len(methods) > 1:
@@ -631,7 +657,7 @@ def write_report(
                   "| method | seed | before | after |", "|---|---|---|---|"]  # fmt: skip
         lines += [f"| {c['method']} | {c['seed']} | {c['before']:.3f} | {c['after']:.3f} |" for c in cka]
     drawn = []
-    for name, draw in FIGURES.items():
+    for name, draw in {f"fewshot_{primary}.png": scores_figure, **FIGURES}.items():
         figure = draw(runs)
         if figure is not None:
             figure.savefig(out / name, dpi=110)

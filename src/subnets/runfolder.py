@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from subnets.files import atomic_write_json, atomic_write_text, read_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -120,6 +122,23 @@ class RunFolder:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # before the release, so that a waiting process opens a new file
             os.close(fd)
+
+    def drop_records_after(self, step: int | None) -> None:
+        """Drop the metrics and analysis records a killed run logged after ``step`` (all of them
+        for ``None``: the run starts again): the resumed run logs them again."""
+        for path in (self.metrics, self.conflict):
+            if path.exists():
+                kept = [r for r in read_jsonl(path) if step is not None and r.get("step", 0) <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def record(self, identity: dict, files: dict[str, str] | None = None) -> None:
+        """Write ``run.json`` (once a run's set-up has checked everything it can check) and
+        ``files`` (relative path -> text, e.g. Hydra's ``.hydra/*.yaml``), each unless it exists."""
+        if not self.identity.exists():
+            atomic_write_json(self.identity, identity)
+        for name, text in (files or {}).items():
+            if not (self.root / name).exists():
+                atomic_write_text(self.root / name, text)
 
     def clear(self) -> None:
         """Delete what a run wrote into the folder, its ``.hydra/`` record included (log files

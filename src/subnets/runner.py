@@ -1,39 +1,27 @@
-"""One training run as a recipe: set up data, model and method, train, evaluate, checkpoint, resume.
+"""One training run as a recipe: set up (:func:`~subnets.assemble.assemble`), train, evaluate
+(:class:`~subnets.evaluate.Evaluator`), checkpoint, resume, for any task and method.
 
 :func:`run` is what ``python -m subnets.train`` calls; it needs a config (see
-:mod:`subnets.config`) and a run folder, not Hydra, so a notebook can call it too. Everything a
-run produces lands in the run folder::
-
-    checkpoints/last.safetensors   full training state (resume; without the optimizer state once
-                                   finished, with train.keep_optimizer_state=false)
-    checkpoints/best.safetensors   model and method state at the best development score
-    metrics.jsonl                  one JSON record per logged step and evaluation
-    results.json                   final per-language UAS/LAS/UPOS
-    predictions/<code>-<split>.conllu
-    tokenizer/                     the tiny model's trained tokenizer
-    analysis/gradient_conflict.jsonl  languages' gradient cosines every analysis.conflict_every steps
-    analysis/cka_{before,after}.json  linear CKA between languages (analysis.cka_sentences)
+:mod:`subnets.config`) and a run folder (:class:`~subnets.runfolder.RunFolder`: every path it
+writes, README "What a run writes"), not Hydra, so a notebook can call it too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from subnets.analysis.conflict import conflict_matrix, probe_batches
-from subnets.analysis.similarity import cka_record
+from subnets.analysis.recorder import Analyses
+from subnets.assemble import assemble, check_inputs, check_settings, resolve_device
 from subnets.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -42,21 +30,16 @@ from subnets.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from subnets.config import SettingError, setting, validate_config
-from subnets.data.batching import Collator
-from subnets.data.dataset import Batcher, LanguageData
-from subnets.data.languages import load_run_data, treebank_cache, treebank_root
+from subnets.config import setting
+from subnets.data.languages import data_cache, data_root, load_run_data
 from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
-from subnets.evaluate import evaluate
+from subnets.evaluate import Evaluator
 from subnets.fewshot import few_shot
-from subnets.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from subnets.files import atomic_write_json, read_json
 from subnets.guards import DivergenceGuard, LossGuard
-from subnets.identity import config_differences, data_fingerprint, identity_differences, model_fingerprint
-from subnets.methods.base import Method, Outputs, SourceLanguages, TrainingBatches
-from subnets.methods.episodes import MAMLEpisodes
-from subnets.models.build import build_encoder, build_model
-from subnets.models.encoder import max_subwords
+from subnets.identity import data_fingerprint, identity_differences, refuse, saved_identity
+from subnets.methods.base import Outputs, SourceLanguages, TrainingBatches
 from subnets.progress import Clock, bar, duration, run_log
 from subnets.results import format_results
 from subnets.runfolder import RunFolder
@@ -66,173 +49,83 @@ from subnets.update import StepResult, linear_schedule, parameter_groups
 log = logging.getLogger(__name__)
 
 
-def build_method(cfg: DictConfig) -> Method:
-    """The method of ``cfg.method``: its mask policy and step strategy built from their ``_target_``."""
-    return Method(str(cfg.method.name), instantiate(cfg.method.policy), instantiate(cfg.method.step))
-
-
-def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.device:
-    """``train.device``: ``auto`` is CUDA when available, else the CPU; under ``torchrun``,
-    ``cuda`` is each process's own GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and parallel is not None and parallel.world_size > 1:
-        name = f"cuda:{parallel.local_rank}"
-    return torch.device(name)
-
-
-def check_method_settings(cfg: DictConfig, method: Method) -> None:
-    """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
-    for one that searches its masks before training only (dynamic.init=static), an
-    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training, and
-    ``train.compile`` with second-order MAML."""
-    policy = method.policy
-    name = f"method {cfg.method.name} ({type(policy).__name__})"
-    if cfg.train.compile and isinstance(method.strategy, MAMLEpisodes) and not cfg.meta.first_order:
-        raise SettingError("train.compile=true with meta.first_order=false: a compiled encoder has no double "
-                           "backward through MAML's inner steps; use first-order MAML or train.compile=false")  # fmt: skip
-    if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
-        raise SettingError(
-            f"masks.path={cfg.masks.path!r} is not used by {name}; only static masks (+method=static, "
-            "maml_static, random, maml_random) and dynamic ones starting from them (dynamic.init=static) "
-            "read a saved mask set"
-        )
-    after = cfg.masks.after_steps
-    if not after:
-        return
-    if getattr(policy, "uses_masks_path", False) and not getattr(policy, "uses_after_steps", False):
-        raise SettingError(f"masks.after_steps={after} is not supported by {name}: it searches its masks "
-                           "before training; only static and random masks (+method=static, maml_static, random, "
-                           "maml_random) are searched during training")  # fmt: skip
-    if not getattr(policy, "uses_after_steps", False):
-        return  # no mask search (like the other masks.* search settings, unused)
-    if cfg.masks.path:
-        raise SettingError(f"masks.after_steps={after} and masks.path={cfg.masks.path!r}: a loaded mask set "
-                           "is used from the first step; set one of them")  # fmt: skip
-    if after >= cfg.train.steps:
-        raise SettingError(f"masks.after_steps={after}: expected fewer than train.steps={cfg.train.steps}, "
-                           "or no step would be trained with the masks")  # fmt: skip
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """The settings alone (:func:`~subnets.config.validate_config`) and those of the method
-    (:func:`check_method_settings`): what is refused before any file is read or written."""
-    validate_config(cfg)
-    check_method_settings(cfg, build_method(cfg))
-
-
-def check_inputs(cfg: DictConfig) -> None:
-    """Everything :meth:`Run.setup` checks before training that needs no run folder: the
-    settings, the method, the data (synthetic languages generated into a temporary folder) and
-    the model. ``overwrite=true`` calls it before it deletes anything."""
-    check_settings(cfg)
-    with tempfile.TemporaryDirectory() as folder:
-        data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, Path(folder)), seed=cfg.seed,
-                             cache=treebank_cache(cfg.languages))  # fmt: skip
-        texts = (" ".join(s.forms) for d in data.train.values() for s in d.sentences)
-        transformer, _ = build_encoder(cfg.model, cfg.seed, texts)
-        build_model(cfg, transformer)
-
-
-def _scores_text(scores: Mapping[str, float]) -> str:
-    return " ".join(f"{key.upper()} {scores[key]:.2f}" for key in ("uas", "las", "upos") if key in scores)
-
-
-def validation_metric(scores: dict[str, float]) -> float:
-    """LAS for parsing tasks, UPOS accuracy for tagging only."""
-    return scores["las"] if "las" in scores else scores["upos"]
-
-
 class Run:
-    """One training run, in the shape of a recipe: :meth:`setup`, :meth:`train`,
-    :meth:`final_evaluation`, :meth:`save_checkpoint`.
-
-    Attributes (after :meth:`setup`): ``model``, ``optimizer``, ``scheduler``, ``sampler``,
-    ``method`` (its ``policy`` and ``strategy``), ``batcher``, ``tokenizer``, ``data`` (the
-    languages, :class:`~subnets.data.languages.RunData`), ``parallel`` (this process's place
-    in a ``torchrun`` job, :mod:`subnets.distributed`).
-    """
+    """One run in the shape of a recipe: :meth:`setup`, :meth:`train`, :meth:`final_evaluation`,
+    :meth:`save_checkpoint`. Attributes after :meth:`setup`: ``task``, ``data``
+    (:class:`~subnets.data.languages.RunData`), ``model``, ``tokenizer``, ``batcher``,
+    ``method`` (its ``policy`` and ``strategy``), ``optimizer``, ``scheduler``, ``sampler``,
+    ``evaluator``, ``parallel`` (this process's place in a ``torchrun`` job)."""
 
     def __init__(self, cfg: DictConfig, folder: str | os.PathLike):
-        self.cfg = cfg
-        self.folder = Path(folder)
-        self.step = 0
-        self.clock = Clock()  # seconds per phase, for results.json
-        self.started = time.perf_counter()
-        self.best: dict[str, Any] | None = None  # {"metric": float, "step": int}
-        self.parallel = DataParallel()
-        self.tracker = Tracker(self.folder, enabled=False)
+        self.cfg, self.paths, self.folder = cfg, RunFolder(folder), Path(folder)
+        self.step, self.best = 0, None  # best: {"metric": float, "step": int}
+        self.clock, self.started = Clock(), time.perf_counter()  # seconds per phase, for results.json
+        self.parallel, self.tracker = DataParallel(), Tracker(self.folder, enabled=False)
         divergence = DivergenceGuard(cfg.train.divergence_factor, cfg.train.divergence_patience)
-        self.guard = LossGuard(self.folder, cfg.train.max_nonfinite_steps, divergence, self.last_checkpoint)
+        self.guard = LossGuard(
+            self.folder, cfg.train.max_nonfinite_steps, divergence, self.paths.last_checkpoint
+        )
 
     # ------------------------------------------------------------------ setup
     def setup(self, record: Mapping[str, str] | None = None) -> None:
-        """Check the settings, load the data and the model, build the method and the optimizer,
-        and resume from the folder's last checkpoint. A folder that holds another run (other
-        settings, data or model, :mod:`subnets.identity`) is refused before anything in it is
-        written; ``record`` (relative path -> text, e.g. Hydra's ``.hydra/*.yaml``) is written
-        into the folder once it is accepted, unless it is there already."""
+        """Check the settings, build everything (:func:`~subnets.assemble.assemble`), the optimizer
+        and the sampler, and resume from the folder's last checkpoint. A folder that holds another
+        run (other settings, data or model, :mod:`subnets.identity`) is refused before anything
+        in it is written; ``record`` (e.g. Hydra's ``.hydra/*.yaml``) is written once it is accepted."""
         cfg = self.cfg
-        validate_config(cfg)
-        self.method = build_method(cfg)
-        policy = self.method.policy
-        check_method_settings(cfg, self.method)
-        saved = self._saved_identity()
+        check_settings(cfg)
+        saved = saved_identity(self.paths, self.config(), cfg.resume)
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         self.parallel = DataParallel.from_environment(cfg.train.device)
         main = self.parallel.is_main
         self.tracker = Tracker(self.folder, enabled=main)
-        self.device = resolve_device(cfg.train.device, self.parallel)
         started = time.perf_counter()
+        identity = {}
+
+        def accept(data, fingerprint) -> None:  # before anything but the data and the tokenizer is written
+            identity.update(config=self.config(), data=data_fingerprint([d.path for d in data.all() if d.path], data.root),
+                            model=fingerprint)  # fmt: skip
+            if saved is not None:
+                refuse(self.folder, identity_differences(saved, identity))
+            if main:
+                self.parallel.barrier()
+
         if not main:
             self.parallel.barrier()  # rank 0 writes the data and the tokenizer first
-        cache = treebank_cache(cfg.languages)
-        self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
-                                  seed=cfg.seed, needs_support=policy.needs_support, cache=cache)  # fmt: skip
-        texts = (" ".join(s.forms) for d in self.data.train.values() for s in d.sentences)
-        transformer, self.tokenizer = build_encoder(cfg.model, cfg.seed, texts, self.folder / "tokenizer")
-        identity = {
-            "config": self._config_container(),
-            "data": data_fingerprint([d.path for d in self.data.all() if d.path], self.data.root),
-            "model": model_fingerprint(transformer, self.tokenizer),
-        }
-        if saved is not None:
-            self._refuse(identity_differences(saved, identity))
-        if main:
-            self.parallel.barrier()
-        self.data.tokenize(self.tokenizer, cache)
         if cfg.model.freeze_embeddings and cfg.model.name_or_path == "tiny":
-            log.warning("model.freeze_embeddings=true on the tiny model freezes its random initial "
-                        "embeddings (the default job loses about 8 development LAS); the setting is "
-                        "meant for pretrained encoders")  # fmt: skip
-        self.model = build_model(cfg, transformer).to(self.device)
-        self.collator = Collator(
-            self.tokenizer, self._max_subwords(transformer), causal=self.model.gates.layout.causal
-        )
-        self.batcher = Batcher(self.collator, self.device, cfg.seed)
-        if cfg.train.compile:  # in place: parameter names, head-gate hooks and checkpoints are unchanged
+            log.warning("model.freeze_embeddings=true on the tiny model freezes its random initial embeddings (the "
+                        "default job loses about 8 development LAS); the setting is meant for pretrained encoders")  # fmt: skip
+        self.use(assemble(cfg, self.folder, device=resolve_device(cfg.train.device, self.parallel), accept=accept,
+                          task_state=None if saved is None else saved.get("task")))  # fmt: skip
+        identity["task"] = self.task.state_dict()
+        if cfg.train.compile:  # in place: parameter names, unit-gate hooks and checkpoints are unchanged
             self.model.encoder.transformer.compile()
+        policy = self.method.policy
         policy.bind(self.model, self.batcher, list(self.data.train))
         self.method.strategy.bind(self.model)
-        self.optimizer, self.scheduler = self._optimizer()
+        extra = [*self.method.strategy.parameter_groups(), *policy.parameter_groups()]
+        self.optimizer = policy.wrap_optimizer(self.make_optimizer(self.model, extra), self.model)
+        decay = setting(cfg.train.schedule) == "linear"
+        self.scheduler = linear_schedule(self.optimizer, cfg.train.warmup_steps, cfg.train.steps, decay)
         sizes = {code: len(data) for code, data in self.data.train.items()}
         small = [f"{code} ({n})" for code, n in sizes.items() if n < self.parallel.world_size]
         if small:
-            raise ValueError(f"{self.parallel.world_size} processes need at least as many training sentences "
+            raise ValueError(f"{self.parallel.world_size} processes need at least as many training examples "
                              f"per language; too few in {', '.join(small)}")  # fmt: skip
         self.sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
         self.batches = TrainingBatches(self.sampler, self.data.train, self.batcher, self.parallel)
-        self._record(identity, record)
+        if main:
+            self.paths.record(identity, record)
         self.resumed = self._resume()
         self.clock.add("setup", time.perf_counter() - started)
         if main:
-            self.tracker.start_wandb(cfg.wandb, cfg.name, self._config_container())
+            self.tracker.start_wandb(cfg.wandb, cfg.name, self.config())
             with self.clock("mask_search"):
                 policy.prepare(self.model, self.source_languages(), self.outputs)
             if cfg.analysis.cka_sentences > 0 and not self.resumed:
                 with self.clock("analyses"):
-                    self.measure_cka("before")
+                    self.analyses.cka(self.model, self.data.evaluated, policy.eval_gates, "before", self.step)
         if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
             state = self.parallel.broadcast(self.method.state_dict() if main else None)
             if not main:
@@ -240,30 +133,42 @@ class Run:
                 policy.prepare(self.model, self.source_languages(), self.outputs)
             self.parallel.broadcast_parameters(self.model)
 
+    def use(self, parts) -> None:
+        """Take what :func:`~subnets.assemble.assemble` built (or a trained run holds)."""
+        self.task, self.method, self.model, self.tokenizer = (
+            parts.task,
+            parts.method,
+            parts.model,
+            parts.tokenizer,
+        )
+        self.batcher, self.collator, self.device = (
+            parts.batcher,
+            parts.collator,
+            torch.device(parts.batcher.device),
+        )
+        self.data = getattr(parts, "data", None)
+        self.evaluator = Evaluator(self.task, self.collator, self.cfg.train.eval_batch_size)
+        self.analyses = Analyses(
+            self.cfg.analysis, self.folder, self.batcher, self.cfg.train.eval_batch_size, self.log
+        )
+
     def setup_evaluation(self, trained) -> None:
-        """Set up to evaluate a trained run (:class:`~subnets.trained.TrainedRun`: its model,
-        tokenizer and method) on this run's languages, with no training; only this run's folder
-        is written (its data, for synthetic languages)."""
+        """Set up to evaluate a trained run (:class:`~subnets.trained.TrainedRun`) on this run's
+        languages, with no training; only this run's folder is written (its synthetic data)."""
         cfg = self.cfg
-        self.method, self.model, self.tokenizer = trained.method, trained.model, trained.tokenizer
-        self.batcher, self.collator, self.device = trained.batcher, trained.collator, trained.batcher.device
+        self.use(trained)
         self.step, self.best = trained.step, trained.best
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.clock("setup"):
-            cache = treebank_cache(cfg.languages)
-            self.data = load_run_data(cfg.languages, cfg.fewshot, treebank_root(cfg.languages, self.folder),
+            cache = data_cache(cfg.languages)
+            self.data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, self.folder), self.task,
                                       seed=cfg.seed, needs_support=self.method.policy.needs_support,
                                       read_train=False, cache=cache)  # fmt: skip
+            for data in self.data.all():
+                self.task.check(data.examples, f"{data.code} {data.split} ({data.path})")
             self.data.tokenize(self.tokenizer, cache)
         with self.clock("final_evaluation"):
             self.method.policy.prepare_evaluation(self.model, self.data.support)
-
-    def _max_subwords(self, transformer) -> int:
-        limit = max_subwords(transformer, self.tokenizer)
-        configured = self.cfg.model.max_subwords
-        if configured and configured > limit:
-            raise ValueError(f"model.max_subwords={configured} exceeds the encoder's limit {limit}")
-        return configured or limit
 
     def make_optimizer(self, model: torch.nn.Module, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
         """``train.optimizer`` over ``model``'s parameter groups (encoder and head rates, no decay
@@ -272,23 +177,11 @@ class Run:
         groups = parameter_groups(model, train.lr_encoder, train.lr_head, train.weight_decay)
         return instantiate(train.optimizer)([*groups, *extra_groups])
 
-    def _optimizer(self):
-        extra = [*self.method.strategy.parameter_groups(), *self.method.policy.parameter_groups()]
-        optimizer = self.method.policy.wrap_optimizer(self.make_optimizer(self.model, extra), self.model)
-        train = self.cfg.train
-        decay = setting(train.schedule) == "linear"
-        return optimizer, linear_schedule(optimizer, train.warmup_steps, train.steps, decay)
-
     def source_languages(self) -> SourceLanguages:
         """What a mask policy may use before training (:class:`~subnets.methods.SourceLanguages`)."""
-        batch_size = self.cfg.train.eval_batch_size
-
-        def dev_metric(model, data: LanguageData, gates) -> float:
-            return validation_metric(evaluate(model, data, self.collator, batch_size, gates))
-
         dev = {code: data for (role, code), data in self.data.evaluated.items() if role == "source"}
         return SourceLanguages(
-            self.data.train, dev, dev_metric, self.make_optimizer, self.cfg.train.batch_size
+            self.data.train, dev, self.evaluator.metric, self.make_optimizer, self.cfg.train.batch_size
         )
 
     @property
@@ -296,42 +189,27 @@ class Run:
         """The run folder and the logger, for the method's own files and figures."""
         return Outputs(self.folder, self.log)
 
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.folder / "checkpoints" / "last.safetensors"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.folder / "checkpoints" / "best.safetensors"
-
-    def _config_container(self) -> dict:
+    def config(self) -> dict:
         return OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
 
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write the full training state to ``checkpoints/last.safetensors`` (rank 0 only)."""
+        path = self.paths.last_checkpoint
         if not self.parallel.is_main:
-            return self.last_checkpoint
-        state = {
-            "step": self.step,
-            "config": self._config_container(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "method": self.method.state_dict(),
-            "best": self.best,
-            "divergence": self.guard.state_dict(),
-            "rng": rng_state(),
-        }
-        path = save_checkpoint(self.last_checkpoint, state)
+            return path
+        state = {"step": self.step, "config": self.config(), "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "method": self.method.state_dict(), "best": self.best,
+                 "divergence": self.guard.state_dict(), "rng": rng_state()}  # fmt: skip
+        save_checkpoint(path, state)
         self.guard.checkpoint_written(self.step, None if self.guard.healthy else False)
         return path
 
     def drop_optimizer_state(self) -> None:
         """Rewrite the last checkpoint of a finished run without the optimizer state
         (``train.keep_optimizer_state=false``); a no-op where it is already gone."""
-        path = self.last_checkpoint
+        path = self.paths.last_checkpoint
         if not self.parallel.is_main or not path.exists():
             return
         state = load_checkpoint(path)
@@ -342,56 +220,14 @@ class Run:
             log.info("dropped the optimizer state from %s: %.1f MB -> %.1f MB", path, before / 1e6,
                      path.stat().st_size / 1e6)  # fmt: skip
 
-    @property
-    def identity_path(self) -> Path:
-        return self.folder / "run.json"
-
-    def _saved_identity(self) -> dict | None:
-        """The identity the folder records, checked against the settings before anything is
-        written (the data and the model are checked once they are loaded, by :meth:`_accept`)."""
-        path = self.identity_path
-        if not path.exists():
-            if self.last_checkpoint.exists():
-                raise ValueError(f"{self.folder} holds a checkpoint but no run.json (a run of an earlier version of "
-                                 "subnets): its settings cannot be checked; use another folder (hydra.run.dir=...) "
-                                 "or overwrite=true")  # fmt: skip
-            return None
-        if not self.cfg.resume:
-            raise FileExistsError(
-                f"{self.folder} already holds a run ({path}); pass resume=true to continue it, "
-                "or choose another folder (hydra.run.dir=...)"
-            )
-        saved = read_json(path, "the run's identity")
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            raise ValueError(f"{path}: expected a JSON object with the run's 'config' (the file is damaged)")
-        self._refuse(config_differences(saved["config"], self._config_container()))
-        return saved
-
-    def _refuse(self, differences: list[str]) -> None:
-        if differences:
-            raise ValueError(
-                f"{self.folder} holds another run: it differs from this one in\n  " + "\n  ".join(differences)
-                + "\nUse the same settings, data and model, another run folder (hydra.run.dir=...) for a new "
-                "run, or overwrite=true to replace it."
-            )  # fmt: skip
-
-    def _record(self, identity: dict, record: Mapping[str, str] | None) -> None:
-        """Write ``run.json`` (once the set-up has checked everything it can check) and ``record``."""
-        if not self.parallel.is_main:
-            return
-        if not self.identity_path.exists():
-            atomic_write_json(self.identity_path, identity)
-        for name, text in (record or {}).items():
-            if not (self.folder / name).exists():
-                atomic_write_text(self.folder / name, text)
-
     def _resume(self) -> bool:
-        path = self.last_checkpoint
+        path, main = self.paths.last_checkpoint, self.parallel.is_main
         if not path.exists():
-            self._drop_records_after(None)  # a run killed before its first checkpoint starts again
+            if main:
+                self.paths.drop_records_after(None)  # a run killed before its first checkpoint starts again
             return False
         state = load_checkpoint(path, self.device)
-        load_model_state(self.model, state["model"], path, f"the settings of {self.identity_path}")
+        load_model_state(self.model, state["model"], path, f"the settings of {self.paths.identity}")
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         elif state["step"] < self.cfg.train.steps:
@@ -405,19 +241,10 @@ class Run:
         self.guard.load_state_dict(state["divergence"])
         self.guard.checkpoint_written(self.step)
         set_rng_state(state["rng"])
-        self._drop_records_after(self.step)
+        if main:
+            self.paths.drop_records_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
-
-    def _drop_records_after(self, step: int | None) -> None:
-        """Drop the metrics and analysis records a killed run logged after ``step`` (all of them
-        for ``None``: the run starts again): the resumed run logs them again."""
-        if not self.parallel.is_main:
-            return
-        for path in (self.tracker.metrics_path, self.folder / "analysis" / "gradient_conflict.jsonl"):
-            if path.exists():
-                kept = [r for r in read_jsonl(path) if step is not None and r.get("step", 0) <= step]
-                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ logging
     def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
@@ -439,33 +266,39 @@ class Run:
         progress = bar(train.steps, "train", "step", initial=self.step, enabled=main)
         totals: dict[str, float] = {}
         start = loop_start = time.perf_counter()
-        first_step = self.step
-        conflict_every = self.cfg.analysis.conflict_every
+        first_step, conflict_every = self.step, self.cfg.analysis.conflict_every
         if self.step == 0 and conflict_every > 0 and main:
             with clock("analyses"):
-                self.measure_conflict()
+                self.analyses.conflict(self.model, self.data.train, policy, self.step, self.method.name)
         while self.step < train.steps:
             with clock("training_steps"):
                 result, extra = self.train_step()
             progress.update(1)
             for key, value in {"loss": result.loss, **result.losses, "grad_norm": result.grad_norm,
-                               "skipped_steps": float(result.skipped), **extra}.items():  # fmt: skip
+                               "skipped_steps": float(result.skipped), "steps": 1, "words": result.words,
+                               **extra}.items():  # fmt: skip
                 totals[key] = totals.get(key, 0.0) + value
-            totals["steps"] = totals.get("steps", 0) + 1
-            totals["words"] = totals.get("words", 0) + result.words
             if self.step % train.log_every == 0 or self.step == train.steps:
                 seconds = time.perf_counter() - start
                 n, words = totals.pop("steps"), totals.pop("words")
                 record = {f"train/{k}": v / n for k, v in totals.items()}
                 record["train/words_per_second"] = words / seconds
-                for group in self.optimizer.param_groups:
-                    record[f"lr/{group.get('name', 'group')}"] = group["lr"]
+                record.update({f"lr/{g.get('name', 'group')}": g["lr"] for g in self.optimizer.param_groups})
                 self.log(record)
-                progress.set_postfix(loss=f"{record['train/loss']:.3f}",
-                                     words_per_s=f"{record['train/words_per_second']:.0f}")  # fmt: skip
+                progress.set_postfix(
+                    loss=f"{record['train/loss']:.3f}", words_per_s=f"{record['train/words_per_second']:.0f}"
+                )
                 totals, start = {}, time.perf_counter()
                 if main:
-                    self._log_progress(record, time.perf_counter() - loop_start, self.step - first_step)
+                    eta = (
+                        (time.perf_counter() - loop_start)
+                        / (self.step - first_step)
+                        * (train.steps - self.step)
+                    )
+                    log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.step, train.steps,
+                             record["train/loss"], self.optimizer.param_groups[0]["lr"],
+                             record["train/words_per_second"], duration(time.perf_counter() - self.started),
+                             duration(eta))  # fmt: skip
                 self.guard.after_interval(self.step, record["train/loss"])
             if main and (self.step % train.eval_every == 0 or self.step == train.steps):
                 with clock("dev_evaluation"):
@@ -474,26 +307,17 @@ class Run:
                 policy.on_train_end(self.outputs)
             if main and conflict_every > 0 and self.step % conflict_every == 0:
                 with clock("analyses"):
-                    self.measure_conflict()
+                    self.analyses.conflict(self.model, self.data.train, policy, self.step, self.method.name)
             # While the loss goes wrong, last.safetensors stays the last good state (but at the end).
             if (self.step % train.checkpoint_every == 0 and self.guard.healthy) or self.step == train.steps:
                 with clock("checkpoints"):
                     self.save_checkpoint()
         progress.close()
 
-    def _log_progress(self, record: dict[str, float], seconds: float, steps: int) -> None:
-        """The log line of a log interval: step, loss, learning rate, speed, elapsed time, ETA."""
-        total = self.cfg.train.steps
-        lr = self.optimizer.param_groups[0]["lr"]
-        eta = seconds / steps * (total - self.step)
-        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.step, total,
-                 record["train/loss"], lr, record["train/words_per_second"],
-                 duration(time.perf_counter() - self.started), duration(eta))  # fmt: skip
-
     def train_step(self) -> tuple[StepResult, dict[str, float]]:
-        """One step of the loop: the method's step, the NaN/inf check and the policy's
-        after-step hook (no logging, evaluation or checkpoint); returns the step's result and
-        the values the policy logs."""
+        """One step of the loop: the method's step, the loss guard and the policy's after-step
+        hook (no logging, evaluation or checkpoint); returns the step's result and the values the
+        policy logs."""
         train = self.cfg.train
         result = self.method.strategy.step(
             self.model, self.batches, self.optimizer, self.method.policy, batch_size=train.batch_size,
@@ -503,49 +327,44 @@ class Run:
         self.guard.after_step(self.step, result.loss, result.skipped, result.language, result.grad_norm)
         return result, self.method.policy.after_step(self.step, result)
 
+    # ------------------------------------------------------------------ evaluation
     def validate(self) -> float | None:
         """Evaluate the development languages; keep the best model in ``checkpoints/best.safetensors``."""
         if not self.data.dev:
             return None
         policy = self.method.policy
         policy.prepare_evaluation(self.model, self.data.support)
-        record, metrics = {}, []
-        for code, data in self.data.dev.items():
-            scores = evaluate(
-                self.model, data, self.collator, self.cfg.train.eval_batch_size, policy.eval_gates(code)
-            )
-            metrics.append(validation_metric(scores))
-            record.update({f"dev/{code}/{k}": v for k, v in scores.items() if k != "words"})
-        metric = float(np.mean(metrics))
-        record["dev/metric"] = metric
+        metrics, record = self.evaluator.development(self.model, self.data.dev, policy.eval_gates)
         self.log(record)
-        best = self.best is None or metric > self.best["metric"]
+        metric = record["dev/metric"]
+        best = self.task.better(metric, None if self.best is None else self.best["metric"])
         log.info("development evaluation at step %d: %s; metric %.2f%s", self.step,
-                 ", ".join(f"{code} {m:.2f}" for code, m in zip(self.data.dev, metrics)), metric,
-                 " (best so far)" if best else "")  # fmt: skip
+                 ", ".join(f"{code} {m:.2f}" for code, m in metrics.items()), metric, " (best so far)" if best else "")  # fmt: skip
         if best:
             self.best = {"metric": metric, "step": self.step}
-            state = {"step": self.step, "metric": metric, "config": self._config_container(),
-                     "model": self.model.state_dict(), "method": self.method.state_dict()}  # fmt: skip
-            save_checkpoint(self.best_checkpoint, state)
+            save_checkpoint(self.paths.best_checkpoint, {"step": self.step, "metric": metric, "config": self.config(),
+                                                         "model": self.model.state_dict(),
+                                                         "method": self.method.state_dict()})  # fmt: skip
         return metric
 
-    # ------------------------------------------------------------------ evaluation
     def final_evaluation(self) -> dict[str, Any]:
         """Evaluate the best model on every language and split; write predictions and results.json."""
         if self.best is not None:
-            if not self.best_checkpoint.exists():
+            path = self.paths.best_checkpoint
+            if not path.exists():
                 raise FileNotFoundError(
-                    f"{self.best_checkpoint} is missing, but the run recorded a best model at step {self.best['step']}"
+                    f"{path} is missing, but the run recorded a best model at step {self.best['step']}"
                 )
-            best = load_checkpoint(self.best_checkpoint, self.device)
-            self.model.load_state_dict(best["model"])
+            best = load_checkpoint(path, self.device)
+            load_model_state(self.model, best["model"], path, f"the settings of {self.paths.identity}")
             self.method.load_state_dict(best["method"])
         with self.clock("final_evaluation"):
             self.method.policy.prepare_evaluation(self.model, self.data.support)
         if self.cfg.analysis.cka_sentences > 0:
             with self.clock("analyses"):
-                self.measure_cka("after")
+                self.analyses.cka(
+                    self.model, self.data.evaluated, self.method.policy.eval_gates, "after", self.step
+                )
         status = self.guard.status()
         if status["status"] == "diverged":
             log.warning("the run ended with its training loss diverging (since step %d, above %s): its results are "
@@ -558,45 +377,24 @@ class Run:
         ``predictions/``), run the few-shot protocol, and write ``results.json``, with the
         entries of ``about`` after the run's step and best model. The method's test-time
         policy must be prepared (``prepare_evaluation``)."""
-        cfg, policy = self.cfg, self.method.policy
-        scores: dict[str, dict[str, Any]] = {"source": {}, "dev": {}, "target": {}}
+        cfg, policy, suffix = self.cfg, self.method.policy, self.task.prediction_suffix
         with self.clock("final_evaluation"):
-            for (role, code), data in self.data.evaluated.items():
-                path = self.folder / "predictions" / f"{code}-{data.split}.conllu"
-                started = time.perf_counter()
-                result = evaluate(
-                    self.model, data, self.collator, cfg.train.eval_batch_size, policy.eval_gates(code), path
-                )
-                scores[role][code] = {"split": data.split, **result}
-                log.info("final evaluation, %s language %s (%s, %d words): %s (%.1f s)", role, code, data.split,
-                         result["words"], _scores_text(result), time.perf_counter() - started)  # fmt: skip
-        results = {
-            "method": self.method.name,
-            "seed": cfg.seed,
-            "data": setting(cfg.languages.source),
-            "steps": self.step,
-            "best_step": self.best["step"] if self.best else None,
-            "dev_metric": self.best["metric"] if self.best else None,
-            **about,
-            "skipped_sentences": self.data.skipped,
-            "support": {
-                code: {"split": d.split, "sentences": len(d)} for code, d in self.data.support.items()
-            },
-            **policy.summary(),
-            **scores,
-        }
-        for role in ("dev", "target"):
-            if scores[role]:
-                first = next(iter(scores[role].values()))
-                results[f"{role}_mean"] = {key: float(np.mean([s[key] for s in scores[role].values()]))
-                                           for key in ("uas", "las", "upos") if key in first}  # fmt: skip
+            scores = self.evaluator.languages(self.model, self.data.evaluated, policy.eval_gates,
+                                              lambda code, split: self.paths.predictions(f"{code}-{split}{suffix}"))  # fmt: skip
+        results = {"method": self.method.name, "task": self.task.describe(), "seed": cfg.seed,
+                   "data": setting(cfg.languages.source), "steps": self.step,
+                   "best_step": self.best["step"] if self.best else None,
+                   "dev_metric": self.best["metric"] if self.best else None, **about,
+                   "skipped_sentences": self.data.skipped,
+                   "support": {code: {"split": d.split, "sentences": len(d)} for code, d in self.data.support.items()},
+                   **policy.summary(), **scores, **self.evaluator.means(scores)}  # fmt: skip
         if self.data.target_test and cfg.fewshot.repetitions > 0:
             with self.clock("few_shot"):
                 results["fewshot"] = self.few_shot()
         results["seconds"] = {**self.clock.rounded(), "total": round(time.perf_counter() - self.started, 2)}
-        atomic_write_json(self.folder / "results.json", results)
+        atomic_write_json(self.paths.results, results)
         self.log({f"final/{role}/{code}/{k}": v for role in scores for code, s in scores[role].items()
-                  for k, v in s.items() if k not in ("split", "words")})  # fmt: skip
+                  for k, v in s.items() if k not in ("split", self.task.count)})  # fmt: skip
         return results
 
     def few_shot(self) -> dict[str, Any]:
@@ -604,47 +402,9 @@ class Run:
         the current model and the method's test-time policy; predictions of repetition 0 go to
         ``predictions/fewshot/``."""
         cfg = self.cfg
-        return few_shot(
-            self.model, self.method.policy, self.data.target_test, self.data.treebanks, self.batcher, self.tokenizer,
-            cfg.fewshot, seed=cfg.seed, clip_norm=cfg.train.clip_norm, eval_batch_size=cfg.train.eval_batch_size,
-            on_error=setting(cfg.languages.on_error), pools=self.data.support_pools,
-            predictions=self.folder / "predictions" / "fewshot",
-        )  # fmt: skip
-
-    # ------------------------------------------------------------------ analyses
-    def measure_conflict(self) -> dict[str, Any]:
-        """Cosines between the training languages' gradients of the shared parameters at this
-        step (:func:`subnets.analysis.conflict_matrix`; each language's batch of
-        ``analysis.conflict_batch_size`` sentences is fixed by seed and step, its gates and update
-        mask are the method's), appended to ``analysis/gradient_conflict.jsonl``."""
-        policy, size = self.method.policy, self.cfg.analysis.conflict_batch_size
-        batches = probe_batches(self.data.train, self.batcher, size, self.cfg.seed, self.step)
-        record = conflict_matrix(self.model, batches, gates=policy.eval_gates, update_mask=policy.update_mask)
-        record = {"step": self.step, "method": self.method.name, **record}
-        append_jsonl(self.folder / "analysis" / "gradient_conflict.jsonl", record)
-        self.log(
-            {
-                "analysis/negative_share": record["negative_share"],
-                "analysis/mean_cosine": record["mean_cosine"],
-            }
-        )
-        return record
-
-    def measure_cka(self, when: str) -> dict[str, Any] | None:
-        """Linear CKA between the languages that share evaluated sentences
-        (:func:`subnets.analysis.similarity.cka_record`, up to ``analysis.cka_sentences``),
-        written to ``analysis/cka_<when>.json``. ``before`` (at the start) uses the pretrained
-        encoder with every head; later calls use each language's evaluation gates."""
-        datasets = {code: data for (_, code), data in self.data.evaluated.items()}
-        gates = (lambda lang: None) if when == "before" else self.method.policy.eval_gates
-        record = cka_record(self.model, datasets, self.collator, self.cfg.train.eval_batch_size,
-                            self.cfg.analysis.cka_sentences, gates)  # fmt: skip
-        if record is None:
-            log.warning("analysis.cka_sentences: no two evaluated languages share sentence ids; no CKA")
-            return None
-        record = {"step": self.step, **record}
-        atomic_write_json(self.folder / "analysis" / f"cka_{when}.json", record)
-        return record
+        return few_shot(self.model, self.method.policy, self.data.target_test, self.data.support_pools, self.batcher,
+                        self.tokenizer, cfg.fewshot, self.evaluator, seed=cfg.seed, clip_norm=cfg.train.clip_norm,
+                        predictions=self.paths.predictions("fewshot"))  # fmt: skip
 
 
 def run(
@@ -656,10 +416,10 @@ def run(
     refused, naming the holder). A run folder that already holds a checkpoint is resumed
     (``resume=true``); one whose training finished and whose results exist is not run again,
     unless ``overwrite=true``, which first checks the new settings, data and model
-    (:func:`check_inputs`) and then deletes the folder's earlier outputs. ``record``: files
-    written into the folder once it is accepted (:meth:`Run.setup`). Under ``torchrun`` every
-    process trains; rank 0 holds the lock, evaluates and returns the results, the others return
-    an empty dict. An error is also written to the folder's ``train.log``.
+    (:func:`~subnets.assemble.check_inputs`) and then deletes the folder's earlier outputs.
+    ``record``: files written into the folder once it is accepted (:meth:`Run.setup`). Under
+    ``torchrun`` every process trains; rank 0 holds the lock, evaluates and returns the results,
+    the others return an empty dict. An error is also written to the folder's ``train.log``.
     """
     paths = RunFolder(folder)
     main = int(os.environ.get("RANK", "0")) == 0

@@ -1,6 +1,7 @@
 """A trained run, reused: loaded in Python (:func:`load_run`), evaluated on other languages or
-settings (:func:`evaluate_run`, ``python -m subnets.evaluate``), and used as a parser
-(:meth:`TrainedRun.parse`, ``python -m subnets.parse``).
+settings (:func:`evaluate_run`, ``python -m subnets.evaluate``), and used to annotate new data
+in its task's format (:meth:`TrainedRun.predict_file`, ``python -m subnets.predict``; a parser's
+:meth:`TrainedRun.parse`).
 
 Nothing here writes into the training run's folder: an evaluation writes into a folder of its
 own (default ``<run>/evaluations/<overrides>``).
@@ -26,22 +27,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from subnets.assemble import assemble, resolve_device
 from subnets.checkpoint import checkpoint_config, load_checkpoint, load_model_state
 from subnets.config import Config, SettingError, run_folder_name, setting, validate_config
-from subnets.data.batching import Collator
 from subnets.data.dataset import Batcher, LanguageData
-from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, unparsed, write_conllu
-from subnets.evaluate import evaluate, predict
+from subnets.data.treebank import Sentence, unparsed
+from subnets.evaluate import Evaluator, predict
 from subnets.fewshot import few_shot
 from subnets.files import check_output_path, read_json
-from subnets.identity import config_differences, model_fingerprint
+from subnets.identity import config_differences
 from subnets.methods.base import Method
-from subnets.models.build import build_encoder, build_model
-from subnets.models.encoder import max_subwords
 from subnets.progress import run_log
 from subnets.results import format_results
 from subnets.runfolder import RunFolder
-from subnets.runner import Run, build_method, resolve_device
+from subnets.runner import Run
+from subnets.tasks import Parsing, Task
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,17 @@ def _follow_copies(cfg: DictConfig, node: DictConfig, before: dict[str, Any]) ->
 class TrainedRun:
     """A trained run loaded for use (:func:`load_run`).
 
-    Attributes: ``folder`` (the run), ``cfg`` (its config, with any overrides), ``model`` (in
-    eval mode), ``tokenizer``, ``method`` (its policy holds the masks, importance averages or
-    learned gates), ``batcher`` (its ``collator`` turns sentences into model input),
-    ``checkpoint`` (the file loaded), ``step`` (the training step it holds), ``best`` (the
-    development score and step of the best model, if the run selected one).
+    Attributes: ``folder`` (the run), ``cfg`` (its config, with any overrides), ``task`` (its
+    :class:`~subnets.tasks.Task`, with the label set it trained with), ``model`` (in eval mode),
+    ``tokenizer``, ``method`` (its policy holds the masks, importance averages or learned
+    gates), ``batcher`` (its ``collator`` turns examples into model input), ``checkpoint`` (the
+    file loaded), ``step`` (the training step it holds), ``best`` (the development score and
+    step of the best model, if the run selected one).
     """
 
     folder: Path
     cfg: DictConfig
+    task: Task
     model: nn.Module
     tokenizer: Any
     method: Method
@@ -147,7 +149,7 @@ class TrainedRun:
     best: dict[str, Any] | None
 
     @property
-    def collator(self) -> Collator:
+    def collator(self):
         return self.batcher.collator
 
     @property
@@ -155,10 +157,14 @@ class TrainedRun:
         """The training languages (each has its own subnetwork under a subnetwork method)."""
         return list(self.cfg.languages.train)
 
+    @property
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.task, self.collator, self.cfg.train.eval_batch_size)
+
     def gates(self, language: str | None = None, support: LanguageData | str | os.PathLike | None = None):
-        """Head gates for ``language``: a training language's subnetwork; for any other
+        """Unit gates for ``language``: a training language's subnetwork; for any other
         language (or ``None``) the test-time policy's (``masks.target_policy``), which for
-        ``support`` and ``nearest`` needs the language's annotated ``support`` sentences."""
+        ``support`` and ``nearest`` needs the language's annotated ``support`` examples."""
         policy = self.method.policy
         if language in self.languages:
             return policy.eval_gates(language)
@@ -170,21 +176,33 @@ class TrainedRun:
             return policy.eval_gates(language) if language else None
         if support is None:
             raise ValueError(
-                f"masks.target_policy={self.cfg.masks.target_policy} chooses the subnetwork of an unseen language "
-                f"({language or 'language not given'}) from annotated support sentences: pass support=<CoNLL-U "
-                f"file> of that language, or a training language ({', '.join(self.languages)})"
+                f"masks.target_policy={setting(self.cfg.masks.target_policy)} chooses the subnetwork of an unseen language "
+                f"({language or 'language not given'}) from annotated support examples: pass support=<a file of "
+                f"that language in the task's format>, or a training language ({', '.join(self.languages)})"
             )
         code = language or "unseen"
-        policy.prepare_evaluation(self.model, {code: self._data(support, code, "support")})
+        policy.prepare_evaluation(self.model, {code: self.data(support, code, "support")})
         return policy.eval_gates(code)
 
-    def _data(self, source: LanguageData | str | os.PathLike, code: str, split: str) -> LanguageData:
+    def data(self, source: LanguageData | str | os.PathLike, code: str, split: str) -> LanguageData:
+        """``source`` (a file or ``datasets`` folder in the task's format, read and checked by the
+        task, or data already read) as tokenized :class:`~subnets.data.dataset.LanguageData`."""
         if isinstance(source, LanguageData):
             data = source
         else:
-            file = read_conllu(source, on_error=setting(self.cfg.languages.on_error))
-            data = LanguageData(code, split, file.sentences, None, file.path, len(file.skipped))
+            file = self.task.read(Path(source), setting(self.cfg.languages.on_error))
+            self.task.check(file.examples, str(source))
+            data = LanguageData(code, split, file.examples, None, file.path, len(file.skipped))
         return data if data.pieces is not None else data.tokenize(self.tokenizer)
+
+    def predict(self, examples: Sequence, language: str | None = None,
+                support: LanguageData | str | os.PathLike | None = None) -> list:  # fmt: skip
+        """The model's predictions for ``examples`` (the task's examples, e.g. from
+        :meth:`~subnets.tasks.Task.read_unlabelled`) with ``language``'s subnetwork (:meth:`gates`)."""
+        data = LanguageData(language or "unseen", "input", list(examples)).tokenize(self.tokenizer)
+        return predict(
+            self.model, data, self.collator, self.cfg.train.eval_batch_size, self.gates(language, support)
+        )
 
     def parse(
         self,
@@ -195,21 +213,20 @@ class TrainedRun:
         """Parse ``sentences`` (token lists, or :class:`~subnets.data.Sentence` objects, e.g. from
         :func:`~subnets.data.read_conllu` with ``trees=False``) with ``language``'s subnetwork
         (:meth:`gates`); returns the sentences with predicted heads and relations (and UPOS
-        with a tagger), their CoNLL-U ``lines`` rewritten to match."""
+        with a tagger), their CoNLL-U ``lines`` rewritten to match. For a parsing run."""
+        if not isinstance(self.task, Parsing):
+            raise TypeError(
+                f"parse() is for parsing runs; this run's task is {self.task.name}: use predict()"
+            )
         if isinstance(sentences, str):
             raise TypeError(f"sentences: expected a list of sentences, each a list of words, got the string "
                             f"{sentences[:40]!r} (e.g. [{sentences[:40]!r}.split()])")  # fmt: skip
         sentences = [s if isinstance(s, Sentence) else _sentence_of(s, i) for i, s in enumerate(sentences, 1)]
-        data = LanguageData(language or "unseen", "input", sentences).tokenize(self.tokenizer)
-        gates = self.gates(language, support)
-        predictions = predict(self.model, data, self.collator, self.cfg.train.eval_batch_size, gates)
-        return [
-            sentence.annotated(p.heads if self.model.parsing else None, p.deprels if self.model.parsing else None,
-                               p.upos if self.model.tagging else None)
-            for sentence, p in zip(sentences, predictions)
-        ]  # fmt: skip
+        heads, deprels, upos = self.task._columns(self.predict(sentences, language, support))
+        return [s.annotated(*(None if values is None else values[i] for values in (heads, deprels, upos)))
+                for i, s in enumerate(sentences)]  # fmt: skip
 
-    def parse_file(
+    def predict_file(
         self,
         input: str | os.PathLike,
         output: str | os.PathLike,
@@ -217,37 +234,35 @@ class TrainedRun:
         support: LanguageData | str | os.PathLike | None = None,
         format: str = "auto",
     ) -> Path:
-        """Parse the file ``input`` into the CoNLL-U file ``output``. ``format``: ``conllu`` (any
-        columns present are kept, comments, multiword tokens and empty nodes included; HEAD and
-        DEPREL, and with a tagger UPOS, are filled in), ``text`` (one pre-tokenized sentence per
-        line, tokens separated by whitespace) or ``auto`` (CoNLL-U when the first non-empty line is
-        a comment or has ten tab-separated columns)."""
+        """Annotate the file ``input`` into ``output`` in the task's format
+        (:meth:`~subnets.tasks.Task.read_unlabelled` and ``write_predictions``). For parsing and
+        tagging, ``format``: ``conllu`` (any columns present are kept, comments, multiword tokens
+        and empty nodes included; the predicted columns are filled in), ``text`` (one
+        pre-tokenized sentence per line) or ``auto`` (CoNLL-U when the first non-empty line is a
+        comment or has ten tab-separated columns); NER reads ``conll`` or ``text``,
+        classification JSON lines or TSV, language modelling text."""
         input = Path(input)
         if not input.is_file():
             raise FileNotFoundError(f"input={input}: no such file")
         check_output_path(output, [input, *([support] if isinstance(support, (str, os.PathLike)) else [])])
-        if format == "auto":
-            format = _detect_format(input)
-        if format == "conllu":
-            sentences = read_conllu(input, trees=False).sentences
-        elif format == "text":
-            sentences = read_tokenized_text(input)
-        else:
-            raise SettingError(f"format={format!r}: expected auto, conllu or text")
-        return write_conllu(output, self.parse(sentences, language, support))
+        examples = self.task.read_unlabelled(input, format)
+        return self.task.write_predictions(
+            output, examples, self.predict(examples, language, support), scored=False
+        )
+
+    parse_file = predict_file  # the name of earlier versions
 
     def evaluate(
         self,
-        treebank: LanguageData | str | os.PathLike,
+        source: LanguageData | str | os.PathLike,
         language: str | None = None,
         support: LanguageData | str | os.PathLike | None = None,
         predictions: str | os.PathLike | None = None,
     ) -> dict[str, float]:
-        """UAS/LAS (and UPOS) on an annotated ``treebank`` (a CoNLL-U file) with ``language``'s
-        subnetwork (:meth:`gates`); with ``predictions``, writes the predictions there."""
-        data = self._data(treebank, language or "unseen", "eval")
-        gates = self.gates(language, support)
-        return evaluate(self.model, data, self.collator, self.cfg.train.eval_batch_size, gates, predictions)
+        """The task's scores on annotated ``source`` (a file in the task's format) with
+        ``language``'s subnetwork (:meth:`gates`); with ``predictions``, writes the predictions there."""
+        data = self.data(source, language or "unseen", "eval")
+        return self.evaluator.score(self.model, data, self.gates(language, support), predictions)
 
     def few_shot(
         self,
@@ -258,17 +273,15 @@ class TrainedRun:
         **settings: Any,
     ) -> dict[str, Any]:
         """The few-shot protocol (:func:`subnets.fewshot.few_shot`) on one language from a copy of
-        the model: support sentences drawn from ``support_pool`` (default: from ``test``, and then
+        the model: support examples drawn from ``support_pool`` (default: from ``test``, and then
         left out of it), the run's ``fewshot.*`` settings unless ``settings`` (``k``,
         ``repetitions``, ``steps``, ``lr_encoder``, ...) say otherwise."""
         fewshot = OmegaConf.merge(self.cfg.fewshot, settings)
-        test_data = self._data(test, language, "test")
-        pool = test_data if support_pool is None else self._data(support_pool, language, "train")
-        return few_shot(
-            self.model, self.method.policy, {language: test_data}, {}, self.batcher, self.tokenizer, fewshot,
-            seed=self.cfg.seed, clip_norm=self.cfg.train.clip_norm, eval_batch_size=self.cfg.train.eval_batch_size,
-            pools={language: pool}, predictions=predictions,
-        )  # fmt: skip
+        test_data = self.data(test, language, "test")
+        pool = test_data if support_pool is None else self.data(support_pool, language, "train")
+        return few_shot(self.model, self.method.policy, {language: test_data}, {language: pool}, self.batcher,
+                        self.tokenizer, fewshot, self.evaluator, seed=self.cfg.seed, clip_norm=self.cfg.train.clip_norm,
+                        predictions=predictions)  # fmt: skip
 
 
 def _sentence_of(forms: Sequence[str], number: int) -> Sentence:
@@ -279,15 +292,6 @@ def _sentence_of(forms: Sequence[str], number: int) -> Sentence:
     if not forms or not all(isinstance(f, str) and f and not f.isspace() for f in forms):
         raise ValueError(f"sentence {number}: expected a non-empty list of non-empty tokens, got {forms!r}")
     return unparsed(str(number), forms)
-
-
-def _detect_format(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.lstrip("\ufeff").rstrip("\r\n")
-            if line.strip():
-                return "conllu" if line.startswith("#") or line.count("\t") == 9 else "text"
-    raise ValueError(f"input={path}: the file is empty")
 
 
 def _checkpoint_file(folder: Path, checkpoint: str) -> Path:
@@ -332,13 +336,15 @@ def load_run(
     device: str | None = None,
 ) -> TrainedRun:
     """Load a trained run: its config (``run.json``, with ``overrides`` of the
-    :data:`EVALUATION_SETTINGS`), model and method state from ``checkpoint`` (``best``: the model
-    the run's final evaluation used; ``last``: the last checkpoint, also of an unfinished run),
-    and tokenizer. ``device`` overrides ``train.device``.
+    :data:`EVALUATION_SETTINGS`), task (with its label set), model and method state from
+    ``checkpoint`` (``best``: the model the run's final evaluation used; ``last``: the last
+    checkpoint, also of an unfinished run), and tokenizer, built as training built them
+    (:func:`~subnets.assemble.assemble`). ``device`` overrides ``train.device``.
 
     Raises:
         FileNotFoundError, ValueError: a folder that holds no run, an unfinished run (for
-            ``best``), a model at ``model.name_or_path`` that is not the one the run trained.
+            ``best``), a missing checkpoint or tokenizer, a model at ``model.name_or_path`` that
+            is not the one the run trained, a checkpoint that does not fit (an edited run.json).
     """
     folder = Path(folder)
     cfg = apply_overrides(read_run_config(folder), overrides)
@@ -346,20 +352,34 @@ def load_run(
         cfg.train.device = device
     validate_config(cfg)
     path = _checkpoint_file(folder, checkpoint)
-    transformer, tokenizer = _encoder(cfg, folder)
-    torch_device = resolve_device(cfg.train.device)
-    model = build_model(cfg, transformer).to(torch_device)
-    method = build_method(cfg)
-    batcher = Batcher(Collator(tokenizer, cfg.model.max_subwords or max_subwords(transformer, tokenizer),
-                               causal=model.gates.layout.causal), torch_device, cfg.seed)  # fmt: skip
-    method.policy.bind(model, batcher, list(cfg.languages.train))
+    identity = read_json(folder / "run.json", "the run's identity")
+    tokenizer_folder = folder / "tokenizer"
+    if cfg.model.name_or_path == "tiny" and not (tokenizer_folder / "tokenizer.json").exists():
+        raise FileNotFoundError(f"run={folder}: the tiny model's tokenizer {tokenizer_folder} is missing")
+
+    def same_model(data, fingerprint) -> None:
+        saved = identity.get("model", {}) if cfg.model.name_or_path != "tiny" else {}
+        changed = [
+            key for key in ("class", "config", "tokenizer") if key in saved and saved[key] != fingerprint[key]
+        ]
+        if changed:
+            raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: its {' and '.join(changed)} "
+                             f"{'differ' if len(changed) > 1 else 'differs'} from what run={folder} was trained with; "
+                             "point model.name_or_path at that model")  # fmt: skip
+
+    parts = assemble(cfg, folder, device=resolve_device(cfg.train.device), task_state=identity.get("task", {}),
+                     read_data=False, accept=same_model)  # fmt: skip
+    model, method = parts.model, parts.method
+    method.policy.bind(model, parts.batcher, list(cfg.languages.train))
     method.strategy.bind(model)
-    state = load_checkpoint(path, torch_device)
+    state = load_checkpoint(path, parts.batcher.device)
     load_model_state(model, state["model"], path, _described_by(folder, cfg, path))
     method.load_state_dict(state["method"])
     model.eval()
     best = {"metric": state["metric"], "step": state["step"]} if "metric" in state else state.get("best")
-    return TrainedRun(folder, cfg, model, tokenizer, method, batcher, path, state["step"], best)
+    return TrainedRun(
+        folder, cfg, parts.task, model, parts.tokenizer, method, parts.batcher, path, state["step"], best
+    )
 
 
 def _described_by(folder: Path, cfg: DictConfig, checkpoint: Path) -> str:
@@ -374,24 +394,6 @@ def _described_by(folder: Path, cfg: DictConfig, checkpoint: Path) -> str:
     changed = config_differences(recorded, current)
     return described + (f" (its settings differ from those the checkpoints recorded: {'; '.join(changed)})"
                         if changed else "")  # fmt: skip
-
-
-def _encoder(cfg: DictConfig, folder: Path):
-    """The run's transformer (its weights are replaced by the checkpoint's) and tokenizer."""
-    if cfg.model.name_or_path == "tiny":
-        tokenizer_folder = folder / "tokenizer"
-        if not (tokenizer_folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"run={folder}: the tiny model's tokenizer {tokenizer_folder} is missing")
-        return build_encoder(cfg.model, cfg.seed, None, tokenizer_folder)
-    transformer, tokenizer = build_encoder(cfg.model, cfg.seed)
-    saved = read_json(folder / "run.json", "the run's identity").get("model", {})
-    current = model_fingerprint(transformer, tokenizer)
-    changed = [key for key in ("class", "config", "tokenizer") if key in saved and saved[key] != current[key]]
-    if changed:
-        raise ValueError(f"model.name_or_path={cfg.model.name_or_path}: its {' and '.join(changed)} "
-                         f"{'differ' if len(changed) > 1 else 'differs'} from what run={folder} was trained with; "
-                         "point model.name_or_path at that model")  # fmt: skip
-    return transformer, tokenizer
 
 
 def evaluation_folder(folder: str | os.PathLike, overrides: Sequence[str], checkpoint: str = "best") -> Path:

@@ -111,7 +111,7 @@ def training_step(
     A step whose loss or gradient norm is NaN or infinite updates nothing and returns
     ``skipped=True``.
     """
-    micro = [batch] if isinstance(batch, Batch) else list(batch)
+    micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
     batch, words = micro[0], sum(b.num_words for b in micro)
     model.train()
     optimizer.zero_grad(set_to_none=True)

@@ -41,27 +41,26 @@ def sentence_representations(
     gates: torch.Tensor | None = None,
     sent_ids: set[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``sent_id`` -> the mean of the model's word representations (:meth:`DependencyParser.represent`,
-    the scalar-mixed first-subword vectors the parser reads) of that sentence, in eval mode.
-    ``sent_ids`` restricts it to those sentences."""
+    """``sent_id`` -> the model's representation of that example
+    (:meth:`~subnets.models.heads.TaskModel.sentence_representations`: for word-level tasks the
+    mean of the scalar-mixed word vectors the head reads), in eval mode. ``sent_ids`` restricts
+    it to those examples."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    chosen = [i for i, s in enumerate(data.sentences) if sent_ids is None or s.sent_id in sent_ids]
+    chosen = [i for i, s in enumerate(data.examples) if sent_ids is None or s.sent_id in sent_ids]
     out: dict[str, np.ndarray] = {}
     try:
         for start in range(0, len(chosen), batch_size):
             indices = chosen[start : start + batch_size]
             batch = collator(
-                [data.sentences[i] for i in indices], [data.pieces[i] for i in indices], data.code
+                [data.examples[i] for i in indices], [data.pieces[i] for i in indices], data.code
             )
             batch = batch.to(device)
             with model.gates.applied(gates):
-                words = model.represent(batch)
-            mask = batch.word_mask.unsqueeze(-1).to(words.dtype)
-            means = (words * mask).sum(1) / mask.sum(1).clamp_min(1)
+                means = model.sentence_representations(batch)
             for i, vector in zip(indices, means.float().cpu().numpy()):
-                out[data.sentences[i].sent_id] = vector
+                out[data.examples[i].sent_id] = vector
     finally:
         model.train(was_training)
     return out
@@ -72,7 +71,7 @@ def parallel_sentence_ids(
 ) -> tuple[list[str], list[str]]:
     """The largest group of languages whose data share sentence ids, and up to ``limit`` ids
     they all have (in the first language's order). ([], []) when no two languages share one."""
-    ids = {lang: [s.sent_id for s in data.sentences] for lang, data in datasets.items()}
+    ids = {lang: [s.sent_id for s in data.examples] for lang, data in datasets.items()}
     best: tuple[list[str], list[str]] = ([], [])
     for own in ids.values():
         group = [other for other in ids if set(ids[other]) & set(own)]

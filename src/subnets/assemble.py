@@ -1,0 +1,184 @@
+"""Building what a config describes, the one way that training, the start-up checks
+(``overwrite=true``), :func:`~subnets.trained.load_run` and ``python -m subnets.evaluate`` all use,
+so that they cannot drift: the task, its data, the encoder and its tokenizer, the task model,
+the collator, the method.
+
+Example (a notebook)::
+
+    cfg = compose_config(["task=ner", "+method=dynamic", "debug=tiny"])
+    parts = assemble(cfg, "outputs/try")     # parts.data, parts.model, parts.batcher, parts.method
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from subnets.config import SettingError, validate_config
+from subnets.data.dataset import Batcher
+from subnets.data.languages import RunData, data_cache, data_root, load_run_data
+from subnets.distributed import DataParallel
+from subnets.identity import model_fingerprint
+from subnets.methods.base import Method
+from subnets.methods.episodes import MAMLEpisodes
+from subnets.models.build import build_encoder, build_model
+from subnets.models.encoder import max_subwords
+from subnets.tasks.base import Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The method of ``cfg.method``: its mask policy and step strategy built from their ``_target_``."""
+    return Method(str(cfg.method.name), instantiate(cfg.method.policy), instantiate(cfg.method.step))
+
+
+def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.device:
+    """``train.device``: ``auto`` is CUDA when available, else the CPU; under ``torchrun``,
+    ``cuda`` is each process's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and parallel is not None and parallel.world_size > 1:
+        name = f"cuda:{parallel.local_rank}"
+    return torch.device(name)
+
+
+def check_method_settings(cfg: DictConfig, method: Method) -> None:
+    """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
+    for one that searches its masks before training only (dynamic.init=static), an
+    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training, and
+    ``train.compile`` with second-order MAML."""
+    policy = method.policy
+    name = f"method {cfg.method.name} ({type(policy).__name__})"
+    if cfg.train.compile and isinstance(method.strategy, MAMLEpisodes) and not cfg.meta.first_order:
+        raise SettingError("train.compile=true with meta.first_order=false: a compiled encoder has no double "
+                           "backward through MAML's inner steps; use first-order MAML or train.compile=false")  # fmt: skip
+    if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
+        raise SettingError(
+            f"masks.path={cfg.masks.path!r} is not used by {name}; only static masks (+method=static, "
+            "maml_static, random, maml_random) and dynamic ones starting from them (dynamic.init=static) "
+            "read a saved mask set"
+        )
+    after = cfg.masks.after_steps
+    if not after:
+        return
+    if getattr(policy, "uses_masks_path", False) and not getattr(policy, "uses_after_steps", False):
+        raise SettingError(f"masks.after_steps={after} is not supported by {name}: it searches its masks "
+                           "before training; only static and random masks (+method=static, maml_static, random, "
+                           "maml_random) are searched during training")  # fmt: skip
+    if not getattr(policy, "uses_after_steps", False):
+        return  # no mask search (like the other masks.* search settings, unused)
+    if cfg.masks.path:
+        raise SettingError(f"masks.after_steps={after} and masks.path={cfg.masks.path!r}: a loaded mask set "
+                           "is used from the first step; set one of them")  # fmt: skip
+    if after >= cfg.train.steps:
+        raise SettingError(f"masks.after_steps={after}: expected fewer than train.steps={cfg.train.steps}, "
+                           "or no step would be trained with the masks")  # fmt: skip
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings alone (:func:`~subnets.config.validate_config`), those of the method
+    (:func:`check_method_settings`) and of the task (its constructor): what is refused before
+    any file is read or written."""
+    validate_config(cfg)
+    check_method_settings(cfg, build_method(cfg))
+    build_task(cfg)
+
+
+@dataclass
+class Parts:
+    """What :func:`assemble` builds. ``fingerprint``: the encoder's and tokenizer's as loaded
+    (before any training; :func:`~subnets.identity.model_fingerprint`)."""
+
+    cfg: DictConfig
+    task: Task
+    method: Method
+    data: RunData | None
+    tokenizer: Any
+    model: nn.Module
+    batcher: Batcher
+    fingerprint: dict[str, str]
+
+    @property
+    def collator(self) -> Callable:
+        return self.batcher.collator
+
+
+def assemble(
+    cfg: DictConfig,
+    folder: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    task_state: Mapping[str, Any] | None = None,
+    read_data: bool = True,
+    read_train: bool = True,
+    accept: Callable[[RunData | None, dict[str, str]], None] | None = None,
+) -> Parts:
+    """Build the run ``cfg`` describes in ``folder``: the method, the task, the data (synthetic
+    languages are written into ``folder/data``; the tiny model's tokenizer is trained on the
+    training text and kept in ``folder/tokenizer``, or loaded from there), the encoder, the task
+    model on ``device``, the collator and batcher.
+
+    Args:
+        task_state: the task's state as a trained run recorded it (its label set); None: learned
+            from the training data (:meth:`~subnets.tasks.Task.fit`).
+        read_data: read the languages' data (False: a trained model alone).
+        read_train: read the training splits (an evaluation does not).
+        accept: called with the data and the model's fingerprint once both are read, before
+            anything else happens (a run folder checks that they are the ones it holds).
+
+    Every example read is checked against the task (:meth:`~subnets.tasks.Task.check`: a label
+    the training data never had is an error naming its file and line); a task that does not
+    fit the model is refused (:meth:`~subnets.tasks.Task.use_model`).
+    """
+    folder = Path(folder)
+    method = build_method(cfg)
+    check_method_settings(cfg, method)
+    task = build_task(cfg, task_state)
+    cache = data_cache(cfg.languages)
+    data = None
+    if read_data:
+        data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, folder), task, seed=cfg.seed,
+                             needs_support=method.policy.needs_support, read_train=read_train, cache=cache)  # fmt: skip
+        if task_state is None:
+            task.fit({code: d.examples for code, d in data.train.items()})
+        for d in data.all():
+            task.check(d.examples, f"{d.code} {d.split} ({d.path})")
+    texts = None if data is None else (" ".join(e.forms) for d in data.train.values() for e in d.examples)
+    transformer, tokenizer = build_encoder(cfg.model, cfg.seed, texts, folder / "tokenizer")
+    fingerprint = model_fingerprint(transformer, tokenizer)
+    if accept is not None:
+        accept(data, fingerprint)
+    if data is not None:
+        data.tokenize(tokenizer, cache)
+    model = build_model(cfg, transformer, task, tokenizer).to(device)
+    batcher = Batcher(task.collator(tokenizer, _max_subwords(cfg, transformer, tokenizer), model.gates.layout.causal),
+                      device, cfg.seed)  # fmt: skip
+    return Parts(cfg, task, method, data, tokenizer, model, batcher, fingerprint)
+
+
+def _max_subwords(cfg: DictConfig, transformer: nn.Module, tokenizer) -> int:
+    limit = max_subwords(transformer, tokenizer)
+    configured = cfg.model.max_subwords
+    if configured and configured > limit:
+        raise SettingError(f"model.max_subwords={configured} exceeds the encoder's limit {limit}")
+    return configured or limit
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything a run checks before training that needs no run folder: the settings, the
+    method, the task, the data (synthetic languages written into a temporary folder) and the
+    model (:func:`assemble` there). ``overwrite=true`` calls it before it deletes anything."""
+    check_settings(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        assemble(cfg, folder)
