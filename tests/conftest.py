@@ -106,9 +106,9 @@ def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _treebank_cache(tmp_path_factory):
+def _data_cache(tmp_path_factory):
     """One treebank cache for the session (subnets.data.cache), not the user's."""
-    os.environ["SUBNETS_CACHE_DIR"] = str(tmp_path_factory.mktemp("treebank_cache"))
+    os.environ["SUBNETS_CACHE_DIR"] = str(tmp_path_factory.mktemp("data_cache"))
 
 
 @pytest.fixture(autouse=True)

@@ -116,7 +116,7 @@ def test_batch_to_keeps_sentences():
     sentences = [sentence(["dog"])]
     batch = Collator(batch_tokenizer, 64)(sentences, encode_words(batch_tokenizer, sentences), "en")
     moved = batch.to("cpu")
-    assert moved.sentences == sentences and moved.lang == "en"
+    assert moved.examples == sentences and moved.lang == "en"
     assert torch.equal(moved.input_ids, batch.input_ids)
 
 

@@ -7,11 +7,11 @@ from conftest import REPO
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from subnets.config import Config, compose_config
-from subnets.runner import build_method
+from subnets.assemble import build_method
+from subnets.config import TASK_SCHEMAS, Config, compose_config
 
 CONFIGS = REPO / "src" / "subnets" / "configs"
-GROUPS = ["model", "task", "languages", "method", "experiment", "budget", "debug", "fewshot"]
+GROUPS = ["model", "task", "languages", "method", "experiment", "budget", "debug", "fewshot", "debug_task"]
 
 
 def options(group: str) -> list[str]:
@@ -23,6 +23,9 @@ def group_override(group: str, option: str) -> list[str]:
         return [f"+{group}={option}"]
     if group == "budget":
         return ["+experiment=ud_fewshot", f"budget={option}"]
+    if group == "debug_task":  # debug_task/<debug>_<task>.yaml is chosen by debug=... and task=...
+        debug, _, task = option.partition("_")
+        return [f"debug={debug}", f"task={task}"]
     return [f"{group}={option}"]
 
 
@@ -71,6 +74,12 @@ def test_yaml_files_set_only_what_differs_from_the_schema(path: Path):
     global_package = header == ["# @package _global_"] or group == "config.yaml"
     schema = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
     root = schema if global_package else schema.get(group, {})
+    if group in ("task", "debug_task"):  # a task option's schema is the one its defaults list names
+        task_file = path if group == "task" else CONFIGS / "task" / f"{path.stem.partition('_')[2]}.yaml"
+        (entry,) = [d for d in OmegaConf.load(task_file).defaults if str(d).startswith("/task_schema/")]
+        root = OmegaConf.to_container(
+            OmegaConf.structured(TASK_SCHEMAS[str(entry).split("/")[2].split("@")[0]])
+        )
     restated = []
     for key, value in yaml_leaves(written):
         default = root

@@ -8,10 +8,11 @@ import pytest
 from conftest import scores, ud_job
 
 from subnets.data import dataset, read_conllu
-from subnets.data.cache import TreebankCache
+from subnets.data.cache import DataCache
 from subnets.data.dataset import load_language
-from subnets.data.ud import discover_treebanks
+from subnets.data.discovery import discover_languages
 from subnets.runner import run
+from subnets.tasks import Parsing, parsing
 
 
 def test_a_run_gives_the_same_results_without_the_cache_and_with_it_cold_or_warm(
@@ -23,7 +24,7 @@ def test_a_run_gives_the_same_results_without_the_cache_and_with_it_cold_or_warm
     cold = run(ud_job(ud_root, cache), tmp_path / "cold")
     files_read = json.loads((tmp_path / "cold" / "run.json").read_text())["data"]
     assert len(list((tmp_path / "cache" / "parsed").iterdir())) == len(files_read) == 11
-    monkeypatch.setattr(dataset, "read_conllu", lambda *a, **k: pytest.fail("a cached file was read again"))
+    monkeypatch.setattr(parsing, "read_conllu", lambda *a, **k: pytest.fail("a cached file was read again"))
     monkeypatch.setattr(dataset, "encode_words", lambda *a, **k: pytest.fail("cached pieces were computed"))
     warm = run(ud_job(ud_root, cache), tmp_path / "warm")
     assert scores(off) == scores(cold) == scores(warm)
@@ -34,20 +35,20 @@ def test_the_cache_keeps_the_skipped_sentences_and_follows_content_not_paths(tmp
     lines = path.read_text().split("\n")
     lines[2] = lines[2].replace("\t0\t", "\t99\t", 1)  # first word of the first sentence: HEAD out of range
     path.write_text("\n".join(lines))
-    cache = TreebankCache(tmp_path / "cache")
-    [treebank] = [t for code, t in discover_treebanks(ud_root).items() if code == "syn_vos"]
-    fresh = load_language(treebank, "test", "skip")
-    cached = load_language(treebank, "test", "skip", cache=cache)
-    again = load_language(treebank, "test", "skip", cache=cache)
+    cache = DataCache(tmp_path / "cache")
+    [treebank] = [t for code, t in discover_languages(ud_root).items() if code == "syn_vos"]
+    fresh = load_language(treebank, "test", Parsing(), "skip")
+    cached = load_language(treebank, "test", Parsing(), "skip", cache=cache)
+    again = load_language(treebank, "test", Parsing(), "skip", cache=cache)
     assert fresh.skipped == cached.skipped == again.skipped == 1
-    assert [(s.sent_id, s.forms, s.heads, s.deprels, s.lines, s.source) for s in again.sentences] == [
-        (s.sent_id, s.forms, s.heads, s.deprels, s.lines, s.source) for s in fresh.sentences
+    assert [(s.sent_id, s.forms, s.heads, s.deprels, s.lines, s.source) for s in again.examples] == [
+        (s.sent_id, s.forms, s.heads, s.deprels, s.lines, s.source) for s in fresh.examples
     ]
     path.write_text(path.read_text().replace("\t99\t", "\t0\t", 1))  # repaired: other content, read again
-    assert load_language(treebank, "test", "skip", cache=cache).skipped == 0
+    assert load_language(treebank, "test", Parsing(), "skip", cache=cache).skipped == 0
     with pytest.raises(ValueError, match="HEAD 99 out of range"):
         path.write_text("\n".join(lines))
-        load_language(treebank, "test", "raise", cache=cache)
+        load_language(treebank, "test", Parsing(), "raise", cache=cache)
 
 
 def save_as_datasets(conllu_root, datasets_root):
@@ -56,11 +57,11 @@ def save_as_datasets(conllu_root, datasets_root):
 
     from subnets.data.labels import UPOS
 
-    for code, treebank in discover_treebanks(conllu_root).items():
+    for code, treebank in discover_languages(conllu_root).items():
         splits = {}
         for split, path in treebank.files.items():
             rows = {"idx": [], "tokens": [], "upos": [], "head": [], "deprel": []}
-            for sentence in read_conllu(path).sentences:
+            for sentence in read_conllu(path).examples:
                 rows["idx"].append(sentence.sent_id)
                 rows["tokens"].append(sentence.forms)
                 rows["upos"].append([UPOS.index(t) for t in sentence.upos])
@@ -73,10 +74,10 @@ def save_as_datasets(conllu_root, datasets_root):
         DatasetDict(splits).save_to_disk(str(datasets_root / code))
 
 
-def test_a_datasets_treebank_root_trains_as_its_conllu_files_do(tmp_path, ud_root):
+def test_a_datasets_data_root_trains_as_its_conllu_files_do(tmp_path, ud_root):
     save_as_datasets(ud_root, tmp_path / "hf")
-    found = discover_treebanks(tmp_path / "hf")
-    assert set(found) == set(discover_treebanks(ud_root)) and set(found["syn_svo"].files) == {
+    found = discover_languages(tmp_path / "hf")
+    assert set(found) == set(discover_languages(ud_root)) and set(found["syn_svo"].files) == {
         "train",
         "dev",
         "test",
@@ -92,6 +93,6 @@ def test_a_datasets_treebank_without_the_needed_columns_is_named(tmp_path):
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train": Dataset.from_dict({"text": ["a b"]})}).save_to_disk(str(tmp_path / "xx_bad"))
-    [treebank] = discover_treebanks(tmp_path).values()
+    [treebank] = discover_languages(tmp_path).values()
     with pytest.raises(ValueError, match=r"xx_bad/train: .* missing: tokens, upos, head, deprel"):
-        load_language(treebank, "train")
+        load_language(treebank, "train", Parsing())

@@ -8,8 +8,8 @@ import torch
 from conftest import crash_after_checkpoint, scores, step_on, tiny_config
 
 from subnets.data.dataset import load_language
+from subnets.data.discovery import discover_languages
 from subnets.data.synthetic import SyntheticLanguage, write_synthetic_treebanks
-from subnets.data.ud import discover_treebanks
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.importance import unit_importance
 from subnets.masks.selection import select_keep_ratio
@@ -88,7 +88,9 @@ def test_masks_follow_a_language_whose_typology_changes_mid_run(tmp_path):
 
     changed = SyntheticLanguage(lang, order="OSV", adjective="after", adposition="post")
     root = write_synthetic_treebanks(tmp_path / "changed", {lang: changed}, {"train": 16}, seed=7)
-    new_data = load_language(discover_treebanks(root)[lang], "train").tokenize(experiment.tokenizer)
+    new_data = load_language(discover_languages(root)[lang], "train", experiment.task).tokenize(
+        experiment.tokenizer
+    )
     experiment.data.train[lang] = new_data
     train(120)
     after = policy.masks[lang].unit_mask

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 
 from subnets.config import compose_config
-from subnets.data.support import draw_support, support_split
+from subnets.data.support import draw_support, support_pool, support_split
 from subnets.data.treebank import read_conllu
 from subnets.fewshot import fine_tune
 from subnets.runner import Run, run
@@ -28,23 +28,23 @@ def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
     treebank = trained.data.treebanks[code]
     del treebank.files["train"], treebank.files["dev"]  # only a test file: support comes from it
     trained.data.target_test = {code: trained.data.target_test[code]}
-    trained.data.support_pools.pop(code)  # drawn again from what is now there
-    result = trained.few_shot()["languages"][code]
     test = trained.data.target_test[code]
-    predicted = read_conllu(trained.folder / "predictions" / "fewshot" / f"{code}-test.conllu").sentences
+    pool = support_pool(treebank, test, 6, trained.task)  # where support comes from now: the test file
+    assert pool is test
+    trained.data.support_pools[code] = pool
+    result = trained.few_shot()["languages"][code]
+    predicted = read_conllu(trained.folder / "predictions" / "fewshot" / f"{code}-test.conllu").examples
     for repetition, run_ in enumerate(result["runs"]):
-        support, _ = draw_support(treebank, test, 6, run_["seed"])
+        support, _ = draw_support(pool, test, 6, run_["seed"])
         assert run_["support_split"] == "test"
         assert run_["words"] == test.num_words - support.num_words  # the denominator excludes them
         if repetition == 0:
-            support_ids = {s.sent_id for s in support.sentences}
+            support_ids = {s.sent_id for s in support.examples}
             assert support_ids.isdisjoint(s.sent_id for s in predicted)
             assert len(predicted) == len(test) - 6
     seeds = [r["seed"] for r in result["runs"]]
     assert len(set(seeds)) == 3
-    supports = [
-        tuple(s.sent_id for s in draw_support(treebank, test, 6, seed)[0].sentences) for seed in seeds
-    ]
+    supports = [tuple(s.sent_id for s in draw_support(pool, test, 6, seed)[0].examples) for seed in seeds]
     assert len(set(supports)) == 3  # each repetition draws its own support set
 
 
@@ -63,9 +63,9 @@ def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
 
 
 def test_support_split_rule():
-    from subnets.data.ud import TreebankFiles
+    from subnets.data.discovery import LanguageFiles
 
-    treebank = TreebankFiles("xx_yy", None, {"train": "t", "dev": "d", "test": "e"})
+    treebank = LanguageFiles("xx_yy", None, {"train": "t", "dev": "d", "test": "e"})
     assert support_split(treebank, 20, {"train": 31, "dev": 5, "test": 900}) == "train"
     assert support_split(treebank, 20, {"train": 19, "dev": 100, "test": 900}) == "dev"  # train too small
     assert support_split(treebank, 20, {"train": 19, "dev": 5, "test": 900}) == "test"
@@ -154,7 +154,7 @@ def test_few_shot_results_and_table_in_a_run(tmp_path, capsys):
     assert fewshot["k"] == 5 and fewshot["repetitions"] == 2 and fewshot["steps"] == 2
     assert json.loads((tmp_path / "results.json").read_text())["fewshot"] == fewshot
     out = capsys.readouterr().out
-    assert "few-shot: k=5 support sentences, 2 steps, 2 repetitions" in out
+    assert "few-shot: k=5 support examples, 2 steps, 2 repetitions" in out
     assert f"{fewshot['languages']['syn_vos']['las_mean']:.2f} +- " in out
     assert (tmp_path / "predictions" / "fewshot" / "syn_vos-test.conllu").exists()
 
@@ -184,15 +184,16 @@ def test_each_repetition_starts_from_the_trained_model_which_is_left_unchanged(t
     code, settings = "syn_sov_an", trained.cfg.fewshot
     last = result["languages"][code]["runs"][-1]
     test = trained.data.target_test[code]
-    support, rest = draw_support(trained.data.treebanks[code], test, settings.k, last["seed"],
-                                 pool=trained.data.support_pools.get(code))  # fmt: skip
+    support, rest = draw_support(trained.data.support_pools[code], test, settings.k, last["seed"])
     support.tokenize(trained.tokenizer)
     adapted = copy.deepcopy(model)
     with torch.random.fork_rng():
         torch.manual_seed(last["seed"])
         fine_tune(adapted, trained.batcher.of(support), settings.steps, settings.lr_encoder, settings.lr_head,
                   settings.weight_decay, trained.cfg.train.clip_norm)  # fmt: skip
-    by_hand = evaluate(adapted, rest, trained.batcher.collator, trained.cfg.train.eval_batch_size)
+    by_hand = evaluate(
+        adapted, rest, trained.batcher.collator, trained.task, trained.cfg.train.eval_batch_size
+    )
     assert {k: last[k] for k in by_hand} == by_hand
 
 
@@ -201,12 +202,12 @@ def test_a_long_support_set_is_cut_into_length_sorted_micro_batches_that_give_th
     import dataclasses
 
     data = trained.data.target_test["syn_vos"]
-    data = dataclasses.replace(data, sentences=data.sentences[:12], pieces=data.pieces[:12])
+    data = dataclasses.replace(data, examples=data.examples[:12], pieces=data.pieces[:12])
     lengths = [sum(len(w) for w in pieces) + 2 for pieces in data.pieces]
     assert len(trained.batcher.micro_batches(data, 12 * max(lengths))) == 1  # fits: one batch
     budget = 3 * max(lengths)
     parts = trained.batcher.micro_batches(data, budget)
-    sizes = [len(p.sentences) for p in parts]
+    sizes = [len(p.examples) for p in parts]
     assert len(parts) > 1 and sum(sizes) == 12
     assert sum(p.num_words for p in parts) == data.num_words
     assert all(p.input_ids.shape[0] * p.input_ids.shape[1] <= budget for p in parts)

@@ -58,11 +58,11 @@ def trained(tmp_path_factory):
 
 def test_parser_beats_trivial_baselines_by_a_wide_margin(trained):
     folder, results = trained
-    train = [s for code in SOURCES for s in read_conllu(folder / "data" / code / "train.conllu").sentences]
+    train = [s for code in SOURCES for s in read_conllu(folder / "data" / code / "train.conllu").examples]
     label = Counter(d for s in train for d in s.deprels).most_common(1)[0][0]
     las = [results["source"][code]["las"] for code in SOURCES]
     best_trivial = max(
-        trivial_las(read_conllu(folder / "data" / code / "dev.conllu").sentences, label, direction)
+        trivial_las(read_conllu(folder / "data" / code / "dev.conllu").examples, label, direction)
         for code in SOURCES
         for direction in ("left", "right")
     )

@@ -90,7 +90,7 @@ def files(tmp_path):
 
 
 def predictions(path):
-    sentences = read_conllu(path).sentences
+    sentences = read_conllu(path).examples
     return (
         [list(s.heads) for s in sentences],
         [list(s.deprels) for s in sentences],
@@ -100,7 +100,7 @@ def predictions(path):
 
 def test_gold_file_reads_as_twelve_syntactic_words(files):
     gold, _ = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     assert [len(s) for s in sentences] == [7, 5]
     assert sentences[0].forms == ["His", "cat", "does", "n't", "sleep", "today", "."]
     assert sentences[1].forms == ["Dogs", "that", "barked", "ran", "."]
@@ -126,7 +126,7 @@ def test_perfect_predictions_score_100(files):
     scores = score_conllu(gold, gold)
     assert scores == pytest.approx({"words": 12, "uas": 100.0, "las": 100.0, "upos": 100.0})
 
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, deprels, upos = predictions(gold)
     assert attachment_scores(sentences, heads, deprels, upos) == pytest.approx(
         {"words": 12, "uas": 100.0, "las": 100.0, "upos": 100.0}
@@ -135,7 +135,7 @@ def test_perfect_predictions_score_100(files):
 
 def test_attachment_scores_with_lists_matches_score_conllu(files):
     gold, system = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, deprels, upos = predictions(system)
     assert attachment_scores(sentences, heads, deprels, upos) == pytest.approx(EXPECTED)
     # Tuples work as well as lists.
@@ -145,7 +145,7 @@ def test_attachment_scores_with_lists_matches_score_conllu(files):
 
 def test_subtypes_are_ignored_in_both_directions(files):
     gold, _ = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, deprels, _ = predictions(gold)
     # Strip every subtype from the prediction, or add one to a plain relation: still 100 LAS.
     stripped = [[r.split(":")[0] for r in sent] for sent in deprels]
@@ -160,7 +160,7 @@ def test_subtypes_are_ignored_in_both_directions(files):
 
 def test_las_needs_the_right_head(files):
     gold, _ = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, deprels, _ = predictions(gold)
     heads[1][4] = 1  # the punctuation word of s2: gold head 4
     heads[0][0] = 0  # His: gold head 2
@@ -170,7 +170,7 @@ def test_las_needs_the_right_head(files):
 
 def test_only_heads_gives_uas_without_las(files):
     gold, system = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, _, _ = predictions(system)
     scores = attachment_scores(sentences, heads)
     assert set(scores) == {"words", "uas"}
@@ -180,7 +180,7 @@ def test_only_heads_gives_uas_without_las(files):
 
 def test_only_upos_gives_only_upos(files):
     gold, system = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     _, _, upos = predictions(system)
     scores = attachment_scores(sentences, upos=upos)
     assert set(scores) == {"words", "upos"}
@@ -190,7 +190,7 @@ def test_only_upos_gives_only_upos(files):
 @pytest.mark.parametrize("column", ["heads", "deprels", "upos"])
 def test_prediction_of_wrong_length_raises_naming_the_sentence(files, column):
     gold, system = files
-    sentences = read_conllu(gold).sentences
+    sentences = read_conllu(gold).examples
     heads, deprels, upos = predictions(system)
     values = {"heads": heads, "deprels": deprels, "upos": upos}
     values[column][1] = values[column][1][:-1]  # s2 has 5 words; predict 4
@@ -207,7 +207,7 @@ def test_different_number_of_sentences_raises_with_file_name(files, tmp_path):
     gold, _ = files
     short = tmp_path / "one_sentence.conllu"
     short.write_text(SYSTEM.split("\n\n")[0] + "\n\n", encoding="utf-8")
-    assert len(read_conllu(short).sentences) == 1
+    assert len(read_conllu(short).examples) == 1
     with pytest.raises(ValueError, match=re.escape(str(short))) as info:
         score_conllu(gold, short)
     assert "1 sentences" in str(info.value)
@@ -218,7 +218,7 @@ def test_different_word_form_raises_with_file_name(files, tmp_path):
     gold, _ = files
     retokenized = tmp_path / "retokenized.conllu"
     retokenized.write_text(SYSTEM.replace("\tDogs\t", "\tDog\t", 1), encoding="utf-8")
-    assert read_conllu(retokenized).sentences[1].forms[0] == "Dog"
+    assert read_conllu(retokenized).examples[1].forms[0] == "Dog"
     with pytest.raises(ValueError, match=re.escape(str(retokenized))) as info:
         score_conllu(gold, retokenized)
     assert "s2" in str(info.value)
@@ -240,7 +240,7 @@ def test_different_tokenization_raises(files, tmp_path):
     )
     path = tmp_path / "merged.conllu"
     path.write_text(first + "\n" + GOLD.split("\n\n")[1] + "\n\n", encoding="utf-8")
-    assert [len(s) for s in read_conllu(path).sentences] == [6, 5]
+    assert [len(s) for s in read_conllu(path).examples] == [6, 5]
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
         score_conllu(gold, path)
     assert "s1" in str(info.value)

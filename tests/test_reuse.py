@@ -150,7 +150,7 @@ def test_parsing_conllu_fills_heads_and_relations_and_keeps_every_other_byte(run
             assert new_columns[6].isdigit() and new_columns[7] != "_"
         else:
             assert old == new
-    [sentence] = read_conllu(output).sentences  # a valid tree: one root, no cycle
+    [sentence] = read_conllu(output).examples  # a valid tree: one root, no cycle
     assert sentence.heads.count(0) == 1
 
 
@@ -162,7 +162,7 @@ def test_parsing_text_gives_one_tree_per_line(runs, tmp_path):
     done = cli("subnets.parse", f"run={folder}", f"input={path}", f"output={output}", "language=syn_sov",
                cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    sentences = read_conllu(output).sentences
+    sentences = read_conllu(output).examples
     assert [s.forms for s in sentences] == [["wino", "lue", "jejole", "qexy"], ["lue", "qexy", "wino"]]
     assert [s.sent_id for s in sentences] == ["1", "3"]  # line numbers
 
@@ -203,7 +203,7 @@ def test_the_language_picks_its_subnetwork_and_unseen_ones_follow_the_test_time_
         assert torch.equal(used[-1], masks[code].unit_mask.float())
     assert len({tuple(m.unit_mask.flatten().tolist()) for m in masks.values()}) > 1  # the subnetworks differ
     supported = load_run(folder, overrides=["masks.target_policy=support"])
-    with pytest.raises(ValueError, match="pass support=<CoNLL-U file>"):
+    with pytest.raises(ValueError, match="pass support=<a file of that language in the task.s format>"):
         supported.gates("xx_unseen")
     support = folder / "data" / "syn_vos" / "train.conllu"
     gates = supported.gates("syn_vos", support=support)

@@ -9,10 +9,11 @@ from conftest import SHARED
 
 from subnets.data.batching import Collator
 from subnets.data.dataset import load_language
+from subnets.data.discovery import SPLITS, discover_languages
 from subnets.data.treebank import read_conllu
-from subnets.data.ud import SPLITS, discover_treebanks
 from subnets.models.encoder import Encoder, load_pretrained, max_subwords
 from subnets.models.parser import DependencyParser
+from subnets.tasks import Parsing
 
 UD_ROOT = Path(os.environ.get("SUBNETS_UD_ROOT", SHARED / "data" / "ud"))
 E5_PATH = Path(os.environ.get("SUBNETS_E5_PATH", SHARED / "models" / "multilingual-e5-small"))
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.shared
 
 @needs_ud
 def test_every_shared_treebank_loads_and_validates():
-    treebanks = discover_treebanks(UD_ROOT)
+    treebanks = discover_languages(UD_ROOT)
     expected = {p.name for p in UD_ROOT.iterdir() if p.is_dir()}
     assert set(treebanks) == expected and len(expected) >= 18
     for code, treebank in treebanks.items():
@@ -48,8 +49,10 @@ def test_e5_small_forward_backward_on_real_batches():
     assert model.gates.shape == (12, 12)
     collator = Collator(tokenizer, max_subwords(transformer, tokenizer))
     for code in ("ko_kaist", "ar_pud"):
-        data = load_language(discover_treebanks(UD_ROOT)[code], "dev", max_sentences=8).tokenize(tokenizer)
-        batch = collator(data.sentences, data.pieces, code)
+        data = load_language(discover_languages(UD_ROOT)[code], "dev", Parsing(), max_examples=8).tokenize(
+            tokenizer
+        )
+        batch = collator(data.examples, data.pieces, code)
         assert batch.num_words == data.num_words
         gates = torch.ones(model.gates.shape, requires_grad=True)
         with model.gates.applied(gates):

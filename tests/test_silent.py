@@ -142,19 +142,19 @@ def test_parse_refuses_to_write_over_its_input_before_loading_the_model(finished
 
 
 def test_an_output_that_cannot_be_written_is_refused_at_start_naming_output(finished, tmp_path, monkeypatch):
-    import subnets.parse
+    import subnets.predict
 
     source = finished / "data" / "syn_svo" / "dev.conllu"
     (tmp_path / "a-file").write_text("")
     unwritable = tmp_path / "locked" if os.geteuid() else "/proc/self"  # root may write anywhere else
     if os.geteuid():
         (tmp_path / "locked").mkdir(mode=0o500)
-    monkeypatch.setattr(subnets.parse, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(subnets.predict, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
     for output, message in ((tmp_path / "a-file" / "out.conllu", "a-file is a file"),
                             (f"{unwritable}/out.conllu", "is not writable"),
                             (tmp_path, "is a folder")):  # fmt: skip
         with pytest.raises(OSError if "writable" in message else ValueError, match=rf"output=.*{message}"):
-            subnets.parse.parse_command([f"run={finished}", f"input={source}", f"output={output}"])
+            subnets.predict.predict_command([f"run={finished}", f"input={source}", f"output={output}"])
 
 
 # ---------------------------------------------------------------- 5. the data cache
@@ -184,45 +184,47 @@ def test_a_cache_entry_missing_rows_at_a_batch_boundary_is_found(tmp_path, ud_ro
     """A record batch cut off whole: the arrow file still reads, with fewer rows."""
     import pyarrow as pa
 
-    from subnets.data.cache import TreebankCache
-    from subnets.data.dataset import read_treebank
+    from subnets.data.cache import DataCache
+    from subnets.tasks import Parsing
 
-    cache = TreebankCache(tmp_path / "cache")
+    cache = DataCache(tmp_path / "cache")
     path = ud_root / "syn_svo" / "train.conllu"
-    file = cache.read(path, "raise", read_treebank)
+    file = cache.read(path, "raise", Parsing().read, "conllu")
     (arrow,) = arrow_files(tmp_path / "cache")
     table = pa.ipc.open_stream(arrow.read_bytes()).read_all()  # in memory, not mapped: the file is rewritten
     with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table.slice(0, len(table) // 2))  # a valid file holding half the rows
     with caplog.at_level(logging.WARNING, logger="subnets.data.cache"):
-        again = cache.read(path, "raise", read_treebank)
+        again = cache.read(path, "raise", Parsing().read, "conllu")
     assert "is damaged" in caplog.text
-    assert [s.forms for s in again.sentences] == [s.forms for s in file.sentences]
+    assert [s.forms for s in again.examples] == [s.forms for s in file.examples]
 
 
 def test_a_cache_that_cannot_be_written_warns_and_its_folders_follow_the_umask(
     tmp_path, ud_root, caplog, monkeypatch
 ):
-    from subnets.data.cache import TreebankCache
-    from subnets.data.dataset import read_treebank
+    from subnets.data.cache import DataCache
+    from subnets.tasks import Parsing
 
     previous = os.umask(0o002)  # a group-shared cache
     try:
-        TreebankCache(tmp_path / "cache").read(ud_root / "syn_svo" / "train.conllu", "raise", read_treebank)
+        DataCache(tmp_path / "cache").read(
+            ud_root / "syn_svo" / "train.conllu", "raise", Parsing().read, "conllu"
+        )
     finally:
         os.umask(previous)
     (entry,) = (tmp_path / "cache" / "parsed").iterdir()
     assert entry.stat().st_mode & 0o777 == 0o775
-    full = TreebankCache(tmp_path / "full")
+    full = DataCache(tmp_path / "full")
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("datasets.Dataset.save_to_disk", disk_full)
     with caplog.at_level(logging.WARNING, logger="subnets.data.cache"):
-        file = full.read(ud_root / "syn_svo" / "train.conllu", "raise", read_treebank)
+        file = full.read(ud_root / "syn_svo" / "train.conllu", "raise", Parsing().read, "conllu")
     assert (
-        file.sentences and "could not write the cache entry" in caplog.text and "No space left" in caplog.text
+        file.examples and "could not write the cache entry" in caplog.text and "No space left" in caplog.text
     )
     assert not any((tmp_path / "full" / "parsed").iterdir())  # no half entry left
 
@@ -285,7 +287,7 @@ def test_a_datasets_treebank_with_an_empty_token_or_a_short_column_is_refused(tm
     with pytest.raises(ConlluError, match=r"train:2 \(sentence 2\): row 2: token 2 is empty"):
         read_dataset_split(tmp_path / "train")
     skipped = read_dataset_split(tmp_path / "train", "skip")
-    assert len(skipped.sentences) == 1
+    assert len(skipped.examples) == 1
     assert [e.problem for e in skipped.skipped] == [
         "row 2: token 2 is empty (''; the CoNLL-U reader refuses an empty FORM)",
         "row 3: column head has 1 values for 2 tokens",

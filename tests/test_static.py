@@ -120,18 +120,20 @@ def test_support_drawn_from_the_test_file_is_excluded_from_scoring(tmp_path):
     experiment.setup()
     experiment.close()
     from subnets.data.dataset import LanguageData
-    from subnets.data.support import draw_support
+    from subnets.data.support import draw_support, support_pool
 
     treebank = experiment.data.treebanks["syn_vos"]
     del treebank.files["train"], treebank.files["dev"]
     test = experiment.data.evaluated[("target", "syn_vos")]
-    full = LanguageData("syn_vos", "test", list(test.sentences), list(test.pieces))
-    support, rest = draw_support(treebank, full, 5, seed=1)
+    full = LanguageData("syn_vos", "test", list(test.examples), list(test.pieces))
+    pool = support_pool(treebank, full, 5, experiment.task)
+    assert pool is full
+    support, rest = draw_support(pool, full, 5, seed=1)
     assert support.split == "test" and len(rest) == len(full) - 5
-    ids = {s.sent_id for s in support.sentences}
-    assert ids.isdisjoint(s.sent_id for s in rest.sentences)
-    assert draw_support(treebank, full, 5, seed=1)[0].sentences == support.sentences  # seeded
-    assert draw_support(treebank, full, 5, seed=2)[0].sentences != support.sentences
+    ids = {s.sent_id for s in support.examples}
+    assert ids.isdisjoint(s.sent_id for s in rest.examples)
+    assert draw_support(pool, full, 5, seed=1)[0].examples == support.examples  # seeded
+    assert draw_support(pool, full, 5, seed=2)[0].examples != support.examples
 
 
 AFTER = [*KEEP_HALF[1:], "masks.after_steps=6"]  # debug=tiny: 12 steps, checkpoints every 4
@@ -196,8 +198,8 @@ def test_a_run_with_masks_after_steps_resumes_to_the_same_result(tmp_path, monke
 )
 def test_masks_after_steps_is_refused_where_it_cannot_apply(tmp_path, overrides, message):
     """(Where no mask is searched, as for the baseline, it is unused like the other search settings.)"""
+    from subnets.assemble import build_method, check_method_settings
     from subnets.config import SettingError
-    from subnets.runner import build_method, check_method_settings
 
     unused = tiny_config("+method=dynamic", "masks.after_steps=4")  # no search: unused, as at budget=cpu
     check_method_settings(unused, build_method(unused))

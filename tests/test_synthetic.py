@@ -47,7 +47,7 @@ LANGUAGES = typology_languages()
 def treebanks(tmp_path_factory):
     """Every language of LANGUAGES read back with on_error="raise": {code: [Sentence]}."""
     root = write_synthetic_treebanks(tmp_path_factory.mktemp("synthetic"), LANGUAGES, SIZES, seed=3)
-    return {code: read_conllu(root / code / "train.conllu", on_error="raise").sentences for code in LANGUAGES}
+    return {code: read_conllu(root / code / "train.conllu", on_error="raise").examples for code in LANGUAGES}
 
 
 def dependents(sentence, head: int, deprel: str) -> list[int]:
@@ -85,7 +85,7 @@ def test_rewriting_the_same_content_leaves_files_untouched(tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     write_synthetic_treebanks(tmp_path, LANGUAGES, {"train": 11}, seed=1)
     assert path.stat().st_ino != before.st_ino
-    assert len(read_conllu(path).sentences) == 11
+    assert len(read_conllu(path).examples) == 11
 
 
 def test_splits_differ_and_treebank_is_deterministic():
@@ -94,7 +94,7 @@ def test_splits_differ_and_treebank_is_deterministic():
     train = generate_treebank(lang, lexicon, 20, seed=0, split="train")
     assert train == generate_treebank(lang, lexicon, 20, seed=0, split="train")
     assert train != generate_treebank(lang, lexicon, 20, seed=0, split="dev")
-    ids = [s.sent_id for s in parse_conllu(train).sentences]
+    ids = [s.sent_id for s in parse_conllu(train).examples]
     assert ids == [f"syn_vso-train-{i}" for i in range(1, 21)]
 
 
@@ -107,8 +107,8 @@ def test_every_sentence_is_a_valid_tree_for_every_order(tmp_path, seed):
     for code in LANGUAGES:
         for split, size in (("train", 150), ("dev", 40)):
             parsed = read_conllu(root / code / f"{split}.conllu", on_error="raise")
-            assert len(parsed.sentences) == size
-            for s in parsed.sentences:
+            assert len(parsed.examples) == size
+            for s in parsed.examples:
                 assert s.heads.count(0) == 1
                 assert s.deprels[s.heads.index(0)] == "root"
                 assert s.upos[s.heads.index(0)] == "VERB"
@@ -117,7 +117,7 @@ def test_every_sentence_is_a_valid_tree_for_every_order(tmp_path, seed):
 
 def test_text_comment_matches_the_forms(tmp_path):
     root = write_synthetic_treebanks(tmp_path, {"l": SyntheticLanguage("l")}, {"train": 30}, seed=2)
-    for s in read_conllu(root / "l" / "train.conllu").sentences:
+    for s in read_conllu(root / "l" / "train.conllu").examples:
         assert s.tokens.metadata["text"] == " ".join(s.forms[:-1]) + "."
         misc = [t["misc"] for t in s.tokens]
         assert misc[-2] == {"SpaceAfter": "No"}
@@ -198,8 +198,8 @@ def test_orders_change_only_the_linearisation():
         ovs = generate_sentence(SyntheticLanguage("a", order="OVS"), lexicon, random.Random(k))
         assert sorted(w[0] for w in svo) == sorted(w[0] for w in ovs)
         if any(w[3] == "obj" for w in svo) and not any(w[3] in ("obl", "nmod") for w in svo):
-            s = parse_conllu(to_conllu(svo, "s")).sentences[0]
-            o = parse_conllu(to_conllu(ovs, "o")).sentences[0]
+            s = parse_conllu(to_conllu(svo, "s")).examples[0]
+            o = parse_conllu(to_conllu(ovs, "o")).examples[0]
             assert s.forms[s.heads.index(0)] == o.forms[o.heads.index(0)]
             subject = s.forms[s.deprels.index("nsubj")]
             obj = s.forms[s.deprels.index("obj")]
@@ -309,8 +309,8 @@ CONFLICT = {
 def test_shared_forms_get_opposite_roles_in_the_same_position(tmp_path):
     """With the full lexicon: a noun opening an SVO sentence is its subject, in OVS its object."""
     root = write_synthetic_treebanks(tmp_path, CONFLICT, {"train": 800}, seed=0)
-    x = read_conllu(root / "x_svo" / "train.conllu").sentences
-    y = read_conllu(root / "y_ovs" / "train.conllu").sentences
+    x = read_conllu(root / "x_svo" / "train.conllu").examples
+    y = read_conllu(root / "y_ovs" / "train.conllu").examples
     assert [s.forms for s in x] != [s.forms for s in y]
 
     def first_nouns(sentences):
@@ -337,7 +337,7 @@ def test_same_string_different_trees(monkeypatch):
     for code in ("x_svo", "y_ovs"):
         parsed = parse_conllu(generate_treebank(CONFLICT[code], lexicons[code], 3000, seed=0, split="train"))
         trees[code] = {}
-        for s in parsed.sentences:
+        for s in parsed.examples:
             trees[code].setdefault(tuple(s.forms), set()).add((tuple(s.heads), tuple(s.deprels)))
     common = set(trees["x_svo"]) & set(trees["y_ovs"])
     conflicting = [forms for forms in common if trees["x_svo"][forms] != trees["y_ovs"][forms]]

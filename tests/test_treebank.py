@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from subnets.data.treebank import ConlluError, ConlluFile, parse_conllu, read_conllu, write_conllu
+from subnets.data.treebank import ConlluError, ExampleFile, parse_conllu, read_conllu, write_conllu
 
 
 def row(word_id, form, upos, head, deprel, feats="_", deps="_", misc="_", lemma="_", xpos="_") -> str:
@@ -51,9 +51,9 @@ RICH = (
 
 def test_multiword_tokens_and_empty_nodes_are_not_words():
     parsed = parse_conllu(RICH)
-    assert isinstance(parsed, ConlluFile)
+    assert isinstance(parsed, ExampleFile)
     assert parsed.skipped == []
-    (s,) = parsed.sentences
+    (s,) = parsed.examples
     assert s.sent_id == "rich-1"
     assert s.forms == ["I", "ca", "n't", "go", "."]
     assert s.upos == ["PRON", "AUX", "PART", "VERB", "PUNCT"]
@@ -65,20 +65,20 @@ def test_multiword_tokens_and_empty_nodes_are_not_words():
 
 def test_subtyped_relations_are_accepted_and_kept():
     text = sentence("s", row(1, "it", "PRON", 2, "nsubj:pass"), row(2, "went", "VERB", 0, "root"))
-    (s,) = parse_conllu(text).sentences
+    (s,) = parse_conllu(text).examples
     assert s.deprels == ["nsubj:pass", "root"]
 
 
 def test_sentence_without_sent_id_is_named_by_its_position():
     text = GOOD + sentence(None, row(1, "a", "NOUN", 0, "root"))
     parsed = parse_conllu(text)
-    assert [s.sent_id for s in parsed.sentences] == ["good-1", "#2"]
+    assert [s.sent_id for s in parsed.examples] == ["good-1", "#2"]
 
 
 def test_write_conllu_changes_only_head_and_deprel(tmp_path):
     source = tmp_path / "gold.conllu"
     source.write_text(RICH, encoding="utf-8")
-    (s,) = read_conllu(source).sentences
+    (s,) = read_conllu(source).examples
     new_heads = [2, 0, 2, 2, 2]
     new_deprels = ["nsubj:pass", "root", "advmod", "obj", "punct"]
     out = write_conllu(tmp_path / "pred.conllu", [s], heads=[new_heads], deprels=[new_deprels])
@@ -97,7 +97,7 @@ def test_write_conllu_changes_only_head_and_deprel(tmp_path):
             assert after == before
     assert word == 5
 
-    (again,) = read_conllu(out).sentences
+    (again,) = read_conllu(out).examples
     assert again.heads == new_heads
     assert again.deprels == new_deprels
     assert again.forms == s.forms
@@ -106,7 +106,7 @@ def test_write_conllu_changes_only_head_and_deprel(tmp_path):
 
 
 def test_write_conllu_rejects_wrong_number_of_predictions(tmp_path):
-    (s,) = parse_conllu(RICH).sentences
+    (s,) = parse_conllu(RICH).examples
     with pytest.raises(ValueError, match="rich-1"):
         write_conllu(tmp_path / "pred.conllu", [s], heads=[[0, 1, 1]])
 
@@ -116,7 +116,7 @@ def test_write_conllu_keeps_free_form_comments(tmp_path):
     text = "# sent_id = c1\n# this comment has no equals sign\n" + row(1, "a", "NOUN", 0, "root") + "\n\n"
     source = tmp_path / "gold.conllu"
     source.write_text(text, encoding="utf-8")
-    out = write_conllu(tmp_path / "pred.conllu", read_conllu(source).sentences)
+    out = write_conllu(tmp_path / "pred.conllu", read_conllu(source).examples)
     assert out.read_text(encoding="utf-8").splitlines() == text.splitlines(), (
         "write_conllu dropped the free-form comment line '# this comment has no equals sign'"
     )
@@ -127,7 +127,7 @@ def test_write_conllu_keeps_misc_values_containing_equals(tmp_path):
     text = "# sent_id = m1\n" + row(1, "a", "NOUN", 0, "root", misc="Gloss=x=y|SpaceAfter=No") + "\n\n"
     source = tmp_path / "gold.conllu"
     source.write_text(text, encoding="utf-8")
-    out = write_conllu(tmp_path / "pred.conllu", read_conllu(source).sentences)
+    out = write_conllu(tmp_path / "pred.conllu", read_conllu(source).examples)
     misc = out.read_text(encoding="utf-8").splitlines()[1].split("\t")[9]
     assert misc == "Gloss=x=y|SpaceAfter=No", f"MISC written as {misc!r}"
 
@@ -140,8 +140,8 @@ def test_windows_line_endings_parse_like_unix(tmp_path):
     path.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
     from_file = read_conllu(path)
     for parsed in (windows, from_file):
-        assert len(parsed.sentences) == len(unix.sentences) == 3
-        for a, b in zip(unix.sentences, parsed.sentences):
+        assert len(parsed.examples) == len(unix.examples) == 3
+        for a, b in zip(unix.examples, parsed.examples):
             assert (a.sent_id, a.forms, a.upos, a.heads, a.deprels) == (
                 b.sent_id,
                 b.forms,
@@ -165,7 +165,7 @@ def test_unicode_line_separators_inside_a_field_do_not_split_the_line():
     for char in ("\x85", "\u2028", "\x0c"):
         text = sentence("u1", row(1, f"a{char}b", "NOUN", 0, "root"))
         try:
-            forms = parse_conllu(text).sentences[0].forms
+            forms = parse_conllu(text).examples[0].forms
         except ConlluError as error:
             forms = str(error)
         if forms != [f"a{char}b"]:
@@ -288,7 +288,7 @@ def test_skip_keeps_good_sentences_and_reports_bad_ones(tmp_path):
     path = tmp_path / "mixed.conllu"
     path.write_text(text, encoding="utf-8")
     parsed = read_conllu(path, on_error="skip")
-    assert [s.sent_id for s in parsed.sentences] == ["ok-1", "ok-2"]
+    assert [s.sent_id for s in parsed.examples] == ["ok-1", "ok-2"]
     assert [(e.sent_id, e.line) for e in parsed.skipped] == [("bad-a", 11), ("bad-b", 22), ("bad-c", 28)]
     assert all(isinstance(e, ConlluError) and e.path == str(path) for e in parsed.skipped)
     assert parsed.num_words == 6

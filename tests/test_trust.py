@@ -184,7 +184,7 @@ SENTENCE = (
 
 def test_byte_order_mark_is_accepted(tmp_path):
     parsed = read_conllu(write(tmp_path / "bom.conllu", b"\xef\xbb\xbf" + SENTENCE.encode()))
-    assert parsed.sentences[0].forms == ["dogs", "bark"] and parsed.sentences[0].sent_id == "a"
+    assert parsed.examples[0].forms == ["dogs", "bark"] and parsed.examples[0].sent_id == "a"
 
 
 def test_undecodable_bytes_name_the_file_and_line(tmp_path):
