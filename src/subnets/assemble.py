@@ -24,16 +24,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from subnets.config import SettingError, validate_config
+from subnets.config import SettingError, setting, validate_config
 from subnets.data.dataset import Batcher
 from subnets.data.languages import RunData, data_cache, data_root, load_run_data
+from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.identity import model_fingerprint
-from subnets.methods.base import Method
+from subnets.methods.base import Method, TrainingBatches
 from subnets.methods.episodes import MAMLEpisodes
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.tasks.base import Task, build_task
+from subnets.update import linear_schedule, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,44 @@ def assemble(
     batcher = Batcher(task.collator(tokenizer, _max_subwords(cfg, transformer, tokenizer), model.gates.layout.causal),
                       device, cfg.seed)  # fmt: skip
     return Parts(cfg, task, method, data, tokenizer, model, batcher, fingerprint)
+
+
+@dataclass
+class Training:
+    """What training adds to :class:`Parts`: the optimizer (wrapped by the method's policy), the
+    learning-rate schedule, the language sampler and the batches it draws."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: LanguageSampler
+    batches: TrainingBatches
+
+
+def make_optimizer(train: Any, model: nn.Module, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``model``'s parameter groups (encoder and head rates, no decay on
+    biases and LayerNorm) and ``extra_groups``."""
+    groups = parameter_groups(model, train.lr_encoder, train.lr_head, train.weight_decay)
+    return instantiate(train.optimizer)([*groups, *extra_groups])
+
+
+def training(parts: Parts, parallel: DataParallel) -> Training:
+    """Bind the method to the model and build what training needs (``train.*`` settings)."""
+    cfg, policy, strategy, model = parts.cfg, parts.method.policy, parts.method.strategy, parts.model
+    policy.bind(model, parts.batcher, list(parts.data.train))
+    strategy.bind(model)
+    groups = [*strategy.parameter_groups(), *policy.parameter_groups()]
+    optimizer = policy.wrap_optimizer(make_optimizer(cfg.train, model, groups), model)
+    decay = setting(cfg.train.schedule) == "linear"
+    scheduler = linear_schedule(optimizer, cfg.train.warmup_steps, cfg.train.steps, decay)
+    sizes = {code: len(data) for code, data in parts.data.train.items()}
+    small = [f"{code} ({n})" for code, n in sizes.items() if n < parallel.world_size]
+    if small:
+        raise ValueError(f"{parallel.world_size} processes need at least as many training examples per language; "
+                         f"too few in {', '.join(small)}")  # fmt: skip
+    sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
+    return Training(
+        optimizer, scheduler, sampler, TrainingBatches(sampler, parts.data.train, parts.batcher, parallel)
+    )
 
 
 def _max_subwords(cfg: DictConfig, transformer: nn.Module, tokenizer) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import zlib
@@ -23,6 +24,7 @@ import torch
 
 from subnets.files import load_safetensors, save_safetensors
 
+log = logging.getLogger(__name__)
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 
 
@@ -72,6 +74,21 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise ValueError(f"{path} is not a subnets checkpoint (format {header.get('format')!r})")
     state = header["state"]
     return _unflatten(json.loads(state) if isinstance(state, str) else state, tensors)
+
+
+def drop_optimizer_state(path: str | os.PathLike) -> None:
+    """Rewrite the checkpoint at ``path`` without its optimizer state (a finished run's, with
+    ``train.keep_optimizer_state=false``); a no-op where it is already gone."""
+    path = Path(path)
+    if not path.exists():
+        return
+    state = load_checkpoint(path)
+    if "optimizer" in state:
+        before = path.stat().st_size
+        del state["optimizer"]
+        save_checkpoint(path, state)
+        log.info("dropped the optimizer state from %s: %.1f MB -> %.1f MB", path, before / 1e6,
+                 path.stat().st_size / 1e6)  # fmt: skip
 
 
 def checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -144,3 +161,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_training_state(run) -> Path:
+    """Write ``run``'s full training state (a :class:`~subnets.runner.Run`: model, optimizer,
+    scheduler, sampler, method, best model, loss guard, generators; its config) to its
+    ``checkpoints/last.safetensors`` (rank 0 only) and tell its loss guard."""
+    path = run.paths.last_checkpoint
+    if run.parallel.is_main:
+        save_checkpoint(path, {"step": run.step, "config": run.config(), "model": run.model.state_dict(),
+                               "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                               "sampler": run.sampler.state_dict(), "method": run.method.state_dict(),
+                               "best": run.best, "divergence": run.guard.state_dict(), "rng": rng_state()})  # fmt: skip
+        run.guard.checkpoint_written(run.step, None if run.guard.healthy else False)
+    return path
+
+
+def resume_training_state(run) -> bool:
+    """Restore ``run`` from its ``checkpoints/last.safetensors`` if there is one (and drop the
+    records a killed run logged after it); returns whether it resumed."""
+    path, main = run.paths.last_checkpoint, run.parallel.is_main
+    if not path.exists():
+        if main:
+            run.paths.drop_records_after(None)  # a run killed before its first checkpoint starts again
+        return False
+    state = load_checkpoint(path, run.device)
+    load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
+    if "optimizer" in state:
+        run.optimizer.load_state_dict(state["optimizer"])
+    elif state["step"] < run.cfg.train.steps:
+        raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
+                         f"run finished at step {state['step']}): its training cannot be continued to "
+                         f"train.steps={run.cfg.train.steps}; start a new run")  # fmt: skip
+    for part, key in ((run.scheduler, "scheduler"), (run.sampler, "sampler"), (run.method, "method"),
+                      (run.guard, "divergence")):  # fmt: skip
+        part.load_state_dict(state[key])
+    run.step, run.best = state["step"], state["best"]
+    run.guard.checkpoint_written(run.step)
+    set_rng_state(state["rng"])
+    if main:
+        run.paths.drop_records_after(run.step)
+    log.info("resumed from %s at step %d", path, run.step)
+    return True

@@ -31,6 +31,7 @@ from subnets.assemble import assemble, resolve_device
 from subnets.checkpoint import checkpoint_config, load_checkpoint, load_model_state
 from subnets.config import Config, SettingError, run_folder_name, setting, validate_config
 from subnets.data.dataset import Batcher, LanguageData
+from subnets.data.languages import data_cache, data_root, load_run_data
 from subnets.data.treebank import Sentence, unparsed
 from subnets.evaluate import Evaluator, predict
 from subnets.fewshot import few_shot
@@ -421,11 +422,30 @@ def evaluate_run(
     output.mkdir(parents=True, exist_ok=True)
     with run_log(output), RunFolder(output).lock():
         log.info("evaluating %s (step %d) of run=%s", trained.checkpoint, trained.step, trained.folder)
-        evaluation = Run(trained.cfg, output)
-        evaluation.setup_evaluation(trained)
+        evaluation = _evaluation(trained, output)
         about = {"evaluated": {"run": str(trained.folder), "checkpoint": str(trained.checkpoint),
                                "step": trained.step, "overrides": list(overrides)}}  # fmt: skip
         results = evaluation.write_results(about)
     print(format_results(results))
     print(f"evaluated {trained.checkpoint} (step {trained.step}); results in {output / 'results.json'}")
     return results
+
+
+def _evaluation(trained: TrainedRun, output: Path) -> Run:
+    """A :class:`~subnets.runner.Run` in ``output`` that evaluates ``trained`` on the languages
+    of its config, with no training; only ``output`` is written (its synthetic data)."""
+    cfg = trained.cfg
+    evaluation = Run(cfg, output)
+    evaluation.use(trained)
+    evaluation.step, evaluation.best = trained.step, trained.best
+    with evaluation.clock("setup"):
+        cache = data_cache(cfg.languages)
+        data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, output), trained.task, seed=cfg.seed,
+                             needs_support=trained.method.policy.needs_support, read_train=False, cache=cache)  # fmt: skip
+        for language in data.all():
+            trained.task.check(language.examples, f"{language.code} {language.split} ({language.path})")
+        data.tokenize(trained.tokenizer, cache)
+        evaluation.data = data
+    with evaluation.clock("final_evaluation"):
+        trained.method.policy.prepare_evaluation(trained.model, data.support)
+    return evaluation

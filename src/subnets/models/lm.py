@@ -73,11 +73,11 @@ class LanguageModel(TaskModel):
         self.bias = nn.Parameter(torch.zeros(embeddings.shape[0]))
         self.decoder_weight = None  # None: tied to the input embeddings
         config = encoder.transformer.config
-        if not getattr(config, "tie_word_embeddings", True):
+        if source and not getattr(config, "tie_word_embeddings", True):  # a tiny model ties them by design
             weight = checkpoint_tensors(source, ["lm_head.weight"]).get("lm_head.weight")
             if weight is None:
                 log.warning("%s does not tie its output embeddings and no lm_head.weight was found in its checkpoint: "
-                            "the language-model head is tied to the input embeddings", source or "the model")  # fmt: skip
+                            "the language-model head is tied to the input embeddings", source)  # fmt: skip
             else:
                 self.decoder_weight = nn.Parameter(weight.to(embeddings.dtype))
         if objective == "masked":
