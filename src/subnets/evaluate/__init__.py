@@ -54,7 +54,7 @@ def evaluate(
     model: nn.Module,
     data: LanguageData,
     collator: Callable,
-    task,
+    task: Any,
     batch_size: int = 128,
     gates: torch.Tensor | None = None,
     predictions_path: str | os.PathLike | None = None,
@@ -83,7 +83,7 @@ class Evaluator:
         batch_size: ``train.eval_batch_size``.
     """
 
-    def __init__(self, task, collator: Callable, batch_size: int):
+    def __init__(self, task: Any, collator: Callable, batch_size: int):
         self.task, self.collator, self.batch_size = task, collator, batch_size
 
     def score(self, model: nn.Module, data: LanguageData, gates=None, predictions=None) -> dict[str, float]:

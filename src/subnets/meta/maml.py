@@ -39,6 +39,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ class MAML(nn.Module):
         first_order: bool = True,
         learn_inner_lr: bool = False,
         loss: Callable[[Callable, object], torch.Tensor] | None = None,
-        gates=None,
+        gates: Any = None,
         inner_clip_norm: float | None = None,
     ):
         super().__init__()

@@ -77,12 +77,16 @@ class UnitGates:
             returns an output tensor), or not at all (False).
 
     Attributes:
-        layout: the layout in use; num_layers: depth; units: kind -> units per layer (in column
-        order); columns: kind -> its slice of a gate row; outputs: kind -> the projection gated
-        at each depth (its input holds the units' outputs); owned: what each unit owns
-        (:class:`~subnets.models.layouts.Owned`, unit indices as gate columns);
+        layout: the layout in use.
+        num_layers: the depth.
+        units: kind -> units per layer (in column order).
+        columns: kind -> its slice of a gate row.
+        outputs: kind -> the projection gated at each depth (its input holds the units' outputs).
+        owned: what each unit owns (:class:`~subnets.models.layouts.Owned`, unit indices as gate
+            columns).
         values: the gates in use, ``[num_layers, sum(units)]``, or None for no gating.
-        num_heads, head_dim (with heads), num_neurons (with neurons).
+        num_heads: with heads, the query heads per layer (``head_dim``: their width).
+        num_neurons: with neurons, the intermediate units per layer.
     """
 
     def __init__(self, model: nn.Module, units: str = "heads", layout: ModelLayout | None = None,
