@@ -142,19 +142,19 @@ def test_parse_refuses_to_write_over_its_input_before_loading_the_model(finished
 
 
 def test_an_output_that_cannot_be_written_is_refused_at_start_naming_output(finished, tmp_path, monkeypatch):
-    import subnets.predict
+    import subnets.cli.predict
 
     source = finished / "data" / "syn_svo" / "dev.conllu"
     (tmp_path / "a-file").write_text("")
     unwritable = tmp_path / "locked" if os.geteuid() else "/proc/self"  # root may write anywhere else
     if os.geteuid():
         (tmp_path / "locked").mkdir(mode=0o500)
-    monkeypatch.setattr(subnets.predict, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(subnets.cli.predict, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
     for output, message in ((tmp_path / "a-file" / "out.conllu", "a-file is a file"),
                             (f"{unwritable}/out.conllu", "is not writable"),
                             (tmp_path, "is a folder")):  # fmt: skip
         with pytest.raises(OSError if "writable" in message else ValueError, match=rf"output=.*{message}"):
-            subnets.predict.predict_command([f"run={finished}", f"input={source}", f"output={output}"])
+            subnets.cli.predict.predict_command([f"run={finished}", f"input={source}", f"output={output}"])
 
 
 # ---------------------------------------------------------------- 5. the data cache

@@ -23,13 +23,11 @@ Each piece is also a function (:func:`load_runs`, :func:`score_table`, :func:`si
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import math
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -673,20 +671,7 @@ def write_report(
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m subnets.report <folder> [--out DIR] [--alpha A]``."""
-    parser = argparse.ArgumentParser(prog="python -m subnets.report", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="a multirun folder (e.g. multirun/ud_fewshot) or one run folder")
-    parser.add_argument("--out", help="output folder (default: <folder>/report)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    args = parser.parse_args(argv)
-    try:
-        path = write_report(args.folder, args.out, args.alpha)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    print(path.read_text(encoding="utf-8"))
-    print(f"report written to {path}", file=sys.stderr)
+if __name__ == "__main__":  # python -m subnets.report: subnets.cli.report
+    from subnets.cli.report import main
 
-
-if __name__ == "__main__":
     main()

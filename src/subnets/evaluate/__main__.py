@@ -1,24 +1,5 @@
-"""``python -m subnets.evaluate run=<run folder> [checkpoint=best|last] [output=<folder>] [overrides]``
+"""``python -m subnets.evaluate``: :mod:`subnets.cli.evaluate`."""
 
-Evaluates a trained run (:func:`subnets.trained.evaluate_run`) on the languages and settings
-the overrides name, for example::
+from subnets.cli.evaluate import main
 
-    python -m subnets.evaluate run=outputs/default/+method=dynamic languages.target=[syn_vos]
-    python -m subnets.evaluate run=outputs/ud_fewshot/+experiment=ud_fewshot,+method=static fewshot.k=10
-
-and writes results.json and predictions into ``output`` (default ``<run>/evaluations/<overrides>``).
-"""
-
-from subnets.cli import main_of, split_arguments
-from subnets.trained import evaluate_run
-
-
-def evaluate_command(argv: list[str]) -> None:
-    values, overrides = split_arguments(argv, ("run", "checkpoint", "output"), ("run",), __doc__)
-    evaluate_run(
-        values["run"], overrides, checkpoint=values.get("checkpoint", "best"), output=values.get("output")
-    )
-
-
-if __name__ == "__main__":
-    main_of(evaluate_command, __doc__)
+main()

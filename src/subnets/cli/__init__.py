@@ -1,5 +1,13 @@
-"""Arguments of the commands that use a trained run (``python -m subnets.evaluate``,
-``python -m subnets.parse``): ``key=value`` pairs, as Hydra's command line writes them."""
+"""The command-line programs, each a module here and a console script (``pyproject.toml``):
+
+* ``subnets-train`` / ``python -m subnets.train``: train and evaluate (:mod:`subnets.cli.train`, Hydra);
+* ``subnets-evaluate`` / ``python -m subnets.evaluate``: evaluate a trained run (:mod:`subnets.cli.evaluate`);
+* ``subnets-predict`` / ``python -m subnets.predict`` (and its earlier name ``subnets.parse``):
+  annotate a file with a trained run (:mod:`subnets.cli.predict`);
+* ``subnets-report`` / ``python -m subnets.report``: a study's tables and figures (:mod:`subnets.cli.report`).
+
+The commands that use a trained run take ``key=value`` pairs, as Hydra's command line writes them
+(:func:`split_arguments`), and turn an error into its message and exit status 1 (:func:`main_of`)."""
 
 from __future__ import annotations
 

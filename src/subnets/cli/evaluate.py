@@ -1,0 +1,29 @@
+"""``python -m subnets.evaluate run=<run folder> [checkpoint=best|last] [output=<folder>] [overrides]``
+
+Evaluates a trained run (:func:`subnets.trained.evaluate_run`) on the languages and settings
+the overrides name, for example::
+
+    python -m subnets.evaluate run=outputs/default/+method=dynamic languages.target=[syn_vos]
+    python -m subnets.evaluate run=outputs/ud_fewshot/+experiment=ud_fewshot,+method=static fewshot.k=10
+
+and writes results.json and predictions into ``output`` (default ``<run>/evaluations/<overrides>``).
+"""
+
+from subnets.cli import main_of, split_arguments
+from subnets.trained import evaluate_run
+
+
+def evaluate_command(argv: list[str]) -> None:
+    values, overrides = split_arguments(argv, ("run", "checkpoint", "output"), ("run",), __doc__)
+    evaluate_run(
+        values["run"], overrides, checkpoint=values.get("checkpoint", "best"), output=values.get("output")
+    )
+
+
+def main() -> None:
+    """``subnets-evaluate`` and ``python -m subnets.evaluate``."""
+    main_of(evaluate_command, __doc__)
+
+
+if __name__ == "__main__":
+    main()
