@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import SHARED, TINY
 
 from subnets import report
+from subnets.config import compose_config
 
 UD_ROOT = os.environ.get("SUBNETS_UD_ROOT", str(SHARED / "data" / "ud"))
 FIGURES = {"fewshot_las.png", *report.FIGURES}  # the scores figure is named by the primary metric
@@ -24,8 +26,13 @@ def write_run(folder, method, seed, fewshot, zeroshot):
     """A results.json as the runner writes it: few-shot repetitions and zero-shot scores per language."""
     run = folder / f"+method={method},seed={seed}"
     run.mkdir(parents=True)
+    composed = compose_config([] if method == "baseline" else [f"+method={method}"]).method
     results = {
         "method": method,
+        "method_role": {
+            "order": composed.report_order,
+            "control_of": composed.control_of,
+        },  # as the method declares
         "seed": seed,
         "data": "ud",
         "target": {code: {"split": "test", "las": las, "uas": las + 10} for code, las in zeroshot.items()},
@@ -185,7 +192,7 @@ def test_notebook_runs_on_a_real_multirun(tiny_study):
     import nbclient
     import nbformat
 
-    notebook = nbformat.read(report.Path(__file__).parents[1] / "notebooks" / "analysis.ipynb", as_version=4)
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "analysis.ipynb", as_version=4)
     os.environ["SUBNETS_RUN"] = str(tiny_study)
     try:
         nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import crash_after_checkpoint, scores, step_on, tiny_config
 
-import subnets.methods.policies as policies
+import subnets.methods.static as static
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
+from subnets.methods.static import search_masks
 from subnets.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4"]
@@ -78,7 +79,7 @@ def test_forward_mode_gates_off_heads_outside_the_subnetwork(tmp_path):
 def test_masks_path_reuses_a_saved_set_and_rejects_another_models(tmp_path, monkeypatch):
     run(tiny_config(*KEEP_HALF), tmp_path / "first")
     saved = tmp_path / "first" / "masks" / "masks.safetensors"
-    monkeypatch.setattr(policies, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
+    monkeypatch.setattr(static, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
     run(tiny_config(*KEEP_HALF, f"masks.path={saved}"), tmp_path / "second")
     first = SubnetworkSet.load(saved)
     second = SubnetworkSet.load(tmp_path / "second" / "masks" / "masks.safetensors")
@@ -91,7 +92,7 @@ def test_resumed_static_run_restores_masks_without_recomputing(tmp_path, monkeyp
     reference = run(tiny_config(*KEEP_HALF), tmp_path / "reference")
     crash_after_checkpoint(monkeypatch, tiny_config(*KEEP_HALF), tmp_path / "resumed")
     (tmp_path / "resumed" / "masks" / "masks.safetensors").unlink()  # must come from the checkpoint
-    monkeypatch.setattr(policies, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
+    monkeypatch.setattr(static, "search_masks", lambda *a: pytest.fail("masks were recomputed"))
     assert scores(run(tiny_config(*KEEP_HALF), tmp_path / "resumed")) == scores(reference)
 
 
@@ -154,7 +155,7 @@ def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_pat
                 assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in heads)
         assert policy.masks is not None  # searched at step 6, after its update
         if method == "static":
-            again = policies.search_masks(model, policy.search, experiment.source_languages(), experiment.batcher,
+            again = search_masks(model, policy.search, experiment.source_languages(), experiment.batcher,
                                           experiment.outputs)  # fmt: skip
             assert all(torch.equal(again[lang].unit_mask, policy.masks[lang].unit_mask) for lang in again)
         lang = experiment.sampler.next_language()

@@ -36,6 +36,8 @@ IGNORED = (
     "languages.cache",
     "model.name_or_path",
     "analysis.",
+    "method.report_order",
+    "method.control_of",
 )
 
 

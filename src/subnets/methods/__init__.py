@@ -1,4 +1,10 @@
-"""Training methods: a mask policy combined with a step strategy (:mod:`subnets.methods.base`)."""
+"""Training methods: a mask policy combined with a step strategy (:mod:`subnets.methods.base`).
+
+Policies: :class:`NoMasks` (the baseline), :class:`StaticMasks` (:mod:`~subnets.methods.static`),
+:class:`DynamicMasks` with its rules (:mod:`~subnets.methods.dynamic`), the random-mask control
+:func:`random_masks` (a :class:`RandomControl` on the static masks); all but the baseline are
+:class:`SubnetworkPolicy` (:mod:`~subnets.methods.subnetworks`). Strategies: :class:`BatchStep`,
+:class:`MAMLEpisodes`."""
 
 from subnets.methods.base import (
     BatchStep,
@@ -10,21 +16,13 @@ from subnets.methods.base import (
     StepStrategy,
     TrainingBatches,
 )
+from subnets.methods.dynamic import DynamicMasks, EMARule, LearnedRule, RandomRule
 from subnets.methods.episodes import MAMLEpisodes
-from subnets.methods.policies import (
-    DynamicMasks,
-    EMARule,
-    LearnedRule,
-    RandomMasks,
-    RandomRule,
-    StaticMasks,
-    SubnetworkPolicy,
-    search_masks,
-    static_masks,
-)
+from subnets.methods.static import StaticMasks, random_masks, search_masks, static_masks
+from subnets.methods.subnetworks import RandomControl, SubnetworkPolicy
 
 __all__ = [
     "BatchStep", "DynamicMasks", "EMARule", "LearnedRule", "MAMLEpisodes", "MaskPolicy", "Method", "NoMasks",
-    "Outputs", "RandomMasks", "RandomRule", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy", "TrainingBatches",
-    "search_masks", "static_masks",
+    "Outputs", "RandomControl", "RandomRule", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy",
+    "TrainingBatches", "random_masks", "search_masks", "static_masks",
 ]  # fmt: skip

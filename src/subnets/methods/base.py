@@ -5,8 +5,8 @@ The six methods differ in two small, independent decisions, each answered by one
 * the **mask policy** (:class:`MaskPolicy`): which head gates a step of language ``l`` runs
   with, which coordinates its update may change, what it learns from a finished step (e.g.
   importance from ``dL/dgate``), and which subnetwork an unseen language is evaluated and
-  adapted with. Policies: :class:`~subnets.methods.policies.NoMasks`,
-  :class:`~subnets.methods.policies.StaticMasks`, :class:`~subnets.methods.policies.DynamicMasks`;
+  adapted with. Policies: :class:`~subnets.methods.NoMasks`,
+  :class:`~subnets.methods.StaticMasks`, :class:`~subnets.methods.DynamicMasks`;
 * the **step strategy** (:class:`StepStrategy`): how one outer step is computed from the
   training languages (one batch; a MAML episode over several languages).
 
@@ -14,10 +14,12 @@ The six methods differ in two small, independent decisions, each answered by one
 method is a policy or a strategy of their own, named by ``_target_`` in a method config::
 
     method:
-      name: random_masks
+      name: random_heads
       policy:
-        _target_: my_module.RandomMasks
-        keep_ratio: 0.5
+        _target_: my_module.RandomHeads
+        per_layer: 2
+
+(``examples/custom_method.py`` is this method in full.)
 
 Hooks receive what they use (the model, the batch source, the language, the step), never the
 whole run. A policy's and a strategy's state (masks, importance averages, learned rates) is
