@@ -67,3 +67,33 @@ def test_public_api_imports_in_a_fresh_interpreter():
 
     assert sorted(subnets.__all__) == sorted(set(subnets.__all__))
     assert all(hasattr(subnets, name) for name in subnets.__all__)
+
+
+def test_no_module_over_400_lines_and_no_class_over_250():
+    """The house rule (issue 28): small rooms. A module or class that outgrows it is split."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+                too_long.append(
+                    f"{path.relative_to(PACKAGE)}: class {node.name}, {node.end_lineno - node.lineno + 1} lines"
+                )
+    assert not too_long, too_long
+    assert len((PACKAGE / "runner.py").read_text().splitlines()) < 300  # the recipe stays short (issue 27)
+
+
+def test_every_console_script_is_a_cli_module():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) >= {
+        "subnets-train",
+        "subnets-evaluate",
+        "subnets-predict",
+        "subnets-parse",
+        "subnets-report",
+    }
+    assert all(target.startswith("subnets.cli.") for target in scripts.values())

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from subnets.models.layouts import UNIT_KINDS, ModelLayout, Owned, resolve_layout
+from subnets.models.layouts import ModelLayout, resolve_layout
+from subnets.models.ownership import UNIT_KINDS, Owned
 
 UNIT_CHOICES = {"heads": ("heads",), "neurons": ("neurons",), "both": ("heads", "neurons")}
 
@@ -82,7 +83,7 @@ class UnitGates:
         units: kind -> units per layer (in column order).
         columns: kind -> its slice of a gate row.
         outputs: kind -> the projection gated at each depth (its input holds the units' outputs).
-        owned: what each unit owns (:class:`~subnets.models.layouts.Owned`, unit indices as gate
+        owned: what each unit owns (:class:`~subnets.models.ownership.Owned`, unit indices as gate
             columns).
         values: the gates in use, ``[num_layers, sum(units)]``, or None for no gating.
         num_heads: with heads, the query heads per layer (``head_dim``: their width).

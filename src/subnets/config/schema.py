@@ -1,20 +1,12 @@
-"""Structured-config schemas of the experiment runner.
-
-The dataclasses below are registered in Hydra's ConfigStore and act as schemas: the YAML files
-under ``subnets/configs`` fill them in, and a misspelt key, a wrong type or a value outside an
-enumeration fails when the config is composed, with the full key in the message. The library
-functions do not need Hydra; :func:`default_config` gives the same tree for notebook use.
-"""
+"""The settings schema: the dataclasses registered in Hydra's ConfigStore and filled in by the
+YAML files under ``subnets/configs``; a misspelt key, a wrong type or a value outside an
+enumeration fails when the config is composed, with the full key in the message."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
 
 
 class DataSource(str, Enum):
@@ -271,6 +263,8 @@ class MethodConfig:
     its ``_target_`` with the other keys as arguments."""
 
     name: str = "baseline"  # the name in results.json and reports
+    report_order: int = 0  # where reports put the method (lower first)
+    control_of: str | None = None  # the method whose random-mask control this is (reports pair them)
     apply: ApplyMode = ApplyMode.gradient  # how a language's subnetwork is used (subnetwork methods)
     policy: Any = field(default_factory=lambda: {"_target_": "subnets.methods.NoMasks"})
     step: Any = field(default_factory=lambda: {"_target_": "subnets.methods.BatchStep"})
@@ -382,168 +376,3 @@ class Config:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-class SettingError(ValueError):
-    """A setting outside its valid range (the message names the key, the value and the range)."""
-
-
-def _positive(v):
-    return v is not None and v > 0
-
-
-def _non_negative(v):
-    return v is not None and v >= 0
-
-
-def _share(v):  # a share of units kept: (0, 1]
-    return v is not None and 0 < v <= 1
-
-
-def _probability(v):  # dropout and the like: [0, 1)
-    return v is not None and 0 <= v < 1
-
-
-# (key, check, what is valid): checked by validate_config before any work.
-RULES: list[tuple[str, Any, str]] = [
-    *[
-        (f"train.{k}", _positive, "a positive integer")
-        for k in (
-            "steps",
-            "batch_size",
-            "eval_batch_size",
-            "eval_every",
-            "checkpoint_every",
-            "log_every",
-            "max_nonfinite_steps",
-            "divergence_patience",
-        )
-    ],  # fmt: skip
-    *[
-        (f"train.{k}", _non_negative, ">= 0")
-        for k in ("lr_encoder", "lr_head", "weight_decay", "warmup_steps", "clip_norm", "sampling_alpha")
-    ],  # fmt: skip
-    ("train.divergence_factor", lambda v: v == 0 or v > 1, "0 (off) or a factor > 1"),
-    (
-        "languages.max_train_sentences",
-        lambda v: v is None or v > 0,
-        "null (all) or a positive number of sentences",
-    ),
-    (
-        "languages.max_eval_sentences",
-        lambda v: v is None or v > 0,
-        "null (all) or a positive number of sentences",
-    ),
-    *[
-        (f"languages.synthetic.{k}", _positive, "a positive number of sentences")
-        for k in ("train", "dev", "test")
-    ],
-    ("model.mix_dropout", _probability, "in [0, 1)"),
-    ("model.encoder_dropout", lambda v: v is None or 0 <= v < 1, "null (the model's own) or in [0, 1)"),
-    ("model.max_subwords", lambda v: v is None or v >= 3, "null (the model's limit) or at least 3"),
-    ("task.dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
-    ("task.word_dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
-    ("masks.keep_ratio", _share, "in (0, 1]"),
-    ("masks.param_keep_ratio", _share, "in (0, 1]"),
-    ("masks.prune_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("masks.threshold", _share, "in (0, 1]"),
-    ("masks.top_k", lambda v: v is None or v > 0, "null or a positive number of heads"),
-    ("masks.min_heads_per_layer", _positive, "a positive number of heads"),
-    *[
-        (f"masks.{k}", _positive, "a positive integer")
-        for k in ("importance_batches", "batch_size", "param_samples")
-    ],
-    ("masks.finetune_steps", _non_negative, ">= 0"),
-    ("masks.after_steps", _non_negative, ">= 0 (0: before training)"),
-    ("dynamic.update_every", _positive, "a positive number of steps"),
-    ("dynamic.decay", _probability, "in [0, 1)"),
-    ("dynamic.score_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("dynamic.gate_lr", _non_negative, ">= 0"),
-    ("dynamic.temperature", _positive, "> 0"),
-    *[
-        (f"meta.{k}", _positive, "a positive integer")
-        for k in ("inner_steps", "languages_per_episode", "support_size", "query_size")
-    ],  # fmt: skip
-    *[
-        (f"meta.{k}", _positive, "> 0 (learned as a logarithm)")
-        for k in ("inner_lr_encoder", "inner_lr_head")
-    ],
-    ("meta.inner_clip_norm", _non_negative, ">= 0 (0: no clipping)"),
-    ("fewshot.k", _positive, "a positive number of support sentences"),
-    ("fewshot.repetitions", _non_negative, ">= 0 (0: no few-shot protocol)"),
-    ("fewshot.steps", _non_negative, ">= 0"),
-    ("fewshot.max_tokens", _positive, "a positive number of subwords per micro-batch"),
-    *[(f"fewshot.{k}", _non_negative, ">= 0") for k in ("lr_encoder", "lr_head", "weight_decay")],
-    *[(f"analysis.{k}", _non_negative, ">= 0 (0: off)") for k in ("conflict_every", "cka_sentences")],
-    ("analysis.conflict_batch_size", _positive, "a positive number of sentences"),
-]
-
-
-def validate_config(cfg: Any) -> None:
-    """Check every setting against its valid range (:data:`RULES`) before any work is done.
-
-    Raises:
-        SettingError: naming the first settings outside their range, their values and the ranges.
-    """
-    problems = []
-    for key, check, valid in RULES:
-        value = OmegaConf.select(cfg, key)
-        try:
-            ok = bool(check(value))
-        except TypeError:
-            ok = False
-        if not ok:
-            problems.append(f"{key}={value!r}: expected {valid}")
-    if problems:
-        raise SettingError("invalid settings:\n  " + "\n  ".join(problems))
-
-
-def setting(value: Any) -> Any:
-    """A config value as plain Python (structured configs hold enum members for choices)."""
-    return getattr(value, "value", value)
-
-
-def run_folder_name(overrides: str) -> str:
-    """A run folder name from Hydra's ``override_dirname``: readable, one path level, and unique
-    (long names are cut and end in a hash of the whole)."""
-    name = overrides.replace("/", "_") or "run"
-    if len(name) > 120:
-        name = f"{name[:100]}...{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
-    return name
-
-
-def register_configs() -> None:
-    """Register the schema as ``base_config`` (named first in ``config.yaml``'s defaults) and
-    the resolver that names run folders."""
-    store = ConfigStore.instance()
-    store.store(name="base_config", node=Config)
-    for name, schema in TASK_SCHEMAS.items():
-        store.store(group="task_schema", name=name, node=schema)
-    OmegaConf.register_new_resolver("subnets_run_name", run_folder_name, replace=True)
-
-
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The runner's config for ``overrides`` (command-line syntax), without starting a run.
-
-    For notebooks and tests; it is composed exactly as ``python -m subnets.train`` composes it::
-
-        cfg = compose_config(["+method=dynamic", "train.steps=200"])
-    """
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
-
-
-def default_config(**overrides: Any) -> DictConfig:
-    """The schema's defaults as a structured ``DictConfig`` (for notebooks and tests).
-
-    The defaults of the YAML files (e.g. the synthetic languages) are not included; compose
-    with Hydra (:func:`compose_config`) for the runner's full default.
-    """
-    cfg = OmegaConf.structured(Config)
-    cfg.task = OmegaConf.structured(ParsingTaskConfig)
-    return OmegaConf.merge(cfg, overrides) if overrides else cfg
-
-
-register_configs()  # importing the schema makes it available to Hydra's compose API
