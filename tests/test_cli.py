@@ -36,6 +36,9 @@ def test_single_run_prints_las_writes_outputs_and_resumes(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     # the printed table holds the LAS of results.json
     assert f"{results['target']['syn_vos']['las']:.2f}" in done.stdout
+    best = results["source_best"]
+    assert f"best ({best['language']})" in done.stdout and f"{best['las']:.2f}" in done.stdout
+    assert f"{results['source_mean']['las']:.2f}" in done.stdout
 
     again = cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -246,3 +246,11 @@ def test_dynamic_run_writes_history_and_figures(tmp_path):
         assert [h["changed"] for h in entries[1:]] == [int((a != b).sum()) for a, b in zip(masks, masks[1:])]
         assert entries[-1]["sparsity"] == pytest.approx(0.5)
     assert results["mask_changes"] == {lang: sum(h["changed"] for h in e) for lang, e in history.items()}
+
+
+def test_debug_tiny_updates_dynamic_masks_and_an_interval_past_the_last_step_is_warned_of(tmp_path, caplog):
+    results = run(tiny_config("+method=dynamic"), tmp_path / "tiny")  # debug=tiny: 12 steps
+    assert sum(results["mask_changes"].values()) > 0
+    assert "never updated" not in caplog.text
+    Run(tiny_config("+method=dynamic", "dynamic.update_every=12"), tmp_path / "late").setup()
+    assert "dynamic.update_every=12 with train.steps=12: the masks are never updated" in caplog.text

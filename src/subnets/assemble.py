@@ -71,6 +71,11 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
             "maml_static, random, maml_random) and dynamic ones starting from them (dynamic.init=static) "
             "read a saved mask set"
         )
+    dynamic = getattr(policy, "dynamic", None)
+    if dynamic is not None and dynamic.update_every >= cfg.train.steps:
+        log.warning("dynamic.update_every=%d with train.steps=%d: the masks are never updated, so this %s run "
+                    "keeps its initial masks (dynamic.init=%s) throughout; lower dynamic.update_every",
+                    dynamic.update_every, cfg.train.steps, cfg.method.name, setting(dynamic.init))  # fmt: skip
     after = cfg.masks.after_steps
     if not after:
         return

@@ -25,10 +25,13 @@ def format_results(results: dict[str, Any]) -> str:
     for role in ("source", "dev", "target"):
         for code, s in results.get(role, {}).items():
             rows.append((code, role, s["split"], str(s[count]), *(_cell(s, k) for k in metrics)))
-    for role in ("dev", "target"):
+    for role in ("source", "dev", "target"):
         if f"{role}_mean" in results:
             mean = results[f"{role}_mean"]
             rows.append(("mean", role, "", "", *(_cell(mean, k) for k in metrics)))
+    if "source_best" in results:
+        best = results["source_best"]
+        rows.append((f"best ({best['language']})", "source", "", "", *(_cell(best, k) for k in metrics)))
     lines = _table(("language", "role", "split", count, *(k.upper() for k in metrics)), rows)
     if results.get("status") == "diverged":
         since = results.get("divergence", {}).get("since_step", "?")

@@ -121,11 +121,19 @@ class Evaluator:
                      time.perf_counter() - started)  # fmt: skip
         return scores
 
-    def means(self, scores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-        """``dev_mean`` and ``target_mean``: each metric's mean over the role's languages."""
+    def means(self, scores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``source_mean``, ``dev_mean`` and ``target_mean``: each metric's mean over the role's
+        languages; ``source_best``: the source language with the best primary metric, and its scores."""
         out = {}
-        for role in ("dev", "target"):
+        for role in ("source", "dev", "target"):
             if scores.get(role):
                 out[f"{role}_mean"] = {key: float(np.mean([s[key] for s in scores[role].values()]))
                                        for key in self.task.metrics}  # fmt: skip
+        if scores.get("source"):
+            pick = min if self.task.lower_is_better else max
+            code = pick(scores["source"], key=lambda c: scores["source"][c][self.task.primary])
+            out["source_best"] = {
+                "language": code,
+                **{k: scores["source"][code][k] for k in self.task.metrics},
+            }
         return out

@@ -24,7 +24,8 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
                                          lambda code, split: run.paths.predictions(f"{code}-{split}{task.prediction_suffix}"))  # fmt: skip
     best_step, dev_metric = (run.best["step"], run.best["metric"]) if run.best else (None, None)
     support = {code: {"split": d.split, "sentences": len(d)} for code, d in data.support.items()}
-    results = {"method": run.method.name, "task": task.describe(), "seed": cfg.seed,
+    role = {"order": cfg.method.report_order, "control_of": cfg.method.control_of}  # declared by the method
+    results = {"method": run.method.name, "method_role": role, "task": task.describe(), "seed": cfg.seed,
                "data": setting(cfg.languages.source), "steps": run.step, "best_step": best_step,
                "dev_metric": dev_metric, **about, "skipped_sentences": data.skipped, "support": support,
                **policy.summary(), **scores, **run.evaluator.means(scores)}  # fmt: skip
