@@ -3,7 +3,7 @@ encoder); head gates and masked updates stay exact under both, and runs learn.""
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_transformer
+from conftest import step_on, tiny_config, tiny_transformer
 
 from subnets.files import read_jsonl
 from subnets.models.encoder import Encoder
@@ -91,6 +91,7 @@ def test_head_gates_stay_exact_in_a_compiled_encoder():
 
 
 @pytest.mark.slow
+@pytest.mark.first
 def test_a_compiled_static_run_learns_and_its_masked_updates_stay_exact(tmp_path):
     settings = ["+method=static", "train.compile=true", "train.steps=30", "masks.finetune_steps=5",
                 "masks.importance_batches=2", "masks.batch_size=4", "masks.selection=keep_ratio"]  # fmt: skip
@@ -123,3 +124,19 @@ def test_compile_is_refused_with_second_order_maml(tmp_path):
     with pytest.raises(SettingError, match="no double backward"):
         run(tiny_config("+method=maml", "train.compile=true", "meta.first_order=false"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("task", [["+method=static", "masks.finetune_steps=2", "masks.importance_batches=1"], ["task=clm", "model=tiny_qwen2"]],
+                         ids=["parsing_static", "clm"])  # fmt: skip
+def test_fp64_keeps_weights_activations_and_optimizer_state_in_float64(tmp_path, task):
+    experiment = Run(tiny_config(*task, "train.precision=fp64"), tmp_path)
+    experiment.setup()
+    try:
+        assert {p.dtype for p in experiment.model.parameters()} == {torch.float64}
+        step_on(experiment, "syn_svo")
+        moments = [s["exp_avg"] for s in experiment.optimizer.state.values() if "exp_avg" in s]
+        assert moments and {m.dtype for m in moments} == {torch.float64}
+        batch = next(iter(experiment.batcher.fixed(experiment.data.dev["syn_svo_na"], 4, 1, "dev")))
+        assert experiment.model(batch).loss.dtype == torch.float64
+    finally:
+        experiment.close()

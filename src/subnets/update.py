@@ -117,7 +117,8 @@ def training_step(
     optimizer.zero_grad(set_to_none=True)
     if track_gates:
         gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
-        gates = gates.to(batch.input_ids.device).requires_grad_(True)
+        weights = next(model.parameters())  # gate gradients in the weights' precision (float64 under fp64)
+        gates = gates.to(batch.input_ids.device, weights.dtype).requires_grad_(True)
     loss, losses = 0.0, {}
     for i, part in enumerate(micro):
         with model.gates.applied(gates):

@@ -31,6 +31,9 @@ class Schedule(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # the encoder's forward under bfloat16 autocast (weights and optimizer in fp32)
+    # weights, activations and optimizer state in float64: slower, for checks of numerics (the
+    # rounding differences between CPUs' kernels and thread counts stay far below a printed digit)
+    fp64 = "fp64"
 
 
 class ApplyMode(str, Enum):
@@ -243,7 +246,9 @@ class TrainConfig:
     # state (AdamW: two moment tensors per parameter); evaluation and re-running the finished
     # command still work, continuing its training does not
     keep_optimizer_state: bool = True
-    precision: Precision = Precision.fp32  # bf16: the encoder's forward (and backward) under autocast
+    precision: Precision = (
+        Precision.fp32
+    )  # bf16: the encoder's forward (and backward) under autocast; fp64: all in float64
     compile: bool = False  # torch.compile of the encoder (in place: checkpoint names unchanged)
 
 

@@ -80,8 +80,9 @@ def unit_importance(
     """
     gates = gates or model.gates
     loss_fn = loss_fn or _default_loss(model)
-    device = next(model.parameters()).device
-    values = (torch.ones(gates.shape) if mask is None else mask.detach().float()).to(device)
+    weights = next(model.parameters())  # gate gradients in the weights' precision (float64 under fp64)
+    device = weights.device
+    values = (torch.ones(gates.shape) if mask is None else mask.detach().float()).to(device, weights.dtype)
     total = torch.zeros(gates.shape, device=device, dtype=torch.float64)
     was_training = model.training
     model.eval()

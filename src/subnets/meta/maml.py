@@ -254,7 +254,8 @@ class MAML(nn.Module):
             if task.track_gates:
                 shape = self.gates.shape
                 start = torch.ones(shape) if gates is None else gates.detach().float()
-                probe = start.to(next(self.net.parameters()).device).requires_grad_(True)
+                weights = next(self.net.parameters())  # gate gradients in the weights' precision
+                probe = start.to(weights.device, weights.dtype).requires_grad_(True)
                 gates = probe
             adapted, support_loss = self.adapt(task.support, initial, gates, task.update_mask)
             # The task's meta-gradient accumulates into .grad in place, masked on the way by

@@ -90,14 +90,14 @@ class Encoder(nn.Module):
 
     def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T, D]``: the transformer's last hidden layer (what a language-model head reads),
-        in float32."""
+        in the weights' precision (float32 under autocast)."""
         precision = (
             nullcontext() if self.autocast is None else torch.autocast(input_ids.device.type, self.autocast)
         )
         with precision:
             out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        return hidden.float()
+        return hidden if self.autocast is None else hidden.float()
 
 
 def max_subwords(transformer: nn.Module, tokenizer) -> int:

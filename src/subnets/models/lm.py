@@ -140,9 +140,7 @@ class LanguageModel(TaskModel):
     @torch.no_grad()
     def predict(self, batch) -> list[tuple[float, int, int]]:
         logits, labels = self._nll(batch)
-        nll = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-        )
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
         nll = nll.view(labels.shape)
         predicted = labels != -100
         right = (logits.argmax(-1) == labels) & predicted
