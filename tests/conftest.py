@@ -11,7 +11,19 @@ import torch
 
 from subnets.config import compose_config
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # and the commands they start
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``first`` (the longest) run first, so that under ``pytest -n`` no worker
+    starts one of them while the others are finishing."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
 SHARED = Path(os.environ.get("SUBNETS_SHARED", REPO.parent / "shared"))
 SCORER = SHARED / "tools" / "ud_eval.py"  # the official CoNLL 2018 scorer, used from there
 

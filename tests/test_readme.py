@@ -20,7 +20,7 @@ BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS for line in block.splitlines() if line.strip()]
 SHORT = ["debug=tiny", "fewshot.repetitions=1", "fewshot.steps=1", "train.steps=6"]
 REAL = ["languages.max_train_sentences=24", "languages.max_eval_sentences=12", "fewshot.k=3",
-        "masks.importance_batches=2", "masks.batch_size=4", "masks.after_steps=2", f"languages.ud_root={UD_ROOT}"]  # fmt: skip
+        "masks.importance_batches=2", "masks.batch_size=4", "masks.finetune_steps=0", "masks.after_steps=2", f"languages.ud_root={UD_ROOT}"]  # fmt: skip
 
 
 def test_the_quick_start_is_what_ci_runs():
@@ -28,7 +28,7 @@ def test_the_quick_start_is_what_ci_runs():
     assert setup.startswith("python3 -m venv .venv") and setup.endswith(
         "pip install . && python -m subnets.train"
     )
-    assert tests.endswith('pip install -e ".[dev]" && python -m pytest')
+    assert tests.endswith('pip install -e ".[dev]" && python -m pytest -n auto')
     assert tests in (REPO / ".ci" / "run").read_text()  # CI calls README's test command as written
     assert setup.split(" && ")[:3] == tests.split(" && ")[:3]  # the same fresh environment and torch pin
 
@@ -49,6 +49,7 @@ def shortened(command: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @pytest.mark.shared
 @needs_ud
 @needs_e5

@@ -37,7 +37,10 @@ def test_run_writes_every_output(tmp_path):
     source_las = {code: scores["las"] for code, scores in results["source"].items()}
     assert results["source_mean"]["las"] == pytest.approx(sum(source_las.values()) / 4)
     best = max(source_las, key=source_las.get)
-    assert results["source_best"] == {"language": best, **{k: results["source"][best][k] for k in ("uas", "las")}}
+    assert results["source_best"] == {
+        "language": best,
+        **{k: results["source"][best][k] for k in ("uas", "las")},
+    }
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "train/loss" in r] == [3, 6, 9, 12]
     assert [r["step"] for r in records if "dev/metric" in r] == [6, 12]

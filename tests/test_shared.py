@@ -66,6 +66,7 @@ def test_e5_small_forward_backward_on_real_batches():
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @needs_ud
 @needs_e5
 @pytest.mark.parametrize(

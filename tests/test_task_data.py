@@ -23,6 +23,7 @@ REAL = ["languages.train=[en_ewt,it_isdt]", "languages.dev=[bg_btb]", "languages
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @pytest.mark.shared
 @needs_ud
 @needs_e5
@@ -37,13 +38,14 @@ def test_upos_tagging_learns_on_real_ud_with_e5_small(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.first
 @pytest.mark.shared
 @needs_ud
 @needs_e5
 def test_masked_language_modelling_on_real_ud_text_with_e5_small_and_static_neuron_masks(tmp_path):
     settings = ["+method=static", "masks.units=neurons", "masks.selection=keep_ratio", "masks.finetune_steps=0",
                 "masks.importance_batches=2", "masks.batch_size=4", "train.steps=10", "train.eval_every=10",
-                "train.checkpoint_every=10"]  # fmt: skip
+                "train.checkpoint_every=10", "languages.max_eval_sentences=12"]  # fmt: skip
     cfg = compose_config(["+experiment=ud_e5", "task=mlm", *REAL, *settings, f"languages.ud_root={UD_ROOT}",
                           f"model.name_or_path={E5_PATH}"])  # fmt: skip
     results = run(cfg, tmp_path)
