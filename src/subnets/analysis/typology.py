@@ -19,7 +19,6 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 
 @cache
@@ -71,6 +70,8 @@ def overlap_typology_correlation(
     Returns ``{"test", "rho", "p", "pairs", "permutations"}``; rho and p are NaN when either
     matrix is constant over the pairs.
     """
+    from scipy import stats  # here: importing scipy.stats costs every command half a second
+
     n = len(languages)
     if n < 3:
         raise ValueError(f"need at least 3 languages for a correlation over pairs, got {n}")
