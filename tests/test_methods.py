@@ -18,8 +18,8 @@ and must
   of the logged mean), ``static`` a last loss 7e-5 away, ``dynamic_neurons`` one word of one
   language's UAS (0.23) and a loss 1.4e-4 away; AVX2 kernels on one thread gave every pinned
   figure. So one set of pins serves every CPU, and a change of what a method computes shows
-  (``maml_static`` without its clipped inner steps, ``meta.inner_clip_norm=0``: five languages'
-  scores 0.5 to 1.4 points away, losses 1e-3 away).
+  (``maml_static`` without its clipped inner steps, ``meta.inner_clip_norm=0``: six figures
+  0.5 to 1.4 points away, losses 1e-3 to 4e-3 away).
 
 The full default job's float32 numbers, pinned per CPU vendor, are checked by
 tests/test_golden.py (``pytest -m reference``, about 15 minutes): run it before changing the

@@ -61,8 +61,8 @@ def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: A
     with ``model.mix_dropout``; every dropout inside it set to ``model.encoder_dropout`` when
     given; its word embeddings frozen with ``model.freeze_embeddings``: ``requires_grad=False``,
     so no optimizer holds them; run under bfloat16 autocast with ``train.precision=bf16``, in
-    float64 with ``fp64``; gates
-    on the units of ``masks.units``, found by ``model.layout`` or the detected layout): the head
+    float64 with ``fp64``; gates on the units of ``masks.units``, found by ``model.layout`` or
+    the detected layout): the head
     of ``task`` (a :class:`~subnets.tasks.Task`; default: built from ``cfg.task``), which first
     checks that it fits the model and its ``tokenizer``."""
     if cfg.model.freeze_embeddings:
