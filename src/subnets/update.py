@@ -12,6 +12,7 @@ from torch import nn
 
 from subnets.data.batching import Batch
 from subnets.distributed import DataParallel
+from subnets.models.gates import gate_probe
 from subnets.models.parser import DependencyParser
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,7 @@ def training_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if track_gates:
-        gates = torch.ones(model.gates.shape) if gates is None else gates.detach().float().clone()
-        weights = next(model.parameters())  # gate gradients in the weights' precision (float64 under fp64)
-        gates = gates.to(batch.input_ids.device, weights.dtype).requires_grad_(True)
+        gates = gate_probe(model.gates.shape, gates, next(model.parameters()))
     loss, losses = 0.0, {}
     for i, part in enumerate(micro):
         with model.gates.applied(gates):

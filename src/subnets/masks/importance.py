@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from subnets.masks.selection import Units, per_kind
-from subnets.models.gates import UnitGates
+from subnets.models.gates import UnitGates, gate_probe
 
 LossFn = Callable[[object], torch.Tensor]
 
@@ -80,15 +80,13 @@ def unit_importance(
     """
     gates = gates or model.gates
     loss_fn = loss_fn or _default_loss(model)
-    weights = next(model.parameters())  # gate gradients in the weights' precision (float64 under fp64)
-    device = weights.device
-    values = (torch.ones(gates.shape) if mask is None else mask.detach().float()).to(device, weights.dtype)
-    total = torch.zeros(gates.shape, device=device, dtype=torch.float64)
+    weights = next(model.parameters())
+    total = torch.zeros(gates.shape, device=weights.device, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         for batch in itertools.islice(batches, max_batches):
-            probe = values.clone().requires_grad_(True)
+            probe = gate_probe(gates.shape, mask, weights)
             with gates.applied(probe):
                 loss = loss_fn(batch)
             (grad,) = torch.autograd.grad(loss, probe)

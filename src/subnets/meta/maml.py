@@ -46,6 +46,7 @@ from torch import nn
 from torch.func import functional_call
 
 from subnets.distributed import DataParallel
+from subnets.models.gates import gate_probe
 from subnets.update import apply_update
 
 Params = dict[str, torch.Tensor]
@@ -252,10 +253,7 @@ class MAML(nn.Module):
             probe = None
             gates = task.gates
             if task.track_gates:
-                shape = self.gates.shape
-                start = torch.ones(shape) if gates is None else gates.detach().float()
-                weights = next(self.net.parameters())  # gate gradients in the weights' precision
-                probe = start.to(weights.device, weights.dtype).requires_grad_(True)
+                probe = gate_probe(self.gates.shape, gates, next(self.net.parameters()))
                 gates = probe
             adapted, support_loss = self.adapt(task.support, initial, gates, task.update_mask)
             # The task's meta-gradient accumulates into .grad in place, masked on the way by

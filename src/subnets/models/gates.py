@@ -66,6 +66,14 @@ class _Gate:
         return (gated, *args[1:])
 
 
+def gate_probe(shape: tuple[int, int], values: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Gate values to take gradients through: a new leaf holding ``values`` (default: ones of
+    ``shape``) on the device and in the precision of ``like``, a parameter of the gated model
+    (so that gate gradients are float64 in a float64 model)."""
+    start = torch.ones(shape) if values is None else values.detach().float().clone()
+    return start.to(like.device, like.dtype).requires_grad_(True)
+
+
 class UnitGates:
     """Multiplies the output of every unit of ``model`` (of the kinds ``units``) by a settable gate.
 
