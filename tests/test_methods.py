@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
+from test_golden import flatten
 
 from subnets.files import read_jsonl
 from subnets.runner import run
@@ -74,13 +75,8 @@ CASES = {
 
 
 def figures(results: dict, losses: list[float]) -> dict[str, float]:
-    """The pinned figures of one run."""
-    entry = {f"{role}/{code}/{metric}": scores[metric] for role in ("source", "dev", "target")
-             for code, scores in results[role].items() for metric in ("uas", "las")}  # fmt: skip
-    for code, scores in results["fewshot"]["languages"].items():
-        entry[f"fewshot/{code}/las_mean"] = scores["las_mean"]
-    return {**entry, "dev_metric": results["dev_metric"], "best_step": results["best_step"],
-            "first_loss": losses[0], "last_loss": losses[-1]}  # fmt: skip
+    """The pinned figures of one run: the default job's (test_golden.flatten) and the losses."""
+    return {**flatten(results), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 @pytest.mark.slow
