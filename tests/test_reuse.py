@@ -257,3 +257,37 @@ def test_a_run_is_evaluated_on_another_ud_root_with_only_a_new_language(tmp_path
         evaluated["source"] == {} and evaluated["dev"] == {} and list(evaluated["target"]) == ["syn_sov_an"]
     )
     assert list(evaluated["fewshot"]["languages"]) == ["syn_sov_an"]
+
+
+def test_export_writes_a_transformer_folder_a_task_head_and_the_subnetwork_set(runs, tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+
+    from subnets.hf import SubnetworkModel
+
+    folder, _ = runs["static"]
+    done = cli("subnets.export", f"run={folder}", f"output={tmp_path / 'export'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    trained = load_run(folder)
+    transformer = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    inputs = tokenizer(["a b c d", "e f"], return_tensors="pt", padding=True)
+    language = trained.languages[0]
+    with torch.no_grad():
+        expected = trained.model.encoder.transformer(**inputs).last_hidden_state
+        torch.testing.assert_close(transformer(**inputs).last_hidden_state, expected, rtol=0, atol=0)
+        with trained.model.gates.applied(trained.gates(language)):
+            gated = trained.model.encoder.transformer(**inputs).last_hidden_state
+        model = SubnetworkModel.from_pretrained(transformer, str(tmp_path / "export" / "subnetworks"))
+        with model.language(language):
+            torch.testing.assert_close(model(**inputs).last_hidden_state, gated, rtol=0, atol=0)
+    assert not torch.equal(gated, expected)  # the subnetwork gates the forward (method.apply=both)
+    for code in trained.languages:
+        assert torch.equal(model.masks[code].unit_mask, trained.method.policy.masks[code].unit_mask)
+    head = load_file(tmp_path / "export" / "task_head.safetensors")
+    state = trained.model.state_dict()
+    assert head and all(torch.equal(tensor, state[name]) for name, tensor in head.items())
+    assert set(head) | {n for n in state if n.startswith("encoder.transformer.")} == set(state)
+    assert model.subnetwork_config.rule == "static" and model.subnetwork_config.apply == "both"
+    refused = cli("subnets.export", f"run={folder}", f"output={folder / 'inside'}", cwd=tmp_path)
+    assert refused.returncode == 1 and "is inside run=" in refused.stderr and not (folder / "inside").exists()

@@ -10,6 +10,11 @@ Hub treebank is used offline after::
     from datasets import load_dataset
     load_dataset("universal_dependencies", "en_ewt").save_to_disk("my_ud/en_ewt")
 
+With ``datasets`` 4 and later (which no longer run loading scripts such as the Hub's
+``universal_dependencies``), build such a folder from files: :func:`conllu_dataset` turns a
+CoNLL-U file into a ``Dataset`` of this layout (also the input of a ``Trainer``), and parquet
+files of this layout load with ``load_dataset("parquet", data_files={...})``.
+
 Each split is turned into CoNLL-U text and read by :func:`~subnets.data.treebank.parse_conllu`,
 so it is validated exactly as a CoNLL-U file is; error messages name the split folder, the
 sentence id and the line of the converted text.
@@ -93,3 +98,30 @@ def _row_problem(row: dict) -> str | None:
         if value is not None and len(value) != len(tokens):
             return f"column {column} has {len(value)} values for {len(tokens)} tokens"
     return None
+
+
+def conllu_dataset(path: str | Path, language: str | None = None, on_error: str = "raise"):
+    """A CoNLL-U file (validated by :func:`~subnets.data.treebank.read_conllu`) as a
+    ``datasets.Dataset`` in the ``universal_dependencies`` layout: ``idx``, ``text``, ``tokens``,
+    ``upos``, ``head`` (strings, as on the Hub) and ``deprel``, one row per sentence, plus a
+    ``language`` column holding ``language`` if given (what :class:`~subnets.hf.SubnetworkTrainer`
+    reads). ``save_to_disk`` of a ``DatasetDict`` of such splits is a treebank folder subnets reads."""
+    from datasets import Dataset
+
+    from subnets.data.treebank import read_conllu
+
+    sentences = read_conllu(path, on_error).examples
+    columns = {
+        "idx": [s.sent_id for s in sentences],
+        "text": [
+            (s.tokens.metadata.get("text", "") if s.tokens is not None else "") or " ".join(s.forms)
+            for s in sentences
+        ],
+        "tokens": [list(s.forms) for s in sentences],
+        "upos": [list(s.upos) for s in sentences],
+        "head": [[str(h) for h in s.heads] for s in sentences],
+        "deprel": [list(s.deprels) for s in sentences],
+    }
+    if language is not None:
+        columns["language"] = [language] * len(sentences)
+    return Dataset.from_dict(columns)

@@ -12,6 +12,8 @@ transformers 4 and 5, with eager and sdpa attention.
 * Gates of 1 give exactly the ungated output; a gate of 0 gives exactly the output of the model
   whose output-projection columns for that unit are zero.
 * Gates that require grad receive ``dL/dgate`` (importance, Michel et al. 2019).
+* Gates of shape ``[batch, layers, units]`` gate each example with its own row (a batch mixing
+  languages, each example through its language's units); ``dL/dgate`` is then per example.
 
 Gate values are one tensor ``[layers, units]``; with several kinds of unit (``units="both"``)
 its columns hold the heads first, then the neurons (``gates.units``: kind -> count).
@@ -59,10 +61,16 @@ class _Gate:
             owner.calls[self.kind] += 1
         x = args[0]
         columns = owner.columns[self.kind]
-        gate = gates[depth, columns].to(x.dtype)
+        gate = gates[..., depth, columns].to(x.dtype)  # [units], or [batch, units] per example
+        if gate.ndim == 2:
+            if x.shape[0] != gate.shape[0]:
+                raise ValueError(f"per-example gates for {gate.shape[0]} examples, but the {self.kind}' output "
+                                 f"projection at depth {depth} sees input of shape {tuple(x.shape)} (the batch "
+                                 "first is expected; a model that packs its batch cannot take per-example gates)")  # fmt: skip
+            gate = gate.view(gate.shape[0], *[1] * (x.ndim - 2), gate.shape[1])
         if self.kind == "neurons":
             return (x * gate, *args[1:])
-        gated = (x.unflatten(-1, (gate.shape[0], -1)) * gate[:, None]).flatten(-2)
+        gated = (x.unflatten(-1, (gate.shape[-1], -1)) * gate[..., None]).flatten(-2)
         return (gated, *args[1:])
 
 
@@ -146,11 +154,13 @@ class UnitGates:
         return (self.num_layers, sum(self.units.values()))
 
     def set(self, values: torch.Tensor | None) -> None:
-        """Use ``values`` (``[layers, units]``, float or bool) from now on; None removes gating."""
+        """Use ``values`` from now on (float or bool): ``[layers, units]`` for the whole batch, or
+        ``[batch, layers, units]`` for one row of gates per example (mixed-language batches); None
+        removes gating."""
         if values is not None:
-            if tuple(values.shape) != self.shape:
-                raise ValueError(f"gates must have shape {self.shape} (layers, {' + '.join(self.units)}), "
-                                 f"got {tuple(values.shape)}")  # fmt: skip
+            if tuple(values.shape[-2:]) != self.shape or values.ndim not in (2, 3):
+                raise ValueError(f"gates must have shape {self.shape} (layers, {' + '.join(self.units)}), or "
+                                 f"(batch, *{self.shape}) per example; got {tuple(values.shape)}")  # fmt: skip
             if values.dtype == torch.bool:
                 values = values.float()
         self.values = values

@@ -20,7 +20,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     ``update_mask`` maps parameters (by name or by tensor) to boolean tensors of their shape:
     True where the step may change the parameter. Parameters not in the mapping are updated as
-    usual, and ``step()`` without a mask is the wrapped optimizer's plain step.
+    usual, and ``step()`` without a mask is the wrapped optimizer's plain step. A loop that calls
+    ``step()`` itself (the Hugging Face ``Trainer``, an ``accelerate`` loop) gets masked steps by
+    setting the attribute ``update_mask`` before the step instead.
 
     Semantics of a masked step, for a coordinate where the mask is False:
 
@@ -65,6 +67,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self._frozen_cache: dict[int, tuple[torch.Tensor, _Frozen]] = {}
         self._plans: dict[int, tuple[UpdateMask, list]] = {}
         self._block_cache: dict[tuple, tuple] = {}
+        # what step() without an update_mask uses: set it where a loop you do not own calls step()
+        # (the Hugging Face Trainer, accelerate's prepared optimizer)
+        self.update_mask: Mapping[MaskKey, torch.Tensor] | None = None
 
     def _share_inner_state(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -97,7 +102,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         closure: Callable[[], float] | None = None,
         update_mask: Mapping[MaskKey, torch.Tensor] | None = None,
     ):
-        """One step; with ``update_mask``, coordinates outside it stay bit-identical (class docstring)."""
+        """One step; with ``update_mask`` (default: the attribute ``update_mask``), coordinates
+        outside it stay bit-identical (class docstring)."""
+        if update_mask is None:
+            update_mask = self.update_mask
         if not update_mask:
             return self.optimizer.step(closure)
         resolved = self._resolve(update_mask)

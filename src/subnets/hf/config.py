@@ -1,0 +1,81 @@
+"""The settings of subnetworks on a Hugging Face model (:class:`SubnetworkConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+CHOICES = {
+    "units": ("heads", "neurons", "both"),
+    "rule": ("static", "dynamic", "random"),
+    "importance": ("gradient", "fisher"),
+    "apply": ("forward", "gradient", "both"),
+    "target_policy": ("full", "error"),
+}
+
+
+@dataclass
+class SubnetworkConfig:
+    """What a language's subnetwork is made of, how it is found and what it restricts.
+
+    Args:
+        units: the gated units: ``heads``, ``neurons`` (feed-forward) or ``both``.
+        keep_ratio: share of each kind of unit a language keeps (ignored with ``top_k``).
+        top_k: keep this many units in all (one kind of unit only).
+        min_per_layer: units (of each kind) every layer keeps at least.
+        rule: ``static`` (masks found once, :func:`~subnets.hf.find_subnetworks`), ``dynamic``
+            (re-selected during training from an exponential moving average of ``|dL/dgate|``
+            every ``update_every`` optimizer steps) or ``random`` (random masks with the same
+            counts per layer: the control).
+        importance: the estimator that scores units: ``gradient`` (``|dL/dgate|``, Michel et
+            al. 2019) or ``fisher`` (diagonal Fisher information summed over the weights a unit
+            owns, from single examples).
+        apply: what a language's mask restricts: ``forward`` (units outside it are gated off in
+            the forward pass), ``gradient`` (the whole model runs; the update leaves the weights
+            of units outside it bit-identical, optimizer moments included) or ``both``.
+        target_policy: a language without a subnetwork runs through the whole model (``full``)
+            or is refused (``error``).
+        ema_decay: the decay of the dynamic rule's moving average.
+        update_every: optimizer steps between re-selections (dynamic rule).
+        seed: the random rule's seed (masks depend on the seed and the language only).
+    """
+
+    units: str = "heads"
+    keep_ratio: float = 0.5
+    top_k: int | None = None
+    min_per_layer: int = 1
+    rule: str = "static"
+    importance: str = "gradient"
+    apply: str = "both"
+    target_policy: str = "full"
+    ema_decay: float = 0.9
+    update_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"SubnetworkConfig.{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}"
+                )
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"SubnetworkConfig.keep_ratio={self.keep_ratio}: expected a share in (0, 1]")
+        if self.top_k is not None and (self.top_k < 1 or self.units == "both"):
+            raise ValueError(f"SubnetworkConfig.top_k={self.top_k}: expected a positive count of one kind of unit "
+                             "(with units='both' use keep_ratio)")  # fmt: skip
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"SubnetworkConfig.ema_decay={self.ema_decay}: expected a value in [0, 1)")
+        if self.update_every < 1 or self.min_per_layer < 0:
+            raise ValueError("SubnetworkConfig.update_every must be >= 1 and min_per_layer >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "subnetwork config") -> SubnetworkConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**values)

@@ -1,0 +1,101 @@
+"""Finding each language's subnetwork of a :class:`~subnets.hf.SubnetworkModel` from its data and
+the model's own loss: :func:`find_subnetworks`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from subnets.hf.config import SubnetworkConfig
+from subnets.hf.model import SubnetworkModel
+from subnets.masks.controls import generator, random_mask_like
+from subnets.masks.importance import fisher_information, fisher_per_unit, unit_importance
+from subnets.masks.selection import select_keep_ratio, select_top_k
+from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
+
+
+def find_subnetworks(
+    model: SubnetworkModel,
+    data: Mapping[str, Any],
+    *,
+    batch_size: int = 8,
+    collate_fn=None,
+    max_batches: int | None = None,
+    max_samples: int = 64,
+) -> SubnetworkSet:
+    """Each language's subnetwork, from its data and the model's own loss (``model(**batch).loss``),
+    selected by ``model.subnetwork_config``; set on the model and returned.
+
+    Args:
+        data: language -> a ``datasets.Dataset`` (or list of examples) with the model's input
+            columns and labels, or an iterable of ready batches (a ``DataLoader``).
+        batch_size: examples per batch for a dataset.
+        collate_fn: turns a list of examples into a batch (default: transformers'
+            ``default_data_collator``; pass your ``Trainer``'s collator for padding).
+        max_batches: batches scored per language (default: all).
+        max_samples: single examples per language for ``importance='fisher'``.
+    """
+    config = model.subnetwork_config
+    found = SubnetworkSet(model.gates.num_layers, model.gates.units)
+    for code, source in data.items():
+        if config.rule == "random":
+            # the same share of units in every layer, drawn uniformly by the seed and the language
+            share = (
+                config.keep_ratio
+                if config.top_k is None
+                else config.top_k / model.gates.shape[0] / model.gates.shape[1]
+            )
+            rng = generator(config.seed, f"random/{code}")
+            found[code] = Subnetwork(
+                random_mask_like(torch.full(model.gates.shape, share), rng, model.gates.units)
+            )
+            continue
+        if config.importance == "gradient":
+            batches = _batches(model, source, batch_size, collate_fn)
+            scores = unit_importance(
+                model, batches, model.task_loss, gates=model.gates, max_batches=max_batches
+            )
+        else:
+            samples = _batches(model, source, 1, collate_fn)
+            owned = {id(p) for p in model.gates.owned_parameters()}
+            names = [n for n, p in model.named_parameters() if id(p) in owned and p.requires_grad]
+            fisher = fisher_information(
+                model, samples, model.task_loss, parameters=names, max_batches=max_samples
+            )
+            scores = fisher_per_unit(fisher, model, model.gates)
+            scores = scores / scores.max() if scores.max() > 0 else scores
+        found[code] = Subnetwork(_select(scores, config, model.gates.units), scores=scores)
+    merged = SubnetworkSet(model.gates.num_layers, model.gates.units)
+    for code in model.masks:
+        merged[code] = model.masks[code]
+    for code in found:
+        merged[code] = found[code]
+    model.set_masks(merged)
+    return found
+
+
+def _select(scores: torch.Tensor, config: SubnetworkConfig, units) -> torch.Tensor:
+    if config.top_k is not None:
+        return select_top_k(scores, config.top_k, config.min_per_layer, units)
+    return select_keep_ratio(scores, config.keep_ratio, config.min_per_layer, units)
+
+
+def _batches(model: SubnetworkModel, source: Any, batch_size: int, collate_fn) -> list:
+    """Batches of one language: a dataset or list of examples is cut into batches (the language
+    column and columns the model does not take are left out); anything else is taken as batches."""
+    try:
+        import datasets
+
+        is_dataset = isinstance(source, (datasets.Dataset, list))
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        is_dataset = isinstance(source, list)
+    if not is_dataset:
+        return list(source)
+    if collate_fn is None:
+        from transformers import default_data_collator as collate_fn
+    examples = [{k: v for k, v in dict(example).items() if k in model._forward_names} for example in source]
+    if not examples:
+        raise ValueError("find_subnetworks: a language has no examples")
+    return [collate_fn(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

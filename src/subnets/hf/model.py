@@ -1,0 +1,316 @@
+"""Language subnetworks on any Hugging Face model: :func:`with_subnetworks` and :func:`find_subnetworks`.
+
+The wrapper gates the model's attention heads and/or feed-forward neurons
+(:class:`~subnets.models.gates.UnitGates`, so every layout subnets knows works: BERT, XLM-R,
+ModernBERT, mT5 encoders, decoder LLMs, any ``AutoModelFor*`` head on them) by the language of
+each example, and tells an optimizer which weights that language may update::
+
+    model = with_subnetworks(AutoModelForTokenClassification.from_pretrained(...), SubnetworkConfig())
+    find_subnetworks(model, {"de": german, "fr": french})        # datasets.Dataset per language
+    model(**batch, language=["de", "fr", "de"])                  # each example through its language's units
+    with model.language("de"):                                   # or model.set_language("de")
+        logits = model(**inputs).logits
+
+A batch may mix languages: each example is gated by its own language's mask (per-example gates),
+so its gradient reaches only its language's units, and the update mask of a step is the union
+of the masks of the languages it saw. :class:`~subnets.hf.SubnetworkTrainer` and
+:func:`~subnets.hf.masked_optimizer` (for an ``accelerate`` loop) turn that into exact masked
+updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from subnets.hf import updates
+from subnets.hf.config import SubnetworkConfig
+from subnets.hf.hub import Subnetworks, base_identity
+from subnets.masks.dynamic import ImportanceEMA
+from subnets.masks.subnetwork import MaskMismatchError, Subnetwork, SubnetworkSet
+from subnets.models.gates import UnitGates, gate_probe
+from subnets.models.layouts import ModelLayout
+from subnets.optim.masked import MaskedOptimizer, UpdateMask
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_COLUMN = "language"
+
+
+class SubnetworkModel(nn.Module):
+    """A Hugging Face model whose units are gated by language (build it with :func:`with_subnetworks`).
+
+    Attributes other than its own are the wrapped model's (``model.config``, ``model.generate``, ...).
+
+    Args:
+        model: a ``PreTrainedModel`` (any head); its ``base_model`` is gated.
+        config: the :class:`SubnetworkConfig`.
+        masks: the languages' subnetworks (default: none yet; :func:`find_subnetworks` finds them).
+        layout: the transformer's :class:`~subnets.models.layouts.ModelLayout` where it is not detected.
+
+    Attributes:
+        model: the wrapped model.
+        subnetwork_config: the config.
+        gates: the :class:`~subnets.models.gates.UnitGates` on ``model.base_model``.
+        masks: the :class:`~subnets.masks.SubnetworkSet` (language -> subnetwork).
+        active_language: the language of inputs given without one (:meth:`set_language`).
+        ema: the dynamic rule's :class:`~subnets.masks.dynamic.ImportanceEMA` (None otherwise).
+        steps: optimizer steps taken (:meth:`after_optimizer_step`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SubnetworkConfig | None = None,
+        masks: SubnetworkSet | None = None,
+        layout: ModelLayout | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.subnetwork_config = config or SubnetworkConfig()
+        self.gates = UnitGates(model.base_model, self.subnetwork_config.units, layout)
+        self.masks = SubnetworkSet(self.gates.num_layers, self.gates.units)
+        if masks is not None:
+            self.set_masks(masks)
+        self.active_language: str | None = None
+        dynamic = self.subnetwork_config.rule == "dynamic"
+        self.ema = (  # the dynamic rule's moving averages (subnets.hf.updates)
+            ImportanceEMA(self.gates.shape, self.subnetwork_config.ema_decay, self.gates.units)
+            if dynamic
+            else None
+        )
+        self.steps = 0
+        self._probes: list[tuple[torch.Tensor, list[str]]] = []  # gate probes of forwards since the last step
+        self._seen: set[str] = set()  # languages trained on since the last step
+        self._update_masks: dict[frozenset, UpdateMask | None] = {}
+        self._warned: set[str] = set()
+        self._forward_names = set(inspect.signature(model.forward).parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model takes the Trainer's loss arguments (``num_items_in_batch``):
+        the Trainer reads this, and the wrapper's own ``**kwargs`` must not answer for it."""
+        if hasattr(self.model, "accepts_loss_kwargs"):
+            return bool(self.model.accepts_loss_kwargs)
+        parameters = inspect.signature(self.model.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    # ------------------------------------------------------------------ masks and languages
+    def set_masks(self, masks: SubnetworkSet) -> None:
+        """Use ``masks`` (checked against this model's geometry)."""
+        masks.check_compatible(SubnetworkSet(self.gates.num_layers, self.gates.units), "the subnetworks")
+        self.masks = masks
+        self._update_masks.clear()
+
+    def subnetwork(self, language: str) -> Subnetwork | None:
+        """``language``'s subnetwork, or None (the whole model) for a language without one under
+        ``target_policy='full'``.
+
+        Raises:
+            KeyError: a language without a subnetwork under ``target_policy='error'``.
+        """
+        if language in self.masks:
+            return self.masks[language]
+        known = ", ".join(self.masks) or "none yet"
+        if self.subnetwork_config.target_policy == "error":
+            raise KeyError(f"no subnetwork for language {language!r} (the set has: {known}) and "
+                           "target_policy='error' refuses it; find one (find_subnetworks) or use target_policy='full'")  # fmt: skip
+        if language not in self._warned and len(self.masks) and not self.training:
+            self._warned.add(language)
+            log.warning("no subnetwork for language %r (the set has: %s): target_policy='full' runs it "
+                        "through the whole model", language, known)  # fmt: skip
+        return None
+
+    def set_language(self, language: str | None) -> None:
+        """The language of inputs given without ``language=`` from now on (None: the whole model).
+
+        Raises:
+            KeyError: ``language`` has no subnetwork and ``target_policy='error'``, or it is not a
+                language code at all.
+        """
+        if language is not None:
+            if not isinstance(language, str) or not language.strip() or language != language.strip():
+                raise KeyError(f"set_language({language!r}): expected a language code such as 'de'")
+            if language not in self.masks and self.masks:
+                from subnets.analysis.typology import uriel_code
+
+                if uriel_code(language) is None:
+                    raise KeyError(f"set_language({language!r}): not a language code the set has "
+                                   f"({', '.join(self.masks)}) nor an ISO 639 code")  # fmt: skip
+            self.subnetwork(language)
+        self.active_language = language
+
+    @contextlib.contextmanager
+    def language(self, language: str | None) -> Iterator[SubnetworkModel]:
+        """``with model.language("de"):`` -- :meth:`set_language` inside the block, then the previous one."""
+        previous = self.active_language
+        self.set_language(language)
+        try:
+            yield self
+        finally:
+            self.active_language = previous
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args, language: str | Sequence[str] | None = None, **kwargs):
+        """The wrapped model's forward, each example through its language's units.
+
+        Args:
+            language: one code for the batch, one per example (a batch's ``language`` column),
+                or None for :attr:`active_language`.
+        """
+        size = _batch_size(args, kwargs)
+        languages = self._languages(language, size)
+        tracking = (
+            self.ema is not None and self.training and torch.is_grad_enabled() and languages is not None
+        )
+        values = self.gate_values(languages) if languages is not None else None
+        if tracking:
+            shape = self.gates.shape if values is None or values.ndim == 2 else values.shape
+            values = gate_probe(tuple(shape), values, next(self.model.parameters()))
+            self._probes.append((values, languages))
+        if self.training and torch.is_grad_enabled() and languages is not None:
+            self._seen.update(languages)
+        with self.gates.applied(values):
+            return self.model(*args, **kwargs)
+
+    def _languages(self, language, size: int | None) -> list[str] | None:
+        if language is None:
+            language = self.active_language
+        if language is None:
+            if self.training and len(self.masks) and torch.is_grad_enabled():
+                raise ValueError(f"a training batch without a language: the subnetworks ({', '.join(self.masks)}) need "
+                                 f"each example's language: give the dataset a '{LANGUAGE_COLUMN}' column "
+                                 "(SubnetworkTrainer), call model(..., language=...) or model.set_language(code)")  # fmt: skip
+            return None
+        if isinstance(language, str):
+            return [language] * (size or 1)
+        languages = [str(code) for code in language]
+        if size is not None and len(languages) != size:
+            raise ValueError(f"language= gives {len(languages)} codes for a batch of {size} examples")
+        return languages
+
+    def gate_values(self, languages: Sequence[str]) -> torch.Tensor | None:
+        """The forward gates for examples of ``languages``: None (no gating) where no example's
+        language restricts the forward, ``[layers, units]`` for a batch of one language,
+        ``[batch, layers, units]`` for a mixed one."""
+        if self.subnetwork_config.apply == "gradient":
+            return None
+        subnetworks = {code: self.subnetwork(code) for code in dict.fromkeys(languages)}
+        if all(s is None for s in subnetworks.values()):
+            return None
+        device = next(self.model.parameters()).device
+        ones = torch.ones(self.gates.shape)
+        rows = {code: ones if s is None else s.unit_mask.float() for code, s in subnetworks.items()}
+        if len(rows) == 1:
+            return next(iter(rows.values())).to(device)
+        return torch.stack([rows[code] for code in languages]).to(device)
+
+    # ------------------------------------------------------------------ updates (subnets.hf.updates)
+    def update_mask(self, languages: Iterable[str]) -> UpdateMask | None:
+        """What a step on examples of ``languages`` may update (:func:`subnets.hf.updates.update_mask`)."""
+        return updates.update_mask(self, languages)
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> UpdateMask | None:
+        """Call after the backward pass(es) of a step, before clipping and the optimizer step
+        (:func:`subnets.hf.updates.before_optimizer_step`)."""
+        return updates.before_optimizer_step(self, optimizer)
+
+    def after_optimizer_step(self) -> bool:
+        """Call after the optimizer step (:func:`subnets.hf.updates.after_optimizer_step`)."""
+        return updates.after_optimizer_step(self)
+
+    def task_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The wrapped model's loss on ``batch`` under the gates in use (no language gating of its
+        own; columns the model does not take are left out)."""
+        device = next(self.model.parameters()).device
+        inputs = {
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k in self._forward_names
+        }
+        output = self.model(**inputs)
+        loss = output.loss if hasattr(output, "loss") else output[0]
+        if loss is None:
+            raise ValueError(f"{type(self.model).__name__} returned no loss: the batches need labels "
+                             f"(columns given: {', '.join(batch)})")  # fmt: skip
+        return loss
+
+    # ------------------------------------------------------------------ state and sharing
+    def subnetwork_state(self) -> dict[str, Any]:
+        """The masks, the dynamic rule's averages and the step count (for checkpoints)."""
+        return {"masks": self.masks.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "steps": self.steps}  # fmt: skip
+
+    def load_subnetwork_state(self, state: Mapping[str, Any]) -> None:
+        self.set_masks(SubnetworkSet.from_state_dict(state["masks"]))
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.steps = int(state["steps"])
+
+    def save_pretrained(self, folder, made_by: str | None = None, **kwargs) -> None:
+        """Write the subnetwork set (not the model's weights) as :class:`~subnets.hf.Subnetworks`
+        (masks, config, base model, model card); ``kwargs`` go to ``Subnetworks.save_pretrained``
+        (e.g. ``push_to_hub=True, repo_id=...``)."""
+        return Subnetworks(
+            self.masks, self.subnetwork_config, base_identity(self.model), made_by
+        ).save_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, folder_or_repo: str, layout: ModelLayout | None = None,
+                        **kwargs) -> SubnetworkModel:  # fmt: skip
+        """``model`` with the subnetwork set saved in ``folder_or_repo`` (a folder or a Hub repository;
+        ``kwargs`` go to ``Subnetworks.from_pretrained``, e.g. ``revision``).
+
+        Raises:
+            MaskMismatchError: the set was made for a model of another geometry (both are named).
+        """
+        shared = Subnetworks.from_pretrained(folder_or_repo, **kwargs)
+        wrapped = cls(model, shared.subnetwork_config, layout=layout)
+        try:
+            wrapped.set_masks(shared.masks)
+        except MaskMismatchError:
+            ours = shared.base.get("name") or "an unnamed model"
+            theirs = base_identity(model).get("name") or "this model"
+            raise MaskMismatchError(f"{folder_or_repo}: these subnetworks were made for {ours} with "
+                                    f"{shared.masks.describe()}; {theirs} ({type(model).__name__}) has "
+                                    f"{wrapped.masks.describe()}") from None  # fmt: skip
+        return wrapped
+
+
+def with_subnetworks(model: nn.Module, config: SubnetworkConfig | None = None, masks: SubnetworkSet | None = None,
+                     layout: ModelLayout | None = None) -> SubnetworkModel:  # fmt: skip
+    """``model`` (any ``PreTrainedModel`` whose layout subnets knows or is given) with language
+    subnetworks (:class:`SubnetworkModel`).
+
+    Raises:
+        UnknownLayoutError: the model's layout is not known; the message says how to declare it.
+    """
+    return SubnetworkModel(model, config, masks, layout)
+
+
+def masked_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> MaskedOptimizer:
+    """``optimizer`` wrapped so that its steps follow ``model.before_optimizer_step`` (exact masked
+    updates, Adam moments included) -- for an ``accelerate`` or hand-written loop."""
+    return MaskedOptimizer(optimizer, model.named_parameters())
+
+
+def _batch_size(args: tuple, kwargs: Mapping) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), *args):
+        if torch.is_tensor(value) and value.ndim >= 1:
+            return int(value.shape[0])
+    return None
+
+
+__all__ = ["LANGUAGE_COLUMN", "SubnetworkModel", "masked_optimizer", "with_subnetworks"]  # fmt: skip
