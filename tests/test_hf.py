@@ -249,6 +249,26 @@ def test_language_grouped_sampler_draws_one_language_per_batch(languages):
         LanguageGroupedSampler(codes, batch_size=32)
 
 
+def test_trainer_with_language_grouped_batches_sees_one_language_per_batch(tmp_path, languages):
+    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="heads"))
+    find_subnetworks(model, languages)
+    batches = []
+    model.model.register_forward_pre_hook(lambda module, args: batches.append(model.gates.values))
+    mixed = datasets.concatenate_datasets(list(languages.values())).shuffle(seed=0)
+    trainer = SubnetworkTrainer(model, training_args(tmp_path, max_steps=8), train_dataset=mixed,
+                                data_collator=transformers.default_data_collator, languages_per_batch="one")  # fmt: skip
+    trainer.train()
+    # one language per batch: its [layers, heads] gates, never per-example rows; both languages drawn
+    assert len(batches) == 8 and all(gates.ndim == 2 for gates in batches)
+    drawn = {
+        code
+        for gates in batches
+        for code in ("de", "fr")
+        if torch.equal(gates.bool(), model.masks[code].unit_mask)
+    }
+    assert drawn == {"de", "fr"}
+
+
 def test_bad_input_says_what_is_wrong(languages):
     class Opaque(nn.Module):
         def __init__(self):

@@ -108,3 +108,15 @@ def test_each_method_learns_and_reproduces_its_pinned_numbers(tmp_path, method):
         if not k.endswith("loss") and abs(measured[k] - pinned[k]) > 0.5
     }
     assert not far, far
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["static", "dynamic"])
+def test_mixed_language_batches_learn(tmp_path, method):
+    """train.batches=mixed: every batch mixes the languages, each through its own subnetwork."""
+    results = run(tiny_config(*SMALL_JOB, f"+method={method}", *TOP_K, "train.batches=mixed"), tmp_path)
+    las = [scores["las"] for scores in results["source"].values()]
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert sum(las) / len(las) >= 65, las
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert results["diverging_log_intervals"] == 0

@@ -203,3 +203,48 @@ def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_pat
     assert name not in moved and len(moved) == len(before) - 1  # every other parameter trained
     losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_mixed_batches_run_each_language_through_its_subnetwork_and_update_the_union(tmp_path, monkeypatch):
+    """train.batches=mixed: a step holds several languages, each part gated by its own language,
+    the update mask is the union of theirs, and the same seed gives the same run."""
+    from subnets import update
+    from subnets.config import SettingError
+    from subnets.masks.subnetwork import SubnetworkSet
+
+    seen = []
+    original = update.training_step
+
+    def spy(model, batch, optimizer, **kwargs):
+        parts = batch if isinstance(batch, list) else [batch]
+        gates = kwargs.get("gates")
+        if isinstance(gates, dict):  # a mixed step: each part's language has its own gates
+            assert set(gates) >= {p.lang for p in parts}
+            seen.append(([p.lang for p in parts], {lang: None if g is None else g.clone() for lang, g in gates.items()},
+                         kwargs.get("update_mask")))  # fmt: skip
+        return original(model, batch, optimizer, **kwargs)
+
+    monkeypatch.setattr("subnets.methods.base.training_step", spy)
+    overrides = ["+method=static", "method.apply=both", "train.batches=mixed", "masks.selection=top_k",
+                 "masks.top_k=3", "train.steps=16"]  # fmt: skip
+    results = run(tiny_config(*overrides), tmp_path / "a")
+    masks = SubnetworkSet.load(tmp_path / "a" / "masks" / "masks.safetensors")
+    assert len(seen) >= 10 and all(len(languages) >= 2 for languages, _, _ in seen)
+    languages, gates, union = seen[-1]
+    for lang in languages:
+        assert torch.equal(gates[lang].cpu().bool(), masks[lang].unit_mask)
+    expected = unit_parameter_masks_of(masks, languages, tmp_path / "a")
+    assert set(union) == set(expected) and all(torch.equal(union[n].cpu(), expected[n]) for n in expected)
+    assert scores(run(tiny_config(*overrides), tmp_path / "b")) == scores(results)
+    with pytest.raises(SettingError, match="train.batches=mixed: MAML episodes"):
+        run(tiny_config("+method=maml", "train.batches=mixed"), tmp_path / "c")
+
+
+def unit_parameter_masks_of(masks, languages, folder):
+    """The union of ``languages``' update masks, computed from the model of the run in ``folder``."""
+    from subnets import load_run
+    from subnets.masks.subnetwork import unit_parameter_masks
+
+    model = load_run(folder).model
+    union = torch.stack([masks[lang].unit_mask for lang in languages]).any(dim=0)
+    return {name: mask.cpu() for name, mask in unit_parameter_masks(model, union).items()}

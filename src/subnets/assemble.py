@@ -30,7 +30,7 @@ from subnets.data.languages import RunData, data_cache, data_root, load_run_data
 from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.identity import model_fingerprint
-from subnets.methods.base import Method, TrainingBatches
+from subnets.methods.base import BatchStep, Method, TrainingBatches
 from subnets.methods.episodes import MAMLEpisodes
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
@@ -207,9 +207,15 @@ def training(parts: Parts, parallel: DataParallel) -> Training:
         raise ValueError(f"{parallel.world_size} processes need at least as many training examples per language; "
                          f"too few in {', '.join(small)}")  # fmt: skip
     sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
-    return Training(
-        optimizer, scheduler, sampler, TrainingBatches(sampler, parts.data.train, parts.batcher, parallel)
-    )
+    mixed = setting(cfg.train.batches) == "mixed"
+    if mixed and (not isinstance(strategy, BatchStep) or not policy.supports_episodes):
+        what = "MAML episodes draw a batch per language" if not isinstance(strategy, BatchStep) else (
+            "learned gates (dynamic.rule=learned) train on one language per step")  # fmt: skip
+        raise SettingError(
+            f"train.batches=mixed: {what}; use train.batches=grouped with +method={cfg.method.name}"
+        )
+    batches = TrainingBatches(sampler, parts.data.train, parts.batcher, parallel, mixed)
+    return Training(optimizer, scheduler, sampler, batches)
 
 
 def _max_subwords(cfg: DictConfig, transformer: nn.Module, tokenizer) -> int:

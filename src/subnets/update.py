@@ -28,7 +28,7 @@ class StepResult:
     grad_norm: float
     words: int
     gate_grads: dict[str, torch.Tensor] = field(default_factory=dict)
-    language: str = ""  # the step's language (the first of a meta-learning episode)
+    language: str = ""  # the step's language (the first of a meta-learning episode or a mixed batch)
     skipped: bool = False  # the loss or the gradient was NaN or infinite: nothing was updated
 
 
@@ -85,7 +85,7 @@ def training_step(
     batch: Batch | Sequence[Batch],
     optimizer: torch.optim.Optimizer,
     *,
-    gates: torch.Tensor | None = None,
+    gates: torch.Tensor | Mapping[str, torch.Tensor | None] | None = None,
     track_gates: bool = False,
     update_mask: Mapping[str, torch.Tensor] | None = None,
     clip_norm: float | None = None,
@@ -94,13 +94,15 @@ def training_step(
     parallel: DataParallel | None = None,
     also_average: Sequence[torch.Tensor] = (),
 ) -> StepResult:
-    """Forward, backward and :func:`apply_update` on one batch, or on the micro-batches of one
-    batch of one language (gradients accumulated with each part's loss weighted by its share of
-    the words, so the step is the whole batch's up to rounding).
+    """Forward, backward and :func:`apply_update` on one batch, or on the parts of one batch
+    (gradients accumulated with each part's loss weighted by its share of the words, so the step
+    is the whole batch's up to rounding): micro-batches of one language, or the languages of a
+    mixed batch, each through its own gates.
 
     Args:
-        gates: head gates ``[layers, heads]`` for the forward pass (None: all heads, no hooks cost).
-        track_gates: return ``dL/dgate`` (the gates, or all-ones, are made differentiable).
+        gates: unit gates ``[layers, units]`` for the forward pass (None: all units, no hooks
+            cost), or one per language (``{lang: gates}``) for the parts of a mixed batch.
+        track_gates: return ``dL/dgate`` per language (the gates, or all-ones, are made differentiable).
         update_mask: parameter name -> boolean tensor of the coordinates this step may update.
         clip_norm: clip the global gradient norm to this value (None or <= 0: no clipping).
         extra_loss: a term added to the task loss before the backward pass (e.g. a sparsity
@@ -113,14 +115,17 @@ def training_step(
     ``skipped=True``.
     """
     micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-    batch, words = micro[0], sum(b.num_words for b in micro)
+    words = sum(b.num_words for b in micro)
+    languages = list(gates) if isinstance(gates, Mapping) else list(dict.fromkeys(b.lang for b in micro))
+    gate_of = dict(gates) if isinstance(gates, Mapping) else {lang: gates for lang in languages}
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if track_gates:
-        gates = gate_probe(model.gates.shape, gates, next(model.parameters()))
+        weights = next(model.parameters())
+        gate_of = {lang: gate_probe(model.gates.shape, gate_of[lang], weights) for lang in languages}
     loss, losses = 0.0, {}
     for i, part in enumerate(micro):
-        with model.gates.applied(gates):
+        with model.gates.applied(gate_of[part.lang]):
             out = model(part)
         share = part.num_words / words  # the loss is a mean over words: the weighted sum is the batch's
         part_loss = out.loss * share
@@ -128,17 +133,26 @@ def training_step(
         loss = loss + out.loss.detach().reshape(1) * share
         for k, v in out.losses.items():
             losses[k] = losses.get(k, 0.0) + v.detach().reshape(1) * share
+    probes = []
+    if track_gates:  # a language with no sentence on this process contributes zeros
+        for probe in gate_of.values():
+            if probe.grad is None:
+                probe.grad = torch.zeros_like(probe)
+            probes.append(probe.grad)
     if parallel is not None and parallel.world_size > 1:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]
-        probes = [gates.grad] if track_gates else []
         words = int(round(parallel.average([*grads, *probes, loss, *losses.values()], words)))
     grad_norm, skipped = apply_update(
         model, optimizer, loss, update_mask=update_mask, clip_norm=clip_norm, scheduler=scheduler
     )
-    gate_grads = {batch.lang: gates.grad.detach().clone()} if track_gates and not skipped else {}
+    gate_grads = (
+        {lang: probe.grad.detach().clone() for lang, probe in gate_of.items()}
+        if track_gates and not skipped
+        else {}
+    )
     return StepResult(
-        language=batch.lang,
+        language=languages[0],
         loss=float(loss),
         losses={k: float(v) for k, v in losses.items()},
         grad_norm=grad_norm,

@@ -28,6 +28,13 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Batches(str, Enum):
+    grouped = "grouped"  # a language drawn per batch (temperature sampling), then its sentences
+    mixed = (
+        "mixed"  # each sentence's language drawn on its own: every sentence through its language's subnetwork
+    )
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # the encoder's forward under bfloat16 autocast (weights and optimizer in fp32)
@@ -232,6 +239,7 @@ class TrainConfig:
     schedule: Schedule = Schedule.linear
     clip_norm: float = 5.0
     sampling_alpha: float = 0.5  # language sampling temperature: p(l) ~ size^alpha
+    batches: Batches = Batches.grouped  # grouped: one language per batch; mixed: languages mixed in a batch
     eval_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 20

@@ -3,7 +3,7 @@ the model's own loss: :func:`find_subnetworks`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ def find_subnetworks(
     data: Mapping[str, Any],
     *,
     batch_size: int = 8,
-    collate_fn=None,
+    collate_fn: Callable[[list], Any] | None = None,
     max_batches: int | None = None,
     max_samples: int = 64,
 ) -> SubnetworkSet:

@@ -26,7 +26,6 @@ import math
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -88,22 +87,20 @@ class LanguageGroupedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         sizes = {code: len(v) for code, v in self.indices.items()}
-        sampler = LanguageSampler(
-            sizes, self.batch_size, self.alpha, seed=int(np.uint32(self.seed * 1000 + self.epoch))
-        )
+        sampler = LanguageSampler(sizes, self.batch_size, self.alpha, seed=self.seed * 100_003 + self.epoch)
         for _ in range(self.batches):
             code, positions = sampler.next()
             yield from (self.indices[code][p] for p in positions)
 
 
 class SubnetworkTrainer(Trainer):
-    """``transformers.Trainer`` for a :class:`~subnets.hf.SubnetworkModel` (module docstring).
+    """``transformers.Trainer`` for a :class:`~subnets.hf.SubnetworkModel` (module docstring);
+    the other arguments are the ``Trainer``'s.
 
     Args:
         languages_per_batch: ``"mixed"`` (the Trainer's batches, per-example gates) or ``"one"``
             (:class:`LanguageGroupedSampler`).
         language_alpha: the temperature exponent of language-grouped batches.
-        Everything else as ``transformers.Trainer``.
     """
 
     def __init__(self, model: SubnetworkModel, *args, languages_per_batch: str = "mixed",

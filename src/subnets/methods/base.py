@@ -28,7 +28,7 @@ saved with the checkpoint through ``state_dict``/``load_state_dict``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import nn
 
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.distributed import DataParallel
+from subnets.optim.masked import UpdateMask
 from subnets.update import StepResult, training_step
 
 
@@ -108,6 +109,22 @@ class MaskPolicy:
         """Coordinates a step of ``lang`` may update, by parameter name (None: all)."""
         return None
 
+    def union_update_mask(self, languages: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """What a step of sentences of several ``languages`` may update: a coordinate any of
+        their update masks lets move (None: all, where a language's mask is None)."""
+        masks = [self.update_mask(lang) for lang in languages]
+        if len(masks) == 1 or any(m is None for m in masks):
+            return masks[0] if len(masks) == 1 else None
+        cache = self.__dict__.setdefault("_unions", {})
+        key = tuple(id(m) for m in masks)
+        if key not in cache or any(a is not b for a, b in zip(cache[key][0], masks)):
+            if len(cache) > 64:
+                cache.clear()
+            shared = set.intersection(*(set(m) for m in masks))  # a parameter missing from a mask is free
+            union = {name: torch.stack([m[name] for m in masks]).any(dim=0) for name in shared}
+            cache[key] = (masks, UpdateMask(union))  # holds the masks: their ids are not reused
+        return cache[key][1]
+
     def track_gates(self, lang: str) -> bool:
         """Whether a step of ``lang`` needs ``dL/dgate`` (returned in ``StepResult.gate_grads``)."""
         return False
@@ -161,8 +178,10 @@ class TrainingBatches:
     """The batches a step strategy draws: a language by the run's temperature sampling, then
     sentences of it (every process draws the same ones, :class:`~subnets.data.sampling.LanguageSampler`)."""
 
-    def __init__(self, sampler, data: Mapping[str, LanguageData], batcher: Batcher, parallel: DataParallel):
+    def __init__(self, sampler, data: Mapping[str, LanguageData], batcher: Batcher, parallel: DataParallel,
+                 mixed: bool = False):  # fmt: skip
         self.sampler, self.data, self.batcher, self.parallel = sampler, data, batcher, parallel
+        self.mixed = mixed  # train.batches=mixed: next_parts draws each sentence's language
 
     def next_language(self) -> str:
         return self.sampler.next_language()
@@ -178,6 +197,24 @@ class TrainingBatches:
     def next_batch(self, lang: str, size: int):
         """This process's share of the next ``size x world_size`` sentences of ``lang``."""
         return self.batch(lang, self.parallel.shard(self.draw(lang, size * self.parallel.world_size)))
+
+    def next_parts(self, size: int) -> tuple[list, list[str]]:
+        """The next training batch as parts of one language each, and the languages drawn (in
+        the order of their first draw, the same on every process). Grouped: one language, one
+        part. Mixed: the language of each of the ``size x world_size`` sentences is drawn by the
+        temperature sampling, and each language's sentences are shared out among the processes
+        (a process may hold no sentence of a rare one)."""
+        if not self.mixed:
+            lang = self.next_language()
+            return [self.next_batch(lang, size)], [lang]
+        drawn = [self.next_language() for _ in range(size * self.parallel.world_size)]
+        languages = list(dict.fromkeys(drawn))
+        parts = []
+        for lang in languages:
+            mine = self.parallel.shard(self.draw(lang, drawn.count(lang)))
+            if mine:
+                parts.append(self.batch(lang, mine))
+        return parts, languages
 
 
 class StepStrategy:
@@ -218,15 +255,35 @@ class StepStrategy:
 
 
 class BatchStep(StepStrategy):
-    """One step = one batch of one language, drawn by the run's language sampling."""
+    """One step = one batch drawn by the run's language sampling: of one language
+    (``train.batches=grouped``) or mixing languages (``mixed``: each language's sentences run
+    through its own gates; the update is the union of their update masks)."""
 
     def step(
         self, model, batches, optimizer, policy, *, batch_size, clip_norm=None, scheduler=None, parallel=None
     ):
-        lang = batches.next_language()
-        batch = batches.next_batch(lang, batch_size)
-        return self.train_on(
-            batch, model, optimizer, policy, clip_norm=clip_norm, scheduler=scheduler, parallel=parallel
+        parts, languages = batches.next_parts(batch_size)
+        if len(languages) == 1:
+            return self.train_on(
+                parts[0],
+                model,
+                optimizer,
+                policy,
+                clip_norm=clip_norm,
+                scheduler=scheduler,
+                parallel=parallel,
+            )
+        return training_step(  # a mixed batch: each language's sentences through its own subnetwork
+            model,
+            parts,
+            optimizer,
+            gates={lang: policy.gates(lang) for lang in languages},
+            track_gates=any(policy.track_gates(lang) for lang in languages),
+            update_mask=policy.union_update_mask(languages),
+            clip_norm=clip_norm,
+            scheduler=scheduler,
+            parallel=parallel,
+            also_average=policy.extra_parameters(),
         )
 
     def train_on(
