@@ -327,3 +327,45 @@ def test_treebanks_reach_datasets_offline_through_conllu_dataset_and_parquet(tmp
             b.heads,
             b.deprels,
         )
+
+
+@pytest.mark.parametrize("architecture, units", [("bert", "both"), ("qwen2", "neurons")])
+def test_a_pruned_transformer_computes_what_the_gated_one_does(tmp_path, architecture, units):
+    from subnets.hf.prune import load_pruned, prune_units, save_pruned
+    from subnets.models.encoder import build_tiny_transformer
+    from subnets.models.gates import UnitGates
+
+    model = build_tiny_transformer(60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                                   architecture=architecture).eval()  # fmt: skip
+    gates = UnitGates(model, units)
+    keep = torch.rand(gates.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    keep[:, 0] = True  # every layer keeps a unit of each kind
+    keep[:, -1] = True
+    inputs = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), gates.applied(keep.float()):
+        gated = model(input_ids=inputs).last_hidden_state
+    before = sum(p.numel() for p in model.parameters())
+    counts = prune_units(model, gates, keep)
+    gates.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=inputs).last_hidden_state, gated, rtol=1e-5, atol=1e-6)
+    # each removed neuron takes an input row (and its bias; two rows for a gated feed-forward) and an output column
+    removed_neurons = int((~keep[:, -48:]).sum())
+    per_neuron = {"bert": 32 + 1 + 32, "qwen2": 2 * 32 + 32}[architecture]
+    per_head = 3 * (8 * 32 + 8) + 8 * 32 if units == "both" else 0
+    assert counts == {"before": before, "after": before - removed_neurons * per_neuron - int((~keep[:, :4]).sum()) * per_head}
+    save_pruned(model, keep, gates.units, tmp_path / "pruned")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "pruned")(input_ids=inputs).last_hidden_state, gated,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_heads_of_grouped_query_attention_are_not_pruned():
+    from subnets.hf.prune import prune_units
+    from subnets.models.encoder import build_tiny_transformer
+    from subnets.models.gates import UnitGates
+
+    model = build_tiny_transformer(60, hidden_size=32, num_layers=2, num_heads=4, architecture="qwen2")
+    gates = UnitGates(model, "heads")
+    with pytest.raises(ValueError, match="heads of the .* layout cannot be pruned: its attention is grouped-query"):
+        prune_units(model, gates, torch.ones(gates.shape, dtype=torch.bool))

@@ -265,14 +265,16 @@ def test_export_writes_a_transformer_folder_a_task_head_and_the_subnetwork_set(r
 
     from subnets.hf import SubnetworkModel
 
+    from subnets.hf.prune import load_pruned
+
     folder, _ = runs["static"]
-    done = cli("subnets.export", f"run={folder}", f"output={tmp_path / 'export'}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
     trained = load_run(folder)
+    language = trained.languages[0]
+    done = cli("subnets.export", f"run={folder}", f"output={tmp_path / 'export'}", f"language={language}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
     transformer = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
     inputs = tokenizer(["a b c d", "e f"], return_tensors="pt", padding=True)
-    language = trained.languages[0]
     with torch.no_grad():
         expected = trained.model.encoder.transformer(**inputs).last_hidden_state
         torch.testing.assert_close(transformer(**inputs).last_hidden_state, expected, rtol=0, atol=0)
@@ -282,6 +284,14 @@ def test_export_writes_a_transformer_folder_a_task_head_and_the_subnetwork_set(r
         with model.language(language):
             torch.testing.assert_close(model(**inputs).last_hidden_state, gated, rtol=0, atol=0)
     assert not torch.equal(gated, expected)  # the subnetwork gates the forward (method.apply=both)
+    pruned = load_pruned(tmp_path / "export" / f"pruned-{language}")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).last_hidden_state, gated, rtol=1e-5, atol=1e-5)
+    counts = dict(line.split(": ") for line in done.stdout.splitlines() if "parameters" in line)
+    before, after = int(counts["parameters_before_pruning"]), int(counts["parameters_after_pruning"])
+    assert before == sum(p.numel() for p in trained.model.encoder.transformer.parameters())
+    assert after == sum(p.numel() for p in pruned.parameters())
+    assert after < before
     for code in trained.languages:
         assert torch.equal(model.masks[code].unit_mask, trained.method.policy.masks[code].unit_mask)
     head = load_file(tmp_path / "export" / "task_head.safetensors")
