@@ -264,7 +264,6 @@ def test_export_writes_a_transformer_folder_a_task_head_and_the_subnetwork_set(r
     from safetensors.torch import load_file
 
     from subnets.hf import SubnetworkModel
-
     from subnets.hf.prune import load_pruned
 
     folder, _ = runs["static"]
