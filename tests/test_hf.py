@@ -353,7 +353,10 @@ def test_a_pruned_transformer_computes_what_the_gated_one_does(tmp_path, archite
     removed_neurons = int((~keep[:, -48:]).sum())
     per_neuron = {"bert": 32 + 1 + 32, "qwen2": 2 * 32 + 32}[architecture]
     per_head = 3 * (8 * 32 + 8) + 8 * 32 if units == "both" else 0
-    assert counts == {"before": before, "after": before - removed_neurons * per_neuron - int((~keep[:, :4]).sum()) * per_head}
+    assert counts == {
+        "before": before,
+        "after": before - removed_neurons * per_neuron - int((~keep[:, :4]).sum()) * per_head,
+    }
     save_pruned(model, keep, gates.units, tmp_path / "pruned")
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path / "pruned")(input_ids=inputs).last_hidden_state, gated,
@@ -367,5 +370,7 @@ def test_heads_of_grouped_query_attention_are_not_pruned():
 
     model = build_tiny_transformer(60, hidden_size=32, num_layers=2, num_heads=4, architecture="qwen2")
     gates = UnitGates(model, "heads")
-    with pytest.raises(ValueError, match="heads of the .* layout cannot be pruned: its attention is grouped-query"):
+    with pytest.raises(
+        ValueError, match="heads of the .* layout cannot be pruned: its attention is grouped-query"
+    ):
         prune_units(model, gates, torch.ones(gates.shape, dtype=torch.bool))

@@ -284,3 +284,18 @@ def test_the_development_curve_figure_draws_each_methods_mean_over_seeds(written
     (line,) = figure.axes[0].get_lines()  # static has no metrics.jsonl
     assert line.get_label() == "baseline"
     assert list(line.get_xdata()) == [50, 100] and list(line.get_ydata()) == [32.0, 42.0]
+
+
+def test_the_report_tables_parameter_budgets_beside_the_scores(written_study):
+    budgets = {"baseline": (1000, {"xx": 1000}), "static": (1000, {"xx": 400, "yy": 500})}
+    for folder in written_study.iterdir():
+        path = folder / "results.json"
+        results = json.loads(path.read_text())
+        trainable, updated = budgets[results["method"]]
+        results["parameters"] = {"trainable": trainable, "updated": updated}
+        path.write_text(json.dumps(results))
+    text = report.write_report(written_study).read_text()
+    assert "## Parameter budgets" in text
+    # zero-shot: static 31.00 (mean of 41 and 21); few-shot: baseline 43.00 over both seeds and languages
+    assert "| static | 1,000 | 450 | 31.00 | 43.50 |" in text
+    assert "| baseline | 1,000 | 1,000 | 31.50 | 43.00 |" in text

@@ -269,7 +269,13 @@ def test_export_writes_a_transformer_folder_a_task_head_and_the_subnetwork_set(r
     folder, _ = runs["static"]
     trained = load_run(folder)
     language = trained.languages[0]
-    done = cli("subnets.export", f"run={folder}", f"output={tmp_path / 'export'}", f"language={language}", cwd=tmp_path)
+    done = cli(
+        "subnets.export",
+        f"run={folder}",
+        f"output={tmp_path / 'export'}",
+        f"language={language}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     transformer = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")

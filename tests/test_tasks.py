@@ -275,7 +275,9 @@ METHODS = {"baseline": [], "static": ["+method=static", "masks.finetune_steps=1"
            "random": ["+method=random", "masks.finetune_steps=1", "masks.selection=keep_ratio"],
            "maml": ["+method=maml"], "maml_static": ["+method=maml_static", "masks.finetune_steps=1", "masks.selection=keep_ratio"],
            "maml_dynamic": ["+method=maml_dynamic", "dynamic.update_every=2"],
-           "maml_random": ["+method=maml_random", "masks.finetune_steps=1", "masks.selection=keep_ratio"]}  # fmt: skip
+           "maml_random": ["+method=maml_random", "masks.finetune_steps=1", "masks.selection=keep_ratio"],
+           "lora": ["+method=lora"], "language_lora": ["+method=language_lora"],
+           "lt_sft": ["+method=lt_sft", "sft.full_steps=2"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("task", [*TASKS, "clm"])

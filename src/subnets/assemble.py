@@ -208,12 +208,12 @@ def training(parts: Parts, parallel: DataParallel) -> Training:
                          f"too few in {', '.join(small)}")  # fmt: skip
     sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
     mixed = setting(cfg.train.batches) == "mixed"
-    if mixed and (not isinstance(strategy, BatchStep) or not policy.supports_episodes):
-        what = "MAML episodes draw a batch per language" if not isinstance(strategy, BatchStep) else (
-            "learned gates (dynamic.rule=learned) train on one language per step")  # fmt: skip
-        raise SettingError(
-            f"train.batches=mixed: {what}; use train.batches=grouped with +method={cfg.method.name}"
-        )
+    if mixed and not isinstance(strategy, BatchStep):
+        raise SettingError(f"train.batches=mixed: MAML episodes draw a batch per language; use train.batches=grouped "
+                           f"with +method={cfg.method.name}")  # fmt: skip
+    if mixed and not policy.supports_mixed_batches:
+        raise SettingError(f"train.batches=mixed: +method={cfg.method.name} ({type(policy).__name__}) runs one "
+                           "language per step; use train.batches=grouped")  # fmt: skip
     batches = TrainingBatches(sampler, parts.data.train, parts.batcher, parallel, mixed)
     return Training(optimizer, scheduler, sampler, batches)
 

@@ -28,6 +28,7 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
     results = {"method": run.method.name, "method_role": role, "task": task.describe(), "seed": cfg.seed,
                "data": setting(cfg.languages.source), "steps": run.step, "best_step": best_step,
                "dev_metric": dev_metric, **about, "skipped_sentences": data.skipped, "support": support,
+               "parameters": policy.parameter_budget(run.model, list(cfg.languages.train)),
                **policy.summary(), **scores, **run.evaluator.means(scores)}  # fmt: skip
     if data.target_test and cfg.fewshot.repetitions > 0:
         with run.clock("few_shot"):

@@ -83,6 +83,7 @@ class MaskPolicy:
 
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
     supports_episodes = True  # whether it can run inside a MAML episode
+    supports_mixed_batches = True  # whether a step may mix languages (train.batches=mixed)
     uses_masks_path = False  # whether it reads a saved mask set (masks.path); else that setting is refused
     uses_after_steps = False  # whether it can search its masks during training (masks.after_steps)
 
@@ -124,6 +125,21 @@ class MaskPolicy:
             union = {name: torch.stack([m[name] for m in masks]).any(dim=0) for name in shared}
             cache[key] = (masks, UpdateMask(union))  # holds the masks: their ids are not reused
         return cache[key][1]
+
+    def updated_parameters(self, model: nn.Module, lang: str) -> int:
+        """How many parameters a step of ``lang`` may change: the trainable coordinates its update
+        mask lets move (all trainable ones without a mask)."""
+        mask = self.update_mask(lang)
+        return sum(int(mask[name].sum()) if mask is not None and name in mask else p.numel()
+                   for name, p in model.named_parameters() if p.requires_grad)  # fmt: skip
+
+    def parameter_budget(self, model: nn.Module, languages: Sequence[str]) -> dict[str, Any]:
+        """Trainable parameters and those each training language's steps may update (results.json)."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {
+            "trainable": trainable,
+            "updated": {lang: self.updated_parameters(model, lang) for lang in languages},
+        }
 
     def track_gates(self, lang: str) -> bool:
         """Whether a step of ``lang`` needs ``dL/dgate`` (returned in ``StepResult.gate_grads``)."""

@@ -30,6 +30,7 @@ class ScoreRule:
 
     track_gates = False
     supports_episodes = True
+    supports_mixed_batches = True
 
     def __init__(self, search: Any, dynamic: Any):
         self.search, self.dynamic = search, dynamic
@@ -103,6 +104,7 @@ class LearnedRule:
 
     track_gates = False
     supports_episodes = False  # its penalty and gate optimizer belong to a single-batch step
+    supports_mixed_batches = False
 
     def __init__(self, search: Any, dynamic: Any):
         self.search, self.dynamic = search, dynamic
@@ -212,6 +214,7 @@ class DynamicMasks(SubnetworkPolicy):
             raise ValueError(f"dynamic.rule: unknown rule {name!r}; available: {', '.join(RULES)}")
         self.rule = rule if rule is not None else RULES[name](search, dynamic)
         self.supports_episodes = self.rule.supports_episodes
+        self.supports_mixed_batches = self.rule.supports_mixed_batches
         self.uses_masks_path = setting(dynamic.init) == "static"
         self.history: dict[str, list[dict[str, Any]]] = {}
 

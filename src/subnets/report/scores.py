@@ -80,6 +80,21 @@ def score_table(
     return rows
 
 
+def parameter_budgets(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per method (runs that recorded ``parameters``): trainable parameters, the mean over
+    training languages of the parameters a language's steps may update, and the zero-shot and
+    few-shot primary metric averaged over target languages (:func:`score_table`'s average rows)."""
+    averages = {setting: {r["method"]: r["mean"] for r in score_table(runs, setting) if r["language"] == "average"}
+                for setting in ("zeroshot", "fewshot")}  # fmt: skip
+    rows = []
+    for run, budget in first_per_method(runs, lambda r: r.results.get("parameters")):
+        updated = list(budget["updated"].values())
+        rows.append({"method": run.method, "trainable": budget["trainable"],
+                     "updated": float(np.mean(updated)) if updated else float(budget["trainable"]),
+                     "zeroshot": averages["zeroshot"].get(run.method), "fewshot": averages["fewshot"].get(run.method)})  # fmt: skip
+    return rows
+
+
 def wilcoxon_test(differences: Sequence[float]) -> dict[str, Any]:
     """Two-sided Wilcoxon signed-rank test of paired differences (scipy; exact for small
     samples without ties). All differences zero: p = 1."""

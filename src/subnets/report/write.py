@@ -17,6 +17,7 @@ from subnets.report.scores import (
     markdown_table,
     mask_reliability,
     overlap_typology,
+    parameter_budgets,
     score_table,
     significance,
     significance_statement,
@@ -63,6 +64,20 @@ def write_report(
                 "",
                 markdown_table(rows, methods),
             ]
+    budgets = parameter_budgets(runs)
+    if budgets:
+
+        def score(value):
+            return "-" if value is None else f"{value:.2f}"
+
+        lines += ["", "## Parameter budgets", "",
+                  f"Trainable parameters, the parameters a training language's steps may update (mean over the "
+                  f"training languages), and the {primary.upper()} averaged over the target languages "
+                  "(significance: the lists below).", "",
+                  f"| method | trainable | updated per language | zero-shot {primary.upper()} | few-shot {primary.upper()} |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {b['method']} | {b['trainable']:,} | {b['updated']:,.0f} | {score(b['zeroshot'])} | "
+                  f"{score(b['fewshot'])} |" for b in budgets]  # fmt: skip
     for setting, title in (("fewshot", "few-shot"), ("zeroshot", "zero-shot")):
         for heading, pairs in (("Gains over the baseline", None), ("Against the random control and the default settings",
                                                                     control_pairs(runs))):  # fmt: skip

@@ -1,0 +1,114 @@
+"""The methods reviewers compare with: LoRA, one LoRA per language, lottery-ticket sparse
+fine-tuning; what each step updates, to the bit, their resume and their bad settings."""
+
+import pytest
+import torch
+from conftest import crash_after_checkpoint, scores, step_on, tiny_config
+
+from subnets.config import SettingError
+from subnets.runner import Run, run
+
+
+def set_up(tmp_path, *overrides) -> Run:
+    experiment = Run(tiny_config(*overrides), tmp_path)
+    experiment.setup()
+    return experiment
+
+
+def test_lora_updates_exactly_its_low_rank_matrices_and_the_task_head(tmp_path):
+    experiment = set_up(tmp_path, "+method=lora", "lora.rank=2")
+    model = experiment.model
+    try:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(3):
+            step_on(experiment, experiment.sampler.next_language())
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        lora = {n for n in before if "lora_" in n}
+        head = {n for n in before if not n.startswith("encoder.transformer.")}
+        # rank 2 on query, key, value and attention output of 2 layers of width 32: A is 2 x 32, B is 32 x 2
+        assert len(lora) == 2 * 4 * 2 and all(before[n].numel() == 2 * 32 for n in lora)
+        assert changed <= lora | head and {n for n in changed if "lora_B" in n} == {
+            n for n in lora if "lora_B" in n
+        }
+        assert {
+            n for n, p in model.named_parameters() if p.requires_grad
+        } == lora | head  # the base is frozen
+    finally:
+        experiment.close()
+
+
+def test_language_lora_trains_only_the_steps_languages_adapter(tmp_path):
+    experiment = set_up(tmp_path, "+method=language_lora", "lora.rank=2")
+    model, languages = experiment.model, list(experiment.cfg.languages.train)
+    try:
+        for lang in [languages[0], languages[1], languages[0]]:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            step_on(experiment, lang)
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:  # B starts at zero: a step of its language moves it
+                    own = f".{lang}." in name
+                    assert torch.equal(parameter, before[name]) != own, (lang, name)
+                elif "lora_" not in name and name.startswith("encoder.transformer."):
+                    assert torch.equal(parameter, before[name]), name  # the frozen base
+            assert model.encoder.transformer.active_adapter == lang
+    finally:
+        experiment.close()
+
+
+def test_lt_sft_resets_to_pretrained_and_its_sparse_phase_moves_exactly_its_ticket(tmp_path):
+    k = 500
+    experiment = set_up(tmp_path, "+method=lt_sft", "sft.full_steps=3", f"sft.k={k}")
+    model, policy = experiment.model, experiment.method.policy
+    try:
+        pretrained = {n: p.detach().clone() for n, p in model.encoder_parameters()}
+        for _ in range(3):  # the full phase, then the ticket and the reset at its last step
+            step_on(experiment, experiment.sampler.next_language())
+        ticket = policy.tickets["shared"]
+        assert sum(int(m.sum()) for m in ticket.values()) == k
+        named = dict(model.named_parameters())
+        assert all(torch.equal(named[n], pretrained[n]) for n in pretrained)  # reset to theta_0
+        assert not experiment.optimizer.state  # fresh moments for the sparse phase
+        for _ in range(4):
+            step_on(experiment, experiment.sampler.next_language())
+        moved = sum(int((named[n] != pretrained[n]).sum()) for n in pretrained)
+        outside = sum(int((named[n][~ticket[n]] != pretrained[n][~ticket[n]]).sum()) for n in pretrained)
+        assert outside == 0 and moved == k  # every ticket coordinate moved (AdamW), nothing else
+    finally:
+        experiment.close()
+
+
+def test_lt_sft_per_language_tickets_and_resume(tmp_path, monkeypatch):
+    overrides = ["+method=lt_sft", "sft.per_language=true", "sft.full_steps=4", "sft.k=300", "train.steps=12",
+                 "train.checkpoint_every=4"]  # fmt: skip
+    reference = run(tiny_config(*overrides), tmp_path / "reference")
+    assert reference["sft"]["tickets"] == sorted(tiny_config().languages.train)
+    assert set(reference["parameters"]["updated"].values()) == {reference["parameters"]["updated"]["syn_svo"]}
+    head = reference["parameters"]["updated"]["syn_svo"] - 300
+    assert reference["parameters"]["trainable"] > head + 300 and head > 0
+    crash_after_checkpoint(monkeypatch, tiny_config(*overrides), tmp_path / "resumed", step=8)
+    monkeypatch.undo()
+    assert scores(run(tiny_config(*overrides), tmp_path / "resumed")) == scores(reference)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+method=lora", "lora.targets=[attention.self.nowhere]"], "lora.targets: attention.self.nowhere is not a projection"),
+        (["+method=lt_sft", "sft.k=100000000"], r"sft.k=100000000 .*expected between 1 and the encoder's \d+ trainable"),
+        (["+method=language_lora", "train.batches=mixed"], "train.batches=mixed: \\+method=language_lora .* runs one language per step"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_refused_with_the_setting_named(tmp_path, overrides, message):
+    with pytest.raises((SettingError, ValueError), match=message):
+        run(tiny_config(*overrides, "train.steps=2"), tmp_path)
+
+
+def test_language_lora_gives_an_unseen_language_the_adapter_its_support_prefers(tmp_path):
+    results = run(
+        tiny_config("+method=language_lora", "lora.target_policy=support", "train.steps=6"), tmp_path
+    )
+    sources = set(tiny_config().languages.train)
+    assert set(results["target_adapters"]) == {"syn_svo_na", "syn_vos", "syn_sov_an"}
+    assert set(results["target_adapters"].values()) <= sources
+    full = run(tiny_config("+method=language_lora", "train.steps=6"), tmp_path / "full")
+    assert set(full["target_adapters"].values()) == {"none"}
