@@ -299,3 +299,23 @@ def test_the_report_tables_parameter_budgets_beside_the_scores(written_study):
     # zero-shot: static 31.00 (mean of 41 and 21); few-shot: baseline 43.00 over both seeds and languages
     assert "| static | 1,000 | 450 | 31.00 | 43.50 |" in text
     assert "| baseline | 1,000 | 1,000 | 31.50 | 43.00 |" in text
+
+
+def test_the_report_tables_the_training_languages_scores_where_runs_have_them(written_study):
+    source = {("baseline", 1): 80.0, ("baseline", 2): 82.0, ("static", 1): 90.0}
+    for folder in written_study.iterdir():
+        path = folder / "results.json"
+        results = json.loads(path.read_text())
+        las = source[(results["method"], results["seed"])]
+        results["source"] = {
+            "aa": {"split": "dev", "las": las, "uas": 95.0},
+            "bb": {"split": "dev", "las": las + 2, "uas": 95.0},
+        }
+        path.write_text(json.dumps(results))
+    text = report.write_report(written_study).read_text()
+    assert "## Source LAS on the training languages (development sets)" in text
+    assert "| aa | 81.00 ± 1.41 | 90.00 ± 0.00 |" in text
+    # paired by training language and seed: static seed 1 against baseline seed 1, +10 on both languages
+    assert (
+        "## Gains over the baseline (source LAS)" in text and "static: +10.00 LAS over the baseline" in text
+    )

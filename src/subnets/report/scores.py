@@ -24,7 +24,8 @@ def scores(
     runs: Sequence[Run], setting: str = "fewshot", metric: str | None = None
 ) -> dict[tuple[str, str], dict[int, list[float]]]:
     """``(method, language) -> seed -> values`` of the target languages: the few-shot
-    repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``), of
+    repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``); or of the
+    training languages (``"source"``: their development scores, what the model fits), of
     ``metric`` (default: the task's primary metric, :func:`task_record`)."""
     metric = metric or task_record(runs)["primary_metric"]
     out: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(dict)
@@ -34,7 +35,7 @@ def scores(
                 if all(metric in r for r in summary["runs"]):
                     out[(run.method, code)][run.seed] = [r[metric] for r in summary["runs"]]
         else:
-            for code, s in run.results.get("target", {}).items():
+            for code, s in run.results.get("target" if setting == "zeroshot" else "source", {}).items():
                 if metric in s:
                     out[(run.method, code)][run.seed] = [s[metric]]
     return dict(out)

@@ -19,6 +19,7 @@ from subnets.report.scores import (
     overlap_typology,
     parameter_budgets,
     score_table,
+    scores,
     significance,
     significance_statement,
 )
@@ -52,15 +53,16 @@ def write_report(
         f"Task: {task['name']}; primary metric {primary.upper()}{' (lower is better)' if lower else ''}."
     )
     csv_rows = []
-    for setting, title in (("fewshot", "Few-shot"), ("zeroshot", "Zero-shot")):
+    for setting, title in (("fewshot", "Few-shot"), ("zeroshot", "Zero-shot"), ("source", "Source")):
         for metric in [primary, *(m for m in task["metrics"] if m != primary)]:
             rows = score_table(runs, setting, metric)
             if not rows:
                 continue
             csv_rows += [{"setting": setting, "metric": metric, **r} for r in rows]
+            languages = "training languages (development sets)" if setting == "source" else "target languages"
             lines += [
                 "",
-                f"## {title} {metric.upper()} on the target languages",
+                f"## {title} {metric.upper()} on the {languages}",
                 "",
                 markdown_table(rows, methods),
             ]
@@ -78,7 +80,9 @@ def write_report(
                   "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {b['method']} | {b['trainable']:,} | {b['updated']:,.0f} | {score(b['zeroshot'])} | "
                   f"{score(b['fewshot'])} |" for b in budgets]  # fmt: skip
-    for setting, title in (("fewshot", "few-shot"), ("zeroshot", "zero-shot")):
+    for setting, title in (("fewshot", "few-shot"), ("zeroshot", "zero-shot"), ("source", "source")):
+        if not scores(runs, setting, primary):
+            continue
         for heading, pairs in (("Gains over the baseline", None), ("Against the random control and the default settings",
                                                                     control_pairs(runs))):  # fmt: skip
             if (pairs is None and BASELINE not in methods) or pairs == [] or len(methods) < 2:
