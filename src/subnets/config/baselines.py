@@ -1,0 +1,39 @@
+"""The settings of the comparison methods (``lora.*``, ``sft.*``), part of the runner's schema
+(:mod:`subnets.config.schema`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class AdapterPolicy(str, Enum):
+    full = "full"  # no language adapter: the base model with the shared task head
+    nearest = "nearest"  # the adapter of the typologically nearest source language (URIEL syntax)
+    support = "support"  # the adapter with the lowest loss on the language's support sentences
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (``+method=lora``) and one LoRA per source language (``+method=language_lora``),
+    through peft: the encoder's weights frozen, low-rank updates of its projections trained."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # projections within a layer (paths as in the layout, e.g. attention.self.query); empty: the
+    # layout's query, key, value and attention output projections
+    targets: list[str] = field(default_factory=list)
+    target_policy: AdapterPolicy = AdapterPolicy.full  # language_lora: the adapter of an unseen language
+
+
+@dataclass
+class SftSettings:
+    """Lottery-ticket sparse fine-tuning (``+method=lt_sft``, Ansell et al. 2022): full
+    fine-tuning for ``full_steps``, keep the ``k`` encoder parameters that moved most, reset the
+    encoder to its pretrained values, fine-tune only those (the task head trains throughout)."""
+
+    full_steps: int = 100  # the shared variant's full fine-tuning steps (per_language: each language's)
+    k: int | None = None  # encoder parameters kept (None: keep_ratio of them)
+    keep_ratio: float = 0.05
+    per_language: bool = False  # one ticket per language, each from a copy fine-tuned on that language alone
