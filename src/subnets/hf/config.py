@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
+from subnets.masks.selection import Units, select_keep_ratio, select_top_k
+
 CHOICES = {
     "units": ("heads", "neurons", "both"),
     "rule": ("static", "dynamic", "random"),
@@ -66,6 +70,13 @@ class SubnetworkConfig:
             raise ValueError(f"SubnetworkConfig.ema_decay={self.ema_decay}: expected a value in [0, 1)")
         if self.update_every < 1 or self.min_per_layer < 0:
             raise ValueError("SubnetworkConfig.update_every must be >= 1 and min_per_layer >= 0")
+
+    def select(self, scores: torch.Tensor, units: Units) -> torch.Tensor:
+        """The mask these settings keep from unit ``scores``: ``top_k`` units, else ``keep_ratio``
+        of each kind, at least ``min_per_layer`` per layer."""
+        if self.top_k is not None:
+            return select_top_k(scores, self.top_k, self.min_per_layer, units)
+        return select_keep_ratio(scores, self.keep_ratio, self.min_per_layer, units)
 
     def to_dict(self) -> dict:
         return asdict(self)

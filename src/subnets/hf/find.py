@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-from subnets.hf.config import SubnetworkConfig
 from subnets.hf.model import SubnetworkModel
 from subnets.masks.controls import generator, random_mask_like
 from subnets.masks.importance import fisher_information, fisher_per_unit, unit_importance
-from subnets.masks.selection import select_keep_ratio, select_top_k
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
 
 
@@ -66,7 +64,7 @@ def find_subnetworks(
             )
             scores = fisher_per_unit(fisher, model, model.gates)
             scores = scores / scores.max() if scores.max() > 0 else scores
-        found[code] = Subnetwork(_select(scores, config, model.gates.units), scores=scores)
+        found[code] = Subnetwork(config.select(scores, model.gates.units), scores=scores)
     merged = SubnetworkSet(model.gates.num_layers, model.gates.units)
     for code in model.masks:
         merged[code] = model.masks[code]
@@ -74,12 +72,6 @@ def find_subnetworks(
         merged[code] = found[code]
     model.set_masks(merged)
     return found
-
-
-def _select(scores: torch.Tensor, config: SubnetworkConfig, units) -> torch.Tensor:
-    if config.top_k is not None:
-        return select_top_k(scores, config.top_k, config.min_per_layer, units)
-    return select_keep_ratio(scores, config.keep_ratio, config.min_per_layer, units)
 
 
 def _batches(model: SubnetworkModel, source: Any, batch_size: int, collate_fn) -> list:

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from subnets.masks.dynamic import reselect
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
 
@@ -94,14 +93,7 @@ def after_optimizer_step(model: SubnetworkModel) -> bool:
         masks[code] = model.masks[code]
     for code in sorted(model.ema.averages):
         scores = model.ema.scores(code)
-        current = (
-            model.masks[code].unit_mask
-            if code in model.masks
-            else torch.ones(model.gates.shape, dtype=torch.bool)
-        )
-        selection = "top_k" if config.top_k is not None else "keep_ratio"
-        chosen = reselect(scores, current, selection, config.keep_ratio, config.top_k, min_per_layer=config.min_per_layer,
-                          units=model.gates.units)  # fmt: skip
+        chosen = config.select(scores, model.gates.units)
         masks[code] = Subnetwork(chosen, scores=scores)
     model.set_masks(masks)
     return True
