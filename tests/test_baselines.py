@@ -90,11 +90,32 @@ def test_lt_sft_per_language_tickets_and_resume(tmp_path, monkeypatch):
     assert scores(run(tiny_config(*overrides), tmp_path / "resumed")) == scores(reference)
 
 
+@pytest.mark.parametrize("units, budget", [("heads", 4 * 1048), ("both", 4 * 1048 + 64 * 65)])
+def test_budgets_matched_to_a_static_subnetwork(tmp_path, units, budget):
+    # tiny: 2 layers x 4 heads of 8 dimensions in width 32, 64 neurons per layer; keep_ratio 0.5
+    # keeps 4 heads, each owning 3 x (8 x 32 + 8) q/k/v weights and biases and 32 x 8 of the output
+    # projection, and 64 neurons, each owning 32 + 1 input weights and bias and 32 output weights
+    masks = ["masks.selection=keep_ratio", f"masks.units={units}"]
+    lt_sft = set_up(tmp_path / "sft", "+method=lt_sft", "sft.match=static", "sft.k=7", *masks)
+    lora = set_up(tmp_path / "lora", "+method=lora", "lora.match=static", *masks)
+    try:
+        assert lt_sft.method.policy.k == budget  # sft.k given and overridden by the match
+        per_rank = 4 * 2 * (32 + 32)  # A and B of query, key, value, output in 2 layers
+        assert lora.method.policy.rank == round(budget / per_rank)
+        adapter = sum(p.numel() for n, p in lora.model.named_parameters() if "lora_" in n)
+        assert adapter == lora.method.policy.rank * per_rank
+        assert abs(adapter - budget) <= per_rank / 2  # the closest rank
+    finally:
+        lt_sft.close()
+        lora.close()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["+method=lora", "lora.targets=[attention.self.nowhere]"], "lora.targets: attention.self.nowhere is not a projection"),
         (["+method=lt_sft", "sft.k=100000000"], r"sft.k=100000000 .*expected between 1 and the encoder's \d+ trainable"),
+        (["+method=lora", "lora.match=static"], "lora.match / sft.match=static\\) needs .* masks.selection=keep_ratio or top_k \\(is iterative\\)"),
         (["+method=language_lora", "train.batches=mixed"], "train.batches=mixed: \\+method=language_lora .* runs one language per step"),
     ],
 )  # fmt: skip

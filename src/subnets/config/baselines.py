@@ -13,6 +13,13 @@ class AdapterPolicy(str, Enum):
     support = "support"  # the adapter with the lowest loss on the language's support sentences
 
 
+class BudgetMatch(str, Enum):
+    none = "none"  # lora.rank / sft.k as given
+    # as many parameters as a static subnetwork of the masks.* settings lets a language update
+    # inside the gated units (the parameters its kept heads or neurons own)
+    static = "static"
+
+
 @dataclass
 class LoraSettings:
     """LoRA (``+method=lora``) and one LoRA per source language (``+method=language_lora``),
@@ -25,6 +32,7 @@ class LoraSettings:
     # layout's query, key, value and attention output projections
     targets: list[str] = field(default_factory=list)
     target_policy: AdapterPolicy = AdapterPolicy.full  # language_lora: the adapter of an unseen language
+    match: BudgetMatch = BudgetMatch.none  # static: the rank whose adapter comes closest to that budget
 
 
 @dataclass
@@ -37,3 +45,4 @@ class SftSettings:
     k: int | None = None  # encoder parameters kept (None: keep_ratio of them)
     keep_ratio: float = 0.05
     per_language: bool = False  # one ticket per language, each from a copy fine-tuned on that language alone
+    match: BudgetMatch = BudgetMatch.none  # static: k is that budget (sft.k and sft.keep_ratio unused)

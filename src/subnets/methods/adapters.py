@@ -28,6 +28,7 @@ from torch import nn
 from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.methods.base import MaskPolicy
+from subnets.methods.subnetworks import subnetwork_budget
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ def lora_targets(model: nn.Module, settings: Any) -> str:
     return pattern
 
 
+def lora_parameters_per_rank(model: nn.Module, settings: Any) -> int:
+    """The parameters one LoRA adds per unit of rank: ``in + out`` features of every target
+    projection (its ``A`` is ``rank x in``, its ``B`` ``out x rank``)."""
+    pattern = re.compile(lora_targets(model, settings))
+    return sum(sum(module.weight.shape) for name, module in model.encoder.transformer.named_modules()
+               if pattern.fullmatch(name))  # fmt: skip
+
+
 def _layer_children(names: set[str], layers: str) -> set[str]:
     prefix = re.compile(rf"{re.escape(layers)}\.0\.(.+)")
     return {m.group(1) for m in map(prefix.fullmatch, names) if m}
@@ -70,14 +79,22 @@ class LoraPolicy(MaskPolicy):
         False  # peft's frozen base and the functional inner loop of MAML are not combined here
     )
 
-    def __init__(self, lora: Any):
-        self.lora = lora
+    def __init__(self, lora: Any, search: Any = None):
+        self.lora, self.search = lora, search  # search: the masks.* settings (lora.match=static)
         self.model: nn.Module | None = None
+        self.rank = int(lora.rank)
+        self.matched: int | None = None  # the static subnetwork's budget the rank was chosen for
 
     def config(self, model: nn.Module):
         from peft import LoraConfig
 
-        return LoraConfig(r=int(self.lora.rank), lora_alpha=float(self.lora.alpha), lora_dropout=float(self.lora.dropout),
+        if setting(self.lora.match) == "static" and self.matched is None:
+            self.matched = subnetwork_budget(model, self.search)
+            per_rank = lora_parameters_per_rank(model, self.lora)
+            self.rank = max(1, round(self.matched / per_rank))
+            log.info("lora.match=static: rank %d (%d parameters per adapter) for a static subnetwork's %d",
+                     self.rank, self.rank * per_rank, self.matched)  # fmt: skip
+        return LoraConfig(r=self.rank, lora_alpha=float(self.lora.alpha), lora_dropout=float(self.lora.dropout),
                           target_modules=lora_targets(model, self.lora), bias="none")  # fmt: skip
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
@@ -88,7 +105,8 @@ class LoraPolicy(MaskPolicy):
             model.encoder.transformer = get_peft_model(model.encoder.transformer, self.config(model))
 
     def summary(self) -> dict[str, Any]:
-        return {"lora": {"rank": int(self.lora.rank), "alpha": float(self.lora.alpha)}}
+        matched = {} if self.matched is None else {"matched_budget": self.matched}
+        return {"lora": {"rank": self.rank, "alpha": float(self.lora.alpha), **matched}}
 
 
 class LanguageLora(LoraPolicy):
@@ -96,8 +114,8 @@ class LanguageLora(LoraPolicy):
 
     supports_mixed_batches = False  # a step activates one language's adapter
 
-    def __init__(self, lora: Any):
-        super().__init__(lora)
+    def __init__(self, lora: Any, search: Any = None):
+        super().__init__(lora, search)
         self.languages: list[str] = []
         self.target_adapters: dict[str, str | None] = {}
         self.batcher: Batcher | None = None

@@ -10,7 +10,9 @@ alone and that language's ticket is taken from it; multilingual training then up
 of language ``l``, only ``l``'s ticket. The task head trains in every step of both variants (it
 is not part of the pretrained model).
 
-``k`` is ``sft.k``, or ``sft.keep_ratio`` of the encoder's parameters. The tickets are saved with
+``k`` is ``sft.k``, or ``sft.keep_ratio`` of the encoder's parameters, or with
+``sft.match=static`` the parameters a static subnetwork of the ``masks.*`` settings updates in
+its units (:func:`~subnets.methods.subnetworks.subnetwork_budget`). The tickets are saved with
 the checkpoints (a resume continues the same sparse phase) and summarised in results.json.
 """
 
@@ -23,10 +25,11 @@ import torch
 from torch import nn
 
 from subnets.checkpoint import phase_rng
-from subnets.config import SettingError
+from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher
 from subnets.masks.importance import finetuned_copy
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
+from subnets.methods.subnetworks import subnetwork_budget
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
 from subnets.update import StepResult
 
@@ -51,8 +54,8 @@ class LotteryTicketSFT(MaskPolicy):
 
     supports_episodes = False  # its phases are counted in single-batch steps
 
-    def __init__(self, sft: Any):
-        self.sft = sft
+    def __init__(self, sft: Any, search: Any = None):
+        self.sft, self.search = sft, search  # search: the masks.* settings (sft.match=static)
         self.model: nn.Module | None = None
         self.optimizer: MaskedOptimizer | None = None
         self.pretrained: dict[str, torch.Tensor] = {}
@@ -64,7 +67,13 @@ class LotteryTicketSFT(MaskPolicy):
         # theta_0: bind runs on the freshly built model, before a resume loads a checkpoint
         self.pretrained = {n: p.detach().clone() for n, p in model.encoder_parameters() if p.requires_grad}
         total = sum(v.numel() for v in self.pretrained.values())
-        self.k = int(self.sft.k) if self.sft.k is not None else int(round(self.sft.keep_ratio * total))
+        if setting(self.sft.match) == "static":
+            self.k = subnetwork_budget(model, self.search)
+            log.info("sft.match=static: k = %d, a static subnetwork's budget", self.k)
+        elif self.sft.k is not None:
+            self.k = int(self.sft.k)
+        else:
+            self.k = int(round(self.sft.keep_ratio * total))
         if not 0 < self.k <= total:
             raise SettingError(f"sft.k={self.sft.k} (sft.keep_ratio={self.sft.keep_ratio}): expected between 1 and "
                                f"the encoder's {total} trainable parameters")  # fmt: skip

@@ -35,7 +35,7 @@ from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
 from subnets.masks.controls import generator, random_jaccard_matrix, random_like, random_mask_like
 from subnets.masks.importance import unit_importance
-from subnets.masks.selection import per_kind, select_keep_ratio
+from subnets.masks.selection import per_kind, select_keep_ratio, select_top_k
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
@@ -259,3 +259,28 @@ def _overlap_summary(masks: SubnetworkSet) -> dict[str, Any]:
         "jaccard": {"languages": languages, "matrix": overlap.tolist()},
         "random_jaccard": {"languages": languages, "matrix": chance.tolist()},
     }
+
+
+def subnetwork_budget(model: nn.Module, search: Any) -> int:
+    """The parameters a static subnetwork of the ``masks.*`` settings (``search``) lets a language
+    update inside the gated units: those its kept heads or neurons own (parameters no unit owns,
+    shared by every language, are not counted). The count is the same for every choice of units
+    when units of a kind are equal in size, as in every supported model; the first units are
+    taken. ``lora.match=static`` and ``sft.match=static`` size LoRA and LT-SFT by it.
+
+    Raises:
+        SettingError: a selection whose size depends on the data (``masks.selection=iterative``)
+            or unstructured parameter masks (``masks.params``).
+    """
+    selection = setting(search.selection)
+    if selection == "iterative" or setting(search.params) != "none":
+        raise SettingError(f"a budget matched to a static subnetwork (lora.match / sft.match=static) needs a size known "
+                           f"before training: masks.selection=keep_ratio or top_k (is {selection}) and masks.params=none "
+                           f"(is {setting(search.params)})")  # fmt: skip
+    gates = model.gates
+    scores = torch.zeros(gates.num_layers, sum(gates.units.values()))
+    if selection == "top_k":
+        mask = select_top_k(scores, int(search.top_k), search.min_heads_per_layer, gates.units)
+    else:
+        mask = select_keep_ratio(scores, float(search.keep_ratio), search.min_heads_per_layer, gates.units)
+    return sum(int(kept.sum()) for kept in unit_parameter_masks(model, mask).values())
