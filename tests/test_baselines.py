@@ -1,11 +1,14 @@
 """The methods reviewers compare with: LoRA, one LoRA per language, lottery-ticket sparse
 fine-tuning; what each step updates, to the bit, their resume and their bad settings."""
 
+import copy
+
 import pytest
 import torch
-from conftest import crash_after_checkpoint, scores, step_on, tiny_config
+from conftest import crash_after_checkpoint, scores, step_on, tiny_config, ud_job
 
 from subnets.config import SettingError
+from subnets.methods.language_sft import LanguageDeltas
 from subnets.runner import Run, run
 
 
@@ -90,6 +93,94 @@ def test_lt_sft_per_language_tickets_and_resume(tmp_path, monkeypatch):
     assert scores(run(tiny_config(*overrides), tmp_path / "resumed")) == scores(reference)
 
 
+def test_a_language_sft_computes_as_the_merged_weights(tmp_path):
+    """LanguageDeltas adds phi at the outputs of Linear, Embedding and LayerNorm modules: the
+    outputs and the gradients are those of a copy holding theta + phi, and with no language
+    active the model is its own to the bit."""
+    experiment = set_up(tmp_path, "+method=lt_sft")
+    model = experiment.model.double()
+    try:
+        batch = experiment.batches.next_batch("syn_svo", 8)
+        model.eval()
+        plain = model(batch).loss
+        generator = torch.Generator().manual_seed(0)
+        delta, merged = {}, copy.deepcopy(model)
+        named = dict(merged.named_parameters())
+        chosen = [n for n in named if n.startswith("encoder.transformer.") and
+                  any(key in n for key in ("word_embeddings", "query.", "dense.bias", "LayerNorm"))]  # fmt: skip
+        for name in chosen:
+            indices = torch.randperm(named[name].numel(), generator=generator)[
+                : max(1, named[name].numel() // 10)
+            ]
+            values = torch.randn(len(indices), generator=generator, dtype=torch.float64) * 0.5
+            delta[name] = (indices, values)
+            with torch.no_grad():
+                named[name].view(-1)[indices] += values
+        assert {n.rsplit(".", 1)[-1] for n in chosen} == {"weight", "bias"} and len(chosen) > 10
+        deltas = LanguageDeltas(model)
+        deltas.add("syn_svo", delta)
+        deltas.activate("syn_svo")
+        composed = model(batch).loss
+        expected = merged(batch).loss
+        assert not torch.isclose(composed, plain) and torch.isclose(composed, expected, rtol=1e-10)
+        composed.backward()
+        expected.backward()
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                assert torch.allclose(parameter.grad, named[name].grad, rtol=1e-8, atol=1e-12), name
+        deltas.activate(None)
+        assert torch.equal(model(batch).loss, plain)
+    finally:
+        experiment.close()
+
+
+def test_composable_lt_sft_adds_each_languages_sft_and_trains_one_task_sft(tmp_path, ud_root):
+    k, language_k = 700, 400
+    overrides = ["+method=lt_sft", "sft.compose=true", "sft.full_steps=4", f"sft.k={k}", f"sft.language_k={language_k}",
+                 "sft.language_steps=3", f"sft.language_text={ud_root}", "train.steps=9"]  # fmt: skip
+    experiment = Run(ud_job(ud_root, *overrides), tmp_path)
+    experiment.setup()
+    try:
+        model, policy = experiment.model, experiment.method.policy
+        pretrained = {n: p.detach().clone() for n, p in model.encoder_parameters()}
+        experiment.train()
+        languages = policy.languages.deltas
+        assert set(languages) == {
+            "syn_svo",
+            "syn_sov",
+            "syn_vso",
+            "syn_osv",
+            "syn_svo_na",
+            "syn_vos",
+            "syn_sov_an",
+        }
+        assert all(sum(len(i) for i, _ in delta.values()) == language_k for delta in languages.values())
+        # the model's own weights are the pretrained ones plus the task SFT, on its k coordinates
+        ticket, named = policy.tickets["shared"], dict(model.named_parameters())
+        assert all(torch.equal(named[n][~ticket[n]], pretrained[n][~ticket[n]]) for n in pretrained)
+        batch = experiment.batcher.of(experiment.data.evaluated[("target", "syn_vos")], range(8))
+        model.eval()
+        policy.eval_gates("syn_vos")
+        with_own = model(batch).loss
+        policy.languages.activate(None)
+        assert not torch.equal(with_own, model(batch).loss)  # zero-shot on syn_vos adds its language SFT
+    finally:
+        experiment.close()
+
+
+def test_composable_lt_sft_resumes_exactly(tmp_path, monkeypatch, ud_root):
+    overrides = ["+method=lt_sft", "sft.compose=true", "sft.full_steps=4", "sft.k=700", "sft.language_k=400",
+                 "sft.language_steps=3", f"sft.language_text={ud_root}", "train.steps=12"]  # fmt: skip
+    reference = run(ud_job(ud_root, *overrides), tmp_path / "reference")
+    assert (
+        set(reference["sft"]["language_sfts"].values()) == {400}
+        and len(reference["sft"]["language_sfts"]) == 7
+    )
+    crash_after_checkpoint(monkeypatch, ud_job(ud_root, *overrides), tmp_path / "resumed", step=8)
+    monkeypatch.undo()
+    assert scores(run(ud_job(ud_root, *overrides), tmp_path / "resumed")) == scores(reference)
+
+
 @pytest.mark.parametrize("units, budget", [("heads", 4 * 1048), ("both", 4 * 1048 + 64 * 65)])
 def test_budgets_matched_to_a_static_subnetwork(tmp_path, units, budget):
     # tiny: 2 layers x 4 heads of 8 dimensions in width 32, 64 neurons per layer; keep_ratio 0.5
@@ -116,6 +207,9 @@ def test_budgets_matched_to_a_static_subnetwork(tmp_path, units, budget):
         (["+method=lora", "lora.targets=[attention.self.nowhere]"], "lora.targets: attention.self.nowhere is not a projection"),
         (["+method=lt_sft", "sft.k=100000000"], r"sft.k=100000000 .*expected between 1 and the encoder's \d+ trainable"),
         (["+method=lora", "lora.match=static"], "lora.match / sft.match=static\\) needs .* masks.selection=keep_ratio or top_k \\(is iterative\\)"),
+        (["+method=lt_sft", "sft.compose=true", "sft.per_language=true"], "sft.compose=true composes .* use sft.per_language=false"),
+        (["+method=lt_sft", "sft.compose=true", "sft.language_text=/nowhere"], "sft.language_text=/nowhere: not a folder"),
+        (["+method=lt_sft", "sft.compose=true", "train.batches=mixed"], "train.batches=mixed: \\+method=lt_sft"),
         (["+method=language_lora", "train.batches=mixed"], "train.batches=mixed: \\+method=language_lora .* runs one language per step"),
     ],
 )  # fmt: skip

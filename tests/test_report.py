@@ -287,7 +287,9 @@ def test_the_development_curve_figure_draws_each_methods_mean_over_seeds(written
 
 
 def test_the_report_tables_parameter_budgets_beside_the_scores(written_study):
-    budgets = {"baseline": (1000, {"xx": 1000}), "static": (1000, {"xx": 400, "yy": 500})}
+    budgets = {"baseline": (1000, {"xx": 1000}), "static": (1000, {"xx": 400, "yy": 500}),
+               "random": (1000, {"xx": 450, "yy": 450})}  # fmt: skip
+    write_run(written_study, "random", 1, {"xx": [51.0, 53.0], "yy": [29.0, 33.0]}, {"xx": 40.0, "yy": 20.0})
     for folder in written_study.iterdir():
         path = folder / "results.json"
         results = json.loads(path.read_text())
@@ -296,9 +298,20 @@ def test_the_report_tables_parameter_budgets_beside_the_scores(written_study):
         path.write_text(json.dumps(results))
     text = report.write_report(written_study).read_text()
     assert "## Parameter budgets" in text
-    # zero-shot: static 31.00 (mean of 41 and 21); few-shot: baseline 43.00 over both seeds and languages
-    assert "| static | 1,000 | 450 | 31.00 | 43.50 |" in text
-    assert "| baseline | 1,000 | 1,000 | 31.50 | 43.00 |" in text
+    # zero-shot: static 31.00 (mean of 41 and 21); few-shot: baseline 43.00 over both seeds and
+    # languages. Against the baseline (seed 1): static xx 54 - 51 = +3, yy 33 - 32 = +1, mean +2;
+    # random xx 52 - 51 = +1, yy 31 - 32 = -1, mean 0. Against random: static +2 and +2, the baseline
+    # -1 and +1. The exact two-sided Wilcoxon p of 2 nonzero pairs is 0.5; Holm over the 2
+    # comparisons of each column: 1.
+    assert "| static | 1,000 | 450 | 31.00 | 43.50 | +2.00 (p 1) | +2.00 (p 1) |" in text
+    assert "| baseline | 1,000 | 1,000 | 31.50 | 43.00 | - | +0.00 (p 1) |" in text
+    assert "| random | 1,000 | 450 | 30.00 | 41.50 | +0.00 (p 1) | - |" in text
+    entries = {
+        e["method"]: e
+        for e in report.significance(report.load_runs(written_study), pairs=[("static", "random")])
+    }
+    assert entries["static"]["mean_gain"] == 2.0 and entries["static"]["p"] == pytest.approx(0.5)
+    assert "few-shot vs random |" in text
 
 
 def test_the_report_tables_the_training_languages_scores_where_runs_have_them(written_study):

@@ -134,7 +134,7 @@ class Run:
         """What a mask policy may use before training (:class:`~subnets.methods.SourceLanguages`)."""
         dev = {code: data for (role, code), data in self.data.evaluated.items() if role == "source"}
         metric, batch_size = self.evaluator.metric, self.cfg.train.batch_size
-        return SourceLanguages(self.data.train, dev, metric, self.make_optimizer, batch_size)
+        return SourceLanguages(self.data.train, dev, metric, self.make_optimizer, batch_size, self.tokenizer)
 
     @property
     def outputs(self) -> Outputs:

@@ -46,3 +46,11 @@ class SftSettings:
     keep_ratio: float = 0.05
     per_language: bool = False  # one ticket per language, each from a copy fine-tuned on that language alone
     match: BudgetMatch = BudgetMatch.none  # static: k is that budget (sft.k and sft.keep_ratio unused)
+    # composable LT-SFT (shared variant): each language's SFT from masked language modelling on its
+    # raw text, added to the model in that language's training steps, evaluations and few-shot runs
+    compose: bool = False
+    language_steps: int = 100  # each of a language SFT's two phases (full, then sparse)
+    language_k: int | None = None  # parameters of a language SFT (None: k)
+    # raw text per language: <language_text>/<code>/train.txt (or train.conllu's words); a source
+    # language without a folder there uses its training examples' words
+    language_text: str | None = None

@@ -62,6 +62,7 @@ class SourceLanguages:
             accuracy for tagging) of ``model`` on ``data`` under head ``gates``.
         make_optimizer: ``model -> optimizer`` for fine-tuned copies (the run's optimizer settings).
         batch_size: the run's training batch size.
+        tokenizer: the run's tokenizer (for text a policy reads itself).
     """
 
     train: Mapping[str, LanguageData]
@@ -69,6 +70,7 @@ class SourceLanguages:
     dev_metric: Callable[[nn.Module, LanguageData, torch.Tensor | None], float] | None = None
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
     batch_size: int = 32
+    tokenizer: Any = None
 
 
 class MaskPolicy:

@@ -10,6 +10,13 @@ alone and that language's ticket is taken from it; multilingual training then up
 of language ``l``, only ``l``'s ticket. The task head trains in every step of both variants (it
 is not part of the pretrained model).
 
+Composable variant (``sft.compose=true``, shared ticket): before training, each language with
+raw text gets a language SFT (:mod:`subnets.methods.language_sft`: LT-SFT with masked language
+modelling, ``sft.language_steps`` steps per phase, ``sft.language_k`` parameters); a step,
+evaluation or few-shot run of language ``l`` computes with the pretrained weights plus ``l``'s
+language SFT plus the task SFT being trained, so that the task SFT learns what the language
+SFTs do not hold. A language without text gets the task SFT alone.
+
 ``k`` is ``sft.k``, or ``sft.keep_ratio`` of the encoder's parameters, or with
 ``sft.match=static`` the parameters a static subnetwork of the ``masks.*`` settings updates in
 its units (:func:`~subnets.methods.subnetworks.subnetwork_budget`). The tickets are saved with
@@ -19,6 +26,7 @@ the checkpoints (a resume continues the same sparse phase) and summarised in res
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +34,16 @@ from torch import nn
 
 from subnets.checkpoint import phase_rng
 from subnets.config import SettingError, setting
-from subnets.data.dataset import Batcher
+from subnets.data.dataset import Batcher, LanguageData
 from subnets.masks.importance import finetuned_copy
 from subnets.methods.base import MaskPolicy, Outputs, SourceLanguages
+from subnets.methods.language_sft import (
+    LanguageDeltas,
+    composable_names,
+    fit_language_sft,
+    language_model_copy,
+    text_of,
+)
 from subnets.methods.subnetworks import subnetwork_budget
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
 from subnets.update import StepResult
@@ -61,6 +76,11 @@ class LotteryTicketSFT(MaskPolicy):
         self.pretrained: dict[str, torch.Tensor] = {}
         self.tickets: dict[str, dict[str, torch.Tensor]] = {}  # "shared" or a language -> name -> mask
         self._update_masks: dict[str, UpdateMask] = {}
+        self.languages: LanguageDeltas | None = None  # sft.compose: the language SFTs
+
+    @property
+    def supports_mixed_batches(self) -> bool:
+        return not self.sft.compose  # a composed step adds one language's SFT
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         self.model, self.batcher = model, batcher
@@ -77,12 +97,21 @@ class LotteryTicketSFT(MaskPolicy):
         if not 0 < self.k <= total:
             raise SettingError(f"sft.k={self.sft.k} (sft.keep_ratio={self.sft.keep_ratio}): expected between 1 and "
                                f"the encoder's {total} trainable parameters")  # fmt: skip
+        if self.sft.compose:
+            if self.sft.per_language:
+                raise SettingError(
+                    "sft.compose=true composes language SFTs with one task SFT: use sft.per_language=false"
+                )
+            if self.languages is None:
+                self.languages = LanguageDeltas(model)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         self.optimizer = MaskedOptimizer(optimizer, model.named_parameters())
         return self.optimizer
 
     def prepare(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
+        if self.sft.compose and not self.languages.deltas:
+            self.fit_language_sfts(model, sources)
         if not self.sft.per_language or self.tickets:
             return
         for lang, data in sources.train.items():
@@ -91,6 +120,51 @@ class LotteryTicketSFT(MaskPolicy):
                                        int(self.sft.full_steps), sources.make_optimizer)  # fmt: skip
             self.tickets[lang] = ticket(self.moved(tuned), self.k)
             log.info("lt_sft: %s's ticket holds %d of %d encoder parameters", lang, self.k, self.encoder_size)
+
+    def fit_language_sfts(self, model: nn.Module, sources: SourceLanguages) -> None:
+        """A language SFT for every source language and every language with text under
+        ``sft.language_text`` (module docstring)."""
+        texts = {code: text_of(data) for code, data in sources.train.items()}
+        texts.update(self.read_texts(sources.tokenizer))
+        pretrained = {n: self.pretrained[n] for n in composable_names(model, self.pretrained)}
+        size = sum(v.numel() for v in pretrained.values())
+        k = int(self.sft.language_k) if self.sft.language_k is not None else min(self.k, size)
+        if not 0 < k <= size:
+            raise SettingError(f"sft.language_k={self.sft.language_k}: expected between 1 and the {size} parameters "
+                               "a language SFT can hold")  # fmt: skip
+        steps, max_length = int(self.sft.language_steps), self.batcher.collator.max_length
+        for code, text in sorted(texts.items()):
+            with phase_rng(self.batcher.seed, f"sft/language/{code}", self.batcher.device):
+                lm, batcher = language_model_copy(model, pretrained, sources.tokenizer, max_length)
+                batcher.seed = self.batcher.seed
+                batches = batcher.fixed(text, sources.batch_size, max(1, steps), "language-sft")
+                delta = fit_language_sft(lm, pretrained, batches, steps, k, sources.make_optimizer, ticket)
+            self.languages.add(code, delta)
+            log.info("lt_sft: %s's language SFT holds %d parameters (masked LM on %d lines of text, %d + %d steps)",
+                     code, sum(len(i) for i, _ in delta.values()), len(text), steps, steps)  # fmt: skip
+
+    def read_texts(self, tokenizer) -> dict[str, LanguageData]:
+        """The raw text of each language under ``sft.language_text`` (``<code>/train.txt``, else
+        the words of ``<code>/train.conllu``)."""
+        if not self.sft.language_text:
+            return {}
+        from subnets.tasks.lm import LanguageModelling
+
+        root = Path(self.sft.language_text)
+        if not root.is_dir():
+            raise SettingError(f"sft.language_text={root}: not a folder (expected <code>/train.txt or "
+                               "<code>/train.conllu per language)")  # fmt: skip
+        texts = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            path = next(
+                (folder / f"train{s}" for s in (".txt", ".conllu") if (folder / f"train{s}").exists()), None
+            )
+            if path is not None:
+                lines = LanguageModelling().read(path).examples
+                texts[folder.name] = LanguageData(folder.name, "text", lines, path=path).tokenize(tokenizer)
+        if not texts:
+            raise SettingError(f"sft.language_text={root}: no <code>/train.txt or <code>/train.conllu in it")
+        return texts
 
     @property
     def encoder_size(self) -> int:
@@ -114,6 +188,18 @@ class LotteryTicketSFT(MaskPolicy):
                  "the encoder is reset to its pretrained values", step, self.k, self.encoder_size)  # fmt: skip
         return {"sft/ticket": float(self.k)}
 
+    def gates(self, lang: str) -> torch.Tensor | None:
+        if self.languages is not None:
+            self.languages.activate(lang)
+        return None
+
+    def eval_gates(self, lang: str) -> torch.Tensor | None:
+        return self.gates(lang)
+
+    def adaptation(self, model: nn.Module, lang: str, support: LanguageData):
+        self.gates(lang)  # few-shot fine-tuning of every parameter, on top of lang's language SFT
+        return None, None
+
     def update_mask(self, lang: str) -> dict[str, torch.Tensor] | None:
         key = lang if self.sft.per_language else "shared"
         if key not in self.tickets:
@@ -124,12 +210,17 @@ class LotteryTicketSFT(MaskPolicy):
         return self._update_masks[key]
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "sft": {"k": self.k, "encoder_parameters": self.encoder_size, "tickets": sorted(self.tickets)}
-        }
+        out = {"k": self.k, "encoder_parameters": self.encoder_size, "tickets": sorted(self.tickets)}
+        if self.languages is not None:
+            out["language_sfts"] = {code: sum(len(i) for i, _ in delta.values())
+                                    for code, delta in sorted(self.languages.deltas.items())}  # fmt: skip
+        return {"sft": out}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tickets": {key: dict(masks) for key, masks in self.tickets.items()}}
+        state = {"tickets": {key: dict(masks) for key, masks in self.tickets.items()}}
+        if self.languages is not None:
+            state["language_sfts"] = self.languages.state_dict()
+        return state
 
     def load_state_dict(self, state) -> None:
         self.tickets = {
@@ -137,3 +228,5 @@ class LotteryTicketSFT(MaskPolicy):
             for key, masks in state.get("tickets", {}).items()
         }
         self._update_masks.clear()
+        if self.languages is not None and "language_sfts" in state:
+            self.languages.load_state_dict(state["language_sfts"])

@@ -81,18 +81,29 @@ def score_table(
     return rows
 
 
-def parameter_budgets(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def parameter_budgets(runs: Sequence[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
     """Per method (runs that recorded ``parameters``): trainable parameters, the mean over
-    training languages of the parameters a language's steps may update, and the zero-shot and
-    few-shot primary metric averaged over target languages (:func:`score_table`'s average rows)."""
+    training languages of the parameters a language's steps may update, the zero-shot and
+    few-shot primary metric averaged over target languages (:func:`score_table`'s average rows),
+    and the few-shot :func:`significance` against the baseline (``vs_baseline``) and against the
+    static subnetwork's random control (``vs_control``, the method named in ``control``), each
+    list Holm-adjusted over the table's methods."""
     averages = {setting: {r["method"]: r["mean"] for r in score_table(runs, setting) if r["language"] == "average"}
                 for setting in ("zeroshot", "fewshot")}  # fmt: skip
+    budgets = first_per_method(runs, lambda r: r.results.get("parameters"))
+    control = next((r.method for r in runs if role(r.results)["control_of"] == "static"), None)
+    tests = {}
+    for reference in (BASELINE, control):
+        pairs = [(run.method, reference) for run, _ in budgets if reference and run.method != reference]
+        tests.update({(e["method"], reference): e for e in significance(runs, "fewshot", None, alpha, pairs)})
     rows = []
-    for run, budget in first_per_method(runs, lambda r: r.results.get("parameters")):
+    for run, budget in budgets:
         updated = list(budget["updated"].values())
         rows.append({"method": run.method, "trainable": budget["trainable"],
                      "updated": float(np.mean(updated)) if updated else float(budget["trainable"]),
-                     "zeroshot": averages["zeroshot"].get(run.method), "fewshot": averages["fewshot"].get(run.method)})  # fmt: skip
+                     "zeroshot": averages["zeroshot"].get(run.method), "fewshot": averages["fewshot"].get(run.method),
+                     "vs_baseline": tests.get((run.method, BASELINE)), "vs_control": tests.get((run.method, control)),
+                     "control": control})  # fmt: skip
     return rows
 
 
