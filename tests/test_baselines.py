@@ -71,6 +71,11 @@ def test_lt_sft_resets_to_pretrained_and_its_sparse_phase_moves_exactly_its_tick
         named = dict(model.named_parameters())
         assert all(torch.equal(named[n], pretrained[n]) for n in pretrained)  # reset to theta_0
         assert not experiment.optimizer.state  # fresh moments for the sparse phase
+        # tiny: 12 steps, 2 warm-up steps; the full phase decays to 0 at step 3, then the sparse
+        # phase warms up again over its 9 steps: factor 1/2 at its first step
+        base = experiment.cfg.train.lr_encoder
+        rates = [group["lr"] for group in experiment.optimizer.param_groups if group.get("name") == "encoder"]
+        assert rates == [pytest.approx(base / 2)], rates
         for _ in range(4):
             step_on(experiment, experiment.sampler.next_language())
         moved = sum(int((named[n] != pretrained[n]).sum()) for n in pretrained)

@@ -200,7 +200,9 @@ def training(parts: Parts, parallel: DataParallel) -> Training:
     groups = [*strategy.parameter_groups(), *policy.parameter_groups()]
     optimizer = policy.wrap_optimizer(make_optimizer(cfg.train, model, groups), model)
     decay = setting(cfg.train.schedule) == "linear"
-    scheduler = linear_schedule(optimizer, cfg.train.warmup_steps, cfg.train.steps, decay)
+    scheduler = linear_schedule(
+        optimizer, cfg.train.warmup_steps, cfg.train.steps, decay, policy.schedule_restart
+    )
     sizes = {code: len(data) for code, data in parts.data.train.items()}
     small = [f"{code} ({n})" for code, n in sizes.items() if n < parallel.world_size]
     if small:

@@ -190,15 +190,27 @@ def parameter_groups(
 
 
 def linear_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: bool = True
-):
-    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``total_steps`` (or constant)."""
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: bool = True,
+    restart_at: int | None = None,
+):  # fmt: skip
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``total_steps`` (or
+    constant). With ``restart_at`` (below ``total_steps``), two such schedules: one over the
+    first ``restart_at`` steps and one over the rest (LT-SFT's two phases, each its own training)."""
 
-    def factor(step: int) -> float:
+    def phase(step: int, length: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if not decay:
             return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, (length - step) / max(1, length - warmup_steps))
+
+    def factor(step: int) -> float:
+        if restart_at is None or not 0 < restart_at < total_steps:
+            return phase(step, total_steps)
+        return (
+            phase(step, restart_at)
+            if step < restart_at
+            else phase(step - restart_at, total_steps - restart_at)
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

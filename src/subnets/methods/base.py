@@ -86,6 +86,7 @@ class MaskPolicy:
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
     supports_episodes = True  # whether it can run inside a MAML episode
     supports_mixed_batches = True  # whether a step may mix languages (train.batches=mixed)
+    schedule_restart: int | None = None  # a step at which the learning-rate schedule starts again
     uses_masks_path = False  # whether it reads a saved mask set (masks.path); else that setting is refused
     uses_after_steps = False  # whether it can search its masks during training (masks.after_steps)
 

@@ -3,7 +3,8 @@
 Shared variant (``sft.per_language=false``): the first ``sft.full_steps`` steps fine-tune the whole
 model; then the ``k`` encoder parameters that moved most (``|theta - theta_0|``, over all encoder
 tensors together) form the ticket, the encoder is reset to its pretrained values ``theta_0``, the
-optimizer state is cleared, and the remaining steps update only the ticket (exactly, through
+optimizer state is cleared, the learning-rate schedule starts again (warm-up and decay over the
+remaining steps, as a second training would), and the remaining steps update only the ticket (exactly, through
 :class:`~subnets.optim.MaskedOptimizer`). Per-language variant (``sft.per_language=true``): before
 training, a copy of the model is fine-tuned for ``sft.full_steps`` steps on each source language
 alone and that language's ticket is taken from it; multilingual training then updates, in a step
@@ -97,6 +98,8 @@ class LotteryTicketSFT(MaskPolicy):
         if not 0 < self.k <= total:
             raise SettingError(f"sft.k={self.sft.k} (sft.keep_ratio={self.sft.keep_ratio}): expected between 1 and "
                                f"the encoder's {total} trainable parameters")  # fmt: skip
+        # the sparse phase is a training of its own: a fresh warm-up and decay from the reset on
+        self.schedule_restart = None if self.sft.per_language else int(self.sft.full_steps)
         if self.sft.compose:
             if self.sft.per_language:
                 raise SettingError(
