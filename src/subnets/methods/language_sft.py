@@ -1,14 +1,16 @@
 """Language sparse fine-tunings for composable LT-SFT (``+method=lt_sft sft.compose=true``;
 Ansell et al. 2022): a language's SFT is lottery-ticket sparse fine-tuning of the pretrained
-encoder with masked language modelling on the language's raw text, kept as its difference from
-the pretrained values, and added to the model wherever that language is trained or evaluated.
+encoder with masked language modelling (causal for a decoder) on the language's raw text, kept
+as its difference from the pretrained values, and added to the model wherever that language is
+trained or evaluated.
 
 :func:`fit_language_sft` trains one on a copy of the encoder (the run's model is not touched);
 :class:`LanguageDeltas` adds the active language's difference to a model without changing its
 weights: every module whose output is linear in its parameters (``nn.Linear``, ``nn.Embedding``,
 ``nn.LayerNorm``) computes ``f(x; theta) + f(x; phi) = f(x; theta + phi)`` (equal to the merged
-weights up to float round-off), so the task SFT's gradient is taken at ``theta + phi`` while the
-optimizer, the checkpoints and the ticket see ``theta`` alone.
+weights up to float round-off), so that the task SFT's gradient is taken at ``theta + phi``
+while the optimizer, the checkpoints and the ticket see ``theta`` alone. Parameters of other
+modules (e.g. RMSNorm weights) are left out of language SFTs.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def fit_language_sft(
 
 
 def text_of(data: LanguageData) -> LanguageData:
-    """A language's examples as raw text for masked language modelling (their words and pieces)."""
+    """A language's examples as raw text for language modelling (their words and pieces)."""
     from subnets.tasks.lm import TextLine
 
     lines = [TextLine(str(getattr(e, "sent_id", i)), list(e.forms)) for i, e in enumerate(data.examples)]
@@ -168,18 +170,20 @@ def text_of(data: LanguageData) -> LanguageData:
 
 def language_model_copy(model: nn.Module, pretrained: Mapping[str, torch.Tensor], tokenizer,
                         max_length: int) -> tuple[nn.Module, Batcher]:  # fmt: skip
-    """A masked language model on a copy of ``model.encoder`` reset to ``pretrained`` (names of
-    ``model``), and a batcher for it (windows of ``max_length`` subwords)."""
+    """A language model on a copy of ``model.encoder`` reset to ``pretrained`` (names of
+    ``model``): masked for a bidirectional encoder, causal for a decoder; and a batcher for it
+    (windows of ``max_length`` subwords)."""
     from subnets.tasks.lm import LanguageModelling, TextCollator
 
     encoder = copy.deepcopy(model.encoder)
-    task = LanguageModelling("masked")
-    task.use_model(encoder.transformer, tokenizer, encoder.gates.layout.causal)
+    causal = encoder.gates.layout.causal
+    task = LanguageModelling("causal" if causal else "masked")
+    task.use_model(encoder.transformer, tokenizer, causal)
     lm = task.build_model(encoder)
     named = dict(lm.named_parameters())
     with torch.no_grad():
         for name, value in pretrained.items():
             named[name].copy_(value)
     reference = next(model.parameters())
-    collator = TextCollator(tokenizer, max_length, encoder.gates.layout.causal)
+    collator = TextCollator(tokenizer, max_length, causal)
     return lm.to(reference.device, reference.dtype), Batcher(collator, reference.device)
