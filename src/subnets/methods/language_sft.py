@@ -109,7 +109,8 @@ class LanguageDeltas:
         self._handles, self._dense, self.active = [], {}, None
 
     def state_dict(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-        return {code: {name: {"indices": i, "values": v} for name, (i, v) in delta.items()}
+        # int32 positions: a tensor of the supported models holds fewer than 2**31 entries
+        return {code: {name: {"indices": i.to(torch.int32), "values": v} for name, (i, v) in delta.items()}
                 for code, delta in self.deltas.items()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping) -> None:

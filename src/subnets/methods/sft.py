@@ -3,9 +3,9 @@
 Shared variant (``sft.per_language=false``): the first ``sft.full_steps`` steps fine-tune the whole
 model; then the ``k`` encoder parameters that moved most (``|theta - theta_0|``, over all encoder
 tensors together) form the ticket, the encoder is reset to its pretrained values ``theta_0``, the
-optimizer state is cleared, the learning-rate schedule starts again (warm-up and decay over the
-remaining steps, as a second training would), and the remaining steps update only the ticket (exactly, through
-:class:`~subnets.optim.MaskedOptimizer`). Per-language variant (``sft.per_language=true``): before
+optimizer state is cleared and the learning-rate schedule starts again (warm-up and decay over
+the remaining steps, as a second training would); the remaining steps update only the ticket
+(exactly, through :class:`~subnets.optim.MaskedOptimizer`). Per-language variant (``sft.per_language=true``): before
 training, a copy of the model is fine-tuned for ``sft.full_steps`` steps on each source language
 alone and that language's ticket is taken from it; multilingual training then updates, in a step
 of language ``l``, only ``l``'s ticket. The task head trains in every step of both variants (it
@@ -13,7 +13,7 @@ is not part of the pretrained model).
 
 Composable variant (``sft.compose=true``, shared ticket): before training, each language with
 raw text gets a language SFT (:mod:`subnets.methods.language_sft`: LT-SFT with masked language
-modelling, ``sft.language_steps`` steps per phase, ``sft.language_k`` parameters); a step,
+modelling, causal for a decoder, ``sft.language_steps`` steps per phase, ``sft.language_k`` parameters); a step,
 evaluation or few-shot run of language ``l`` computes with the pretrained weights plus ``l``'s
 language SFT plus the task SFT being trained, so that the task SFT learns what the language
 SFTs do not hold. A language without text gets the task SFT alone.
@@ -143,7 +143,7 @@ class LotteryTicketSFT(MaskPolicy):
                 batches = batcher.fixed(text, sources.batch_size, max(1, steps), "language-sft")
                 delta = fit_language_sft(lm, pretrained, batches, steps, k, sources.make_optimizer, ticket)
             self.languages.add(code, delta)
-            log.info("lt_sft: %s's language SFT holds %d parameters (masked LM on %d lines of text, %d + %d steps)",
+            log.info("lt_sft: %s's language SFT holds %d parameters (language modelling on %d lines, %d + %d steps)",
                      code, sum(len(i) for i, _ in delta.values()), len(text), steps, steps)  # fmt: skip
 
     def read_texts(self, tokenizer) -> dict[str, LanguageData]:
