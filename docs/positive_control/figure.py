@@ -76,7 +76,7 @@ def main(folder: Path, out: Path) -> None:
         axis.bar(
             np.arange(len(conditions)) + (i - 1.5) * width, means, width, yerr=sds, label=method, capsize=2
         )
-    axis.set_xticks(range(len(conditions)), conditions)
+    axis.set_xticks(range(len(conditions)), [c.replace(", ", "\n") for c in conditions])
     axis.set_ylabel("mean source LAS (dev)")
     axis.set_ylim(80, 100)
     axis.set_title("Positive control: two languages, same strings, swapped subject/object")
