@@ -73,14 +73,15 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
 
 
 def _settings(folder: Path) -> tuple[str, ...]:
-    """The run's command-line overrides (``.hydra/overrides.yaml``) but its method and seed."""
+    """The run's command-line overrides (``.hydra/overrides.yaml``) but its method, its seed and
+    the settings that do not change results (``resume``, ``overwrite``)."""
     path = folder / ".hydra" / "overrides.yaml"
     if not path.exists():
         return ()
     from omegaconf import OmegaConf
 
     overrides = [str(o) for o in OmegaConf.load(path)]
-    return tuple(sorted(o for o in overrides if o.split("=")[0].lstrip("+~") not in ("method", "seed")))
+    return tuple(sorted(o for o in overrides if o.split("=")[0].lstrip("+~") not in ("method", "seed", "resume", "overwrite")))
 
 
 def methods_of(runs: Sequence[Run]) -> list[str]:
