@@ -81,7 +81,13 @@ def _settings(folder: Path) -> tuple[str, ...]:
     from omegaconf import OmegaConf
 
     overrides = [str(o) for o in OmegaConf.load(path)]
-    return tuple(sorted(o for o in overrides if o.split("=")[0].lstrip("+~") not in ("method", "seed", "resume", "overwrite")))
+    return tuple(
+        sorted(
+            o
+            for o in overrides
+            if o.split("=")[0].lstrip("+~") not in ("method", "seed", "resume", "overwrite")
+        )
+    )
 
 
 def methods_of(runs: Sequence[Run]) -> list[str]:
