@@ -30,12 +30,17 @@ LINEAR_IN_PARAMETERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
 SparseDelta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # parameter name -> (flat indices, values)
 
 
+def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Parameter name -> (its module, attribute) for modules linear in their parameters."""
+    return {f"{module_name}.{p}" if module_name else p: (module, p)
+            for module_name, module in model.named_modules() if isinstance(module, LINEAR_IN_PARAMETERS)
+            for p, _ in module.named_parameters(recurse=False)}  # fmt: skip
+
+
 def composable_names(model: nn.Module, names: Iterable[str]) -> list[str]:
     """The parameters among ``names`` that :class:`LanguageDeltas` can add a difference to: those
     of modules linear in their parameters."""
-    owners = {f"{module_name}.{p}" if module_name else p
-              for module_name, module in model.named_modules() if isinstance(module, LINEAR_IN_PARAMETERS)
-              for p, _ in module.named_parameters(recurse=False)}  # fmt: skip
+    owners = _owners(model)
     return [name for name in names if name in owners]
 
 
@@ -56,9 +61,7 @@ class LanguageDeltas:
         self.deltas: dict[str, SparseDelta] = {}
         self.active: str | None = None
         self._dense: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        self._owners = {f"{module_name}.{p}" if module_name else p: (module, p)
-                        for module_name, module in model.named_modules() if isinstance(module, LINEAR_IN_PARAMETERS)
-                        for p, _ in module.named_parameters(recurse=False)}  # fmt: skip
+        self._owners = _owners(model)
         self._handles = [module.register_forward_hook(self._hook)
                          for module in {m for m, _ in self._owners.values()}]  # fmt: skip
 
