@@ -30,8 +30,9 @@ from subnets.data.languages import RunData, data_cache, data_root, load_run_data
 from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.identity import model_fingerprint
-from subnets.methods.base import BatchStep, Method, TrainingBatches
+from subnets.methods.base import BatchStep, Method, NoMasks, TrainingBatches
 from subnets.methods.episodes import MAMLEpisodes
+from subnets.methods.subnetworks import SubnetworkPolicy
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.tasks.base import Task, build_task
@@ -50,6 +51,9 @@ def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.dev
     ``cuda`` is each process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingError(f"train.device={name}: this machine has no CUDA device (torch "
+                           f"{torch.__version__}); use train.device=auto or cpu")  # fmt: skip
     if name == "cuda" and parallel is not None and parallel.world_size > 1:
         name = f"cuda:{parallel.local_rank}"
     return torch.device(name)
@@ -62,6 +66,8 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
     ``train.compile`` with second-order MAML."""
     policy = method.policy
     name = f"method {cfg.method.name} ({type(policy).__name__})"
+    if setting(cfg.train.parallel) == "fsdp":
+        check_sharding_settings(cfg, method)
     if cfg.train.compile and isinstance(method.strategy, MAMLEpisodes) and not cfg.meta.first_order:
         raise SettingError("train.compile=true with meta.first_order=false: a compiled encoder has no double "
                            "backward through MAML's inner steps; use first-order MAML or train.compile=false")  # fmt: skip
@@ -100,6 +106,31 @@ def check_settings(cfg: DictConfig) -> None:
     validate_config(cfg)
     check_method_settings(cfg, build_method(cfg))
     build_task(cfg)
+
+
+def check_sharding_settings(cfg: DictConfig, method: Method) -> None:
+    """Refuse what ``train.parallel=fsdp`` does not run (:mod:`subnets.sharding`), with why."""
+    name = f"+method={cfg.method.name}"
+    if not isinstance(method.strategy, BatchStep):
+        raise SettingError(f"train.parallel=fsdp: {name} meta-learns (MAML), whose inner steps run on functional "
+                           "copies of whole parameters (torch.func), which FSDP2's sharded parameters are not; "
+                           "first- and second-order MAML run with train.parallel=ddp")  # fmt: skip
+    if not isinstance(method.policy, (NoMasks, SubnetworkPolicy)):
+        raise SettingError(f"train.parallel=fsdp: {name} ({type(method.policy).__name__}) copies or wraps the "
+                           "model, which FSDP2 does not allow once it is sharded; the baseline, static, dynamic "
+                           "and random methods run sharded, the others with train.parallel=ddp")  # fmt: skip
+    refused = {
+        "train.compile=true": cfg.train.compile,
+        "train.keep_optimizer_state=false": not cfg.train.keep_optimizer_state,
+        f"masks.after_steps={cfg.masks.after_steps}": bool(cfg.masks.after_steps),
+        f"analysis.conflict_every={cfg.analysis.conflict_every}": cfg.analysis.conflict_every > 0,
+        f"analysis.cka_sentences={cfg.analysis.cka_sentences}": cfg.analysis.cka_sentences > 0,
+    }
+    for what, is_set in refused.items():
+        if is_set:
+            raise SettingError(f"train.parallel=fsdp does not support {what} (a whole-model copy, search or "
+                               "analysis on one process, or the sharded checkpoint rewritten); unset it or use "
+                               "train.parallel=ddp")  # fmt: skip
 
 
 @dataclass
@@ -169,6 +200,17 @@ def assemble(
     if data is not None:
         data.tokenize(tokenizer, cache)
     model = build_model(cfg, transformer, task, tokenizer).to(device)
+    if cfg.model.gradient_checkpointing:
+        if not getattr(transformer, "supports_gradient_checkpointing", False):
+            raise SettingError(f"model.gradient_checkpointing=true: {type(transformer).__name__} has no activation "
+                               "checkpointing of its own (Hugging Face supports_gradient_checkpointing)")  # fmt: skip
+        kwargs = {"use_reentrant": False}
+        if hasattr(
+            transformer, "activation_checkpointing_enable"
+        ):  # transformers 5 (the older name is deprecated)
+            transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     batcher = Batcher(task.collator(tokenizer, _max_subwords(cfg, transformer, tokenizer), model.gates.layout.causal),
                       device, cfg.seed)  # fmt: skip
     return Parts(cfg, task, method, data, tokenizer, model, batcher, fingerprint)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 
-from subnets.checkpoint import save_checkpoint
+from subnets.checkpoint import remove_stale_shards, save_checkpoint
 from subnets.guards import LossGuard
+from subnets.sharding import save_sharded
 from subnets.update import StepResult
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ class Validation(Callback):
         self.every = every
 
     def after_step(self, run, result: StepResult) -> None:
-        if run.parallel.is_main and (run.step % self.every == 0 or run.step == run.cfg.train.steps):
+        # sharded (train.parallel=fsdp), every process takes part in the forward passes
+        evaluates = run.parallel.is_main or run.parallel.sharded
+        if evaluates and (run.step % self.every == 0 or run.step == run.cfg.train.steps):
             with run.clock("dev_evaluation"):
                 self.validate(run)
 
@@ -75,9 +78,16 @@ class Validation(Callback):
                  ", ".join(f"{code} {m:.2f}" for code, m in metrics.items()), metric, " (best so far)" if best else "")  # fmt: skip
         if best:
             run.best = {"metric": metric, "step": run.step}
-            save_checkpoint(run.paths.best_checkpoint, {"step": run.step, "metric": metric, "config": run.config(),
-                                                        "model": run.model.state_dict(),
-                                                        "method": run.method.state_dict()})  # fmt: skip
+            path = run.paths.best_checkpoint
+            state = {"step": run.step, "metric": metric, "config": run.config()}
+            if run.parallel.sharded:  # the model's shards, each process its own
+                state["sharded"] = save_sharded(path.parent / f"best-{run.step}.dcp", run.model).name
+            else:
+                state["model"] = run.model.state_dict()
+            if run.parallel.is_main:
+                save_checkpoint(path, {**state, "method": run.method.state_dict()})
+                if run.parallel.sharded:
+                    remove_stale_shards(path.parent, "best", state["sharded"])
         return metric
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from subnets.files import load_safetensors, save_safetensors
+from subnets.sharding import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
@@ -166,15 +168,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(run) -> Path:
     """Write ``run``'s full training state (a :class:`~subnets.runner.Run`: model, optimizer,
     scheduler, sampler, method, best model, loss guard, generators; its config) to its
-    ``checkpoints/last.safetensors`` (rank 0 only) and tell its loss guard."""
-    path = run.paths.last_checkpoint
-    if run.parallel.is_main:
-        save_checkpoint(path, {"step": run.step, "config": run.config(), "model": run.model.state_dict(),
-                               "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                               "sampler": run.sampler.state_dict(), "method": run.method.state_dict(),
-                               "best": run.best, "divergence": run.guard.state_dict(), "rng": rng_state()})  # fmt: skip
+    ``checkpoints/last.safetensors`` (rank 0 only) and tell its loss guard. Sharded
+    (``train.parallel=fsdp``; call it on every process), the model and the optimizer go to
+    ``checkpoints/last-<step>.dcp/``, each process writing its own shards, and the file names
+    that folder and holds every process's generators."""
+    path, main = run.paths.last_checkpoint, run.parallel.is_main
+    state = {"step": run.step, "config": run.config()}
+    if run.parallel.sharded:
+        folder = save_sharded(path.parent / f"last-{run.step}.dcp", run.model, run.optimizer)
+        state.update(sharded=folder.name, world_size=run.parallel.world_size,
+                     rng_ranks=run.parallel.gather(rng_state()))  # fmt: skip
+    elif main:
+        state.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+    if main:
+        state.update(scheduler=run.scheduler.state_dict(), sampler=run.sampler.state_dict(),
+                     method=run.method.state_dict(), best=run.best, divergence=run.guard.state_dict(),
+                     rng=rng_state())  # fmt: skip
+        save_checkpoint(path, state)
+        if run.parallel.sharded:
+            remove_stale_shards(path.parent, "last", state["sharded"])
         run.guard.checkpoint_written(run.step, None if run.guard.healthy else False)
     return path
+
+
+def remove_stale_shards(folder: Path, kind: str, kept: str) -> None:
+    """Delete the sharded checkpoints ``<kind>-<step>.dcp`` in ``folder`` other than ``kept``."""
+    for stale in folder.glob(f"{kind}-*.dcp"):
+        if stale.name != kept:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def resume_training_state(run) -> bool:
@@ -186,10 +207,13 @@ def resume_training_state(run) -> bool:
             run.paths.drop_records_after(None)  # a run killed before its first checkpoint starts again
         return False
     state = load_checkpoint(path, run.device)
-    load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
+    if "sharded" in state or run.parallel.sharded:
+        run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read by Run.shard
+    else:
+        load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
     if "optimizer" in state:
         run.optimizer.load_state_dict(state["optimizer"])
-    elif state["step"] < run.cfg.train.steps:
+    elif "sharded" not in state and state["step"] < run.cfg.train.steps:
         raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
                          f"run finished at step {state['step']}): its training cannot be continued to "
                          f"train.steps={run.cfg.train.steps}; start a new run")  # fmt: skip
@@ -198,8 +222,42 @@ def resume_training_state(run) -> bool:
         part.load_state_dict(state[key])
     run.step, run.best = state["step"], state["best"]
     run.guard.checkpoint_written(run.step)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][run.parallel.rank] if "rng_ranks" in state else state["rng"])
     if main:
         run.paths.drop_records_after(run.step)
     log.info("resumed from %s at step %d", path, run.step)
     return True
+
+
+def restore_best_model(run) -> None:
+    """Put the best model ``run`` recorded (``checkpoints/best.safetensors``, its shards for a
+    sharded run) and its method state back into ``run``."""
+    path = run.paths.best_checkpoint
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing, but the run recorded a best model at step {run.best['step']}"
+        )
+    best = load_checkpoint(path, run.device)
+    if "sharded" in best:
+        load_sharded(path.parent / best["sharded"], run.model)
+    else:
+        load_model_state(run.model, best["model"], path, f"the settings of {run.paths.identity}")
+    run.method.load_state_dict(best["method"])
+
+
+def _sharded_checkpoint(run, path: Path, state: dict[str, Any]) -> Path:
+    """The folder of shards a sharded checkpoint names, checked against ``run``'s processes."""
+    if "sharded" not in state:
+        raise ValueError(f"{path} was written by an unsharded run; it continues with train.parallel=ddp")
+    if not run.parallel.sharded:
+        raise ValueError(f"{path} is sharded (train.parallel=fsdp): continue the run under torchrun with "
+                         "train.parallel=fsdp, or write a whole checkpoint for evaluation and export with "
+                         f"`python -m subnets.consolidate run={run.paths.root}`")  # fmt: skip
+    written, now = state["world_size"], run.parallel.world_size
+    if written != now:
+        raise ValueError(f"{path} was written by {written} processes, this run has {now}: train.batch_size is per "
+                         f"process, so a step's batch ({written} x train.batch_size sentences) and each process's "
+                         f"generators would change; continue it with --nproc_per_node={written} "
+                         f"(`python -m subnets.consolidate run={run.paths.root}` gives a whole checkpoint for "
+                         "evaluation and export at any size)")  # fmt: skip
+    return path.parent / state["sharded"]

@@ -5,6 +5,12 @@ sentences (the samplers share their seed) and trains on its own slice of it; gra
 gradients and the loss are averaged over processes, weighted by words, before the (masked)
 update, so masks and parameters stay identical on every rank and a step equals one step on
 the combined batch. Only rank 0 evaluates and writes checkpoints, logs and results.
+
+Sharded (``train.parallel=fsdp``, :mod:`subnets.sharding`): FSDP2 averages the parameters'
+gradients itself (each process's loss is scaled by its share of the batch's words first, so
+the average is the combined batch's gradient); every process takes part in each forward pass,
+so all of them evaluate (the same sentences, the same numbers) and write their shards of each
+checkpoint, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from subnets.config.rules import SettingError
+
 
 @dataclass
 class DataParallel:
@@ -27,16 +35,24 @@ class DataParallel:
     local_rank: int = 0
     owns_group: bool = False  # whether this object started the process group (and ends it)
     device: str = "cpu"  # where collectives run: the process's GPU with NCCL, else the CPU
+    sharded: bool = False  # FSDP2 (train.parallel=fsdp): parameters sharded over the processes
 
     @classmethod
-    def from_environment(cls, device: str) -> DataParallel:
+    def from_environment(cls, device: str, sharded: bool = False) -> DataParallel:
         """Join the job ``torchrun`` describes in ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (if any).
 
         The backend is NCCL when the run uses CUDA (``device`` ``auto`` on a GPU machine, or
-        ``cuda``), gloo otherwise.
+        ``cuda``), gloo otherwise. ``sharded`` (``train.parallel=fsdp``) needs ``torchrun``, even
+        for one process (FSDP2 shards over a process group).
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if sharded and "RANK" not in os.environ:
+            raise SettingError(
+                "train.parallel=fsdp shards the model over the processes torchrun starts; launch with "
+                "`torchrun --nproc_per_node=N -m subnets.train train.parallel=fsdp ...` (or train.parallel=ddp "
+                "for one process)"
+            )
+        if world_size == 1 and not sharded:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -47,9 +63,8 @@ class DataParallel:
             # Other ranks wait while rank 0 searches masks or evaluates: allow for long waits.
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
         nccl = dist.get_backend() == "nccl"
-        return cls(
-            dist.get_rank(), dist.get_world_size(), local_rank, owns, f"cuda:{local_rank}" if nccl else "cpu"
-        )
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns,
+                   f"cuda:{local_rank}" if nccl else "cpu", sharded)  # fmt: skip
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +85,14 @@ class DataParallel:
             n = tensor.numel()
             tensor.copy_(flat[offset : offset + n].view_as(tensor))
             offset += n
+
+    def mean(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace each tensor, in place, by its mean over processes."""
+        if self.world_size == 1 or not tensors:
+            return
+        self.sum(tensors)
+        for tensor in tensors:
+            tensor.div_(self.world_size)
 
     def average(self, tensors: Sequence[torch.Tensor], weight: float) -> float:
         """Replace each tensor, in place, by its ``weight``-weighted mean over processes;
@@ -98,6 +121,14 @@ class DataParallel:
             return
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj``, in rank order (pickled)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -21,12 +21,12 @@ from subnets.assemble import assemble, check_inputs, check_settings, make_optimi
 from subnets.callbacks import Checkpoint, Conflict, Guard, TrainEnd, Validation
 from subnets.checkpoint import (
     drop_optimizer_state,
-    load_checkpoint,
-    load_model_state,
+    restore_best_model,
     resume_training_state,
     save_training_state,
     seed_everything,
 )
+from subnets.config import setting
 from subnets.distributed import DataParallel
 from subnets.evaluate import Evaluator
 from subnets.evaluate.results import run_few_shot, write_results
@@ -37,6 +37,7 @@ from subnets.methods.base import Outputs, SourceLanguages
 from subnets.progress import Clock, bar, duration, run_log
 from subnets.results import format_results
 from subnets.runfolder import RunFolder
+from subnets.sharding import load_sharded, shard_task_model
 from subnets.tracking import Tracker
 from subnets.update import StepResult
 
@@ -53,6 +54,7 @@ class Run:
     def __init__(self, cfg: DictConfig, folder: str | os.PathLike):
         self.cfg, self.paths, self.folder = cfg, RunFolder(folder), Path(folder)
         self.step, self.best = 0, None  # best: {"metric": float, "step": int}
+        self.sharded_checkpoint: Path | None = None  # train.parallel=fsdp: the shards a resume reads
         self.clock, self.started = Clock(), time.perf_counter()  # seconds per phase, for results.json
         self.parallel, self.tracker = DataParallel(), Tracker(self.folder, enabled=False)
         train = cfg.train
@@ -71,7 +73,7 @@ class Run:
         saved = saved_identity(self.paths, self.config(), cfg.resume)
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.parallel = DataParallel.from_environment(cfg.train.device)
+        self.parallel = DataParallel.from_environment(cfg.train.device, setting(cfg.train.parallel) == "fsdp")
         main = self.parallel.is_main
         self.tracker, started, identity = Tracker(self.folder, enabled=main), time.perf_counter(), {}
 
@@ -116,6 +118,10 @@ class Run:
                 self.method.load_state_dict(state)
                 policy.prepare(self.model, self.source_languages(), self.outputs)
             self.parallel.broadcast_parameters(self.model)
+        if self.parallel.sharded:  # FSDP2: shard the model, then read a resumed run's shards
+            shard_task_model(self.model, self.optimizer, bf16=setting(cfg.train.precision) == "bf16")
+            if self.sharded_checkpoint is not None:
+                load_sharded(self.sharded_checkpoint, self.model, self.optimizer)
 
     def use(self, parts) -> None:
         """Take what :func:`~subnets.assemble.assemble` built (or what a trained run holds)."""
@@ -214,14 +220,7 @@ class Run:
     def final_evaluation(self) -> dict[str, Any]:
         """Evaluate the best model on every language and split; write predictions and results.json."""
         if self.best is not None:
-            path = self.paths.best_checkpoint
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{path} is missing, but the run recorded a best model at step {self.best['step']}"
-                )
-            best = load_checkpoint(path, self.device)
-            load_model_state(self.model, best["model"], path, f"the settings of {self.paths.identity}")
-            self.method.load_state_dict(best["method"])
+            restore_best_model(self)
         policy = self.method.policy
         with self.clock("final_evaluation"):
             policy.prepare_evaluation(self.model, self.data.support)
@@ -287,7 +286,9 @@ def _train_and_evaluate(training: Run, record: Mapping[str, str] | None) -> tupl
             results = read_json(paths.results, "the run's results") if main else {}
         else:
             training.train()
-            results = training.final_evaluation() if main else {}
+            # sharded, every process takes part in each forward pass: all evaluate, rank 0 writes
+            results = training.final_evaluation() if main or training.parallel.sharded else {}
+            results = results if main else {}
             if main:
                 log.info("finished in %s; results in %s", duration(time.perf_counter() - training.started),
                          paths.results)  # fmt: skip

@@ -262,6 +262,9 @@ def load_run(
     method.policy.bind(model, parts.batcher, list(cfg.languages.train))
     method.strategy.bind(model)
     state = load_checkpoint(path, parts.batcher.device)
+    if "model" not in state and "sharded" in state:
+        raise ValueError(f"{path} holds its model in shards ({state['sharded']}, train.parallel=fsdp): write the "
+                         f"whole model into it first with `python -m subnets.consolidate run={folder}`")  # fmt: skip
     load_model_state(model, state["model"], path, _described_by(folder, cfg, path))
     method.load_state_dict(state["method"])
     model.eval()

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from subnets.data.batching import Batch
 from subnets.distributed import DataParallel
 from subnets.models.gates import gate_probe
 from subnets.models.parser import DependencyParser
+from subnets.sharding import local, local_mask
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,20 @@ def apply_update(
     and whether the step was skipped.
     """
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if update_mask is not None:
+    if update_mask is not None and hasattr(optimizer, "mask_gradients"):
+        optimizer.mask_gradients(update_mask)
+    elif update_mask is not None:
         named = dict(model.named_parameters())
         for name, mask in update_mask.items():
             grad = named[name].grad
             if grad is not None:
-                grad.mul_(mask)
+                local(grad).mul_(local_mask(mask, grad))
     if clip_norm and clip_norm > 0:
         grad_norm = nn.utils.clip_grad_norm_(parameters, clip_norm)
     else:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grad_norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
     skipped = not _finite(loss, grad_norm)
     if skipped:
         optimizer.zero_grad(set_to_none=True)
@@ -123,13 +128,24 @@ def training_step(
     if track_gates:
         weights = next(model.parameters())
         gate_of = {lang: gate_probe(model.gates.shape, gate_of[lang], weights) for lang in languages}
+    distributed = parallel is not None and parallel.world_size > 1
+    scale = 1.0
+    if distributed and parallel.sharded:
+        # FSDP2 averages the gradients over processes with equal weights: scale each process's
+        # loss by its share of the batch's words, so that the average is the combined batch's
+        total = torch.tensor([float(words)])
+        parallel.sum([total])
+        scale = words * parallel.world_size / float(total)
     loss, losses = 0.0, {}
     for i, part in enumerate(micro):
+        # the backward pass too under the part's gates: activation checkpointing reruns the forward
         with model.gates.applied(gate_of[part.lang]):
             out = model(part)
-        share = part.num_words / words  # the loss is a mean over words: the weighted sum is the batch's
-        part_loss = out.loss * share
-        (part_loss + extra_loss() if extra_loss is not None and i == 0 else part_loss).backward()
+            share = part.num_words / words  # the loss is a mean over words: the weighted sum is the batch's
+            part_loss = out.loss * share
+            (
+                scale * (part_loss + extra_loss() if extra_loss is not None and i == 0 else part_loss)
+            ).backward()
         loss = loss + out.loss.detach().reshape(1) * share
         for k, v in out.losses.items():
             losses[k] = losses.get(k, 0.0) + v.detach().reshape(1) * share
@@ -139,7 +155,14 @@ def training_step(
             if probe.grad is None:
                 probe.grad = torch.zeros_like(probe)
             probes.append(probe.grad)
-    if parallel is not None and parallel.world_size > 1:
+    if distributed and parallel.sharded:  # FSDP2 averages the gradients of sharded parameters
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        whole = [
+            p.grad for p in [*parameters, *also_average] if p.grad is not None and not isinstance(p, DTensor)
+        ]
+        parallel.mean([*whole, *probes])
+        words = int(round(parallel.average([loss, *losses.values()], words)))
+    elif distributed:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in [*parameters, *also_average] if p.grad is not None]
         words = int(round(parallel.average([*grads, *probes, loss, *losses.values()], words)))

@@ -5,6 +5,8 @@
 * ``subnets-predict`` / ``python -m subnets.predict`` (and its earlier name ``subnets.parse``):
   annotate a file with a trained run (:mod:`subnets.cli.predict`);
 * ``subnets-report`` / ``python -m subnets.report``: a study's tables and figures (:mod:`subnets.cli.report`).
+* ``subnets-consolidate`` / ``python -m subnets.consolidate``: the whole model of a sharded run's
+  checkpoints (:mod:`subnets.cli.consolidate`).
 
 The commands that use a trained run take ``key=value`` pairs, as Hydra's command line writes them
 (:func:`split_arguments`), and turn an error into its message and exit status 1 (:func:`main_of`)."""

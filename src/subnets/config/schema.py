@@ -39,10 +39,15 @@ class Batches(str, Enum):
 
 class Precision(str, Enum):
     fp32 = "fp32"
-    bf16 = "bf16"  # the encoder's forward under bfloat16 autocast (weights and optimizer in fp32)
+    bf16 = "bf16"  # autocast, fp32 weights and optimizer (with fsdp: layers gathered in bf16)
     # weights, activations and optimizer state in float64: slower, for checks of numerics (the
     # rounding differences between CPUs' kernels and thread counts stay far below a printed digit)
     fp64 = "fp64"
+
+
+class Parallel(str, Enum):  # under torchrun (subnets.distributed, subnets.sharding)
+    ddp = "ddp"  # every process holds the whole model; gradients averaged over processes
+    fsdp = "fsdp"  # FSDP2: each layer, then the rest, sharded (parameters, gradients, optimizer state)
 
 
 class ApplyMode(str, Enum):
@@ -135,6 +140,7 @@ class ModelConfig:
     # {attention: {...}, feed_forward: {...}, causal} (checked by ModelLayout.from_dict when
     # the model is built, at start; untyped here so that a command-line override can set it)
     layout: Any = None
+    gradient_checkpointing: bool = False  # the transformer's own activation checkpointing (non-reentrant)
 
 
 # The task group (``task=<name>``): each option's YAML file starts from one of these schemas
@@ -256,10 +262,9 @@ class TrainConfig:
     # state (AdamW: two moment tensors per parameter); evaluation and re-running the finished
     # command still work, continuing its training does not
     keep_optimizer_state: bool = True
-    precision: Precision = (
-        Precision.fp32
-    )  # bf16: the encoder's forward (and backward) under autocast; fp64: all in float64
+    precision: Precision = Precision.fp32  # bf16: the encoder under autocast; fp64: all in float64
     compile: bool = False  # torch.compile of the encoder (in place: checkpoint names unchanged)
+    parallel: Parallel = Parallel.ddp  # under torchrun: whole replicas (ddp) or FSDP2 shards (fsdp)
 
 
 @dataclass

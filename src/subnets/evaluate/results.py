@@ -19,9 +19,11 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
     few-shot protocol, and write ``results.json``, with the entries of ``about`` after the run's
     step and best model. The method's test-time policy must be prepared (``prepare_evaluation``)."""
     cfg, policy, data, task = run.cfg, run.method.policy, run.data, run.task
+    main = run.parallel.is_main  # sharded (train.parallel=fsdp), every process evaluates; rank 0 writes
     with run.clock("final_evaluation"):
         scores = run.evaluator.languages(run.model, data.evaluated, policy.eval_gates,
-                                         lambda code, split: run.paths.predictions(f"{code}-{split}{task.prediction_suffix}"))  # fmt: skip
+                                         lambda code, split: run.paths.predictions(f"{code}-{split}{task.prediction_suffix}")
+                                         if main else None)  # fmt: skip
     best_step, dev_metric = (run.best["step"], run.best["metric"]) if run.best else (None, None)
     support = {code: {"split": d.split, "sentences": len(d)} for code, d in data.support.items()}
     role = {"order": cfg.method.report_order, "control_of": cfg.method.control_of}  # declared by the method
@@ -34,7 +36,8 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
         with run.clock("few_shot"):
             results["fewshot"] = run_few_shot(run)
     results["seconds"] = {**run.clock.rounded(), "total": round(time.perf_counter() - run.started, 2)}
-    atomic_write_json(run.paths.results, results)
+    if main:
+        atomic_write_json(run.paths.results, results)
     run.log({f"final/{role}/{code}/{k}": v for role in scores for code, s in scores[role].items()
              for k, v in s.items() if k not in ("split", task.count)})  # fmt: skip
     return results
@@ -47,4 +50,4 @@ def run_few_shot(run) -> dict[str, Any]:
     cfg, data = run.cfg, run.data
     return few_shot(run.model, run.method.policy, data.target_test, data.support_pools, run.batcher, run.tokenizer,
                     cfg.fewshot, run.evaluator, seed=cfg.seed, clip_norm=cfg.train.clip_norm,
-                    predictions=run.paths.predictions("fewshot"))  # fmt: skip
+                    predictions=run.paths.predictions("fewshot") if run.parallel.is_main else None)  # fmt: skip

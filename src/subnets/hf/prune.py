@@ -86,11 +86,11 @@ def prune_units(model: nn.Module, gates: UnitGates, keep: torch.Tensor) -> dict[
 
 def _attention_modules(model: nn.Module, gates: UnitGates) -> list[list[nn.Module]]:
     """Per depth, the modules between the layer and its query projection (where head counts live)."""
-    from subnets.models.layouts import _layer_list
+    from subnets.models.layouts import layer_list
 
     attention = gates.layout.attention
     found = []
-    for layer in _layer_list(model, attention.layers):
+    for layer in layer_list(model, attention.layers):
         modules, current = [], layer
         for part in attention.query.split(".")[:-1]:
             current = getattr(current, part)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from subnets.masks.selection import Units, per_kind
 from subnets.models.gates import UnitGates, gate_probe
@@ -110,7 +111,9 @@ def fisher_information(
     Args:
         parameters: names of the parameters to score (default: all that require grad).
     Returns:
-        name -> tensor of the parameter's shape, on the CPU.
+        name -> tensor of the parameter's shape, on the CPU; for a model sharded with FSDP2
+        (:mod:`subnets.sharding`; every process scoring the same batches), each process's
+        shards (DTensors): ``full_tensor()`` gives a whole one, :func:`fisher_per_unit` takes them.
     """
     loss_fn = loss_fn or _default_loss(model)
     named = dict(model.named_parameters())
@@ -125,7 +128,10 @@ def fisher_information(
     model.eval()
     try:
         for batch in itertools.islice(batches, max_batches):
-            grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
+            if any(isinstance(t, DTensor) for t in tensors):
+                grads = _sharded_gradients(model, loss_fn(batch), tensors)
+            else:
+                grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
             for total, grad in zip(sums, grads):
                 if grad is not None:
                     total += grad.detach() ** 2
@@ -135,6 +141,19 @@ def fisher_information(
     if count == 0:
         raise ValueError("fisher_information: no batches")
     return {n: (s / count).cpu() for n, s in zip(names, sums)}
+
+
+def _sharded_gradients(model: nn.Module, loss: torch.Tensor, tensors: list[torch.Tensor]) -> list:
+    """``d loss / d tensors`` of a model sharded with FSDP2, which gives gradients to its sharded
+    parameters only through a backward pass (reduce-scattered: every process must run the same
+    batch); the gradients the model held before are put back."""
+    held = {p: p.grad for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [t.grad for t in tensors]
+    for parameter, grad in held.items():
+        parameter.grad = grad
+    return grads
 
 
 def fisher_per_unit(
@@ -158,7 +177,8 @@ def fisher_per_unit(
         name = names[id(owned.parameter)]
         if name not in fisher:
             continue
-        values = fisher[name].double()
+        values = fisher[name]
+        values = (values.full_tensor() if isinstance(values, DTensor) else values).double()
         per_entry = (
             values.movedim(owned.dim, 0).reshape(values.shape[owned.dim], -1).sum(dim=1) / shares[name]
         )

@@ -30,7 +30,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -174,6 +175,13 @@ class UnitGates:
             yield
         finally:
             self.values = previous
+
+    def replace_parameters(self, replacements: Mapping[int, nn.Parameter]) -> None:
+        """Point the ownership records at new parameter objects (``id`` of the old one -> the
+        new one), e.g. the DTensors FSDP2's ``fully_shard`` puts in place of a model's parameters."""
+        self.owned = [
+            replace(o, parameter=replacements.get(id(o.parameter), o.parameter)) for o in self.owned
+        ]
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """Every parameter some unit owns coordinates of (each once)."""

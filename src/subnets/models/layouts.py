@@ -240,7 +240,8 @@ def get_module(root: nn.Module, path: str) -> list[nn.Module]:
     return found
 
 
-def _layer_list(model: nn.Module, path: str) -> list[nn.Module]:
+def layer_list(model: nn.Module, path: str) -> list[nn.Module]:
+    """The layers at ``path`` (a layout's ``layers``: a ModuleList, or a path with ``*``)."""
     found = get_module(model, path)
     if "*" not in path:
         found = list(found[0]) if len(found) == 1 and isinstance(found[0], nn.ModuleList) else []
@@ -261,7 +262,7 @@ def features(projection: nn.Module) -> tuple[int, int]:
 
 def layer_projections(model: nn.Module, layers: str, paths: list[str]) -> list[list[nn.Module]] | None:
     """Per physical layer, the projections at ``paths``; None unless every one exists."""
-    physical = _layer_list(model, layers)
+    physical = layer_list(model, layers)
     if not physical:
         return None
     rows = []

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from subnets.sharding import local, local_mask
+
 MaskKey = str | nn.Parameter | torch.Tensor
 
 
@@ -39,6 +41,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
     * per-tensor state (Adam's ``step`` counter, used for bias correction) advances whenever
       any coordinate of the tensor is updated; a tensor masked entirely is skipped, counters
       and all, exactly as if it had no gradient.
+
+    Sharded parameters (DTensors, as FSDP2 makes them: :mod:`subnets.sharding`) take whole
+    masks too: each process saves and restores only the coordinates of its own shard, so the
+    step is the unsharded step, shard by shard (whether a tensor is masked entirely is decided
+    on the whole mask, so every process skips or steps it alike).
 
     Coordinates where the mask is True move exactly as the wrapped optimizer moves them (for
     element-wise optimizers: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, ...; an optimizer that
@@ -84,17 +91,34 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return self.names[key]
         return key
 
-    def _frozen(self, mask: torch.Tensor) -> _Frozen:
+    def _frozen(self, mask: torch.Tensor, parameter: torch.Tensor) -> _Frozen:
         """Where ``mask`` is False. The plan is cached per mask object and reused only while
         the mask's content is unchanged (compared each step: cheap next to the step itself)."""
-        cached = self._frozen_cache.get(id(mask))
+        key = (id(mask), id(parameter))
+        cached = self._frozen_cache.get(key)
         if cached is not None and cached[0].shape == mask.shape and torch.equal(cached[0], mask.bool()):
             return cached[1]
         if len(self._frozen_cache) > 512:
             self._frozen_cache.clear()
-        frozen = _Frozen(mask)
-        self._frozen_cache[id(mask)] = (mask.bool().clone(), frozen)
+        frozen = _Frozen(mask, parameter)
+        self._frozen_cache[key] = (mask.bool().clone(), frozen)
         return frozen
+
+    @torch.no_grad()
+    def mask_gradients(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> None:
+        """Zero the gradients outside ``update_mask`` (what :meth:`step` with it would leave
+        unused; before clipping, so that the norm counts only the coordinates the step updates)."""
+        grads = []
+        for parameter, frozen in self._resolve(update_mask):
+            grad = parameter.grad
+            if grad is None or frozen.none:
+                continue
+            if frozen.mask_only:
+                local(grad).masked_fill_(frozen.mask, 0.0)
+            else:
+                grads += frozen.blocks(local(grad))
+        if grads:
+            torch._foreach_zero_(grads)
 
     @torch.no_grad()
     def step(
@@ -128,14 +152,15 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 if state
                 else (parameter,)
             )
+            tensors = tuple(map(local, tensors))
             if frozen.mask_only:
                 unstructured += [(t, frozen.mask, t.clone()) for t in tensors]
-                parameter.grad.masked_fill_(frozen.mask, 0.0)
+                local(parameter.grad).masked_fill_(frozen.mask, 0.0)
                 continue
             views, buffers = self._blocks(frozen, tensors)
             blocks += views
             saved += buffers
-            grads += frozen.blocks(parameter.grad)
+            grads += frozen.blocks(local(parameter.grad))
         if grads:
             torch._foreach_zero_(grads)
         if blocks:
@@ -153,7 +178,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for parameter, frozen, before in fresh:
             for key, tensor in self.optimizer.state.get(parameter, {}).items():
                 if key not in before and _same_shape(tensor, parameter):
-                    frozen.zero(tensor)
+                    frozen.zero(local(tensor))
         return loss
 
     def _resolve(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> list[tuple[torch.Tensor, _Frozen]]:
@@ -171,7 +196,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"update_mask for {key if isinstance(key, str) else 'a parameter'}: shape "
                                  f"{tuple(mask.shape)}, parameter shape {tuple(parameter.shape)}")  # fmt: skip
             resolved.append(
-                (parameter, _Frozen(mask) if isinstance(update_mask, UpdateMask) else self._frozen(mask))
+                (
+                    parameter,
+                    _Frozen(mask, parameter)
+                    if isinstance(update_mask, UpdateMask)
+                    else self._frozen(mask, parameter),
+                )
             )
         if isinstance(update_mask, UpdateMask):
             if len(self._plans) > 64:
@@ -248,14 +278,21 @@ class _Frozen:
     (a mask constant along every other axis, as a head mask on query/key/value weights and
     biases) or of whole columns of a 2-D tensor (a head mask on the output projection), copied
     as views in one fused call; otherwise (``mask_only``) ``mask`` (True where frozen) with
-    ``torch.where``."""
+    ``torch.where``. For a sharded ``parameter``, the blocks and ``mask`` are those of its local
+    shard; ``all`` (the whole tensor frozen) is the whole mask's."""
 
     max_runs = 256
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, parameter: torch.Tensor | None = None):
         frozen = ~mask.bool()
-        self.none, self.all = not bool(frozen.any()), bool(frozen.all())
+        self.all = bool(frozen.all())
+        if parameter is not None:
+            frozen = local_mask(frozen, parameter)
+        self.none = not bool(frozen.any())
         self.mask, self.dim, self.runs = frozen, 0, []
+        if self.none:  # (also an empty shard)
+            self.mask_only = False
+            return
         first_column = frozen.reshape(frozen.shape[0], -1)[:, 0] if frozen.dim() else frozen
         if frozen.dim() >= 1 and bool((frozen == first_column.view(-1, *[1] * (frozen.dim() - 1))).all()):
             self.runs = _runs(first_column)

@@ -1,0 +1,6 @@
+"""``python -m subnets.consolidate``: :mod:`subnets.cli.consolidate`."""
+
+from subnets.cli.consolidate import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Sharded training with FSDP2 (train.parallel=fsdp; gloo, 2 CPU processes)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import transformers
+from conftest import TINY, Crash, tiny_config
+from test_distributed import free_port
+
+from subnets.assemble import check_settings
+from subnets.checkpoint import load_checkpoint
+from subnets.cli.consolidate import consolidate_run
+from subnets.config import SettingError
+from subnets.files import read_jsonl
+from subnets.optim import MaskedOptimizer
+from subnets.runner import Run, run
+from subnets.sharding import consolidated_model_state
+
+# Dropout off, so that two processes' half batches and one process's whole batch see the same
+# network; each process trains on 4 sentences, the single process on all 8.
+EXACT = ["model.encoder_dropout=0", "task.dropout=0", "task.word_dropout=0", "fewshot.repetitions=1"]
+QWEN2 = ["model.tiny.architecture=qwen2"]
+# keep_ratio masks of heads and neurons, a quarter each: some coordinates no language updates
+MASKS = ["masks.selection=keep_ratio", "masks.keep_ratio=0.25", "masks.units=both", "masks.finetune_steps=0"]
+METHODS = {
+    "baseline": [],
+    "static": ["+method=static", *MASKS],
+    "dynamic": ["+method=dynamic", "dynamic.update_every=4", *MASKS],
+    "random": ["+method=random", *MASKS],
+}
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), WANDB_MODE="disabled")  # fmt: skip
+    torch.set_num_threads(1)
+
+
+def _run_worker(
+    rank: int, world: int, overrides: list[str], folder: str, port: int, crash_at: int = 0
+) -> None:
+    """One process of a sharded run (the runner's ``run``), crashing after the checkpoint at
+    step ``crash_at`` if given."""
+    _join(rank, world, port)
+    if crash_at:
+        original = Run.save_checkpoint
+
+        def save_then_crash(self):
+            path = original(self)
+            if self.step == crash_at:
+                raise Crash(f"simulated crash after the checkpoint at step {crash_at}")
+            return path
+
+        Run.save_checkpoint = save_then_crash
+        try:
+            run(tiny_config(*overrides), folder)
+        except Crash:
+            return
+        raise AssertionError("the run did not crash")
+    run(tiny_config(*overrides), folder)
+
+
+def sharded_run(folder, overrides, world: int = 2, crash_at: int = 0) -> dict:
+    mp.spawn(_run_worker, args=(world, list(overrides), str(folder), free_port(), crash_at), nprocs=world)
+    return {} if crash_at else json.loads((folder / "results.json").read_text())
+
+
+def last_model(folder) -> dict[str, torch.Tensor]:
+    """The whole model of a run's last checkpoint, sharded or not."""
+    state = load_checkpoint(folder / "checkpoints" / "last.safetensors")
+    return (
+        state["model"]
+        if "model" in state
+        else consolidated_model_state(folder / "checkpoints" / state["sharded"])
+    )
+
+
+def training_losses(folder) -> list[float]:
+    return [r["train/loss"] for r in read_jsonl(folder / "metrics.jsonl") if "train/loss" in r]
+
+
+def reference_run(folder, overrides) -> tuple[dict, dict, Run]:
+    """One process on the combined batch: its results, its initial weights and the run."""
+    single = Run(tiny_config(*overrides), folder)
+    try:
+        single.setup()
+        initial = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+        single.train()
+        results = single.final_evaluation()
+    finally:
+        single.close()
+    return results, initial, single
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=[] if m == "static" else pytest.mark.slow) for m in METHODS]
+)
+def test_sharded_run_equals_one_process_and_learns(tmp_path, method):
+    settings = [*QWEN2, *EXACT, *METHODS[method]]
+    results = sharded_run(tmp_path / "sharded", [*settings, "train.parallel=fsdp", "train.batch_size=4"])
+    reference, initial, single = reference_run(tmp_path / "single", [*settings, "train.batch_size=8"])
+
+    sharded, whole = last_model(tmp_path / "sharded"), last_model(tmp_path / "single")
+    assert sharded.keys() == whole.keys()
+    # the same sentences per step: only the order of floating-point sums differs
+    for name, tensor in whole.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    if method in ("static", "random"):  # coordinates no language's mask holds stay initial, to the bit
+        union = single.method.policy.union_update_mask(list(single.data.train))
+        frozen = 0
+        for name, mask in union.items():
+            assert torch.equal(sharded[name][~mask], initial[name][~mask]), name
+            frozen += int((~mask).sum())
+        assert frozen > 1000
+    losses = training_losses(tmp_path / "sharded")
+    assert losses == pytest.approx(training_losses(tmp_path / "single"), rel=1e-4)
+    assert losses[-1] < losses[0] - 0.3  # it learns
+    for language, scores in reference["source"].items():
+        assert results["source"][language]["las"] == pytest.approx(scores["las"], abs=1.0)
+    assert sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir()) == [
+        "best-12.dcp", "best.safetensors", "last-12.dcp", "last.safetensors"]  # fmt: skip
+
+
+def _masked_step_worker(rank: int, port: int, folder: str) -> None:
+    """A masked AdamW step on a tiny Qwen2 decoder, sharded over 2 processes and whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    _join(rank, 2, port)
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    whole = transformers.Qwen2Model(config)
+    sharded = transformers.Qwen2Model(config)
+    sharded.load_state_dict(whole.state_dict())
+    initial = {k: v.clone() for k, v in whole.state_dict().items()}
+    for layer in sharded.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    generator = torch.Generator().manual_seed(1)
+    masks = {  # rows of two query heads (a block mask), and a random unstructured mask (odd sizes)
+        "layers.0.self_attn.q_proj.weight": torch.arange(32).view(32, 1).expand(32, 32) < 16,
+        "layers.1.mlp.up_proj.weight": torch.rand(72, 32, generator=generator) < 0.3,
+        "embed_tokens.weight": torch.rand(97, 32, generator=generator) < 0.5,
+    }
+    ids = torch.randint(0, 97, (3, 7), generator=generator)
+    out = {}
+    for kind, model in (("whole", whole), ("sharded", sharded)):
+        optimizer = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1),
+                                    model.named_parameters())  # fmt: skip
+        for step in range(3):  # the same batch on both processes: FSDP2's mean is the whole gradient
+            optimizer.zero_grad()
+            model((ids + step) % 97).last_hidden_state.pow(2).mean().backward()
+            optimizer.step(update_mask=masks)
+        state = model.state_dict()
+        out[kind] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+        exp_avg = optimizer.state[dict(model.named_parameters())["embed_tokens.weight"]]["exp_avg"]
+        out[kind + "_exp_avg"] = exp_avg.full_tensor() if hasattr(exp_avg, "full_tensor") else exp_avg
+    if rank == 0:
+        torch.save({"initial": initial, "masks": masks, **out}, f"{folder}/step.pt")
+    torch.distributed.barrier()  # no process leaves while another still talks to it
+    torch.distributed.destroy_process_group()
+
+
+def test_masked_optimizer_on_shards_equals_the_whole_step_and_freezes_to_the_bit(tmp_path):
+    mp.spawn(_masked_step_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    saved = torch.load(tmp_path / "step.pt")
+    whole, sharded, initial = saved["whole"], saved["sharded"], saved["initial"]
+    for name, mask in saved["masks"].items():
+        assert torch.equal(sharded[name][~mask], initial[name][~mask]), name  # frozen, weight decay and all
+        assert not torch.equal(sharded[name][mask], initial[name][mask]), name
+    for name, tensor in whole.items():  # identical inputs on both ranks: the same floating-point step
+        assert torch.equal(sharded[name], tensor), name
+    frozen = ~saved["masks"]["embed_tokens.weight"]
+    assert torch.equal(saved["sharded_exp_avg"], saved["whole_exp_avg"])
+    assert not saved["sharded_exp_avg"][frozen].any()  # Adam's moments never advanced where frozen
+
+
+def test_sharded_run_killed_resumes_exactly_and_refuses_another_world_size(tmp_path):
+    settings = [*QWEN2, "+method=static", *MASKS, "train.parallel=fsdp", "train.batch_size=4"]
+    reference = sharded_run(tmp_path / "reference", settings)
+    sharded_run(tmp_path / "resumed", settings, crash_at=8)
+    checkpoint = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.safetensors")
+    assert checkpoint["step"] == 8 and checkpoint["world_size"] == 2 and len(checkpoint["rng_ranks"]) == 2
+    assert "model" not in checkpoint and "optimizer" not in checkpoint  # in the shards
+
+    with pytest.raises(Exception):  # noqa: B017 (the message is checked in the log below)
+        sharded_run(tmp_path / "resumed", settings, world=1)
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert "was written by 2 processes, this run has 1" in log and "--nproc_per_node=2" in log
+
+    resumed = sharded_run(tmp_path / "resumed", settings)
+    assert resumed["source"] == reference["source"] and resumed["fewshot"] == reference["fewshot"]
+    a, b = last_model(tmp_path / "reference"), last_model(tmp_path / "resumed")
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+    logged = [{r["step"]: r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r}
+              for name in ("reference", "resumed")]  # fmt: skip
+    assert list(logged[0]) == list(logged[1]) == [3, 6, 9, 12]  # each step once
+    for step in (
+        3,
+        6,
+        12,
+    ):  # (the interval ending at 9 began before the crash: the resumed log holds step 9 alone)
+        assert logged[0][step] == logged[1][step]
+
+
+@pytest.mark.slow
+def test_torchrun_command_then_consolidate_and_evaluate(tmp_path):
+    folder = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "subnets.train", *TINY, *QWEN2, *EXACT, "+method=dynamic", "train.parallel=fsdp",
+               "train.precision=bf16", "model.gradient_checkpointing=true", f"hydra.run.dir={folder}"]  # fmt: skip
+    environment = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((folder / "results.json").read_text())
+    losses = training_losses(folder)
+    assert losses[-1] < losses[0] - 0.3  # bf16 layers with activation checkpointing learn
+
+    evaluate = [
+        sys.executable,
+        "-m",
+        "subnets.evaluate",
+        f"run={folder}",
+        f"output={tmp_path / 'evaluation'}",
+    ]
+    refused = subprocess.run(evaluate, capture_output=True, text=True, env=environment, timeout=300)
+    assert refused.returncode == 1 and "python -m subnets.consolidate" in refused.stderr
+
+    assert consolidate_run(folder) == [folder / "checkpoints" / "last.safetensors",
+                                       folder / "checkpoints" / "best.safetensors"]  # fmt: skip
+    evaluated = subprocess.run(evaluate, capture_output=True, text=True, env=environment, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    for language, scores in results["source"].items():  # one process, the consolidated best model
+        assert again["source"][language]["las"] == pytest.approx(scores["las"], abs=0.5)
+
+
+def test_settings_fsdp_refuses_with_the_reason():
+    for overrides, expected in [
+        (["+method=maml"], "meta-learns (MAML)"),
+        (["+method=lora"], "copies or wraps the model"),
+        (["+method=lt_sft"], "copies or wraps the model"),
+        (["train.compile=true"], "train.compile=true"),
+        (["train.keep_optimizer_state=false"], "train.keep_optimizer_state=false"),
+        (["analysis.conflict_every=5"], "analysis.conflict_every=5"),
+    ]:
+        with pytest.raises(SettingError, match=re.escape(expected)):
+            check_settings(tiny_config("train.parallel=fsdp", *overrides))
+
+
+def test_fsdp_without_torchrun_and_cuda_without_a_gpu_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SettingError, match="torchrun --nproc_per_node=N -m subnets.train"):
+        Run(tiny_config("train.parallel=fsdp"), tmp_path / "a").setup()
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingError, match="train.device=cuda: this machine has no CUDA device"):
+            Run(tiny_config("train.device=cuda"), tmp_path / "b").setup()
+
+
+def test_gradient_checkpointing_recomputes_the_same_step_under_gates(tmp_path):
+    settings = [*QWEN2, *EXACT, "+method=dynamic", "dynamic.update_every=4", "train.steps=6"]
+    models = []
+    for checkpointing in ("false", "true"):
+        single = Run(
+            tiny_config(*settings, f"model.gradient_checkpointing={checkpointing}"), tmp_path / checkpointing
+        )
+        single.setup()
+        transformer = single.model.encoder.transformer
+        active = getattr(
+            transformer, "is_activation_checkpointing", None
+        )  # transformers 5; 4 has the older name
+        assert (transformer.is_gradient_checkpointing if active is None else active) == (
+            checkpointing == "true"
+        )
+        single.train()
+        single.close()
+        models.append(single.model.state_dict())
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(models[1][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _importance_worker(rank: int, port: int, folder: str) -> None:
+    """Unit importance and Fisher per unit of a tiny Qwen2 decoder, whole, then sharded."""
+    from subnets.masks import fisher_information, fisher_per_unit, unit_importance
+    from subnets.models.gates import UnitGates
+    from subnets.sharding import shard_model
+
+    _join(rank, 2, port)
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(config)
+    gates = UnitGates(model.model, "both")
+    generator = torch.Generator().manual_seed(1)  # the same batches on both processes
+    batches = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (4, 2, 9), generator=generator)
+    ]
+    loss = lambda batch: model(**batch).loss  # noqa: E731
+    owned = [n for n, p in model.named_parameters() if any(p is o.parameter for o in gates.owned)]
+
+    def scores():
+        fisher = fisher_information(model, batches, loss, parameters=owned)
+        return unit_importance(model, batches, loss, gates=gates), fisher_per_unit(fisher, model, gates)
+
+    whole = scores()
+    names = {id(p): n for n, p in model.named_parameters()}
+    shard_model(model, model.model.layers)
+    sharded_parameters = dict(model.named_parameters())
+    gates.replace_parameters({key: sharded_parameters[name] for key, name in names.items()})
+    sharded = scores()
+    if rank == 0:
+        torch.save({"whole": whole, "sharded": sharded}, f"{folder}/importance.pt")
+    torch.distributed.barrier()  # no process leaves while another still talks to it
+    torch.distributed.destroy_process_group()
+
+
+def test_unit_importance_and_fisher_per_unit_on_shards_equal_the_whole_model(tmp_path):
+    mp.spawn(_importance_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    saved = torch.load(tmp_path / "importance.pt")
+    (importance, fisher), (sharded_importance, sharded_fisher) = saved["whole"], saved["sharded"]
+    assert importance.shape == (2, 4 + 72) and fisher.abs().sum() > 0
+    torch.testing.assert_close(sharded_importance, importance, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sharded_fisher, fisher, rtol=1e-5, atol=1e-12)
