@@ -121,8 +121,15 @@ def test_sharded_run_equals_one_process_and_learns(tmp_path, method):
     losses = training_losses(tmp_path / "sharded")
     assert losses == pytest.approx(training_losses(tmp_path / "single"), rel=1e-4)
     assert losses[-1] < losses[0] - 0.3  # it learns
+    norms = [[r["train/grad_norm"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/grad_norm" in r]
+             for name in ("sharded", "single")]  # fmt: skip
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)  # the norm over every process's shards
     for language, scores in reference["source"].items():
         assert results["source"][language]["las"] == pytest.approx(scores["las"], abs=1.0)
+    for language, scores in reference["fewshot"]["languages"].items():  # every process fine-tunes alike
+        assert results["fewshot"]["languages"][language]["las_mean"] == pytest.approx(
+            scores["las_mean"], abs=1.0
+        )
     assert sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir()) == [
         "best-12.dcp", "best.safetensors", "last-12.dcp", "last.safetensors"]  # fmt: skip
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from subnets.sharding import local, local_mask
 
@@ -47,6 +48,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
     step is the unsharded step, shard by shard (whether a tensor is masked entirely is decided
     on the whole mask, so every process skips or steps it alike).
 
+    For torch's Adam and AdamW (without amsgrad, fused or capturable updates), the step runs
+    Adam's own update on the coordinates the mask lets move and on nothing else, which costs
+    less than a step of the whole model; other optimizers step every coordinate, then the
+    frozen ones are written back (``adam_in_place = False`` takes that path for Adam too).
+
     Coordinates where the mask is True move exactly as the wrapped optimizer moves them (for
     element-wise optimizers: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, ...; an optimizer that
     mixes coordinates, such as LBFGS, sees the masked gradient). Gradients at masked coordinates
@@ -77,6 +83,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         # what step() without an update_mask uses: set it where a loop you do not own calls step()
         # (the Hugging Face Trainer, accelerate's prepared optimizer)
         self.update_mask: Mapping[MaskKey, torch.Tensor] | None = None
+        # torch's Adam and AdamW update only the coordinates a mask lets move (no save and
+        # restore: faster, the same numbers); False: every optimizer takes the general path
+        self.adam_in_place = True
 
     def _share_inner_state(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -142,6 +151,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
             elif not frozen.none:
                 partial.append((parameter, frozen))
+        if closure is None and self.adam_in_place and self._adam_in_place(partial):
+            for parameter, grad in skipped:
+                parameter.grad = grad
+            return None
         # Save the frozen coordinates of each parameter and its state tensors, step, write them back.
         blocks, saved, unstructured, fresh, grads = [], [], [], [], []
         for parameter, frozen in partial:
@@ -180,6 +193,75 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 if key not in before and _same_shape(tensor, parameter):
                     frozen.zero(local(tensor))
         return loss
+
+    def _adam_in_place(self, partial: list[tuple[torch.Tensor, _Frozen]]) -> bool:
+        """The step of torch's Adam or AdamW (plain settings: no amsgrad, fused, capturable or
+        differentiable update, no gradient scaler) taken on the coordinates the masks let move
+        and on nothing else, instead of saving and restoring the frozen ones: a parameter frozen
+        in runs of rows or columns enters the update as views of its other runs, with the views
+        of its moment estimates and a copy of its step count per view (the count itself advanced
+        once). The same element-wise arithmetic as the wrapped step; returns False (nothing
+        done) where it does not apply."""
+        optimizer = self.optimizer
+        plain = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not getattr(
+            optimizer, "grad_scale", None
+        )
+        groups = optimizer.param_groups
+        if not plain or any(
+            g["amsgrad"] or g["fused"] or g["capturable"] or g["differentiable"] for g in groups
+        ):
+            return False
+        plans = {id(parameter): frozen for parameter, frozen in partial}
+        if any(frozen.mask_only for frozen in plans.values()):
+            return False
+        grads = [view for parameter, frozen in partial for view in frozen.blocks(local(parameter.grad))]
+        if grads:
+            torch._foreach_zero_(grads)
+        for group in groups:
+            found: list[list[torch.Tensor]] = [[], [], [], [], []]  # parameters, gradients, moments, steps
+            has_complex = optimizer._init_group(group, found[0], found[1], found[2], found[3], [], found[4])
+            whole: list[list[torch.Tensor]] = [[], [], [], [], []]
+            views: list[list[torch.Tensor]] = [[], [], [], [], []]
+            advanced = []
+            for parameter, *tensors in zip(*found):
+                tensors = [local(parameter), *map(local, tensors[:3]), tensors[3]]
+                frozen = plans.get(id(parameter))
+                if frozen is None:
+                    for into, tensor in zip(whole, tensors):
+                        into.append(tensor)
+                    continue
+                advanced.append(tensors[4])
+                kept = self._updated_views(frozen, (tensors[0], tensors[2], tensors[3]))
+                for blocks in zip(kept[0], frozen.updated_blocks(tensors[1]), kept[1], kept[2]):
+                    for into, view in zip(views, [*blocks, tensors[4].clone()]):
+                        into.append(view)
+            beta1, beta2 = group["betas"]
+            settings = dict(amsgrad=False, has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                            capturable=False, differentiable=False, fused=None,
+                            decoupled_weight_decay=group["decoupled_weight_decay"])  # fmt: skip
+            adam(*whole[:4], [], whole[4], foreach=group["foreach"], **settings)
+            if views[0]:  # many small views: one multi-tensor call (on the CPU, the same kernels per tensor)
+                adam(*views[:4], [], views[4], foreach=True, **settings)
+            for step in advanced:
+                step += 1
+        return True
+
+    def _updated_views(self, frozen: _Frozen, tensors: tuple[torch.Tensor, ...]) -> list[list[torch.Tensor]]:
+        """:meth:`_Frozen.updated_blocks` of each of ``tensors`` (a parameter and its moment
+        estimates, updated in place), cached while they are the same objects."""
+        key = ("updated", id(frozen), *map(id, tensors))
+        cached = self._block_cache.get(key)
+        if cached is None or cached[0] is not frozen or any(a is not b for a, b in zip(cached[1], tensors)):
+            if len(self._block_cache) > 4096:
+                self._block_cache.clear()
+            cached = (
+                frozen,
+                tensors,
+                [frozen.updated_blocks(t) for t in tensors],
+            )  # holds them: ids not reused
+            self._block_cache[key] = cached
+        return cached[2]
 
     def _resolve(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> list[tuple[torch.Tensor, _Frozen]]:
         """``(parameter, frozen coordinates)`` for every entry, validated before anything changes.
@@ -304,6 +386,15 @@ class _Frozen:
 
     def blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor.narrow(self.dim, start, length) for start, length in self.runs]
+
+    def updated_blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the runs between the frozen ones (the coordinates a step updates)."""
+        kept, start = [], 0
+        for run_start, length in [*self.runs, (tensor.shape[self.dim], 0)]:
+            if run_start > start:
+                kept.append(tensor.narrow(self.dim, start, run_start - start))
+            start = run_start + length
+        return kept
 
     def zero(self, tensor: torch.Tensor) -> None:
         if self.mask_only:
