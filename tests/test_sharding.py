@@ -99,10 +99,12 @@ def reference_run(folder, overrides) -> tuple[dict, dict, Run]:
 
 
 @pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=[] if m == "static" else pytest.mark.slow) for m in METHODS]
+    ("architecture", "method"),
+    [pytest.param("qwen2", m, marks=[] if m == "static" else pytest.mark.slow) for m in METHODS]
+    + [pytest.param("bert", "static", marks=pytest.mark.slow)],
 )
-def test_sharded_run_equals_one_process_and_learns(tmp_path, method):
-    settings = [*QWEN2, *EXACT, *METHODS[method]]
+def test_sharded_run_equals_one_process_and_learns(tmp_path, architecture, method):
+    settings = [f"model.tiny.architecture={architecture}", *EXACT, *METHODS[method]]
     results = sharded_run(tmp_path / "sharded", [*settings, "train.parallel=fsdp", "train.batch_size=4"])
     reference, initial, single = reference_run(tmp_path / "single", [*settings, "train.batch_size=8"])
 
@@ -131,30 +133,49 @@ def test_sharded_run_equals_one_process_and_learns(tmp_path, method):
             scores["las_mean"], abs=1.0
         )
     assert sorted(p.name for p in (tmp_path / "sharded" / "checkpoints").iterdir()) == [
-        "best-12.dcp", "best.safetensors", "last-12.dcp", "last.safetensors"]  # fmt: skip
+        f"best-{results['best_step']}.dcp", "best.safetensors", "last-12.dcp", "last.safetensors"]  # fmt: skip
 
 
-def _masked_step_worker(rank: int, port: int, folder: str) -> None:
-    """A masked AdamW step on a tiny Qwen2 decoder, sharded over 2 processes and whole."""
+TINY_MODELS = {  # a model of odd sizes (nothing divides by 2), its layers, and three masked parameters
+    "qwen2": (
+        lambda: transformers.Qwen2Model(transformers.Qwen2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)),
+        "layers",
+        ["layers.0.self_attn.q_proj.weight", "layers.1.mlp.up_proj.weight", "embed_tokens.weight"],
+    ),
+    "bert": (
+        lambda: transformers.BertModel(transformers.BertConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+        "encoder.layer",
+        ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
+         "embeddings.word_embeddings.weight"],
+    ),
+}  # fmt: skip
+
+
+def _masked_step_worker(rank: int, port: int, folder: str, architecture: str) -> None:
+    """Masked AdamW steps on a tiny decoder or encoder, sharded over 2 processes and whole."""
     from torch.distributed.fsdp import fully_shard
+
+    from subnets.models.layouts import layer_list
 
     _join(rank, 2, port)
     torch.distributed.init_process_group("gloo")
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    whole = transformers.Qwen2Model(config)
-    sharded = transformers.Qwen2Model(config)
+    build, layers, (query, feed_forward, embeddings) = TINY_MODELS[architecture]
+    whole, sharded = build(), build()
     sharded.load_state_dict(whole.state_dict())
     initial = {k: v.clone() for k, v in whole.state_dict().items()}
-    for layer in sharded.layers:
+    for layer in layer_list(sharded, layers):
         fully_shard(layer)
     fully_shard(sharded)
     generator = torch.Generator().manual_seed(1)
-    masks = {  # rows of two query heads (a block mask), and a random unstructured mask (odd sizes)
-        "layers.0.self_attn.q_proj.weight": torch.arange(32).view(32, 1).expand(32, 32) < 16,
-        "layers.1.mlp.up_proj.weight": torch.rand(72, 32, generator=generator) < 0.3,
-        "embed_tokens.weight": torch.rand(97, 32, generator=generator) < 0.5,
+    masks = {  # rows of two query heads (a block mask), and random unstructured masks
+        query: torch.arange(32).view(32, 1).expand(32, 32) < 16,
+        feed_forward: torch.rand(72, 32, generator=generator) < 0.3,
+        embeddings: torch.rand(97, 32, generator=generator) < 0.5,
     }
     ids = torch.randint(0, 97, (3, 7), generator=generator)
     out = {}
@@ -167,16 +188,17 @@ def _masked_step_worker(rank: int, port: int, folder: str) -> None:
             optimizer.step(update_mask=masks)
         state = model.state_dict()
         out[kind] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
-        exp_avg = optimizer.state[dict(model.named_parameters())["embed_tokens.weight"]]["exp_avg"]
+        exp_avg = optimizer.state[dict(model.named_parameters())[embeddings]]["exp_avg"]
         out[kind + "_exp_avg"] = exp_avg.full_tensor() if hasattr(exp_avg, "full_tensor") else exp_avg
     if rank == 0:
-        torch.save({"initial": initial, "masks": masks, **out}, f"{folder}/step.pt")
+        torch.save({"initial": initial, "masks": masks, "embeddings": embeddings, **out}, f"{folder}/step.pt")
     torch.distributed.barrier()  # no process leaves while another still talks to it
     torch.distributed.destroy_process_group()
 
 
-def test_masked_optimizer_on_shards_equals_the_whole_step_and_freezes_to_the_bit(tmp_path):
-    mp.spawn(_masked_step_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("architecture", list(TINY_MODELS))
+def test_masked_optimizer_on_shards_equals_the_whole_step_and_freezes_to_the_bit(tmp_path, architecture):
+    mp.spawn(_masked_step_worker, args=(free_port(), str(tmp_path), architecture), nprocs=2)
     saved = torch.load(tmp_path / "step.pt")
     whole, sharded, initial = saved["whole"], saved["sharded"], saved["initial"]
     for name, mask in saved["masks"].items():
@@ -184,7 +206,7 @@ def test_masked_optimizer_on_shards_equals_the_whole_step_and_freezes_to_the_bit
         assert not torch.equal(sharded[name][mask], initial[name][mask]), name
     for name, tensor in whole.items():  # identical inputs on both ranks: the same floating-point step
         assert torch.equal(sharded[name], tensor), name
-    frozen = ~saved["masks"]["embed_tokens.weight"]
+    frozen = ~saved["masks"][saved["embeddings"]]
     assert torch.equal(saved["sharded_exp_avg"], saved["whole_exp_avg"])
     assert not saved["sharded_exp_avg"][frozen].any()  # Adam's moments never advanced where frozen
 

@@ -208,7 +208,7 @@ def resume_training_state(run) -> bool:
         return False
     state = load_checkpoint(path, run.device)
     if "sharded" in state or run.parallel.sharded:
-        run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read by Run.shard
+        run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read once the model is sharded
     else:
         load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
     if "optimizer" in state:

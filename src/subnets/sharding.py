@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from subnets.models.layouts import layer_list
@@ -74,11 +74,6 @@ def shard_task_model(model: nn.Module, optimizer: torch.optim.Optimizer, bf16: b
         group["params"] = [replacements.get(id(p), p) for p in group["params"]]
     if hasattr(optimizer, "names"):
         optimizer.names = {name: sharded.get(name, p) for name, p in optimizer.names.items()}
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded by :func:`shard_model` (FSDP2's ``fully_shard``)."""
-    return isinstance(model, FSDPModule)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 
-from subnets.sharding import local, local_mask
+from subnets.optim.frozen import FrozenCoordinates
+from subnets.sharding import local
 
 MaskKey = str | nn.Parameter | torch.Tensor
 
@@ -77,7 +78,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._share_inner_state()
         self.names = dict(named_parameters)
-        self._frozen_cache: dict[int, tuple[torch.Tensor, _Frozen]] = {}
+        self._frozen_cache: dict[int, tuple[torch.Tensor, FrozenCoordinates]] = {}
         self._plans: dict[int, tuple[UpdateMask, list]] = {}
         self._block_cache: dict[tuple, tuple] = {}
         # what step() without an update_mask uses: set it where a loop you do not own calls step()
@@ -100,7 +101,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return self.names[key]
         return key
 
-    def _frozen(self, mask: torch.Tensor, parameter: torch.Tensor) -> _Frozen:
+    def _frozen(self, mask: torch.Tensor, parameter: torch.Tensor) -> FrozenCoordinates:
         """Where ``mask`` is False. The plan is cached per mask object and reused only while
         the mask's content is unchanged (compared each step: cheap next to the step itself)."""
         key = (id(mask), id(parameter))
@@ -109,7 +110,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             return cached[1]
         if len(self._frozen_cache) > 512:
             self._frozen_cache.clear()
-        frozen = _Frozen(mask, parameter)
+        frozen = FrozenCoordinates(mask, parameter)
         self._frozen_cache[key] = (mask.bool().clone(), frozen)
         return frozen
 
@@ -151,7 +152,11 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
             elif not frozen.none:
                 partial.append((parameter, frozen))
-        if closure is None and self.adam_in_place and self._adam_in_place(partial):
+        if (
+            closure is None
+            and self.adam_in_place
+            and _adam_in_place(self.optimizer, partial, self._block_cache)
+        ):
             for parameter, grad in skipped:
                 parameter.grad = grad
             return None
@@ -194,76 +199,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
                     frozen.zero(local(tensor))
         return loss
 
-    def _adam_in_place(self, partial: list[tuple[torch.Tensor, _Frozen]]) -> bool:
-        """The step of torch's Adam or AdamW (plain settings: no amsgrad, fused, capturable or
-        differentiable update, no gradient scaler) taken on the coordinates the masks let move
-        and on nothing else, instead of saving and restoring the frozen ones: a parameter frozen
-        in runs of rows or columns enters the update as views of its other runs, with the views
-        of its moment estimates and a copy of its step count per view (the count itself advanced
-        once). The same element-wise arithmetic as the wrapped step; returns False (nothing
-        done) where it does not apply."""
-        optimizer = self.optimizer
-        plain = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not getattr(
-            optimizer, "grad_scale", None
-        )
-        groups = optimizer.param_groups
-        if not plain or any(
-            g["amsgrad"] or g["fused"] or g["capturable"] or g["differentiable"] for g in groups
-        ):
-            return False
-        plans = {id(parameter): frozen for parameter, frozen in partial}
-        if any(frozen.mask_only for frozen in plans.values()):
-            return False
-        grads = [view for parameter, frozen in partial for view in frozen.blocks(local(parameter.grad))]
-        if grads:
-            torch._foreach_zero_(grads)
-        for group in groups:
-            found: list[list[torch.Tensor]] = [[], [], [], [], []]  # parameters, gradients, moments, steps
-            has_complex = optimizer._init_group(group, found[0], found[1], found[2], found[3], [], found[4])
-            whole: list[list[torch.Tensor]] = [[], [], [], [], []]
-            views: list[list[torch.Tensor]] = [[], [], [], [], []]
-            advanced = []
-            for parameter, *tensors in zip(*found):
-                tensors = [local(parameter), *map(local, tensors[:3]), tensors[3]]
-                frozen = plans.get(id(parameter))
-                if frozen is None:
-                    for into, tensor in zip(whole, tensors):
-                        into.append(tensor)
-                    continue
-                advanced.append(tensors[4])
-                kept = self._updated_views(frozen, (tensors[0], tensors[2], tensors[3]))
-                for blocks in zip(kept[0], frozen.updated_blocks(tensors[1]), kept[1], kept[2]):
-                    for into, view in zip(views, [*blocks, tensors[4].clone()]):
-                        into.append(view)
-            beta1, beta2 = group["betas"]
-            settings = dict(amsgrad=False, has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                            capturable=False, differentiable=False, fused=None,
-                            decoupled_weight_decay=group["decoupled_weight_decay"])  # fmt: skip
-            adam(*whole[:4], [], whole[4], foreach=group["foreach"], **settings)
-            if views[0]:  # many small views: one multi-tensor call (on the CPU, the same kernels per tensor)
-                adam(*views[:4], [], views[4], foreach=True, **settings)
-            for step in advanced:
-                step += 1
-        return True
-
-    def _updated_views(self, frozen: _Frozen, tensors: tuple[torch.Tensor, ...]) -> list[list[torch.Tensor]]:
-        """:meth:`_Frozen.updated_blocks` of each of ``tensors`` (a parameter and its moment
-        estimates, updated in place), cached while they are the same objects."""
-        key = ("updated", id(frozen), *map(id, tensors))
-        cached = self._block_cache.get(key)
-        if cached is None or cached[0] is not frozen or any(a is not b for a, b in zip(cached[1], tensors)):
-            if len(self._block_cache) > 4096:
-                self._block_cache.clear()
-            cached = (
-                frozen,
-                tensors,
-                [frozen.updated_blocks(t) for t in tensors],
-            )  # holds them: ids not reused
-            self._block_cache[key] = cached
-        return cached[2]
-
-    def _resolve(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> list[tuple[torch.Tensor, _Frozen]]:
+    def _resolve(
+        self, update_mask: Mapping[MaskKey, torch.Tensor]
+    ) -> list[tuple[torch.Tensor, FrozenCoordinates]]:
         """``(parameter, frozen coordinates)`` for every entry, validated before anything changes.
         An :class:`UpdateMask` is resolved once per optimizer; a plain mapping at every step
         (the plan of each mask is cached while its content is unchanged)."""
@@ -280,7 +218,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             resolved.append(
                 (
                     parameter,
-                    _Frozen(mask, parameter)
+                    FrozenCoordinates(mask, parameter)
                     if isinstance(update_mask, UpdateMask)
                     else self._frozen(mask, parameter),
                 )
@@ -291,7 +229,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             self._plans[id(update_mask)] = (update_mask, resolved)  # holds it: its id is not reused
         return resolved
 
-    def _blocks(self, frozen: _Frozen, tensors: tuple[torch.Tensor, ...]) -> tuple[list, list]:
+    def _blocks(self, frozen: FrozenCoordinates, tensors: tuple[torch.Tensor, ...]) -> tuple[list, list]:
         """Views of ``frozen``'s blocks in ``tensors`` and buffers to save them in, cached while
         the tensors are the same objects (an optimizer updates its state in place)."""
         key = (id(frozen), *map(id, tensors))
@@ -329,6 +267,78 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return f"MaskedOptimizer({self.optimizer!r})"
 
 
+def _adam_in_place(
+    optimizer: torch.optim.Optimizer, partial: list[tuple[torch.Tensor, FrozenCoordinates]], cache: dict
+) -> bool:
+    """The step of torch's Adam or AdamW (plain settings: no amsgrad, fused, capturable or
+    differentiable update, no gradient scaler) taken on the coordinates the masks let move
+    and on nothing else, instead of saving and restoring the frozen ones: a parameter frozen
+    in runs of rows or columns enters the update as views of its other runs, with the views
+    of its moment estimates and a copy of its step count per view (the count itself advanced
+    once). The same element-wise arithmetic as the wrapped step; returns False (nothing
+    done) where it does not apply."""
+    plain = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not getattr(
+        optimizer, "grad_scale", None
+    )
+    groups = optimizer.param_groups
+    if not plain or any(g["amsgrad"] or g["fused"] or g["capturable"] or g["differentiable"] for g in groups):
+        return False
+    plans = {id(parameter): frozen for parameter, frozen in partial}
+    if any(frozen.mask_only for frozen in plans.values()):
+        return False
+    grads = [view for parameter, frozen in partial for view in frozen.blocks(local(parameter.grad))]
+    if grads:
+        torch._foreach_zero_(grads)
+    for group in groups:
+        found: list[list[torch.Tensor]] = [[], [], [], [], []]  # parameters, gradients, moments, steps
+        has_complex = optimizer._init_group(group, found[0], found[1], found[2], found[3], [], found[4])
+        whole: list[list[torch.Tensor]] = [[], [], [], [], []]
+        views: list[list[torch.Tensor]] = [[], [], [], [], []]
+        advanced = []
+        for parameter, *tensors in zip(*found):
+            tensors = [local(parameter), *map(local, tensors[:3]), tensors[3]]
+            frozen = plans.get(id(parameter))
+            if frozen is None:
+                for into, tensor in zip(whole, tensors):
+                    into.append(tensor)
+                continue
+            advanced.append(tensors[4])
+            kept = _updated_views(cache, frozen, (tensors[0], tensors[2], tensors[3]))
+            for blocks in zip(kept[0], frozen.updated_blocks(tensors[1]), kept[1], kept[2]):
+                for into, view in zip(views, [*blocks, tensors[4].clone()]):
+                    into.append(view)
+        beta1, beta2 = group["betas"]
+        settings = dict(amsgrad=False, has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                        capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=group["decoupled_weight_decay"])  # fmt: skip
+        adam(*whole[:4], [], whole[4], foreach=group["foreach"], **settings)
+        if views[0]:  # many small views: one multi-tensor call (on the CPU, the same kernels per tensor)
+            adam(*views[:4], [], views[4], foreach=True, **settings)
+        for step in advanced:
+            step += 1
+    return True
+
+
+def _updated_views(
+    cache: dict, frozen: FrozenCoordinates, tensors: tuple[torch.Tensor, ...]
+) -> list[list[torch.Tensor]]:
+    """``FrozenCoordinates.updated_blocks`` of each of ``tensors`` (a parameter and its moment
+    estimates, updated in place), cached while they are the same objects."""
+    key = ("updated", id(frozen), *map(id, tensors))
+    cached = cache.get(key)
+    if cached is None or cached[0] is not frozen or any(a is not b for a, b in zip(cached[1], tensors)):
+        if len(cache) > 4096:
+            cache.clear()
+        cached = (
+            frozen,
+            tensors,
+            [frozen.updated_blocks(t) for t in tensors],
+        )  # holds them: ids not reused
+        cache[key] = cached
+    return cached[2]
+
+
 class UpdateMask(Mapping):
     """An update mask fixed once: parameter name (or tensor) -> boolean mask of its shape, the
     masks copied at construction, so that later changes to the given tensors do not reach it.
@@ -353,66 +363,6 @@ class UpdateMask(Mapping):
 
     def __len__(self) -> int:
         return len(self._masks)
-
-
-class _Frozen:
-    """The coordinates a mask protects, as blocks cheap to save and restore: runs of whole rows
-    (a mask constant along every other axis, as a head mask on query/key/value weights and
-    biases) or of whole columns of a 2-D tensor (a head mask on the output projection), copied
-    as views in one fused call; otherwise (``mask_only``) ``mask`` (True where frozen) with
-    ``torch.where``. For a sharded ``parameter``, the blocks and ``mask`` are those of its local
-    shard; ``all`` (the whole tensor frozen) is the whole mask's."""
-
-    max_runs = 256
-
-    def __init__(self, mask: torch.Tensor, parameter: torch.Tensor | None = None):
-        frozen = ~mask.bool()
-        self.all = bool(frozen.all())
-        if parameter is not None:
-            frozen = local_mask(frozen, parameter)
-        self.none = not bool(frozen.any())
-        self.mask, self.dim, self.runs = frozen, 0, []
-        if self.none:  # (also an empty shard)
-            self.mask_only = False
-            return
-        first_column = frozen.reshape(frozen.shape[0], -1)[:, 0] if frozen.dim() else frozen
-        if frozen.dim() >= 1 and bool((frozen == first_column.view(-1, *[1] * (frozen.dim() - 1))).all()):
-            self.runs = _runs(first_column)
-        elif frozen.dim() == 2 and bool((frozen == frozen[:1]).all()):
-            self.dim, self.runs = 1, _runs(frozen[0])
-        if len(self.runs) > self.max_runs:
-            self.runs = []
-        self.mask_only = not self.runs and not self.none
-
-    def blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor.narrow(self.dim, start, length) for start, length in self.runs]
-
-    def updated_blocks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Views of the runs between the frozen ones (the coordinates a step updates)."""
-        kept, start = [], 0
-        for run_start, length in [*self.runs, (tensor.shape[self.dim], 0)]:
-            if run_start > start:
-                kept.append(tensor.narrow(self.dim, start, run_start - start))
-            start = run_start + length
-        return kept
-
-    def zero(self, tensor: torch.Tensor) -> None:
-        if self.mask_only:
-            tensor.masked_fill_(self.mask, 0.0)
-        else:
-            torch._foreach_zero_(self.blocks(tensor))
-
-
-def _runs(line: torch.Tensor) -> list[tuple[int, int]]:
-    """Maximal runs of True in a 1-D boolean tensor as (start, length)."""
-    runs, start = [], None
-    for i, value in enumerate(line.tolist() + [False]):
-        if value and start is None:
-            start = i
-        elif not value and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
 
 
 def _same_shape(value, parameter: torch.Tensor) -> bool:
