@@ -204,10 +204,8 @@ def assemble(
         if not getattr(transformer, "supports_gradient_checkpointing", False):
             raise SettingError(f"model.gradient_checkpointing=true: {type(transformer).__name__} has no activation "
                                "checkpointing of its own (Hugging Face supports_gradient_checkpointing)")  # fmt: skip
-        kwargs = {"use_reentrant": False}
-        if hasattr(
-            transformer, "activation_checkpointing_enable"
-        ):  # transformers 5 (the older name is deprecated)
+        kwargs = {"use_reentrant": False}  # transformers 5 renamed it (the old name is deprecated there)
+        if hasattr(transformer, "activation_checkpointing_enable"):
             transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
