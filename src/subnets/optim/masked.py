@@ -120,17 +120,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
     def mask_gradients(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> None:
         """Zero the gradients outside ``update_mask`` (what :meth:`step` with it would leave
         unused; before clipping, so that the norm counts only the coordinates the step updates)."""
-        grads = []
-        for parameter, frozen in self._resolve(update_mask):
-            grad = parameter.grad
-            if grad is None or frozen.none:
-                continue
-            if frozen.mask_only:
-                local(grad).masked_fill_(frozen.mask, 0.0)
-            else:
-                grads += frozen.blocks(local(grad))
-        if grads:
-            torch._foreach_zero_(grads)
+        _zero_frozen_gradients(
+            [
+                (p, frozen)
+                for p, frozen in self._resolve(update_mask)
+                if p.grad is not None and not frozen.none
+            ]
+        )
 
     @torch.no_grad()
     def step(
@@ -154,6 +150,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 parameter.grad = None  # the optimizer skips it: no decay, no state change
             elif not frozen.none:
                 partial.append((parameter, frozen))
+        _zero_frozen_gradients(partial)
         if (
             closure is None
             and self.adam_in_place
@@ -163,7 +160,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 parameter.grad = grad
             return None
         # Save the frozen coordinates of each parameter and its state tensors, step, write them back.
-        blocks, saved, unstructured, fresh, grads = [], [], [], [], []
+        blocks, saved, unstructured, fresh = [], [], [], []
         for parameter, frozen in partial:
             state = self.optimizer.state.get(parameter)
             fresh.append((parameter, frozen, set(state or ())))
@@ -175,14 +172,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
             tensors = tuple(map(local, tensors))
             if frozen.mask_only:
                 unstructured += [(t, frozen.mask, t.clone()) for t in tensors]
-                local(parameter.grad).masked_fill_(frozen.mask, 0.0)
                 continue
             views, buffers = self._blocks(frozen, tensors)
             blocks += views
             saved += buffers
-            grads += frozen.blocks(local(parameter.grad))
-        if grads:
-            torch._foreach_zero_(grads)
         if blocks:
             torch._foreach_copy_(saved, blocks)
         try:
@@ -269,6 +262,18 @@ class MaskedOptimizer(torch.optim.Optimizer):
         return f"MaskedOptimizer({self.optimizer!r})"
 
 
+def _zero_frozen_gradients(frozen_of: list[tuple[torch.Tensor, FrozenCoordinates]]) -> None:
+    """Zero each parameter's gradient (it has one) at its frozen coordinates."""
+    blocks = []
+    for parameter, frozen in frozen_of:
+        if frozen.mask_only:
+            local(parameter.grad).masked_fill_(frozen.mask, 0.0)
+        else:
+            blocks += frozen.blocks(local(parameter.grad))
+    if blocks:
+        torch._foreach_zero_(blocks)
+
+
 def _adam_in_place(
     optimizer: torch.optim.Optimizer, partial: list[tuple[torch.Tensor, FrozenCoordinates]], cache: dict
 ) -> bool:
@@ -288,9 +293,6 @@ def _adam_in_place(
     plans = {id(parameter): frozen for parameter, frozen in partial}
     if any(frozen.mask_only for frozen in plans.values()):
         return False
-    grads = [view for parameter, frozen in partial for view in frozen.blocks(local(parameter.grad))]
-    if grads:
-        torch._foreach_zero_(grads)
     for group in groups:
         found: list[list[torch.Tensor]] = [[], [], [], [], []]  # parameters, gradients, moments, steps
         has_complex = optimizer._init_group(group, found[0], found[1], found[2], found[3], [], found[4])
