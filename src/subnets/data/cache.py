@@ -36,7 +36,7 @@ from subnets.files import current_umask
 
 log = logging.getLogger(__name__)
 
-VERSION = "3"  # bump when what is cached changes
+VERSION = "4"  # bump when what is cached changes (4: labels kept as written, blank tagging columns refused)
 DONE = "done.json"  # written last into an entry: its row count and checksum
 
 

@@ -9,7 +9,9 @@ task in :mod:`subnets.tasks` defines its own.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,3 +77,62 @@ def collect(path: str | os.PathLike, items, parse, on_error: str, kind: str) -> 
             path, 1, None, problem + (f" (first problem: {skipped[0].problem})" if skipped else "")
         )
     return ExampleFile(Path(path), examples, skipped)
+
+
+IOB2 = re.compile(r"(?:O|[BI]-\S+)\Z")
+_CONLLU_ID = re.compile(r"[0-9]+(?:[-.][0-9]+)?\Z")
+FORMATS = {
+    "conllu": "CoNLL-U",
+    "conll": "CoNLL NER (a token and its IOB2 tag per line)",
+    "jsonl": "JSON lines",
+    "tsv": "TSV (a header naming text)",
+    "text": "plain text",
+}
+
+
+def sniff_format(path: str | os.PathLike, lines: int = 5) -> tuple[str, int]:
+    """The format of a file (a key of ``FORMATS``) and the line it was decided on, from its
+    first ``lines`` lines that are neither blank nor comments (``#``, ``-DOCSTART-``): ``conllu``
+    (ten tab-separated columns, the first a word ID), ``jsonl`` (a JSON object), ``tsv`` (a
+    tab-separated header naming ``text``), ``conll`` (every such line a token and an IOB2 tag
+    last, tab- or else space-separated), else ``text``. An empty file is an error."""
+    seen, first = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.lstrip("\ufeff").rstrip("\r\n")
+            if line.strip():
+                first = first or number
+                if not line.startswith(("#", "-DOCSTART-")):
+                    seen.append((number, line))
+                    if len(seen) == lines:
+                        break
+    if not first:
+        raise DataError(path, 1, None, "the file is empty")
+    if not seen:
+        return "text", first
+    number, line = seen[0]
+    cells = line.split("\t")
+    if len(cells) == 10 and _CONLLU_ID.match(cells[0]):
+        return "conllu", number
+    if line.startswith("{"):
+        try:
+            if isinstance(json.loads(line), dict):
+                return "jsonl", number
+        except json.JSONDecodeError:
+            pass
+    if "text" in (cell.strip() for cell in cells) and len(cells) > 1:
+        return "tsv", number
+    tagged = [line.split("\t") if "\t" in line else line.split() for _, line in seen]
+    if all(len(c) > 1 and IOB2.match(c[-1].strip()) for c in tagged):
+        return "conll", number
+    return "text", number
+
+
+def check_format(path: str | os.PathLike, task: str, accepted: tuple[str, ...], reads: str) -> str:
+    """The format of ``path`` (``sniff_format``) when it is one of ``accepted``; else a
+    ``DataError`` at the line it was decided on, saying what it looks like and what the
+    ``task`` ``reads``."""
+    found, number = sniff_format(path)
+    if found not in accepted:
+        raise DataError(path, number, None, f"looks like {FORMATS[found]}; the {task} task reads {reads}")
+    return found

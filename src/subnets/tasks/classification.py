@@ -4,8 +4,10 @@ Data per language and split: JSON lines (``<code>/<split>.jsonl``: objects with 
 optional ``text_pair`` and ``label``; an ``id`` is kept), tab-separated files (``.tsv``: a
 header line naming the columns ``text``, optionally ``text_pair``, and ``label``), or a
 ``datasets`` folder with those columns (a ``ClassLabel`` label is read by name). Text is split
-into words at whitespace. The label set is the training data's; a label at evaluation that
-training never saw is an error naming the file and line. The model reads the example's first
+into words at whitespace. A record (a header) naming another key is an error, and so is a file
+mixing pairs and single texts. A label is a string; a JSON number or boolean is kept as JSON
+writes it (``1`` "1", ``1.0`` "1.0", ``true`` "true"). The label set is the training data's; a
+label at evaluation that training never saw is an error naming the file and line. The model reads the example's first
 token (``[CLS]``; a causal decoder its final token) through the scalar mix
 (:class:`~subnets.models.heads.SequenceClassifier`). Metrics: accuracy (primary) and macro-F1
 (scikit-learn's), in percent. Predictions: JSON lines with the predicted ``label`` (and the
@@ -26,10 +28,12 @@ from torch import nn
 
 from subnets.config import SettingError
 from subnets.data.batching import LabelledBatch, WordCollator, WordPieces
-from subnets.data.examples import DataError, ExampleFile, collect, read_utf8
+from subnets.data.examples import DataError, ExampleFile, check_format, collect, read_utf8
 from subnets.files import atomic_write_text
 from subnets.models.heads import SequenceClassifier
 from subnets.tasks.base import LabelledTask
+
+KEYS = ("id", "text", "text_pair", "label")  # what a JSON lines record or a TSV header may name
 
 
 @dataclass
@@ -118,6 +122,12 @@ class Classification(LabelledTask):
                     path, line, sent_id, f"expected an object with text and label, found {row!r:.60}"
                 )
             text, pair, label = row.get("text"), row.get("text_pair"), row.get("label")
+            if label is not None and not isinstance(label, (str, int, float)):
+                raise DataError(
+                    path, line, sent_id, f"the label {label!r:.40} is not a string, a number or a boolean"
+                )
+            if isinstance(label, (int, float)):  # as JSON writes it: 1 "1", 1.0 "1.0", true "true"
+                label = json.dumps(label)
             if not isinstance(text, str) or not text.split():
                 raise DataError(path, line, sent_id, "the text is missing or empty")
             if pair is not None and (not isinstance(pair, str) or not pair.split()):
@@ -125,16 +135,29 @@ class Classification(LabelledTask):
             if labelled and (label is None or str(label) == ""):
                 raise DataError(path, line, sent_id, "the label is missing (a label column or key 'label')")
             words = text.split()
-            return TextExample(sent_id, words + (pair.split() if pair else []), None if label is None else str(label),
-                               len(words) if pair else None, f"{path}:{line}")  # fmt: skip
+            return TextExample(sent_id, words + (pair.split() if pair else []), label, len(words) if pair else None,
+                               f"{path}:{line}")  # fmt: skip
 
-        return collect(path, items, parse, on_error, "example")
+        file = collect(path, items, parse, on_error, "example")
+        first = file.examples[0]
+        mixed = next((e for e in file.examples if (e.pair_start is None) != (first.pair_start is None)), None)
+        if mixed is not None:
+            has, other = ("no", "one") if mixed.pair_start is None else ("a", "none")
+            raise DataError(path, int(mixed.source.rpartition(":")[2]), mixed.sent_id,
+                            f"has {has} text_pair, while line {first.source.rpartition(':')[2]} has {other} "
+                            "(a file holds pairs or single texts, not both)")  # fmt: skip
+        return file
 
     def read_unlabelled(self, path: Path, format: str = "auto") -> list[TextExample]:
         if format != "auto":
             raise SettingError(
                 f"format={format!r}: classification input is read by its suffix (.tsv, else JSON lines)"
             )
+        # text in a .jsonl or .tsv file: the reader names the line that is not a record
+        accepted = ("jsonl", "tsv", "text") if path.suffix in self.suffixes else ("jsonl", "tsv")
+        check_format(
+            path, self.name, accepted, "JSON lines or TSV (a header naming text[, text_pair], label)"
+        )
         return self.read(path, "raise", labelled=False).examples
 
     def collator(self, tokenizer, max_length: int, causal: bool) -> PairCollator:
@@ -170,9 +193,18 @@ def _jsonl_rows(path: Path):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(path, number, None, f"not a JSON object: {error.msg}") from None
+        unknown = [key for key in row if key not in KEYS] if isinstance(row, dict) else []
+        if unknown:  # a misspelt text_pair would make a pair task single-text
+            raise DataError(
+                path,
+                number,
+                None,
+                f"unknown key {unknown[0]!r} (a record has {', '.join(KEYS[:-1])} and {KEYS[-1]})",
+            )
+        yield number, row
 
 
 def _tsv_rows(path: Path):
@@ -185,6 +217,14 @@ def _tsv_rows(path: Path):
             1,
             None,
             f"expected a header line naming the columns text[, text_pair], label; found {header}",
+        )
+    unknown = [column for column in header if column not in KEYS]
+    if unknown:
+        raise DataError(
+            path,
+            1,
+            None,
+            f"unknown column {unknown[0]!r} (a header names {', '.join(KEYS[:-1])} and {KEYS[-1]})",
         )
     for row in reader:
         if not any(cell.strip() for cell in row):

@@ -26,7 +26,7 @@ from torch import nn
 
 from subnets.config import SettingError
 from subnets.data.batching import WordCollator, WordPieces
-from subnets.data.examples import DataError, ExampleFile, collect, read_utf8
+from subnets.data.examples import DataError, ExampleFile, check_format, collect, read_utf8
 from subnets.data.treebank import read_conllu
 from subnets.files import atomic_write_text
 from subnets.models.lm import LanguageModel
@@ -140,6 +140,11 @@ class LanguageModelling(Task):
     def read_unlabelled(self, path: Path, format: str = "auto") -> list[TextLine]:
         if format not in ("auto", "text"):
             raise SettingError(f"format={format!r}: language modelling reads text (one line per example)")
+        if format == "auto":  # the words of a .conllu file, else text
+            accepted = ("conllu",) if path.suffix == ".conllu" else ("text",)
+            check_format(
+                path, self.name, accepted, "plain text (format=text), or the words of a .conllu file"
+            )
         return self.read(path).examples
 
     def use_model(self, transformer: nn.Module, tokenizer, causal: bool) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from subnets.config import SettingError
 from subnets.data.batching import Collator
-from subnets.data.examples import ExampleFile
+from subnets.data.examples import ExampleFile, check_format
 from subnets.data.hf import read_dataset_split
 from subnets.data.treebank import Sentence, read_conllu, read_tokenized_text, write_conllu
 from subnets.metrics import attachment_scores
@@ -25,14 +25,14 @@ from subnets.models.parser import DependencyParser, Prediction
 from subnets.tasks.base import Task
 
 
-def detect_format(path: Path) -> str:
-    """``conllu`` when the first non-empty line is a comment or has ten tab-separated columns, else ``text``."""
+def detect_format(path: Path, task: str = "parsing") -> str:
+    """``conllu`` or ``text`` as [sniff_format][subnets.data.examples.sniff_format] finds it (and
+    ``conllu`` when the first non-empty line is a comment, so that a bad word line is an error
+    naming it); a file of another task's format is refused, naming what ``task`` reads."""
+    found = check_format(path, task, ("conllu", "text"), "CoNLL-U or plain text (format=conllu|text)")
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.lstrip("\ufeff").rstrip("\r\n")
-            if line.strip():
-                return "conllu" if line.startswith("#") or line.count("\t") == 9 else "text"
-    raise ValueError(f"input={path}: the file is empty")
+        first = next(line.lstrip("\ufeff") for line in f if line.strip())
+    return "conllu" if found == "conllu" or first.startswith("#") else "text"
 
 
 def read_sentences(path: Path, format: str = "auto") -> list[Sentence]:

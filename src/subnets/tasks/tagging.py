@@ -6,7 +6,8 @@
   unlabelled word (left out of the loss and the score). Metric: accuracy over the labelled words,
   named by the column. Predictions: CoNLL-U with the column filled in.
 * :class:`NER` (``task=ner``): named entities in IOB2 (BIO) tags, from CoNLL-style files (a
-  token and its tag per line, the tag in the last column, a blank line between sentences,
+  token and its tag per line, the tag in the last column; tab-separated, the token is the first
+  column, spaces and all, else columns are split at whitespace; a blank line between sentences,
   ``-DOCSTART-`` lines skipped; ``<code>/{train,dev,test}.conll``, ``.iob2``, ``.bio`` or
   ``.txt``) or ``datasets`` folders with ``tokens`` and ``ner_tags`` columns. An entity that
   starts with ``I-`` (after ``O`` or another type) is read as ``B-``, as seqeval and conlleval
@@ -28,7 +29,7 @@ from torch import nn
 
 from subnets.config import SettingError
 from subnets.data.batching import LabelledBatch, WordCollator, WordPieces
-from subnets.data.examples import DataError, ExampleFile, collect, read_utf8
+from subnets.data.examples import FORMATS, IOB2, DataError, ExampleFile, check_format, collect, read_utf8
 from subnets.data.labels import UPOS
 from subnets.data.treebank import read_conllu, read_tokenized_text
 from subnets.files import atomic_write_text
@@ -124,7 +125,11 @@ class Tagging(TokenTask):
             file = read_dataset_split(path, on_error)
         else:
             file = read_conllu(path, on_error=on_error, trees=False)
-        return ExampleFile(file.path, [self._tagged(s) for s in file.examples], file.skipped)
+        examples = [self._tagged(s) for s in file.examples]
+        if not any(self.example_labels(e) for e in examples):  # nothing to learn or score
+            raise DataError(file.path, 1, None, f"column {self.column.upper()} is '_' on every word; the {self.name} task "
+                                                f"needs it annotated (task.column=upos|xpos|feats|deprel picks the column)")  # fmt: skip
+        return ExampleFile(file.path, examples, file.skipped)
 
     def _tagged(self, sentence) -> TaggedSentence:
         lines = sentence.lines
@@ -138,7 +143,7 @@ class Tagging(TokenTask):
 
     def read_unlabelled(self, path: Path, format: str = "auto") -> list[TaggedSentence]:
         if format == "auto":
-            format = detect_format(path)
+            format = detect_format(path, self.name)
         if format == "text":
             sentences = read_tokenized_text(path)
         elif format == "conllu":
@@ -175,9 +180,6 @@ class Tagging(TokenTask):
                 parts.append("\t".join(columns) + "\n")
             parts.append("\n")
         return atomic_write_text(path, "".join(parts))
-
-
-IOB2 = re.compile(r"(?:O|[BI]-\S+)\Z")
 
 
 class NER(TokenTask):
@@ -239,13 +241,16 @@ class NER(TokenTask):
         def parse(first: int, sent_id: str, rows) -> TaggedSentence:
             forms, tags = [], []
             for number, line in rows:
-                columns = line.split()
+                # tab-separated: the token is the first column, spaces and all; else split at whitespace
+                columns = [c.strip() for c in line.split("\t")] if "\t" in line else line.split()
                 if labelled and len(columns) < 2:
                     raise DataError(path, number, sent_id, f"expected a token and its tag, found {line!r}")
                 if labelled and not IOB2.match(columns[-1]):
                     raise DataError(
                         path, number, sent_id, f"tag {columns[-1]!r} is not IOB2 (O, B-TYPE or I-TYPE)"
                     )
+                if not columns[0]:
+                    raise DataError(path, number, sent_id, f"the token is empty (found {line!r})")
                 forms.append(columns[0])
                 tags.append(columns[-1] if labelled else "O")
             return TaggedSentence(sent_id, forms, tags, None, f"{path}:{first}")
@@ -283,9 +288,11 @@ class NER(TokenTask):
 
     def read_unlabelled(self, path: Path, format: str = "auto") -> list[TaggedSentence]:
         if format == "auto":  # CoNLL: a token (and a tag) per line; text: a sentence per line
+            format = check_format(path, self.name, ("conll", "text"),
+                                  f"{FORMATS['conll']} or plain text (format=conll|text)")  # fmt: skip
             with open(path, encoding="utf-8", errors="replace") as f:
-                first = next((line.split() for line in f if line.strip()), [])
-            format = "conll" if len(first) == 1 or (len(first) == 2 and IOB2.match(first[1])) else "text"
+                first = next((line.split() for line in f if line.strip() and not line.startswith("#")), [])
+            format = "conll" if format == "conll" or len(first) == 1 else "text"
         if format == "text":
             return [
                 TaggedSentence(s.sent_id, s.forms, ["O"] * len(s), None, s.source)
