@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -121,16 +122,26 @@ def load_sharded(
 ) -> None:
     """Read what :func:`save_sharded` wrote into the sharded ``model`` (and ``optimizer``), each
     process its own shards (collective). The folder may have been written by any number of
-    processes (``torch.distributed.checkpoint`` reshards)."""
+    processes (``torch.distributed.checkpoint`` reshards).
+
+    A parameter that had no optimizer state when the folder was written (one no step has
+    updated yet: a part of the model the task does not use, or units no language's mask lets
+    move) gets none after loading either, as in the run that wrote it."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: the sharded checkpoint is missing")
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
+        # reading a fresh optimizer's state dict gives every parameter state; keep the saved ones
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state["optimizer"]["state"] = {
+            name: values for name, values in state["optimizer"]["state"].items()
+            if any(f"optimizer.state.{name}.{key}" in saved for key in values)
+        }  # fmt: skip
     dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if optimizer is not None:  # not strict: the parameters left without state stay so
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
 
 
 def consolidated_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
