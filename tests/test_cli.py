@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,6 +67,23 @@ def test_run_folder_names_are_single_unique_path_levels():
     long_a, long_b = "x=1," * 60 + "seed=1", "x=1," * 60 + "seed=2"
     assert run_folder_name(long_a) != run_folder_name(long_b)
     assert len(run_folder_name(long_a)) <= 120
+    # characters a shell would expand or split on are replaced, and the name stays unique
+    lists = [run_folder_name(f"languages.train=[{codes}]") for codes in ("en,it", "en_it", "en it")]
+    assert len(set(lists)) == 3 and all(re.fullmatch(r"[\w.,=+@%:-]+", name) for name in lists), lists
+    assert lists[0].startswith("languages.train=_en,it_..")
+    assert run_folder_name("a='b c'") != run_folder_name("a=_b_c_")
+
+
+def test_a_refused_run_prints_its_one_line_error_without_a_traceback(tmp_path):
+    refused = cli(
+        *TINY, "task=clm", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""}
+    )
+    message = "task=clm: BertModel is a bidirectional encoder"
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert [line for line in refused.stderr.splitlines() if message in line] == [refused.stderr.strip()]
+    verbose = cli(*TINY, "task=clm", f"hydra.run.dir={tmp_path / 'run'}", "hydra.verbose=true", cwd=tmp_path,
+                  env={"HYDRA_FULL_ERROR": ""})  # fmt: skip
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and message in verbose.stderr
 
 
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path):

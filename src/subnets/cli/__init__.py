@@ -14,8 +14,10 @@ The commands that use a trained run take ``key=value`` pairs, as Hydra's command
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from subnets.config import SettingError
 from subnets.runfolder import RunFolderInUse
@@ -43,12 +45,33 @@ def split_arguments(
     return values, rest
 
 
+# What a command refuses with its message alone (a bad setting, input file or folder); any other
+# exception is a fault of the program and keeps its traceback.
+REFUSALS = (SettingError, ValueError, OSError, RunFolderInUse)
+
+
+def traceback_wanted() -> bool:
+    """Whether a refusal should also print its traceback: ``SUBNETS_TRACEBACK=1`` (or Hydra's
+    ``HYDRA_FULL_ERROR=1``) in the environment."""
+    return any(
+        os.environ.get(name, "") not in ("", "0") for name in ("SUBNETS_TRACEBACK", "HYDRA_FULL_ERROR")
+    )
+
+
+def refuse(error: BaseException) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with status 1."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
 def main_of(command, usage: str) -> None:
     """Run ``command(argv)`` as a command-line program: log to stderr, and turn an error into
-    its message and exit status 1 (no traceback for a bad setting or input)."""
+    its message and exit status 1 (no traceback for a bad setting or input, unless
+    ``SUBNETS_TRACEBACK=1``)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         command(sys.argv[1:])
-    except (SettingError, ValueError, OSError, RunFolderInUse) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except REFUSALS as error:
+        if traceback_wanted():
+            raise
+        refuse(error)

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from subnets.cli import REFUSALS, traceback_wanted
 from subnets.config import register_configs
 from subnets.runner import run
 
@@ -42,9 +43,15 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
 def train(cfg: DictConfig) -> Any:
     """Train and evaluate; returns the mean development score (for sweepers). A single run whose
     training loss diverged exits with status 3 once its results are written; in a sweep the
-    other jobs go on, and the command exits with status 3 at the end (in-process launchers)."""
+    other jobs go on, and the command exits with status 3 at the end (in-process launchers). A
+    refused run (a bad setting, input or folder) logs its one-line error and exits with status 1, its traceback only with ``hydra.verbose=true`` or ``SUBNETS_TRACEBACK=1``."""
     folder = HydraConfig.get().runtime.output_dir
-    results = run(cfg, folder, record=hydra_record(cfg))
+    try:
+        results = run(cfg, folder, record=hydra_record(cfg))
+    except REFUSALS:  # the runner logged its one line (on stderr and in train.log); no traceback
+        if traceback_wanted() or HydraConfig.get().verbose:
+            raise
+        raise SystemExit(1) from None
     if results.get("status") == "diverged":
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(DIVERGED_EXIT_STATUS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -12,11 +13,14 @@ from subnets.config.schema import TASK_SCHEMAS, Config, ParsingTaskConfig
 
 
 def run_folder_name(overrides: str) -> str:
-    """A run folder name from Hydra's ``override_dirname``: readable, one path level, and unique
-    (long names are cut and end in a hash of the whole)."""
+    """A run folder name from Hydra's ``override_dirname``: readable, one path level, unique,
+    and typed in a shell as it is. A character a shell would take otherwise (``[]{}()*?$'"``,
+    spaces, ...) becomes ``_`` and the name ends in a hash of the whole (``+``, ``=`` and ``,``
+    stay: a shell takes them as they are); long names are cut and end in that hash too."""
     name = overrides.replace("/", "_") or "run"
-    if len(name) > 120:
-        name = f"{name[:100]}...{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
+    safe = re.sub(r"[^\w.,=+@%:-]", "_", name)
+    if safe != name or len(safe) > 120:
+        name = f"{safe[:100]}..{hashlib.sha1(overrides.encode()).hexdigest()[:10]}"
     return name
 
 
