@@ -121,6 +121,18 @@ def test_unknown_language_lists_available(tmp_path):
         run(tiny_config("languages.train=[syn_svo,xx_yy]"), tmp_path)
 
 
+def test_a_folder_of_your_own_languages_is_refused_with_how_to_name_them(tmp_path):
+    from subnets.data.discovery import select_languages
+
+    available = {"en_ewt": object(), "it_isdt": object()}
+    with pytest.raises(ValueError, match=r"syn_svo.*available: en_ewt, it_isdt \(name your folder's languages: "
+                       r"languages.train=\[code,...\]"):  # fmt: skip
+        select_languages(available, ["syn_svo", "syn_sov"], "languages.train", tmp_path)
+    with pytest.raises(ValueError) as partly_known:  # a misspelt code among known ones: no such hint
+        select_languages(available, ["en_ewt", "it_isd"], "languages.train", tmp_path)
+    assert "name your folder's languages" not in str(partly_known.value)
+
+
 def test_skip_mode_counts_invalid_sentences(tmp_path):
     experiment = Run(tiny_config("languages.on_error=skip"), tmp_path)
     # corrupt one training sentence of the generated data before it is read

@@ -105,7 +105,9 @@ def select_languages(
             f"{setting}: unknown language code(s) {', '.join(unknown)}"
             + (f" under {root}" if root else "")
             + f"; available: {', '.join(sorted(available)) or 'none'}"
-        )
+            + (f" (name your folder's languages: {setting}=[code,...]; the defaults are those of another "
+               "languages= group)" if root and not set(codes) & set(available) else "")
+        )  # fmt: skip
     return [available[c] for c in codes]
 
 
