@@ -1,6 +1,7 @@
 """Sharded training with FSDP2 (train.parallel=fsdp; gloo, 2 CPU processes)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -65,7 +66,8 @@ def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: 
             def validate_then_crash(run):
                 metric = validate(run)
                 if run.step == crash_at:
-                    assert load_checkpoint(run.paths.best_checkpoint)["step"] == crash_at
+                    if run.parallel.is_main:  # (rank 0 writes the file)
+                        assert load_checkpoint(run.paths.best_checkpoint)["step"] == crash_at
                     raise Crash(f"simulated crash after the best checkpoint at step {crash_at}")
                 return metric
 
@@ -286,7 +288,7 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_re
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
     losses = training_losses(tmp_path / "reference")
-    assert losses[-1] < losses[0], losses  # (it learns)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses  # (it learns)
 
 
 @pytest.mark.slow

@@ -115,6 +115,25 @@ def test_masking_draws_exactly_as_transformers_collator():
     assert chosen.any() and not chosen[special].any()
 
 
+def test_a_masked_lm_batch_with_nothing_masked_has_a_zero_loss_not_nan(tmp_path):
+    # 15% of a few short sentences can be no token (a process's share of a sharded batch)
+    from subnets.runner import Run
+
+    run = Run(tiny_config("task=mlm"), tmp_path)
+    try:
+        run.setup()
+        batch = run.batches.next_batch("syn_svo", 2)
+        masked = run.model(batch)
+        batch.special = torch.ones_like(batch.special)  # nothing may be masked
+        out = run.model(batch)
+        out.loss.backward()
+    finally:
+        run.close()
+    assert torch.isfinite(masked.loss) and masked.loss > 0
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
+
+
 # ---------------------------------------------------------------- readers and their errors
 def write(path, text):
     path.write_text(text, encoding="utf-8")

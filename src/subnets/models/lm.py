@@ -134,7 +134,10 @@ class LanguageModel(TaskModel):
 
     def forward(self, batch) -> TaskOutput:
         logits, labels = self._nll(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if (labels == -100).all():  # nothing masked in a small batch: no loss, not 0/0 = NaN
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TaskOutput(loss, {"lm": loss.detach()})
 
     @torch.no_grad()
