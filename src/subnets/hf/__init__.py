@@ -9,7 +9,7 @@
                              SubnetworkConfig(units="heads", keep_ratio=0.5))
     find_subnetworks(model, {"de": german_train, "fr": french_train}, collate_fn=collator)
     SubnetworkTrainer(model, args, train_dataset=mixed, data_collator=collator).train()
-    model.save_pretrained("my-subnetworks")       # masks, config and model card (push_to_hub=True to share)
+    model.save_pretrained("my-subnetworks")       # masks, trained weights, config, card (push_to_hub=True to share)
 """
 
 from subnets.hf.config import SubnetworkConfig

@@ -51,12 +51,12 @@ def find_subnetworks(
             )
             continue
         if config.importance == "gradient":
-            batches = _batches(model, source, batch_size, collate_fn)
+            batches = _batches(model, code, source, batch_size, collate_fn)
             scores = unit_importance(
                 model, batches, model.task_loss, gates=model.gates, max_batches=max_batches
             )
         else:
-            samples = _batches(model, source, 1, collate_fn)
+            samples = _batches(model, code, source, 1, collate_fn)
             owned = {id(p) for p in model.gates.owned_parameters()}
             names = [n for n, p in model.named_parameters() if id(p) in owned and p.requires_grad]
             fisher = fisher_information(
@@ -74,8 +74,8 @@ def find_subnetworks(
     return found
 
 
-def _batches(model: SubnetworkModel, source: Any, batch_size: int, collate_fn) -> list:
-    """Batches of one language: a dataset or list of examples is cut into batches (the language
+def _batches(model: SubnetworkModel, code: str, source: Any, batch_size: int, collate_fn) -> list:
+    """Batches of language ``code``: a dataset or list of examples is cut into batches (the language
     column and columns the model does not take are left out); anything else is taken as batches."""
     try:
         import datasets
@@ -84,10 +84,13 @@ def _batches(model: SubnetworkModel, source: Any, batch_size: int, collate_fn) -
     except ImportError:  # pragma: no cover - datasets is a dependency
         is_dataset = isinstance(source, list)
     if not is_dataset:
-        return list(source)
+        batches = list(source)
+        if not batches:
+            raise ValueError(f"find_subnetworks: language {code!r} has no batches (its data loader is empty)")
+        return batches
     if collate_fn is None:
         from transformers import default_data_collator as collate_fn
     examples = [{k: v for k, v in dict(example).items() if k in model._forward_names} for example in source]
     if not examples:
-        raise ValueError("find_subnetworks: a language has no examples")
+        raise ValueError(f"find_subnetworks: language {code!r} has no examples")
     return [collate_fn(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

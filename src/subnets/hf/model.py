@@ -31,7 +31,13 @@ from torch import nn
 
 from subnets.hf import updates
 from subnets.hf.config import SubnetworkConfig
-from subnets.hf.hub import Subnetworks, base_identity
+from subnets.hf.hub import (
+    Subnetworks,
+    base_identity,
+    changed_tensors,
+    fingerprint,
+    load_trained_weights,
+)
 from subnets.masks.dynamic import ImportanceEMA
 from subnets.masks.subnetwork import MaskMismatchError, Subnetwork, SubnetworkSet
 from subnets.models.gates import UnitGates, gate_probe
@@ -62,6 +68,8 @@ class SubnetworkModel(nn.Module):
         active_language: the language of inputs given without one (:meth:`set_language`).
         ema: the dynamic rule's :class:`~subnets.masks.dynamic.ImportanceEMA` (None otherwise).
         steps: optimizer steps taken (:meth:`after_optimizer_step`).
+        base_fingerprint: the sha256 of each tensor of the model when wrapped (``save_pretrained``
+            saves the tensors that differ; loading refuses a base model without these weights).
     """
 
     def __init__(
@@ -76,21 +84,18 @@ class SubnetworkModel(nn.Module):
         self.subnetwork_config = config or SubnetworkConfig()
         self.gates = UnitGates(model.base_model, self.subnetwork_config.units, layout)
         self.masks = SubnetworkSet(self.gates.num_layers, self.gates.units)
-        if masks is not None:
-            self.set_masks(masks)
         self.active_language: str | None = None
         dynamic = self.subnetwork_config.rule == "dynamic"
-        self.ema = (  # the dynamic rule's moving averages (subnets.hf.updates)
-            ImportanceEMA(self.gates.shape, self.subnetwork_config.ema_decay, self.gates.units)
-            if dynamic
-            else None
-        )
+        self.ema = ImportanceEMA(self.gates.shape, self.subnetwork_config.ema_decay, self.gates.units) if dynamic else None  # fmt: skip
         self.steps = 0
         self._probes: list[tuple[torch.Tensor, list[str]]] = []  # gate probes of forwards since the last step
         self._seen: set[str] = set()  # languages trained on since the last step
         self._update_masks: dict[frozenset, UpdateMask | None] = {}
         self._warned: set[str] = set()
         self._forward_names = set(inspect.signature(model.forward).parameters)
+        self.base_fingerprint = fingerprint(model)
+        if masks is not None:
+            self.set_masks(masks)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -129,7 +134,7 @@ class SubnetworkModel(nn.Module):
         if self.subnetwork_config.target_policy == "error":
             raise KeyError(f"no subnetwork for language {language!r} (the set has: {known}) and "
                            "target_policy='error' refuses it; find one (find_subnetworks) or use target_policy='full'")  # fmt: skip
-        if language not in self._warned and len(self.masks) and not self.training:
+        if language not in self._warned and len(self.masks):
             self._warned.add(language)
             log.warning("no subnetwork for language %r (the set has: %s): target_policy='full' runs it "
                         "through the whole model", language, known)  # fmt: skip
@@ -260,12 +265,14 @@ class SubnetworkModel(nn.Module):
         self.steps = int(state["steps"])
 
     def save_pretrained(self, folder, made_by: str | None = None, **kwargs) -> None:
-        """Write the subnetwork set (not the model's weights) as :class:`~subnets.hf.Subnetworks`
-        (masks, config, base model, model card); ``kwargs`` go to ``Subnetworks.save_pretrained``
-        (e.g. ``push_to_hub=True, repo_id=...``)."""
-        return Subnetworks(
-            self.masks, self.subnetwork_config, base_identity(self.model), made_by
-        ).save_pretrained(folder, **kwargs)
+        """Write the subnetwork set as [Subnetworks][subnets.hf.hub.Subnetworks] (masks, config, base
+        model and its ``base_fingerprint``, model card) and what training changed: each tensor of
+        the wrapped model that differs from the one it had when wrapped, in full (the task head
+        included; none without training: masks only). ``kwargs`` go to
+        ``Subnetworks.save_pretrained`` (e.g. ``push_to_hub=True, repo_id=...``)."""
+        base = {**base_identity(self.model), "fingerprint": self.base_fingerprint}
+        changed = changed_tensors(self.model, self.base_fingerprint)
+        return Subnetworks(self.masks, self.subnetwork_config, base, made_by, changed).save_pretrained(folder, **kwargs)  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder_or_repo: str, layout: ModelLayout | None = None,
@@ -275,6 +282,8 @@ class SubnetworkModel(nn.Module):
 
         Raises:
             MaskMismatchError: the set was made for a model of another geometry (both are named).
+            ValueError: ``model``'s weights are not those the set was made from (the first
+                differing tensor is named).
         """
         shared = Subnetworks.from_pretrained(folder_or_repo, **kwargs)
         wrapped = cls(model, shared.subnetwork_config, layout=layout)
@@ -286,6 +295,7 @@ class SubnetworkModel(nn.Module):
             raise MaskMismatchError(f"{folder_or_repo}: these subnetworks were made for {ours} with "
                                     f"{shared.masks.describe()}; {theirs} ({type(model).__name__}) has "
                                     f"{wrapped.masks.describe()}") from None  # fmt: skip
+        load_trained_weights(model, wrapped.base_fingerprint, shared, folder_or_repo)
         return wrapped
 
 

@@ -49,9 +49,7 @@ class LanguageCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         if examples and LANGUAGE_COLUMN not in examples[0]:
-            raise ValueError(f"a batch without a '{LANGUAGE_COLUMN}' column (columns: {', '.join(examples[0])}): "
-                             "SubnetworkTrainer needs each example's language code; with "
-                             "remove_unused_columns=True it is kept, add it with dataset.add_column")  # fmt: skip
+            raise _without_language("a batch", examples[0])
         languages = [str(example[LANGUAGE_COLUMN]) for example in examples]
         batch = self.collator([{k: v for k, v in e.items() if k != LANGUAGE_COLUMN} for e in examples])
         batch[LANGUAGE_COLUMN] = languages
@@ -130,6 +128,9 @@ class SubnetworkTrainer(Trainer):
         if self.languages_per_batch == "mixed":
             return super()._get_train_sampler(*args, **kwargs)
         dataset = args[0] if args else kwargs.get("train_dataset", self.train_dataset)
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and LANGUAGE_COLUMN not in columns:
+            raise _without_language("language-grouped batches of training data", columns)
         return LanguageGroupedSampler(dataset[LANGUAGE_COLUMN], self.args.per_device_train_batch_size,
                                       self.language_alpha, self.args.seed)  # fmt: skip
 
@@ -190,6 +191,12 @@ class _MaskedStepCallback(TrainerCallback):
 
     def on_optimizer_step(self, *args, **kwargs):
         self.trainer.model.after_optimizer_step()
+
+
+def _without_language(what: str, columns) -> ValueError:
+    return ValueError(f"{what} without a '{LANGUAGE_COLUMN}' column (columns: {', '.join(columns)}): "
+                      "SubnetworkTrainer needs each example's language code; with "
+                      "remove_unused_columns=True it is kept, add it with dataset.add_column")  # fmt: skip
 
 
 def save_subnetwork_state(model: SubnetworkModel, folder: str) -> None:
