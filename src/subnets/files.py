@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,25 +19,65 @@ def current_umask() -> int:
     return mask
 
 
+TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_write's: .<name>.<8 random characters>.tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The rename is atomic on POSIX file systems, so ``path`` holds either its old content or the
     complete new one, never a partial file. The file's mode follows the umask, as a file made
-    by ``open`` would (the temporary file itself is private: 0600).
+    by ``open`` would (the temporary file itself is private: 0600). A symbolic link is kept and
+    its target written; a node that is not a regular file (a device, a FIFO) is written
+    through (``write(path)``), never replaced. A failed write (a full disk) raises an OSError
+    naming the file and saying that its previous content is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/stdout: a link to a pipe
+        _failing_names(path, lambda: write(str(path)), "")
+        return path
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    kept = f"; the previous {target} is intact" if target.exists() else f"; nothing was written to {target}"
     try:
-        write(tmp)
+        _failing_names(target, lambda: write(tmp), kept)
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _failing_names(path: Path, write: Callable[[], None], kept: str) -> None:
+    """``write()``, where an OSError (or safetensors' error, which names no file) becomes an
+    OSError naming ``path``, with ``kept``."""
+    from safetensors import SafetensorError
+
+    try:
+        write()
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        number = getattr(error, "errno", None)
+        message = f"could not write {path}: {reason}{kept}"
+        raise (OSError(number, message) if number else OSError(message)) from error
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``atomic_write`` calls killed mid-way left in ``folder``
+    and its subfolders (only files named as it names them; a subfolder holding a ``.lock``, which
+    another command may be writing, is left alone). Call it holding ``folder``'s lock."""
+    removed = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not os.path.exists(os.path.join(root, name, ".lock"))]
+        for name in files:
+            path = Path(root, name)
+            if TEMPORARY_NAME.fullmatch(name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -5,7 +5,8 @@ evaluation, or ``overwrite=true``) reads or writes anything in the folder and he
 ends; the file names its holder (process id, host, start time, command). A second command on
 the same folder is refused with that record. The operating system releases a lock when its
 process dies, so a lock left by a killed process is stale: the next command takes it over
-(and says so). The file is removed when the lock is released.
+(and says so). The file is removed when the lock is released. Taking the lock also deletes the
+temporary files that writes killed mid-way left ([remove_stale_temporaries][subnets.files.remove_stale_temporaries]).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from subnets.files import atomic_write_json, atomic_write_text, read_jsonl
+from subnets.files import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class RunFolder:
                   "command": " ".join(sys.argv)}  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        for path in remove_stale_temporaries(self.root):
+            log.info("removed %s, the temporary file of a write that was killed", path)
         try:
             yield
         finally:

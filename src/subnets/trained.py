@@ -163,7 +163,9 @@ class TrainedRun:
         and empty nodes included; the predicted columns are filled in), ``text`` (one
         pre-tokenized sentence per line) or ``auto`` (CoNLL-U when the first non-empty line is a
         comment or has ten tab-separated columns); NER reads ``conll`` or ``text``,
-        classification JSON lines or TSV, language modelling text."""
+        classification JSON lines or TSV, language modelling text. With ``auto``, a file of
+        another task's format ([sniff_format][subnets.data.examples.sniff_format]) is refused, naming
+        its line and what the task reads; ``format=text`` reads it as plain text all the same."""
         input = Path(input)
         if not input.is_file():
             raise FileNotFoundError(f"input={input}: no such file")
@@ -300,18 +302,22 @@ def evaluate_run(
     *,
     checkpoint: str = "best",
     output: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a trained run as its final evaluation does (every source, development and
     target language, zero-shot and few-shot, with the method's test-time policy) on the
     languages and settings that ``overrides`` name (:func:`load_run`), writing results.json and
     predictions into ``output`` (default :func:`evaluation_folder`). On the run's own languages
-    and settings it reproduces the run's scores and predictions."""
+    and settings it reproduces the run's scores and predictions. An earlier evaluation in
+    ``output`` is replaced whole (its predictions too) when it evaluated the same run, checkpoint
+    and overrides, or with ``overwrite``; one of anything else is refused, as is a folder holding
+    files that no evaluation writes."""
     output = Path(output) if output is not None else evaluation_folder(folder, overrides, checkpoint)
-    if (output / "run.json").exists():
-        raise FileExistsError(f"output={output} holds a training run; choose another folder")
+    _check_evaluation_output(output, folder, overrides, checkpoint, overwrite)
     trained = load_run(folder, checkpoint, overrides=overrides)
     output.mkdir(parents=True, exist_ok=True)
     with run_log(output), RunFolder(output).lock():
+        RunFolder(output).clear()  # an earlier evaluation, whole (its log stays)
         log.info("evaluating %s (step %d) of run=%s", trained.checkpoint, trained.step, trained.folder)
         evaluation = _evaluation(trained, output)
         about = {"evaluated": {"run": str(trained.folder), "checkpoint": str(trained.checkpoint),
@@ -320,6 +326,34 @@ def evaluate_run(
     print(format_results(results))
     print(f"evaluated {trained.checkpoint} (step {trained.step}); results in {output / 'results.json'}")
     return results
+
+
+EVALUATION_FILES = {"results.json", "predictions", "data", "train.log", ".lock"}  # what an evaluation writes
+
+
+def _check_evaluation_output(output: Path, folder: str | os.PathLike, overrides: Sequence[str], checkpoint: str,
+                             overwrite: bool) -> None:  # fmt: skip
+    """Refuse an evaluation ``output`` that holds a training run, files no evaluation writes, or
+    (without ``overwrite``) the evaluation of another run, checkpoint or overrides."""
+    if (output / "run.json").exists():
+        raise FileExistsError(f"output={output} holds a training run; choose another folder")
+    foreign = sorted(set(os.listdir(output)) - EVALUATION_FILES) if output.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"output={output} holds files that no evaluation writes ({', '.join(foreign[:4])}): "
+                              "choose a new or empty folder")  # fmt: skip
+    if overwrite or not (output / "results.json").exists():
+        return
+    earlier = read_json(output / "results.json", "an evaluation's results").get("evaluated") or {}
+    same = (
+        Path(earlier.get("run", "")).resolve() == Path(folder).resolve()
+        and Path(earlier.get("checkpoint", "")).name == checkpoint_file(folder, checkpoint).name
+        and sorted(earlier.get("overrides", [])) == sorted(overrides)
+    )  # fmt: skip
+    if not same:
+        described = (f"the evaluation of run={earlier['run']} (checkpoint {earlier.get('checkpoint')}, overrides "
+                     f"{earlier.get('overrides')})" if earlier else "results.json that no evaluation wrote")  # fmt: skip
+        raise FileExistsError(f"output={output} holds {described}: pass overwrite=true to replace it, or choose "
+                              "another folder")  # fmt: skip
 
 
 def _evaluation(trained: TrainedRun, output: Path) -> Run:

@@ -10,6 +10,8 @@ line (``format=conllu|text``); for NER, CoNLL (a token per line; ``format=conll`
 into JSON lines with each line's perplexity. ``language`` picks the subnetwork: a training
 language's mask, or for any other language the test-time policy's (``masks.target_policy``;
 ``support`` and ``nearest`` need ``support=``, annotated examples of the language).
+``output`` is written atomically; a symbolic link there is kept (its target is written), a FIFO
+or a device (``output=/dev/stdout``) is written through, never replaced.
 ``python -m subnets.parse`` is the same command under its earlier name.
 """
 
