@@ -1,5 +1,5 @@
 """Building what a config describes, the one way that training, the start-up checks
-(``overwrite=true``), :func:`~subnets.trained.load_run` and ``python -m subnets.evaluate`` all use,
+(``overwrite=true``), [load_run][subnets.trained.load_run] and ``python -m subnets.evaluate`` all use,
 so that they cannot drift: the task, its data, the encoder and its tokenizer, the task model,
 the collator, the method.
 
@@ -100,16 +100,16 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """The settings alone (:func:`~subnets.config.validate_config`), those of the method
-    (:func:`check_method_settings`) and of the task (its constructor): what is refused before
-    any file is read or written."""
+    """The settings alone (``validate_config``), those of the method
+    ([check_method_settings][subnets.assemble.check_method_settings]) and of the task (its constructor): what
+    is refused before any file is read or written."""
     validate_config(cfg)
     check_method_settings(cfg, build_method(cfg))
     build_task(cfg)
 
 
 def check_sharding_settings(cfg: DictConfig, method: Method) -> None:
-    """Refuse what ``train.parallel=fsdp`` does not run (:mod:`subnets.sharding`), with why."""
+    """Refuse what ``train.parallel=fsdp`` does not run ([subnets.sharding][]), with why."""
     name = f"+method={cfg.method.name}"
     if not isinstance(method.strategy, BatchStep):
         raise SettingError(f"train.parallel=fsdp: {name} meta-learns (MAML), whose inner steps run on functional "
@@ -135,8 +135,8 @@ def check_sharding_settings(cfg: DictConfig, method: Method) -> None:
 
 @dataclass
 class Parts:
-    """What :func:`assemble` builds. ``fingerprint``: the encoder's and tokenizer's as loaded
-    (before any training; :func:`~subnets.identity.model_fingerprint`)."""
+    """What [assemble][subnets.assemble.assemble] builds. ``fingerprint``: the encoder's and tokenizer's as
+    loaded (before any training; ``model_fingerprint``)."""
 
     cfg: DictConfig
     task: Task
@@ -169,15 +169,15 @@ def assemble(
 
     Args:
         task_state: the task's state as a trained run recorded it (its label set); None: learned
-            from the training data (:meth:`~subnets.tasks.Task.fit`).
+            from the training data ([fit][subnets.tasks.base.Task.fit]).
         read_data: read the languages' data (False: a trained model alone).
         read_train: read the training splits (an evaluation does not).
         accept: called with the data and the model's fingerprint once both are read, before
             anything else happens (a run folder checks that they are the ones it holds).
 
-    Every example read is checked against the task (:meth:`~subnets.tasks.Task.check`: a label
+    Every example read is checked against the task ([check][subnets.tasks.base.Task.check]: a label
     the training data never had is an error naming its file and line); a task that does not
-    fit the model is refused (:meth:`~subnets.tasks.Task.use_model`).
+    fit the model is refused ([use_model][subnets.tasks.base.Task.use_model]).
     """
     folder = Path(folder)
     method = build_method(cfg)
@@ -216,8 +216,8 @@ def assemble(
 
 @dataclass
 class Training:
-    """What training adds to :class:`Parts`: the optimizer (wrapped by the method's policy), the
-    learning-rate schedule, the language sampler and the batches it draws."""
+    """What training adds to [Parts][subnets.assemble.Parts]: the optimizer (wrapped by the method's policy),
+    the learning-rate schedule, the language sampler and the batches it draws."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -271,7 +271,8 @@ def _max_subwords(cfg: DictConfig, transformer: nn.Module, tokenizer) -> int:
 def check_inputs(cfg: DictConfig) -> None:
     """Everything a run checks before training that needs no run folder: the settings, the
     method, the task, the data (synthetic languages written into a temporary folder) and the
-    model (:func:`assemble` there). ``overwrite=true`` calls it before it deletes anything."""
+    model ([assemble][subnets.assemble.assemble] there). ``overwrite=true`` calls it before it deletes
+    anything."""
     check_settings(cfg)
     with tempfile.TemporaryDirectory() as folder:
         assemble(cfg, folder)

@@ -1,6 +1,6 @@
 """What the training loop does besides training, as small callbacks: the loss guard, the
 development evaluation, the method's end-of-training hook, the gradient-conflict analysis and
-the checkpoint. :meth:`subnets.runner.Run.train` calls each in order after every step (and,
+the checkpoint. [subnets.runner.Run.train][] calls each in order after every step (and,
 for the guard, after every log interval); each says when it acts from its own settings.
 
 A callback of your own has the same three hooks (each optional) and goes into
@@ -38,8 +38,8 @@ class Callback:
 
 
 class Guard(Callback):
-    """Stops a run whose loss diverges (:class:`~subnets.guards.LossGuard`; the step itself
-    checks its loss for NaN and infinities, :meth:`~subnets.runner.Run.train_step`)."""
+    """Stops a run whose loss diverges ([LossGuard][subnets.guards.LossGuard]; the step itself
+    checks its loss for NaN and infinities, [train_step][subnets.runner.Run.train_step])."""
 
     def __init__(self, guard: LossGuard):
         self.guard = guard

@@ -70,7 +70,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by ``save_checkpoint``."""
     tensors, header = load_safetensors(path, str(device), "subnets checkpoint")
     if header.get("format") != "subnets-checkpoint-1":
         raise ValueError(f"{path} is not a subnets checkpoint (format {header.get('format')!r})")
@@ -155,7 +155,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the generators from :func:`rng_state`'s result."""
+    """Restore the generators from ``rng_state``'s result."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
@@ -166,7 +166,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(run) -> Path:
-    """Write ``run``'s full training state (a :class:`~subnets.runner.Run`: model, optimizer,
+    """Write ``run``'s full training state (a [Run][subnets.runner.Run]: model, optimizer,
     scheduler, sampler, method, best model, loss guard, generators; its config) to its
     ``checkpoints/last.safetensors`` (rank 0 only) and tell its loss guard. Sharded
     (``train.parallel=fsdp``; call it on every process), the model and the optimizer go to

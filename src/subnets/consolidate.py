@@ -1,4 +1,4 @@
-"""``python -m subnets.consolidate``: :mod:`subnets.cli.consolidate`."""
+"""``python -m subnets.consolidate``: ``subnets.cli.consolidate``."""
 
 from subnets.cli.consolidate import main
 

@@ -6,7 +6,7 @@ gradients and the loss are averaged over processes, weighted by words, before th
 update, so masks and parameters stay identical on every rank and a step equals one step on
 the combined batch. Only rank 0 evaluates and writes checkpoints, logs and results.
 
-Sharded (``train.parallel=fsdp``, :mod:`subnets.sharding`): FSDP2 averages the parameters'
+Sharded (``train.parallel=fsdp``, [subnets.sharding][]): FSDP2 averages the parameters'
 gradients itself (each process's loss is scaled by its share of the batch's words first, so
 the average is the combined batch's gradient); every process takes part in each forward pass,
 so all of them evaluate (the same sentences, the same numbers) and write their shards of each

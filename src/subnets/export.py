@@ -1,4 +1,4 @@
-"""``python -m subnets.export``: :mod:`subnets.cli.export`."""
+"""``python -m subnets.export``: ``subnets.cli.export``."""
 
 from subnets.cli.export import main
 

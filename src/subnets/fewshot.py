@@ -1,4 +1,4 @@
-"""The few-shot protocol for unseen languages (support sentences: :mod:`subnets.data.support`)."""
+"""The few-shot protocol for unseen languages (support sentences: [subnets.data.support][])."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def fine_tune(
     optimizer: str = "adamw",
 ) -> torch.nn.Module:
     """``steps`` steps of ``optimizer`` (``adamw``, or ``sgd``: plain SGD) on ``model`` (in
-    place) on one ``batch`` (or its micro-batches, see :meth:`~subnets.data.dataset.Batcher.micro_batches`),
-    through a masked optimizer when ``update_mask`` is given."""
+    place) on one ``batch`` (or its micro-batches, see
+    [micro_batches][subnets.data.dataset.Batcher.micro_batches]), through a masked optimizer when
+    ``update_mask`` is given."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"fewshot.optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     groups = parameter_groups(model, lr_encoder, lr_head, weight_decay)
@@ -86,9 +87,9 @@ def few_shot(
 
     For each target language of ``target_test`` (its whole test split) and repetition ``r``
     (seed ``1000 * seed + r``): draw ``k`` support examples from its pool in ``pools``
-    (:func:`draw_support`, :func:`~subnets.data.support.support_pool`), fine-tune ``model`` on
-    them for ``steps`` steps with a fresh optimizer and ``policy``'s test-time adaptation
-    (forward gates and/or update mask), score the test set without the support examples
+    ([draw_support][subnets.data.support.draw_support], [support_pool][subnets.data.support.support_pool]),
+    fine-tune ``model`` on them for ``steps`` steps with a fresh optimizer and ``policy``'s test-time
+    adaptation (forward gates and/or update mask), score the test set without the support examples
     (``evaluator``: the task's metrics), and restore ``model`` in place to the weights it came
     with (what a copy per repetition would give, without the copies; ``model`` is left as it
     was). Returns per language the runs and the mean and standard deviation (ddof 1) of each

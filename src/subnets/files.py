@@ -168,7 +168,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, header: dict[str, A
 def load_safetensors(
     path: str | os.PathLike, device: str = "cpu", what: str = "subnets file"
 ) -> tuple[dict, dict]:
-    """The tensors and the header of a file written by :func:`save_safetensors` (or by the
+    """The tensors and the header of a file written by ``save_safetensors`` (or by the
     earlier format, whose header entries were separate metadata strings).
 
     Raises:

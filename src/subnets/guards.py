@@ -1,9 +1,10 @@
 """Guards on a run's training loss: NaN or infinite steps, and losses that diverge while finite.
 
-:class:`DivergenceGuard` holds the rule, :class:`LossGuard` watches a run with it: it is told
-every step's result and every log interval's mean loss, says whether the run is healthy enough
-for a checkpoint to be called good, and stops the run with an error that names the steps and
-the last checkpoint that is known to be good (or says that none is).
+[DivergenceGuard][subnets.guards.DivergenceGuard] holds the rule,
+[LossGuard][subnets.guards.LossGuard] watches a run with it: it is told every step's result and every log
+interval's mean loss, says whether the run is healthy enough for a checkpoint to be called good, and stops the
+run with an error that names the steps and the last checkpoint that is known to be good (or says that none
+is).
 
 The divergence rule. The *reference* is the lower of the first step's loss (the untrained
 model's, before any update) and the lowest log-interval mean so far. A log interval whose mean
@@ -109,9 +110,10 @@ class LossGuard:
     """Watches a run's losses (module docstring) and knows whether its last checkpoint is good.
 
     A checkpoint holds the weights after its step; it is *good* once the next step's loss is
-    finite and no spike, while no interval is flagged. The runner calls :meth:`after_step`
-    after every step, :meth:`after_interval` after every log interval and
-    :meth:`checkpoint_written` after every checkpoint.
+    finite and no spike, while no interval is flagged. The runner calls
+    [after_step][subnets.guards.LossGuard.after_step] after every step,
+    [after_interval][subnets.guards.LossGuard.after_interval] after every log interval and
+    [checkpoint_written][subnets.guards.LossGuard.checkpoint_written] after every checkpoint.
 
     Args:
         where: the run (its folder), named in the errors.

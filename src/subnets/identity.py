@@ -2,7 +2,7 @@
 model it started from, recorded in ``<folder>/run.json`` when the run starts.
 
 A later command in the same folder (a resume, a rerun of a finished sweep) must describe the
-same run: its settings may differ only in :data:`IGNORED` keys (paths, logging, devices), the
+same run: its settings may differ only in ``IGNORED`` keys (paths, logging, devices), the
 data files it reads must have the same content (wherever the data root now is) and the model
 the same weights, configuration and tokenizer. Otherwise it is refused, before any work, with
 the differences listed.
@@ -52,7 +52,7 @@ def flat(container: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs, :data:`IGNORED` keys aside."""
+    """``key: old -> new`` for every setting that differs, ``IGNORED`` keys aside."""
     saved, current = flat(dict(saved)), flat(dict(current))
     return [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
@@ -112,9 +112,9 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
 
 def saved_identity(folder, config: Mapping[str, Any], resume: bool) -> dict | None:
-    """The identity ``folder`` (a :class:`~subnets.runfolder.RunFolder`) records, its settings
+    """The identity ``folder`` (a [RunFolder][subnets.runfolder.RunFolder]) records, its settings
     checked against ``config`` before anything is written (the data and the model are checked
-    once they are loaded: :func:`refuse` with :func:`identity_differences`); None for a new folder."""
+    once they are loaded: ``refuse`` with ``identity_differences``); None for a new folder."""
     from subnets.files import read_json
 
     path = folder.identity

@@ -1,5 +1,5 @@
 """``python -m subnets.parse``: the earlier name of ``python -m subnets.predict``
-(:mod:`subnets.cli.predict`; the same command and arguments)."""
+(``subnets.cli.predict``; the same command and arguments)."""
 
 from subnets.cli.predict import main
 

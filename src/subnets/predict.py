@@ -1,4 +1,4 @@
-"""``python -m subnets.predict``: :mod:`subnets.cli.predict`."""
+"""``python -m subnets.predict``: ``subnets.cli.predict``."""
 
 from subnets.cli.predict import main
 

@@ -3,8 +3,8 @@
 On a terminal each phase (training, evaluation, the mask search, the few-shot protocol) shows a
 tqdm bar on stderr; off a terminal (SLURM, nohup, CI) the bars stay silent and the log lines
 tell the same story: the ``subnets`` loggers write to stderr and to ``<run>/train.log``
-(configured by Hydra for ``python -m subnets.train``, and by :func:`run_log` for
-:func:`subnets.run` called from Python).
+(configured by Hydra for ``python -m subnets.train``, and by ``run_log`` for
+[subnets.run][] called from Python).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class RunFolderInUse(RuntimeError):
 
 @dataclass(frozen=True)
 class RunFolder:
-    """The paths of one run folder (README, "What a run writes")."""
+    """The paths of one run folder (docs/guides/reuse.md, "What a run writes")."""
 
     root: Path
 

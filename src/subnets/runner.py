@@ -1,7 +1,7 @@
-"""One training run as a recipe, for any task and method: set up (:func:`~subnets.assemble.assemble`),
-train (the loop and its :mod:`~subnets.callbacks`), evaluate (:class:`~subnets.evaluate.Evaluator`),
-checkpoint, resume. :func:`run` is what ``python -m subnets.train`` calls, with a config and a
-run folder (:class:`~subnets.runfolder.RunFolder`), not Hydra: a notebook can call it too."""
+"""One training run as a recipe, for any task and method: set up ([assemble][subnets.assemble.assemble]),
+train (the loop and its [callbacks][subnets.callbacks]), evaluate ([Evaluator][subnets.evaluate.Evaluator]),
+checkpoint, resume. [run][subnets.runner.run] is what ``python -m subnets.train`` calls, with a config and a
+run folder ([RunFolder][subnets.runfolder.RunFolder]), not Hydra: a notebook can call it too."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ log = logging.getLogger(__name__)
 
 
 class Run:
-    """One run in the shape of a recipe: :meth:`setup`, :meth:`train`, :meth:`final_evaluation`,
-    :meth:`save_checkpoint`. Attributes after :meth:`setup`: ``task``, ``data``
-    (:class:`~subnets.data.languages.RunData`), ``model``, ``tokenizer``, ``batcher``, ``method``
-    (its ``policy`` and ``strategy``), ``optimizer``, ``scheduler``, ``sampler``, ``evaluator``,
+    """One run as a recipe: [setup][subnets.runner.Run.setup], [train][subnets.runner.Run.train],
+    [final_evaluation][subnets.runner.Run.final_evaluation], [save_checkpoint][subnets.runner.Run.save_checkpoint].
+    Attributes after ``setup``: ``task``, ``data`` (``RunData``), ``model``, ``tokenizer``, ``batcher``,
+    ``method`` (its ``policy`` and ``strategy``), ``optimizer``, ``scheduler``, ``sampler``, ``evaluator``,
     ``callbacks``, ``parallel`` (this process's place in a ``torchrun`` job)."""
 
     def __init__(self, cfg: DictConfig, folder: str | os.PathLike):
@@ -64,9 +64,9 @@ class Run:
                           Conflict(cfg.analysis.conflict_every), Checkpoint(train.checkpoint_every, self.guard)]  # fmt: skip
 
     def setup(self, record: Mapping[str, str] | None = None) -> None:
-        """Check the settings, build everything (:func:`~subnets.assemble.assemble`), the optimizer
+        """Check the settings, build everything ([assemble][subnets.assemble.assemble]), the optimizer
         and the sampler, and resume from the folder's last checkpoint. A folder that holds another
-        run (other settings, data or model, :mod:`subnets.identity`) is refused before anything in
+        run (other settings, data or model, ``subnets.identity``) is refused before anything in
         it is written; ``record`` (e.g. Hydra's ``.hydra/*.yaml``) is written once it is accepted."""
         cfg = self.cfg
         check_settings(cfg)
@@ -124,7 +124,7 @@ class Run:
                 load_sharded(self.sharded_checkpoint, self.model, self.optimizer)
 
     def use(self, parts) -> None:
-        """Take what :func:`~subnets.assemble.assemble` built (or what a trained run holds)."""
+        """Take what [assemble][subnets.assemble.assemble] built (or what a trained run holds)."""
         self.parts, self.task, self.method, self.model = parts, parts.task, parts.method, parts.model
         self.tokenizer, self.batcher, self.collator = parts.tokenizer, parts.batcher, parts.collator
         self.device, self.data = torch.device(parts.batcher.device), getattr(parts, "data", None)
@@ -133,11 +133,11 @@ class Run:
         self.analyses = Analyses(self.cfg.analysis, self.folder, self.batcher, batch_size, self.log)
 
     def make_optimizer(self, model: torch.nn.Module, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
-        """:func:`~subnets.assemble.make_optimizer` with the run's ``train.*`` settings."""
+        """[make_optimizer][subnets.assemble.make_optimizer] with the run's ``train.*`` settings."""
         return make_optimizer(self.cfg.train, model, extra_groups)
 
     def source_languages(self) -> SourceLanguages:
-        """What a mask policy may use before training (:class:`~subnets.methods.SourceLanguages`)."""
+        """What a mask policy may use before training ([SourceLanguages][subnets.methods.SourceLanguages])."""
         dev = {code: data for (role, code), data in self.data.evaluated.items() if role == "source"}
         metric, batch_size = self.evaluator.metric, self.cfg.train.batch_size
         return SourceLanguages(self.data.train, dev, metric, self.make_optimizer, batch_size, self.tokenizer)
@@ -162,12 +162,12 @@ class Run:
 
     def save_checkpoint(self) -> Path:
         """Write the full training state to ``checkpoints/last.safetensors`` (rank 0 only;
-        :func:`~subnets.checkpoint.save_training_state`)."""
+        ``save_training_state``)."""
         return save_training_state(self)
 
     def train(self) -> None:
         """The training loop, from the current step to ``train.steps``: the method's step, the
-        log interval, then the callbacks (:mod:`subnets.callbacks`)."""
+        log interval, then the callbacks ([subnets.callbacks][])."""
         train, main = self.cfg.train, self.parallel.is_main
         if self.step >= train.steps:
             return
@@ -236,11 +236,11 @@ class Run:
         return self.write_results(status)
 
     def write_results(self, about: Mapping[str, Any]) -> dict[str, Any]:
-        """:func:`~subnets.evaluate.results.write_results` of this run (results.json)."""
+        """``write_results`` of this run (results.json)."""
         return write_results(self, about)
 
     def few_shot(self) -> dict[str, Any]:
-        """:func:`~subnets.evaluate.results.run_few_shot` of this run."""
+        """``run_few_shot`` of this run."""
         return run_few_shot(self)
 
 
@@ -248,11 +248,11 @@ def run(
     cfg: DictConfig, folder: str | os.PathLike, record: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """Set up, train, evaluate; returns the results (also in ``folder/results.json``). The folder
-    is locked for the whole run (:meth:`RunFolder.lock`); one that holds a checkpoint is resumed
-    (``resume=true``), a finished one is not run again unless ``overwrite=true``, which first
-    checks everything (:func:`~subnets.assemble.check_inputs`), then deletes its outputs.
-    ``record``: files written once the folder is accepted (:meth:`Run.setup`). Under ``torchrun``
-    rank 0 holds the lock and returns the results, the others an empty dict. Errors also go to
+    is locked for the whole run ([RunFolder.lock][subnets.runfolder.RunFolder.lock]); one that holds a
+    checkpoint is resumed (``resume=true``), a finished one is not run again unless ``overwrite=true``, which
+    first checks everything ([check_inputs][subnets.assemble.check_inputs]), then deletes its outputs.
+    ``record``: files written once the folder is accepted ([Run.setup][subnets.runner.Run.setup]). Under
+    ``torchrun`` rank 0 holds the lock and returns the results, the others an empty dict. Errors also go to
     the folder's ``train.log``."""
     paths, main = RunFolder(folder), int(os.environ.get("RANK", "0")) == 0
     with run_log(folder):  # into the folder's train.log once it exists (Hydra makes it first)

@@ -1,19 +1,21 @@
 """Sharded training with FSDP2 (``train.parallel=fsdp`` under ``torchrun``).
 
-:func:`shard_model` applies ``torch.distributed.fsdp.fully_shard`` to every transformer layer
-(its own all-gather and reduce-scatter group) and then to the whole task model (the embeddings,
-the final norm and the task head in one group). Each parameter becomes a DTensor sharded on its
+[shard_model][subnets.sharding.shard_model] applies ``torch.distributed.fsdp.fully_shard`` to every
+transformer layer (its own all-gather and reduce-scatter group) and then to the whole task model (the
+embeddings, the final norm and the task head in one group). Each parameter becomes a DTensor sharded on its
 first dimension; gradients and optimizer state (created like the parameters) are sharded the
 same way, so a process holds about ``1 / world_size`` of them.
 
-Masks are per coordinate of a whole parameter: :func:`local_mask` cuts a whole mask to the
-coordinates this process holds (``distribute_tensor`` with the parameter's mesh and placements,
-without communication), and :class:`~subnets.optim.MaskedOptimizer` updates only local shards.
-:func:`local` is the local shard of a DTensor (or the tensor itself).
+Masks are per coordinate of a whole parameter: [local_mask][subnets.sharding.local_mask] cuts a whole mask to
+the coordinates this process holds (``distribute_tensor`` with the parameter's mesh and placements,
+without communication), and [MaskedOptimizer][subnets.optim.MaskedOptimizer] updates only local shards.
+[local][subnets.sharding.local] is the local shard of a DTensor (or the tensor itself).
 
-Checkpoints: :func:`save_sharded` and :func:`load_sharded` write and read a folder with
-``torch.distributed.checkpoint`` (each process its own shards, nothing gathered on one
-process); :func:`consolidated_model_state` reads such a folder back whole, in one process.
+Checkpoints: [save_sharded][subnets.sharding.save_sharded] and
+[load_sharded][subnets.sharding.load_sharded] write and read a folder with ``torch.distributed.checkpoint``
+(each process its own shards, nothing gathered on one process);
+[consolidated_model_state][subnets.sharding.consolidated_model_state] reads such a folder back whole, in one
+process.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def shard_model(model: nn.Module, layers: Sequence[nn.Module], bf16: bool = Fals
 
 
 def shard_task_model(model: nn.Module, optimizer: torch.optim.Optimizer, bf16: bool = False) -> None:
-    """:func:`shard_model` of a subnets task model (the layers of its encoder's transformer, by
-    its gates' layout), and point its gates' ownership records and ``optimizer`` (built before,
-    with no state yet) at the sharded parameters. Tensors in ``optimizer`` that are not the
-    model's parameters (a policy's gate logits) stay; a :class:`~subnets.optim.MaskedOptimizer`'s
+    """[shard_model][subnets.sharding.shard_model] of a subnets task model (the layers of its encoder's
+    transformer, by its gates' layout), and point its gates' ownership records and ``optimizer`` (built
+    before, with no state yet) at the sharded parameters. Tensors in ``optimizer`` that are not the
+    model's parameters (a policy's gate logits) stay; a [MaskedOptimizer][subnets.optim.MaskedOptimizer]'s
     names follow."""
     if optimizer.state:
         raise ValueError("shard_task_model: the optimizer already holds state; shard the model first")
@@ -120,9 +122,9 @@ def save_sharded(
 def load_sharded(
     folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> None:
-    """Read what :func:`save_sharded` wrote into the sharded ``model`` (and ``optimizer``), each
-    process its own shards (collective). The folder may have been written by any number of
-    processes (``torch.distributed.checkpoint`` reshards).
+    """Read what [save_sharded][subnets.sharding.save_sharded] wrote into the sharded ``model`` (and
+    ``optimizer``), each process its own shards (collective). The folder may have been written by any number
+    of processes (``torch.distributed.checkpoint`` reshards).
 
     A parameter that had no optimizer state when the folder was written (one no step has
     updated yet: a part of the model the task does not use, or units no language's mask lets
@@ -146,8 +148,8 @@ def load_sharded(
 
 def consolidated_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
     """The whole model state (parameter name -> full tensor, on the CPU) of a checkpoint folder
-    written by :func:`save_sharded`, read in one process without a process group (the optimizer
-    state in the folder is not read)."""
+    written by [save_sharded][subnets.sharding.save_sharded], read in one process without a process group (the
+    optimizer state in the folder is not read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: the sharded checkpoint is missing")

@@ -12,7 +12,7 @@ from subnets.files import append_jsonl
 
 
 class Tracker:
-    """Writes ``<folder>/metrics.jsonl`` and, once :meth:`start_wandb` was called, a W&B run
+    """Writes ``<folder>/metrics.jsonl`` and, once ``start_wandb`` was called, a W&B run
     (its id kept in ``<folder>/wandb_id`` so that a resumed run continues it). A tracker made
     with ``enabled=False`` (processes other than rank 0) does nothing."""
 
@@ -26,7 +26,7 @@ class Tracker:
 
     def start_wandb(self, settings: Any, name: str, config: dict) -> None:
         """Start (or resume) the W&B run of this folder (``settings``: ``wandb.*``) in the mode
-        :func:`wandb_mode` gives; ``disabled`` starts nothing (no process, no files)."""
+        ``wandb_mode`` gives; ``disabled`` starts nothing (no process, no files)."""
         mode = wandb_mode(setting(settings.mode))
         if not self.enabled or mode == "disabled":
             return

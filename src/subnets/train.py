@@ -1,4 +1,4 @@
-"""``python -m subnets.train``: :mod:`subnets.cli.train`."""
+"""``python -m subnets.train``: ``subnets.cli.train``."""
 
 from subnets.cli.train import main
 

@@ -1,7 +1,7 @@
-"""A trained run, reused: loaded in Python (:func:`load_run`), evaluated on other languages or
-settings (:func:`evaluate_run`, ``python -m subnets.evaluate``), and used to annotate new data
-in its task's format (:meth:`TrainedRun.predict_file`, ``python -m subnets.predict``; a parser's
-:meth:`TrainedRun.parse`).
+"""A trained run, reused: loaded in Python ([load_run][subnets.trained.load_run]), evaluated on other
+languages or settings ([evaluate_run][subnets.trained.evaluate_run], ``python -m subnets.evaluate``), and used
+to annotate new data in its task's format ([TrainedRun.predict_file][subnets.trained.TrainedRun.predict_file],
+``python -m subnets.predict``; a parser's [TrainedRun.parse][subnets.trained.TrainedRun.parse]).
 
 Nothing here writes into the training run's folder: an evaluation writes into a folder of its
 own (default ``<run>/evaluations/<overrides>``).
@@ -50,10 +50,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainedRun:
-    """A trained run loaded for use (:func:`load_run`).
+    """A trained run loaded for use ([load_run][subnets.trained.load_run]).
 
     Attributes: ``folder`` (the run), ``cfg`` (its config, with any overrides), ``task`` (its
-    :class:`~subnets.tasks.Task`, with the label set it trained with), ``model`` (in eval mode),
+    [Task][subnets.tasks.Task], with the label set it trained with), ``model`` (in eval mode),
     ``tokenizer``, ``method`` (its policy holds the masks, importance averages or learned
     gates), ``batcher`` (its ``collator`` turns examples into model input), ``checkpoint`` (the
     file loaded), ``step`` (the training step it holds), ``best`` (the development score and
@@ -109,7 +109,7 @@ class TrainedRun:
 
     def data(self, source: LanguageData | str | os.PathLike, code: str, split: str) -> LanguageData:
         """``source`` (a file or ``datasets`` folder in the task's format, read and checked by the
-        task, or data already read) as tokenized :class:`~subnets.data.dataset.LanguageData`."""
+        task, or data already read) as tokenized [LanguageData][subnets.data.dataset.LanguageData]."""
         if isinstance(source, LanguageData):
             data = source
         else:
@@ -121,7 +121,8 @@ class TrainedRun:
     def predict(self, examples: Sequence, language: str | None = None,
                 support: LanguageData | str | os.PathLike | None = None) -> list:  # fmt: skip
         """The model's predictions for ``examples`` (the task's examples, e.g. from
-        :meth:`~subnets.tasks.Task.read_unlabelled`) with ``language``'s subnetwork (:meth:`gates`)."""
+        [read_unlabelled][subnets.tasks.base.Task.read_unlabelled]) with ``language``'s subnetwork
+        ([gates][subnets.trained.TrainedRun.gates])."""
         data = LanguageData(language or "unseen", "input", list(examples)).tokenize(self.tokenizer)
         return predict(
             self.model, data, self.collator, self.cfg.train.eval_batch_size, self.gates(language, support)
@@ -133,10 +134,10 @@ class TrainedRun:
         language: str | None = None,
         support: LanguageData | str | os.PathLike | None = None,
     ) -> list[Sentence]:
-        """Parse ``sentences`` (token lists, or :class:`~subnets.data.Sentence` objects, e.g. from
-        :func:`~subnets.data.read_conllu` with ``trees=False``) with ``language``'s subnetwork
-        (:meth:`gates`); returns the sentences with predicted heads and relations (and UPOS
-        with a tagger), their CoNLL-U ``lines`` rewritten to match. For a parsing run."""
+        """Parse ``sentences`` (token lists, or [Sentence][subnets.data.Sentence] objects, e.g. from
+        [read_conllu][subnets.data.read_conllu] with ``trees=False``) with ``language``'s subnetwork
+        ([gates][subnets.trained.TrainedRun.gates]); returns the sentences with predicted heads and relations
+        (and UPOS with a tagger), their CoNLL-U ``lines`` rewritten to match. For a parsing run."""
         if not isinstance(self.task, Parsing):
             raise TypeError(
                 f"parse() is for parsing runs; this run's task is {self.task.name}: use predict()"
@@ -158,8 +159,8 @@ class TrainedRun:
         format: str = "auto",
     ) -> Path:
         """Annotate the file ``input`` into ``output`` in the task's format
-        (:meth:`~subnets.tasks.Task.read_unlabelled` and ``write_predictions``). For parsing and
-        tagging, ``format``: ``conllu`` (any columns present are kept, comments, multiword tokens
+        ([read_unlabelled][subnets.tasks.base.Task.read_unlabelled] and ``write_predictions``). For parsing
+        and tagging, ``format``: ``conllu`` (any columns present are kept, comments, multiword tokens
         and empty nodes included; the predicted columns are filled in), ``text`` (one
         pre-tokenized sentence per line) or ``auto`` (CoNLL-U when the first non-empty line is a
         comment or has ten tab-separated columns); NER reads ``conll`` or ``text``,
@@ -185,7 +186,8 @@ class TrainedRun:
         predictions: str | os.PathLike | None = None,
     ) -> dict[str, float]:
         """The task's scores on annotated ``source`` (a file in the task's format) with
-        ``language``'s subnetwork (:meth:`gates`); with ``predictions``, writes the predictions there."""
+        ``language``'s subnetwork ([gates][subnets.trained.TrainedRun.gates]); with ``predictions``, writes
+        the predictions there."""
         data = self.data(source, language or "unseen", "eval")
         return self.evaluator.score(self.model, data, self.gates(language, support), predictions)
 
@@ -197,7 +199,7 @@ class TrainedRun:
         predictions: str | os.PathLike | None = None,
         **settings: Any,
     ) -> dict[str, Any]:
-        """The few-shot protocol (:func:`subnets.fewshot.few_shot`) on one language from a copy of
+        """The few-shot protocol ([subnets.fewshot.few_shot][]) on one language from a copy of
         the model: support examples drawn from ``support_pool`` (default: from ``test``, and then
         left out of it), the run's ``fewshot.*`` settings unless ``settings`` (``k``,
         ``repetitions``, ``steps``, ``lr_encoder``, ...) say otherwise."""
@@ -227,10 +229,10 @@ def load_run(
     device: str | None = None,
 ) -> TrainedRun:
     """Load a trained run: its config (``run.json``, with ``overrides`` of the
-    :data:`EVALUATION_SETTINGS`), task (with its label set), model and method state from
+    ``EVALUATION_SETTINGS``), task (with its label set), model and method state from
     ``checkpoint`` (``best``: the model the run's final evaluation used; ``last``: the last
     checkpoint, also of an unfinished run), and tokenizer, built as training built them
-    (:func:`~subnets.assemble.assemble`). ``device`` overrides ``train.device``.
+    ([assemble][subnets.assemble.assemble]). ``device`` overrides ``train.device``.
 
     Raises:
         FileNotFoundError, ValueError: a folder that holds no run, an unfinished run (for
@@ -306,8 +308,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run as its final evaluation does (every source, development and
     target language, zero-shot and few-shot, with the method's test-time policy) on the
-    languages and settings that ``overrides`` name (:func:`load_run`), writing results.json and
-    predictions into ``output`` (default :func:`evaluation_folder`). On the run's own languages
+    languages and settings that ``overrides`` name ([load_run][subnets.trained.load_run]), writing
+    results.json and predictions into ``output`` (default ``evaluation_folder``). On the run's own languages
     and settings it reproduces the run's scores and predictions. An earlier evaluation in
     ``output`` is replaced whole (its predictions too) when it evaluated the same run, checkpoint
     and overrides, or with ``overwrite``; one of anything else is refused, as is a folder holding
@@ -357,7 +359,7 @@ def _check_evaluation_output(output: Path, folder: str | os.PathLike, overrides:
 
 
 def _evaluation(trained: TrainedRun, output: Path) -> Run:
-    """A :class:`~subnets.runner.Run` in ``output`` that evaluates ``trained`` on the languages
+    """A [Run][subnets.runner.Run] in ``output`` that evaluates ``trained`` on the languages
     of its config, with no training; only ``output`` is written (its synthetic data)."""
     cfg = trained.cfg
     evaluation = Run(cfg, output)

@@ -47,7 +47,7 @@ def read_run_config(folder: str | os.PathLike) -> DictConfig:
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with command-line ``overrides`` (Hydra syntax, e.g. ``languages.target=[xx]``)
-    applied; only :data:`EVALUATION_SETTINGS` may change, since the rest made the trained model."""
+    applied; only ``EVALUATION_SETTINGS`` may change, since the rest made the trained model."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     cfg = cfg.copy()

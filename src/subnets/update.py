@@ -53,7 +53,7 @@ def apply_update(
     loss and the norm are finite, take the (masked) optimizer step, advance the schedule.
 
     Gradients outside ``update_mask`` (parameter name -> boolean tensor) are zeroed before
-    clipping, and the optimizer (a :class:`~subnets.optim.MaskedOptimizer`) leaves those
+    clipping, and the optimizer (a [MaskedOptimizer][subnets.optim.MaskedOptimizer]) leaves those
     coordinates bit-identical. A non-finite loss or gradient norm updates nothing (no optimizer
     or scheduler step; the gradients are cleared). Returns the gradient norm before clipping
     and whether the step was skipped.
@@ -99,8 +99,8 @@ def training_step(
     parallel: DataParallel | None = None,
     also_average: Sequence[torch.Tensor] = (),
 ) -> StepResult:
-    """Forward, backward and :func:`apply_update` on one batch, or on the parts of one batch
-    (gradients accumulated with each part's loss weighted by its share of the words, so the step
+    """Forward, backward and [apply_update][subnets.update.apply_update] on one batch, or on the parts of one
+    batch (gradients accumulated with each part's loss weighted by its share of the words, so the step
     is the whole batch's up to rounding): micro-batches of one language, or the languages of a
     mixed batch, each through its own gates.
 

@@ -1,6 +1,6 @@
 """Analyses of a run: gradient conflict between languages, subnetwork overlap against
 typology, and representation similarity (linear CKA). Each is a plain function usable on any
-model or run folder; :mod:`subnets.report` draws them for a whole study."""
+model or run folder; [subnets.report][] draws them for a whole study."""
 
 from subnets.analysis.conflict import (
     conflict_matrix,

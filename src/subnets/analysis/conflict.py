@@ -33,7 +33,7 @@ def language_gradients(
     parameters: list[tuple[str, nn.Parameter]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each language's loss gradient on its batch, as one flat vector over ``parameters``
-    (default :func:`shared_parameters`), in eval mode (no dropout).
+    (default [shared_parameters][subnets.analysis.conflict.shared_parameters]), in eval mode (no dropout).
 
     ``gates(lang)`` are the head gates of its forward pass and ``update_mask(lang)`` (parameter
     name -> 0/1 tensor) the coordinates its update may change: the gradient a method would apply.
@@ -85,8 +85,10 @@ def conflict_matrix(
     batches: Mapping[str, Batch],
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """:func:`language_gradients`, then :func:`cosine_matrix` and :func:`negative_share`, as a
-    record ``{"languages", "cosine", "negative_share", "mean_cosine"}``."""
+    """[language_gradients][subnets.analysis.conflict.language_gradients], then
+    [cosine_matrix][subnets.analysis.conflict.cosine_matrix] and
+    [negative_share][subnets.analysis.conflict.negative_share], as a record
+    ``{"languages", "cosine", "negative_share", "mean_cosine"}``."""
     languages, matrix = cosine_matrix(language_gradients(model, batches, **kwargs))
     upper = matrix[np.triu_indices(len(matrix), k=1)]
     return {
@@ -99,7 +101,7 @@ def conflict_matrix(
 
 def probe_batches(data: Mapping[str, Any], batcher: Any, size: int, seed: int, step: int) -> dict[str, Batch]:
     """Each language's fixed batch for a measurement at ``step``: ``size`` sentences of its
-    :class:`~subnets.data.dataset.LanguageData`, drawn by a generator seeded with the run's
+    [LanguageData][subnets.data.dataset.LanguageData], drawn by a generator seeded with the run's
     ``seed``, the step and the language (so measuring consumes no training randomness)."""
     batches = {}
     for lang, language in data.items():

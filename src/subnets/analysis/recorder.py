@@ -17,12 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class Analyses:
-    """Measures a run's model (:mod:`subnets.analysis`) and writes the records.
+    """Measures a run's model ([subnets.analysis][]) and writes the records.
 
     Args:
         settings: the ``analysis.*`` settings.
         folder: the run folder (records go to ``<folder>/analysis/``).
-        batcher: the run's :class:`~subnets.data.dataset.Batcher` (its seed seeds the probes).
+        batcher: the run's [Batcher][subnets.data.dataset.Batcher] (its seed seeds the probes).
         batch_size: ``train.eval_batch_size`` (CKA's forward passes).
         log: the run's logger (metrics.jsonl and W&B).
     """
@@ -38,7 +38,7 @@ class Analyses:
 
     def conflict(self, model, train: Mapping, policy, step: int, method: str) -> dict[str, Any]:
         """Cosines between the training languages' gradients of the shared parameters at ``step``
-        (:func:`subnets.analysis.conflict_matrix`; each language's batch of
+        ([subnets.analysis.conflict_matrix][]; each language's batch of
         ``analysis.conflict_batch_size`` examples is fixed by seed and step, its gates and update
         mask are the method's), appended to ``analysis/gradient_conflict.jsonl``."""
         batches = probe_batches(
@@ -57,7 +57,7 @@ class Analyses:
 
     def cka(self, model, evaluated: Mapping, gates, when: str, step: int) -> dict[str, Any] | None:
         """Linear CKA between the languages that share evaluated examples
-        (:func:`subnets.analysis.similarity.cka_record`, up to ``analysis.cka_sentences``), written
+        (``subnets.analysis.similarity.cka_record``, up to ``analysis.cka_sentences``), written
         to ``analysis/cka_<when>.json``. ``before`` (at the start) uses the pretrained encoder with
         every unit; later calls use each language's evaluation ``gates``."""
         datasets = {code: data for (_, code), data in evaluated.items()}

@@ -42,8 +42,8 @@ def sentence_representations(
     sent_ids: set[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """``sent_id`` -> the model's representation of that example
-    (:meth:`~subnets.models.heads.TaskModel.sentence_representations`: for word-level tasks the
-    mean of the scalar-mixed word vectors the head reads), in eval mode. ``sent_ids`` restricts
+    ([sentence_representations][subnets.models.heads.TaskModel.sentence_representations]: for word-level tasks
+    the mean of the scalar-mixed word vectors the head reads), in eval mode. ``sent_ids`` restricts
     it to those examples."""
     was_training = model.training
     model.eval()
@@ -107,9 +107,10 @@ def cka_record(
     gates: Callable[[str], torch.Tensor | None] = lambda lang: None,
 ) -> dict[str, Any] | None:
     """Linear CKA between the languages of ``datasets`` that share sentence ids (the largest such
-    group, up to ``sentences`` sentences: :func:`parallel_sentence_ids`), each language's
-    representations taken under ``gates(lang)``: ``{"languages", "sentences", "matrix"}``, or
-    None when no two languages share sentences."""
+    group, up to ``sentences`` sentences:
+    [parallel_sentence_ids][subnets.analysis.similarity.parallel_sentence_ids]), each language's
+    representations taken under ``gates(lang)``: ``{"languages", "sentences", "matrix"}``, or None when no two
+    languages share sentences."""
     languages, ids = parallel_sentence_ids(datasets, sentences)
     if not languages:
         return None

@@ -1,15 +1,15 @@
 """The command-line programs, each a module here and a console script (``pyproject.toml``):
 
-* ``subnets-train`` / ``python -m subnets.train``: train and evaluate (:mod:`subnets.cli.train`, Hydra);
-* ``subnets-evaluate`` / ``python -m subnets.evaluate``: evaluate a trained run (:mod:`subnets.cli.evaluate`);
+* ``subnets-train`` / ``python -m subnets.train``: train and evaluate (``subnets.cli.train``, Hydra);
+* ``subnets-evaluate`` / ``python -m subnets.evaluate``: evaluate a trained run (``subnets.cli.evaluate``);
 * ``subnets-predict`` / ``python -m subnets.predict`` (and its earlier name ``subnets.parse``):
-  annotate a file with a trained run (:mod:`subnets.cli.predict`);
-* ``subnets-report`` / ``python -m subnets.report``: a study's tables and figures (:mod:`subnets.cli.report`).
+  annotate a file with a trained run (``subnets.cli.predict``);
+* ``subnets-report`` / ``python -m subnets.report``: a study's tables and figures (``subnets.cli.report``).
 * ``subnets-consolidate`` / ``python -m subnets.consolidate``: the whole model of a sharded run's
-  checkpoints (:mod:`subnets.cli.consolidate`).
+  checkpoints (``subnets.cli.consolidate``).
 
 The commands that use a trained run take ``key=value`` pairs, as Hydra's command line writes them
-(:func:`split_arguments`), and turn an error into its message and exit status 1 (:func:`main_of`)."""
+(``split_arguments``), and turn an error into its message and exit status 1 (``main_of``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``python -m subnets.evaluate run=<run folder> [checkpoint=best|last] [output=<folder>] [overwrite=true] [overrides]``
 
-Evaluates a trained run (:func:`subnets.trained.evaluate_run`) on the languages and settings
+Evaluates a trained run (``subnets.trained.evaluate_run``) on the languages and settings
 the overrides name, for example::
 
     python -m subnets.evaluate run=outputs/default/+method=dynamic languages.target=[syn_vos]

@@ -1,7 +1,7 @@
 """``python -m subnets.export run=<run folder> output=<folder> [checkpoint=best|last] [language=<code>]
 [overwrite=true] [force=true]``
 
-Writes a trained run as Hugging Face artifacts (:func:`subnets.hf.export.export_run`): the
+Writes a trained run as Hugging Face artifacts (``subnets.hf.export.export_run``): the
 fine-tuned transformer and tokenizer as a folder ``AutoModel.from_pretrained`` loads (a LoRA
 run's adapter merged in), the task head (``task_head.safetensors`` and ``task_head.json``) and,
 for a subnetwork method, the subnetwork set (``subnetworks/``, loadable with

@@ -1,7 +1,7 @@
 """``python -m subnets.predict run=<run folder> input=<file> output=<file> [language=<code>]
 [support=<file>] [format=auto|...] [checkpoint=best|last] [train.device=cpu]``
 
-Annotates ``input`` with a trained run (:meth:`subnets.trained.TrainedRun.predict_file`) into
+Annotates ``input`` with a trained run (``subnets.trained.TrainedRun.predict_file``) into
 ``output``, in the run's task's format: for parsing and tagging, CoNLL-U (any columns present
 are kept; the predicted ones are filled in) or plain text with one pre-tokenized sentence per
 line (``format=conllu|text``); for NER, CoNLL (a token per line; ``format=conll``) or text, into

@@ -1,5 +1,5 @@
 """``subnets-report <folder> [--out DIR] [--alpha A]`` and ``python -m subnets.report``: a study's
-tables, significance tests and figures (:func:`subnets.report.write_report`)."""
+tables, significance tests and figures (``subnets.report.write_report``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The dataclasses below are registered in Hydra's ConfigStore and act as schemas: the YAML files
 under ``subnets/configs`` fill them in, and a misspelt key, a wrong type or a value outside an
 enumeration fails when the config is composed, with the full key in the message. The library
-functions do not need Hydra; :func:`default_config` gives the same tree for notebook use.
+functions do not need Hydra; ``default_config`` gives the same tree for notebook use.
 """
 
 from subnets.config.compose import compose_config, default_config, register_configs, run_folder_name

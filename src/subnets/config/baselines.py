@@ -1,5 +1,5 @@
 """The settings of the comparison methods (``lora.*``, ``sft.*``), part of the runner's schema
-(:mod:`subnets.config.schema`)."""
+(``subnets.config.schema``)."""
 
 from __future__ import annotations
 

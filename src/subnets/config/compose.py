@@ -51,7 +51,7 @@ def default_config(**overrides: Any) -> DictConfig:
     """The schema's defaults as a structured ``DictConfig`` (for notebooks and tests).
 
     The defaults of the YAML files (e.g. the synthetic languages) are not included; compose
-    with Hydra (:func:`compose_config`) for the runner's full default.
+    with Hydra (``compose_config``) for the runner's full default.
     """
     cfg = OmegaConf.structured(Config)
     cfg.task = OmegaConf.structured(ParsingTaskConfig)

@@ -1,4 +1,4 @@
-"""Settings checked before any work: each key's valid range (:data:`RULES`), and the error that
+"""Settings checked before any work: each key's valid range (``RULES``), and the error that
 names a setting outside it."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ RULES: list[tuple[str, Any, str]] = [
 
 
 def validate_config(cfg: Any) -> None:
-    """Check every setting against its valid range (:data:`RULES`) before any work is done.
+    """Check every setting against its valid range (``RULES``) before any work is done.
 
     Raises:
         SettingError: naming the first settings outside their range, their values and the ranges.

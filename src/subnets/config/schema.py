@@ -136,7 +136,7 @@ class ModelConfig:
     # steps, the mask search's fine-tuning nor the few-shot protocol
     freeze_embeddings: bool = False
     # where the transformer keeps its heads and neurons; None: detected (subnets.models.layouts,
-    # README "Any transformer"); declare it for a model no known layout fits, as a mapping
+    # docs/guides/models.md); declare it for a model no known layout fits, as a mapping
     # {attention: {...}, feed_forward: {...}, causal} (checked by ModelLayout.from_dict when
     # the model is built, at start; untyped here so that a command-line override can set it)
     layout: Any = None
@@ -148,7 +148,7 @@ class ModelConfig:
 # your own needs no schema: its config names the class by ``_target_`` and its arguments.
 @dataclass
 class ParsingTaskConfig:
-    """``task=parsing``, ``parsing_pos``: :class:`subnets.tasks.Parsing`."""
+    """``task=parsing``, ``parsing_pos``: [subnets.tasks.Parsing][]."""
 
     _target_: str = "subnets.tasks.Parsing"
     parse: bool = True  # dependency arcs and labels
@@ -161,7 +161,7 @@ class ParsingTaskConfig:
 
 @dataclass
 class TaggingTaskConfig:
-    """``task=tagging``, ``pos``: :class:`subnets.tasks.Tagging` (a CoNLL-U column)."""
+    """``task=tagging``, ``pos``: [subnets.tasks.Tagging][] (a CoNLL-U column)."""
 
     _target_: str = "subnets.tasks.Tagging"
     column: str = "upos"  # upos | xpos | feats | deprel
@@ -170,7 +170,7 @@ class TaggingTaskConfig:
 
 @dataclass
 class NERTaskConfig:
-    """``task=ner``: :class:`subnets.tasks.NER` (IOB2 tags in CoNLL columns)."""
+    """``task=ner``: [subnets.tasks.NER][] (IOB2 tags in CoNLL columns)."""
 
     _target_: str = "subnets.tasks.NER"
     dropout: float = 0.1
@@ -178,7 +178,7 @@ class NERTaskConfig:
 
 @dataclass
 class ClassificationTaskConfig:
-    """``task=classification``: :class:`subnets.tasks.Classification` (sentences or pairs)."""
+    """``task=classification``: [subnets.tasks.Classification][] (sentences or pairs)."""
 
     _target_: str = "subnets.tasks.Classification"
     dropout: float = 0.1
@@ -186,7 +186,7 @@ class ClassificationTaskConfig:
 
 @dataclass
 class LanguageModellingTaskConfig:
-    """``task=mlm``, ``clm``: :class:`subnets.tasks.LanguageModelling` on raw text."""
+    """``task=mlm``, ``clm``: [subnets.tasks.LanguageModelling][] on raw text."""
 
     _target_: str = "subnets.tasks.LanguageModelling"
     objective: str = "masked"  # masked (encoders) | causal (decoders)
@@ -279,7 +279,7 @@ class WandbConfig:
 
 @dataclass
 class MethodConfig:
-    """A method is a mask policy and a step strategy (:mod:`subnets.methods`), each built from
+    """A method is a mask policy and a step strategy (``subnets.methods``), each built from
     its ``_target_`` with the other keys as arguments."""
 
     name: str = "baseline"  # the name in results.json and reports
@@ -371,7 +371,7 @@ class FewShotConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Measurements taken during a run for :mod:`subnets.analysis` (0 switches each off)."""
+    """Measurements taken during a run for [subnets.analysis][] (0 switches each off)."""
 
     conflict_every: int = 0  # cosines between the languages' gradients every N steps (and at step 0)
     conflict_batch_size: int = 8  # sentences per language for each measurement

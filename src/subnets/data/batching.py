@@ -116,8 +116,8 @@ class Batch:
 @dataclass
 class LabelledBatch:
     """A batch of one language for a word-level or example-level classifier: the encoder input
-    and word positions as :class:`Batch` (for a sentence classifier, position 0 is the token that
-    represents the example), and ``labels`` (``[B, 1 + W]`` per word or ``[B]`` per example;
+    and word positions as [Batch][subnets.data.batching.Batch] (for a sentence classifier, position 0 is the
+    token that represents the example), and ``labels`` (``[B, 1 + W]`` per word or ``[B]`` per example;
     ``-100`` where nothing is scored). ``num_words`` counts the labels scored."""
 
     input_ids: torch.Tensor
@@ -171,7 +171,8 @@ class WordCollator:
         self.max_length = max_length
 
     def encode(self, pieces: Sequence[WordPieces]) -> tuple[torch.Tensor, ...]:
-        """``input_ids``, ``attention_mask``, ``word_index`` and ``word_mask`` (:class:`Batch`)."""
+        """``input_ids``, ``attention_mask``, ``word_index`` and ``word_mask``
+        ([Batch][subnets.data.batching.Batch])."""
         budget = self.max_length - self.framing
         opening = [] if self.cls_id is None else [self.cls_id]
         rows: list[list[int]] = []
@@ -215,7 +216,8 @@ class WordCollator:
 
 
 class Collator(WordCollator):
-    """Turns sentences and their word pieces into a parsing :class:`Batch` (:class:`WordCollator`)."""
+    """Turns sentences and their word pieces into a parsing
+    [Batch][subnets.data.batching.Batch] ([WordCollator][subnets.data.batching.WordCollator])."""
 
     def __call__(self, sentences: Sequence[Sentence], pieces: Sequence[WordPieces], lang: str = "") -> Batch:
         input_ids, attention_mask, word_index, word_mask = self.encode(pieces)

@@ -134,7 +134,7 @@ class DataCache:
         """Write the dataset and ``files`` into a temporary folder, then ``done.json`` (row count
         and checksum of everything else), and rename the folder into place: a crash or a
         concurrent job never leaves half an entry, and a file damaged later is detected
-        (:meth:`_load`). A failure to write (disk full, permissions) is a warning: the run goes
+        (``_load``). A failure to write (disk full, permissions) is a warning: the run goes
         on without caching the entry."""
         from datasets import Dataset
 

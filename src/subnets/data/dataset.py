@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LanguageData:
-    """Examples of one language and split (sentences, texts, ...: :mod:`subnets.data.examples`),
+    """Examples of one language and split (sentences, texts, ...: [subnets.data.examples][]),
     with their subword pieces.
 
-    ``pieces`` is filled by :meth:`tokenize`; ``skipped`` counts the invalid examples left
-    out (``on_error="skip"``).
+    ``pieces`` is filled by [tokenize][subnets.data.dataset.LanguageData.tokenize]; ``skipped`` counts the
+    invalid examples left out (``on_error="skip"``).
     """
 
     code: str
@@ -54,7 +54,8 @@ class LanguageData:
         return self
 
     def subset(self, indices: list[int], split: str | None = None) -> LanguageData:
-        """The examples at ``indices`` (in that order) as a new :class:`LanguageData`."""
+        """The examples at ``indices`` (in that order) as a new
+        [LanguageData][subnets.data.dataset.LanguageData]."""
         pieces = None if self.pieces is None else [self.pieces[i] for i in indices]
         return LanguageData(
             self.code, split or self.split, [self.examples[i] for i in indices], pieces, self.path
@@ -70,8 +71,8 @@ def load_language(
     cache: DataCache | None = None,
 ) -> LanguageData:
     """Read and validate ``split`` of a language with the ``task``'s reader
-    (:meth:`~subnets.tasks.Task.read`; its first ``max_examples`` examples), through ``cache``
-    if given (:mod:`subnets.data.cache`).
+    ([read][subnets.tasks.base.Task.read]; its first ``max_examples`` examples), through ``cache``
+    if given (``subnets.data.cache``).
 
     Skipped examples are logged with their file, line and reason.
     """
@@ -91,7 +92,8 @@ def load_language(
 
 @dataclass
 class Batcher:
-    """Builds batches of :class:`LanguageData` for one encoder (``collator``) on ``device``.
+    """Builds batches of [LanguageData][subnets.data.dataset.LanguageData] for one encoder (``collator``) on
+    ``device``.
 
     Example::
 
@@ -118,7 +120,7 @@ class Batcher:
         """All of ``data`` as one batch if its padded size (sentences x the longest sentence's
         subwords) is at most ``max_tokens``; else its sentences sorted by length and cut into
         batches that each stay within ``max_tokens`` (a longer sentence alone), for
-        :func:`~subnets.update.training_step` to accumulate: one long sentence then no longer
+        [training_step][subnets.update.training_step] to accumulate: one long sentence then no longer
         pads every other one to its length."""
         if data.pieces is None:
             raise ValueError(f"{data.code} {data.split}: tokenize the data before batching it")

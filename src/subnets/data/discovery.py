@@ -4,12 +4,12 @@ Three layouts are recognised under a root folder, and may be mixed:
 
 * ``<code>/{train,dev,test}<suffix>`` (the layout of ``shared/data/ud``), the code being the
   folder name, e.g. ``en_ewt/train.conllu``; the task says which suffixes it reads, in order of
-  preference (:attr:`subnets.tasks.Task.suffixes`: ``.conllu`` for UD tasks, ``.conll`` for
+  preference (``subnets.tasks.Task.suffixes``: ``.conllu`` for UD tasks, ``.conll`` for
   NER, ``.jsonl`` or ``.tsv`` for classification, ``.txt`` or ``.conllu`` for language
   modelling);
 * the official UD release layout ``UD_<Language>-<Treebank>/<code>-ud-<split>.conllu``, e.g.
   ``UD_English-EWT/en_ewt-ud-train.conllu`` (for tasks that read CoNLL-U);
-* ``<code>/`` written by ``datasets``' ``save_to_disk`` (:mod:`subnets.data.hf`).
+* ``<code>/`` written by ``datasets``' ``save_to_disk`` (``subnets.data.hf``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ left out, and reading a file as UTF-8 with errors that name the line.
 
 An example is a dataclass with at least ``sent_id`` (its id), ``forms`` (the words the
 tokenizer splits into subword pieces) and ``source`` (``<file>:<line>``, for messages); its
-length is its number of words. :class:`~subnets.data.treebank.Sentence` (CoNLL-U) is one; each
-task in :mod:`subnets.tasks` defines its own.
+length is its number of words. [Sentence][subnets.data.treebank.Sentence] (CoNLL-U) is one; each
+task in ``subnets.tasks`` defines its own.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ON_ERROR = ("raise", "skip")
 
 def read_utf8(path: str | os.PathLike, kind: str, error: type[DataError] = DataError) -> str:
     """The text of a UTF-8 file without its byte-order mark; undecodable bytes raise ``error``
-    (a :class:`DataError`) naming their line."""
+    (a [DataError][subnets.data.examples.DataError]) naming their line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
@@ -59,8 +59,9 @@ def read_utf8(path: str | os.PathLike, kind: str, error: type[DataError] = DataE
 
 def collect(path: str | os.PathLike, items, parse, on_error: str, kind: str) -> ExampleFile:
     """Parse every ``(line, id, raw)`` of ``items`` with ``parse(line, id, raw)`` into an example
-    (raising :class:`DataError` for a bad one): the first error is raised (``on_error="raise"``)
-    or kept with the example left out (``"skip"``). A file with no valid example is an error."""
+    (raising [DataError][subnets.data.examples.DataError] for a bad one): the first error is raised
+    (``on_error="raise"``) or kept with the example left out (``"skip"``). A file with no valid example is an
+    error."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     examples, skipped = [], []

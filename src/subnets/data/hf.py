@@ -11,11 +11,12 @@ Hub treebank is used offline after::
     load_dataset("universal_dependencies", "en_ewt").save_to_disk("my_ud/en_ewt")
 
 With ``datasets`` 4 and later (which no longer run loading scripts such as the Hub's
-``universal_dependencies``), build such a folder from files: :func:`conllu_dataset` turns a
-CoNLL-U file into a ``Dataset`` of this layout (also the input of a ``Trainer``), and parquet
-files of this layout load with ``load_dataset("parquet", data_files={...})``.
+``universal_dependencies``), build such a folder from files:
+[conllu_dataset][subnets.data.hf.conllu_dataset] turns a CoNLL-U file into a ``Dataset`` of this layout (also
+the input of a ``Trainer``), and parquet files of this layout load with
+``load_dataset("parquet", data_files={...})``.
 
-Each split is turned into CoNLL-U text and read by :func:`~subnets.data.treebank.parse_conllu`,
+Each split is turned into CoNLL-U text and read by [parse_conllu][subnets.data.treebank.parse_conllu],
 so it is validated exactly as a CoNLL-U file is; error messages name the split folder, the
 sentence id and the line of the converted text.
 """
@@ -101,11 +102,12 @@ def _row_problem(row: dict) -> str | None:
 
 
 def conllu_dataset(path: str | Path, language: str | None = None, on_error: str = "raise"):
-    """A CoNLL-U file (validated by :func:`~subnets.data.treebank.read_conllu`) as a
+    """A CoNLL-U file (validated by [read_conllu][subnets.data.treebank.read_conllu]) as a
     ``datasets.Dataset`` in the ``universal_dependencies`` layout: ``idx``, ``text``, ``tokens``,
     ``upos``, ``head`` (strings, as on the Hub) and ``deprel``, one row per sentence, plus a
-    ``language`` column holding ``language`` if given (what :class:`~subnets.hf.SubnetworkTrainer`
-    reads). ``save_to_disk`` of a ``DatasetDict`` of such splits is a treebank folder subnets reads."""
+    ``language`` column holding ``language`` if given (what
+    [SubnetworkTrainer][subnets.hf.trainer.SubnetworkTrainer] reads). ``save_to_disk`` of a ``DatasetDict`` of
+    such splits is a treebank folder subnets reads."""
     from datasets import Dataset
 
     from subnets.data.treebank import read_conllu

@@ -1,5 +1,5 @@
 """The data of a run: every language and split it trains on, selects checkpoints on and
-evaluates, read once with the run's task (:func:`load_run_data`)."""
+evaluates, read once with the run's task (``load_run_data``)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class RunData:
             mask policy (only when the policy needs them); drawn from the evaluated split,
             they are removed from it.
         support_pools: per target (and, for the policy, development) language, the split its
-            support sentences are drawn from (:func:`~subnets.data.support.support_pool`).
+            support sentences are drawn from ([support_pool][subnets.data.support.support_pool]).
         skipped: invalid sentences left out per ``<code>-<split>`` (``languages.on_error=skip``),
             in every file read.
     """
@@ -51,7 +51,8 @@ class RunData:
     skipped: dict[str, int] = field(default_factory=dict)
 
     def all(self) -> list[LanguageData]:
-        """Every distinct :class:`LanguageData` of the run (support sentences and pools included)."""
+        """Every distinct [LanguageData][subnets.data.dataset.LanguageData] of the run (support sentences and
+        pools included)."""
         items = [*self.train.values(), *self.dev.values(), *self.evaluated.values(), *self.support.values(),
                  *self.support_pools.values()]  # fmt: skip
         return list({id(d): d for d in items}.values())
@@ -92,13 +93,13 @@ def load_run_data(
     read_train: bool = True,
     cache: DataCache | None = None,
 ) -> RunData:
-    """Read and validate, with ``task`` (:class:`~subnets.tasks.Task`), every split the run uses
+    """Read and validate, with ``task`` ([Task][subnets.tasks.Task]), every split the run uses
     (``languages.*`` settings) from the language folders under ``root``; with
     ``fewshot.repetitions > 0``, check now (not after training) that every target has
     ``fewshot.k`` support examples; with ``needs_support``, draw the development and target
     languages' support examples (seeded by ``seed``). ``read_train=False`` (the evaluation of a
     trained run) leaves the training splits unread (``train`` is empty). Files are read through
-    ``cache`` if given (:func:`data_cache`)."""
+    ``cache`` if given (``data_cache``)."""
     treebanks = discover_languages(root, task.suffixes)
     on_error = setting(languages.on_error)
     if not languages.train:

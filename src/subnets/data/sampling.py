@@ -20,11 +20,12 @@ def language_probabilities(sizes: Mapping[str, int], alpha: float) -> dict[str, 
 
 
 class LanguageSampler:
-    """Draws a language with :func:`language_probabilities`, then a batch of that language.
+    """Draws a language with [language_probabilities][subnets.data.sampling.language_probabilities], then a
+    batch of that language.
 
     Each language is walked through in a fresh random order every epoch; the sentences left at
     the end of an epoch start the next batch, so every sentence is seen once per epoch and a
-    batch never holds a sentence twice. Fully determined by ``seed``; :meth:`state_dict` captures the
+    batch never holds a sentence twice. Fully determined by ``seed``; ``state_dict`` captures the
     position for an exact resume.
 
     Example::

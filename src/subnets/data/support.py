@@ -43,8 +43,9 @@ def support_pool(
     cache: DataCache | None = None,
 ) -> LanguageData:
     """The sentences ``k`` support sentences of ``evaluated``'s language are drawn from: the first
-    split by :func:`support_split` (read with ``on_error``, through ``cache``), which may be ``evaluated`` itself;
-    raises if drawing them from the evaluated split would leave nothing to score."""
+    split by [support_split][subnets.data.support.support_split] (read with ``on_error``, through ``cache``),
+    which may be ``evaluated`` itself; raises if drawing them from the evaluated split would leave nothing to
+    score."""
     loaded, sizes = {evaluated.split: evaluated}, {}
     for split in SPLITS:
         if split not in treebank.files:
@@ -67,9 +68,9 @@ def support_pool(
 def draw_support(
     pool: LanguageData, evaluated: LanguageData, k: int, seed: int
 ) -> tuple[LanguageData, LanguageData]:
-    """Draw ``k`` support examples for ``evaluated``'s language from ``pool`` (:func:`support_pool`);
-    returns (support, evaluated data without the support examples). Deterministic for (seed,
-    language)."""
+    """Draw ``k`` support examples for ``evaluated``'s language from ``pool``
+    ([support_pool][subnets.data.support.support_pool]); returns (support, evaluated data without the support
+    examples). Deterministic for (seed, language)."""
     if len(pool) < k:
         raise ValueError(f"{evaluated.code}: fewshot.k={k} support examples, but its {pool.split} split "
                          f"({pool.path}) has {len(pool)}")  # fmt: skip

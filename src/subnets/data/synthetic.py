@@ -206,7 +206,8 @@ def generate_sentence(
 
 
 def to_conllu(words: list, sent_id: str) -> str:
-    """Render an ordered word list from :func:`generate_sentence` as a CoNLL-U sentence."""
+    """Render an ordered word list from [generate_sentence][subnets.data.synthetic.generate_sentence] as a
+    CoNLL-U sentence."""
     index = {id(w): i + 1 for i, w in enumerate(words)}
     lines = [f"# sent_id = {sent_id}", f"# text = {' '.join(w[0] for w in words[:-1])}{words[-1][0]}"]
     for i, (form, upos, head, deprel) in enumerate(words, start=1):
@@ -267,9 +268,10 @@ def subject_class(words: list, concepts: Mapping[str, tuple[str, int]]) -> str:
 
 def task_variants(lang: SyntheticLanguage, lexicon: Mapping[tuple[str, int], str], size: int, seed: int,
                   split: str) -> dict[str, str]:  # fmt: skip
-    """The same sentences as :func:`generate_treebank`, as a token-classification file (CoNLL
-    columns, :func:`role_spans`; suffix ``.conll``) and a sentence-classification file (JSON
-    lines, :func:`subject_class`; suffix ``.jsonl``), keyed by suffix."""
+    """The same sentences as [generate_treebank][subnets.data.synthetic.generate_treebank], as a
+    token-classification file (CoNLL columns, [role_spans][subnets.data.synthetic.role_spans]; suffix
+    ``.conll``) and a sentence-classification file (JSON lines,
+    [subject_class][subnets.data.synthetic.subject_class]; suffix ``.jsonl``), keyed by suffix."""
     import json
 
     concepts = {form: concept for concept, form in lexicon.items()}
@@ -291,7 +293,7 @@ def write_synthetic_treebanks(
 ) -> Path:
     """Write ``root/<code>/<split>.conllu`` for every language and split, and beside it the same
     sentences for token classification (``.conll``) and sentence classification (``.jsonl``,
-    :func:`task_variants`); returns ``root``.
+    [task_variants][subnets.data.synthetic.task_variants]); returns ``root``.
 
     ``sizes`` maps split names (``train``, ``dev``, ``test``) to numbers of sentences; a split
     of size 0 is not written. Existing files with the same content are left untouched.

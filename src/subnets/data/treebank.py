@@ -1,12 +1,13 @@
 """Reading, validating and writing CoNLL-U treebanks.
 
-Files are parsed with the ``conllu`` package into :class:`Sentence` objects that hold what the
-parser needs (forms, UPOS, heads, relations of the syntactic words) and keep the whole token list,
+Files are parsed with the ``conllu`` package into [Sentence][subnets.data.treebank.Sentence] objects that hold
+what the parser needs (forms, UPOS, heads, relations of the syntactic words) and keep the whole token list,
 multiword-token lines and empty nodes included, so that predictions can be written back in place.
 
-Every sentence is validated before it is used. A problem raises :class:`ConlluError`, whose
-message names the file, the line and the sentence id, or, with ``on_error="skip"``, the sentence
-is left out and the error is kept in :attr:`ExampleFile.skipped` so that the caller can report it.
+Every sentence is validated before it is used. A problem raises
+[ConlluError][subnets.data.treebank.ConlluError], whose message names the file, the line and the sentence id,
+or, with ``on_error="skip"``, the sentence is left out and the error is kept in ``ExampleFile.skipped`` so
+that the caller can report it.
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def read_conllu(path: str | os.PathLike, on_error: str = "raise", trees: bool = 
 
     Args:
         path: the file.
-        on_error: ``"raise"`` raises :class:`ConlluError` at the first invalid sentence;
-            ``"skip"`` leaves invalid sentences out and lists their errors in ``skipped``.
+        on_error: ``"raise"`` raises [ConlluError][subnets.data.treebank.ConlluError] at the first invalid
+            sentence; ``"skip"`` leaves invalid sentences out and lists their errors in ``skipped``.
         trees: ``False`` reads text to be parsed: only the format is checked (ten columns,
             word IDs, non-empty FORM); HEAD, DEPREL and UPOS may hold anything (``_``), and the
             sentences get placeholder heads (0) and relations (``dep``).
 
-    Returns the valid :class:`Sentence` objects (``examples``) and the skipped ones' errors.
+    Returns the valid [Sentence][subnets.data.treebank.Sentence] objects (``examples``) and the skipped ones'
+    errors.
 
     The file must be UTF-8; a leading byte-order mark is accepted (and dropped).
 
@@ -122,8 +124,8 @@ def unparsed(sent_id: str, forms: list[str], upos: list[str] | None = None, line
 def parse_conllu(
     text: str, path: str | os.PathLike = "<string>", on_error: str = "raise", trees: bool = True
 ) -> ExampleFile:
-    """Validate and parse CoNLL-U ``text`` (as :func:`read_conllu`); ``path`` is used in error
-    messages only."""
+    """Validate and parse CoNLL-U ``text`` (as [read_conllu][subnets.data.treebank.read_conllu]); ``path`` is
+    used in error messages only."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     sentences, skipped = [], []

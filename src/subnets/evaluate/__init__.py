@@ -1,4 +1,4 @@
-"""Prediction and scoring on one language, for any task, and the :class:`Evaluator` that
+"""Prediction and scoring on one language, for any task, and the [Evaluator][subnets.evaluate.Evaluator] that
 validation, the final evaluation and ``python -m subnets.evaluate`` share."""
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def evaluate(
     gates: torch.Tensor | None = None,
     predictions_path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """The ``task``'s scores (:meth:`~subnets.tasks.Task.score`) of ``model`` on ``data``; with
+    """The ``task``'s scores ([score][subnets.tasks.base.Task.score]) of ``model`` on ``data``; with
     ``predictions_path``, its predictions are written there in the task's format
-    (:meth:`~subnets.tasks.Task.write_predictions`)."""
+    ([write_predictions][subnets.tasks.base.Task.write_predictions])."""
     predictions = predict(model, data, collator, batch_size, gates)
     if predictions_path is not None:
         task.write_predictions(predictions_path, data.examples, predictions)
@@ -78,7 +78,7 @@ class Evaluator:
     during training, the final evaluation and the evaluation of a trained run.
 
     Args:
-        task: the run's :class:`~subnets.tasks.Task`.
+        task: the run's [Task][subnets.tasks.Task].
         collator: the task's collator for the model's encoder.
         batch_size: ``train.eval_batch_size``.
     """
@@ -87,7 +87,7 @@ class Evaluator:
         self.task, self.collator, self.batch_size = task, collator, batch_size
 
     def score(self, model: nn.Module, data: LanguageData, gates=None, predictions=None) -> dict[str, float]:
-        """:func:`evaluate` of one language."""
+        """[evaluate][subnets.evaluate.evaluate] of one language."""
         return evaluate(model, data, self.collator, self.task, self.batch_size, gates, predictions)
 
     def metric(self, model: nn.Module, data: LanguageData, gates=None) -> float:

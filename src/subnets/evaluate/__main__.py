@@ -1,4 +1,4 @@
-"""``python -m subnets.evaluate``: :mod:`subnets.cli.evaluate`."""
+"""``python -m subnets.evaluate``: ``subnets.cli.evaluate``."""
 
 from subnets.cli.evaluate import main
 

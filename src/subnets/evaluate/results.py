@@ -14,7 +14,7 @@ from subnets.files import atomic_write_json
 
 
 def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
-    """Score ``run``'s current model (a :class:`~subnets.runner.Run`: its task, data, method,
+    """Score ``run``'s current model (a [Run][subnets.runner.Run]: its task, data, method,
     evaluator and folder) on every evaluated language, predictions into ``predictions/``, run the
     few-shot protocol, and write ``results.json``, with the entries of ``about`` after the run's
     step and best model. The method's test-time policy must be prepared (``prepare_evaluation``)."""
@@ -44,7 +44,7 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_few_shot(run) -> dict[str, Any]:
-    """The few-shot protocol (:func:`subnets.fewshot.few_shot`) on ``run``'s target languages with
+    """The few-shot protocol ([subnets.fewshot.few_shot][]) on ``run``'s target languages with
     its current model and its method's test-time policy; predictions of repetition 0 go to
     ``predictions/fewshot/``."""
     cfg, data = run.cfg, run.data

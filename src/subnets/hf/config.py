@@ -1,4 +1,5 @@
-"""The settings of subnetworks on a Hugging Face model (:class:`SubnetworkConfig`)."""
+"""The settings of subnetworks on a Hugging Face model
+([SubnetworkConfig][subnets.hf.config.SubnetworkConfig])."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class SubnetworkConfig:
         keep_ratio: share of each kind of unit a language keeps (ignored with ``top_k``).
         top_k: keep this many units in all (one kind of unit only).
         min_per_layer: units (of each kind) every layer keeps at least.
-        rule: ``static`` (masks found once, :func:`~subnets.hf.find_subnetworks`), ``dynamic``
+        rule: ``static`` (masks found once, [find_subnetworks][subnets.hf.find_subnetworks]), ``dynamic``
             (re-selected during training from an exponential moving average of ``|dL/dgate|``
             every ``update_every`` optimizer steps) or ``random`` (random masks with the same
             counts per layer: the control).

@@ -8,13 +8,14 @@
   layers), parameter names as in the run's model, with ``task_head.json`` (the task, its label
   set and the run's config);
 * ``pruned-<language>/`` (with ``language=``): the transformer with that language's subnetwork
-  baked in (:mod:`subnets.hf.prune`), which computes what the transformer gated by the
+  baked in ([subnets.hf.prune][]), which computes what the transformer gated by the
   language's mask computes, with the parameter counts before and after (a run that gated only
   its gradients, ``method.apply=gradient``, computed with every unit: refused unless
   ``force=True``, the difference reported);
 * ``subnetworks/``: the run's subnetwork set (a subnetwork method only) in the format of
-  :class:`~subnets.hf.Subnetworks`, so ``SubnetworkModel.from_pretrained(AutoModel.from_pretrained(output),
-  output + "/subnetworks")`` gates the exported transformer as the run did.
+  [Subnetworks][subnets.hf.Subnetworks], so
+  ``SubnetworkModel.from_pretrained(AutoModel.from_pretrained(output), output + "/subnetworks")`` gates the
+  exported transformer as the run did.
 
 The export is written into a temporary folder beside ``output`` and renamed into place at the
 end, so a failure leaves nothing half-written. An ``output`` that is not empty is refused unless

@@ -1,5 +1,5 @@
-"""Finding each language's subnetwork of a :class:`~subnets.hf.SubnetworkModel` from its data and
-the model's own loss: :func:`find_subnetworks`."""
+"""Finding each language's subnetwork of a [SubnetworkModel][subnets.hf.SubnetworkModel] from its data and
+the model's own loss: [find_subnetworks][subnets.hf.find.find_subnetworks]."""
 
 from __future__ import annotations
 

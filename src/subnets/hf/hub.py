@@ -1,12 +1,12 @@
 """Subnetwork sets to share: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``.
 
-A :class:`Subnetworks` folder (or Hub repository) holds
+A [Subnetworks][subnets.hf.hub.Subnetworks] folder (or Hub repository) holds
 
 * ``subnetworks.safetensors``: every language's unit mask (and parameter masks, scores), in the
-  format of :meth:`subnets.masks.SubnetworkSet.save`;
+  format of [subnets.masks.SubnetworkSet.save][subnets.masks.subnetwork.SubnetworkSet.save];
 * ``weights.safetensors`` (only where training changed the model): every tensor of the model
   that differs from the base model's, in full (the task head included);
-* ``config.json``: the :class:`~subnets.hf.SubnetworkConfig`, the base model it was made for
+* ``config.json``: the [SubnetworkConfig][subnets.hf.SubnetworkConfig], the base model it was made for
   (name, revision, model type, unit geometry, and a sha256 of each of its tensors, so that
   loading refuses other weights), the languages and their sparsity, the sha256 of the files
   above, and what made it;
@@ -18,7 +18,7 @@ Loading is two lines::
     base = AutoModelForTokenClassification.from_pretrained("intfloat/multilingual-e5-small")
     model = SubnetworkModel.from_pretrained(base, "someone/e5-ud-subnetworks")   # or a folder
 
-The Hub transfer is ``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixin`.
+The Hub transfer is ``huggingface_hub``'s ``ModelHubMixin``.
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ class Subnetworks(
     tags=["subnetworks", "cross-lingual-transfer", "pruning"],
     repo_url="https://github.com/subnets/subnets",
 ):
-    """A shareable set of language subnetworks: the masks, the :class:`SubnetworkConfig` that
-    made them, and the base model they belong to.
+    """A shareable set of language subnetworks: the masks, the
+    [SubnetworkConfig][subnets.hf.hub.SubnetworkConfig] that made them, and the base model they belong to.
 
     Args:
-        masks: the subnetworks (language -> :class:`~subnets.masks.Subnetwork`).
+        masks: the subnetworks (language -> [Subnetwork][subnets.masks.Subnetwork]).
         subnetwork_config: how they were found and what they restrict.
         base: the base model: ``name`` (hub name or path), ``revision`` (commit, if known),
             ``model_type``, ``fingerprint`` (tensor name -> sha256, [tensor_sha256][subnets.hf.hub.tensor_sha256]).

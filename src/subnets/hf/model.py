@@ -1,7 +1,8 @@
-"""Language subnetworks on any Hugging Face model: :func:`with_subnetworks` and :func:`find_subnetworks`.
+"""Language subnetworks on any Hugging Face model: [with_subnetworks][subnets.hf.model.with_subnetworks] and
+[find_subnetworks][subnets.hf.find.find_subnetworks].
 
 The wrapper gates the model's attention heads and/or feed-forward neurons
-(:class:`~subnets.models.gates.UnitGates`, so every layout subnets knows works: BERT, XLM-R,
+([UnitGates][subnets.models.gates.UnitGates], so every layout subnets knows works: BERT, XLM-R,
 ModernBERT, mT5 encoders, decoder LLMs, any ``AutoModelFor*`` head on them) by the language of
 each example, and tells an optimizer which weights that language may update::
 
@@ -13,8 +14,8 @@ each example, and tells an optimizer which weights that language may update::
 
 A batch may mix languages: each example is gated by its own language's mask (per-example gates),
 so its gradient reaches only its language's units, and the update mask of a step is the union
-of the masks of the languages it saw. :class:`~subnets.hf.SubnetworkTrainer` and
-:func:`~subnets.hf.masked_optimizer` (for an ``accelerate`` loop) turn that into exact masked
+of the masks of the languages it saw. [SubnetworkTrainer][subnets.hf.trainer.SubnetworkTrainer] and
+[masked_optimizer][subnets.hf.masked_optimizer] (for an ``accelerate`` loop) turn that into exact masked
 updates.
 """
 
@@ -50,24 +51,25 @@ LANGUAGE_COLUMN = "language"
 
 
 class SubnetworkModel(nn.Module):
-    """A Hugging Face model whose units are gated by language (build it with :func:`with_subnetworks`).
+    """A Hugging Face model whose units are gated by language (build it with
+    [with_subnetworks][subnets.hf.model.with_subnetworks]).
 
     Attributes other than its own are the wrapped model's (``model.config``, ``model.generate``, ...).
 
     Args:
         model: a ``PreTrainedModel`` (any head); its ``base_model`` is gated.
-        config: the :class:`SubnetworkConfig`.
-        masks: the languages' subnetworks (default: none yet; :func:`find_subnetworks` finds them).
-        layout: the transformer's :class:`~subnets.models.layouts.ModelLayout` where it is not detected.
+        config: the [SubnetworkConfig][subnets.hf.model.SubnetworkConfig].
+        masks: the languages' subnetworks (default: none; [find_subnetworks][subnets.hf.find_subnetworks]).
+        layout: the transformer's [ModelLayout][subnets.models.layouts.ModelLayout] where it is not detected.
 
     Attributes:
         model: the wrapped model.
         subnetwork_config: the config.
-        gates: the :class:`~subnets.models.gates.UnitGates` on ``model.base_model``.
-        masks: the :class:`~subnets.masks.SubnetworkSet` (language -> subnetwork).
-        active_language: the language of inputs given without one (:meth:`set_language`).
-        ema: the dynamic rule's :class:`~subnets.masks.dynamic.ImportanceEMA` (None otherwise).
-        steps: optimizer steps taken (:meth:`after_optimizer_step`).
+        gates: the [UnitGates][subnets.models.gates.UnitGates] on ``model.base_model``.
+        masks: the [SubnetworkSet][subnets.masks.SubnetworkSet] (language -> subnetwork).
+        active_language: the language of inputs given without one (``set_language``).
+        ema: the dynamic rule's [ImportanceEMA][subnets.masks.dynamic.ImportanceEMA] (None otherwise).
+        steps: optimizer steps taken (``after_optimizer_step``).
         base_fingerprint: the sha256 of each tensor of the model when wrapped (``save_pretrained``
             saves the tensors that differ; loading refuses a base model without these weights).
     """
@@ -161,7 +163,7 @@ class SubnetworkModel(nn.Module):
 
     @contextlib.contextmanager
     def language(self, language: str | None) -> Iterator[SubnetworkModel]:
-        """``with model.language("de"):`` -- :meth:`set_language` inside the block, then the previous one."""
+        """``with model.language("de"):`` -- ``set_language`` inside the block, then the previous one."""
         previous = self.active_language
         self.set_language(language)
         try:
@@ -175,7 +177,7 @@ class SubnetworkModel(nn.Module):
 
         Args:
             language: one code for the batch, one per example (a batch's ``language`` column),
-                or None for :attr:`active_language`.
+                or None for ``active_language``.
         """
         size = _batch_size(args, kwargs)
         languages = self._languages(language, size)
@@ -226,16 +228,16 @@ class SubnetworkModel(nn.Module):
 
     # ------------------------------------------------------------------ updates (subnets.hf.updates)
     def update_mask(self, languages: Iterable[str]) -> UpdateMask | None:
-        """What a step on examples of ``languages`` may update (:func:`subnets.hf.updates.update_mask`)."""
+        """What a step on examples of ``languages`` may update ([subnets.hf.updates.update_mask][])."""
         return updates.update_mask(self, languages)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> UpdateMask | None:
         """Call after the backward pass(es) of a step, before clipping and the optimizer step
-        (:func:`subnets.hf.updates.before_optimizer_step`)."""
+        ([subnets.hf.updates.before_optimizer_step][])."""
         return updates.before_optimizer_step(self, optimizer)
 
     def after_optimizer_step(self) -> bool:
-        """Call after the optimizer step (:func:`subnets.hf.updates.after_optimizer_step`)."""
+        """Call after the optimizer step ([subnets.hf.updates.after_optimizer_step][])."""
         return updates.after_optimizer_step(self)
 
     def task_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -302,7 +304,7 @@ class SubnetworkModel(nn.Module):
 def with_subnetworks(model: nn.Module, config: SubnetworkConfig | None = None, masks: SubnetworkSet | None = None,
                      layout: ModelLayout | None = None) -> SubnetworkModel:  # fmt: skip
     """``model`` (any ``PreTrainedModel`` whose layout subnets knows or is given) with language
-    subnetworks (:class:`SubnetworkModel`).
+    subnetworks ([SubnetworkModel][subnets.hf.model.SubnetworkModel]).
 
     Raises:
         UnknownLayoutError: the model's layout is not known; the message says how to declare it.

@@ -1,6 +1,6 @@
 """One language's subnetwork baked into a smaller transformer: the weights of the units it gates
-off are removed (:func:`prune_units`), so the pruned model computes what the gated model
-computes with fewer parameters.
+off are removed ([prune_units][subnets.hf.prune.prune_units]), so the pruned model computes what the gated
+model computes with fewer parameters.
 
 * Feed-forward neurons: the rows of the feed-forward input projections (and their biases) and
   the columns of the output projection that belong to removed neurons; any layout.
@@ -11,8 +11,9 @@ computes with fewer parameters.
   grouped-query attention is refused with a message (its head count cannot change per layer).
 
 A standard Hugging Face config has one head count and one feed-forward width for every layer, so
-a pruned model is saved with :func:`save_pruned` (``save_pretrained`` plus the units kept per
-layer) and loaded with :func:`load_pruned`; ``AutoModel.from_pretrained`` does not load it.
+a pruned model is saved with [save_pruned][subnets.hf.prune.save_pruned] (``save_pretrained`` plus the units
+kept per layer) and loaded with [load_pruned][subnets.hf.prune.load_pruned]; ``AutoModel.from_pretrained``
+does not load it.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def _attention_modules(model: nn.Module, gates: UnitGates) -> list[list[nn.Modul
 
 def save_pruned(model: nn.Module, keep: torch.Tensor, units: dict[str, int], folder: str | os.PathLike,
                 about: dict | None = None) -> Path:  # fmt: skip
-    """Write a model pruned by :func:`prune_units` (``save_pretrained``) and the units it kept."""
+    """Write a model pruned by [prune_units][subnets.hf.prune.prune_units] (``save_pretrained``) and the units
+    it kept."""
     folder = Path(folder)
     model.save_pretrained(folder)
     record = {"units": units, "keep": keep.to(torch.int8).tolist(), **(about or {})}
@@ -110,8 +112,8 @@ def save_pruned(model: nn.Module, keep: torch.Tensor, units: dict[str, int], fol
 
 
 def load_pruned(folder: str | os.PathLike) -> nn.Module:
-    """A model written by :func:`save_pruned`: built from its config, pruned to the recorded units,
-    its weights loaded (strictly)."""
+    """A model written by [save_pruned][subnets.hf.prune.save_pruned]: built from its config, pruned to the
+    recorded units, its weights loaded (strictly)."""
     from safetensors.torch import load_file
 
     from subnets.models.gates import UNIT_CHOICES

@@ -1,8 +1,9 @@
-"""Training subnetworks with the Hugging Face ``Trainer``: :class:`SubnetworkTrainer`.
+"""Training subnetworks with the Hugging Face ``Trainer``:
+[SubnetworkTrainer][subnets.hf.trainer.SubnetworkTrainer].
 
-What it adds to ``transformers.Trainer`` for a :class:`~subnets.hf.SubnetworkModel`:
+What it adds to ``transformers.Trainer`` for a [SubnetworkModel][subnets.hf.SubnetworkModel]:
 
-* the optimizer is wrapped in :class:`~subnets.optim.MaskedOptimizer`: weights a step's
+* the optimizer is wrapped in [MaskedOptimizer][subnets.optim.MaskedOptimizer]: weights a step's
   languages do not own get exactly no update, AdamW's decay and moments included (a callback that
   zeroes gradients cannot do this: AdamW still decays them and its moments still move them);
 * each example's language comes from the dataset's ``language`` column (kept past
@@ -16,8 +17,8 @@ What it adds to ``transformers.Trainer`` for a :class:`~subnets.hf.SubnetworkMod
   ``train(resume_from_checkpoint=...)``, so a resumed run gives the uninterrupted run's masks
   and results;
 * ``languages_per_batch="one"`` draws batches of one language with temperature sampling
-  (:class:`LanguageGroupedSampler`, as subnets' runner); ``"mixed"`` (default) keeps the
-  Trainer's shuffled batches, each example gated by its own language.
+  ([LanguageGroupedSampler][subnets.hf.trainer.LanguageGroupedSampler], as subnets' runner); ``"mixed"``
+  (default) keeps the Trainer's shuffled batches, each example gated by its own language.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class LanguageCollator:
 
 class LanguageGroupedSampler(torch.utils.data.Sampler):
     """Indices in runs of ``batch_size`` of one language: the language of each batch is drawn with
-    probability proportional to ``size ** alpha`` (:class:`~subnets.data.LanguageSampler`), and
+    probability proportional to ``size ** alpha`` ([LanguageSampler][subnets.data.LanguageSampler]), and
     each language's examples are walked in a new random order every epoch. Determined by the
     seed and the epoch (``set_epoch``), so a resumed ``Trainer`` replays it exactly.
 
@@ -92,12 +93,12 @@ class LanguageGroupedSampler(torch.utils.data.Sampler):
 
 
 class SubnetworkTrainer(Trainer):
-    """``transformers.Trainer`` for a :class:`~subnets.hf.SubnetworkModel` (module docstring);
+    """``transformers.Trainer`` for a [SubnetworkModel][subnets.hf.SubnetworkModel] (module docstring);
     the other arguments are the ``Trainer``'s.
 
     Args:
         languages_per_batch: ``"mixed"`` (the Trainer's batches, per-example gates) or ``"one"``
-            (:class:`LanguageGroupedSampler`).
+            ([LanguageGroupedSampler][subnets.hf.trainer.LanguageGroupedSampler]).
         language_alpha: the temperature exponent of language-grouped batches.
     """
 
@@ -212,7 +213,7 @@ def save_subnetwork_state(model: SubnetworkModel, folder: str) -> None:
 
 
 def load_subnetwork_state(model: SubnetworkModel, folder: str) -> None:
-    """What :func:`save_subnetwork_state` wrote, back into ``model``."""
+    """What [save_subnetwork_state][subnets.hf.trainer.save_subnetwork_state] wrote, back into ``model``."""
     masks_path = os.path.join(folder, "masks.safetensors")
     if not os.path.isfile(masks_path):
         raise FileNotFoundError(

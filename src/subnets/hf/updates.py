@@ -1,4 +1,4 @@
-"""The steps of a :class:`~subnets.hf.SubnetworkModel`: what a step may update (the union of its
+"""The steps of a [SubnetworkModel][subnets.hf.SubnetworkModel]: what a step may update (the union of its
 languages' subnetworks), the gradients it zeroes before clipping, the dynamic rule's moving
 average of ``|dL/dgate|`` and its re-selections. The model's ``update_mask``,
 ``before_optimizer_step`` and ``after_optimizer_step`` call these; a training loop calls those::
@@ -55,7 +55,7 @@ def before_optimizer_step(
     """Call after the backward pass(es) of a step, before clipping and the optimizer step:
     gathers the step's languages (over processes when distributed), zeroes the gradients it
     may not update, feeds the dynamic rule's moving average, and sets ``optimizer.update_mask``
-    (a :class:`~subnets.optim.MaskedOptimizer`, possibly inside accelerate's wrapper).
+    (a [MaskedOptimizer][subnets.optim.MaskedOptimizer], possibly inside accelerate's wrapper).
     Returns the update mask (None: everything)."""
     seen, grads = model._seen, gate_gradients(model._probes)
     model._seen, model._probes = set(), []

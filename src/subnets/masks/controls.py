@@ -1,10 +1,12 @@
 """Controls for masks: random masks, their chance level, and split-half reliability.
 
-* :func:`random_unit_mask` / :func:`random_like`: masks with given per-layer unit counts (and
-  per-tensor parameter counts) whose members are drawn uniformly, from a generator seeded by a
-  seed and a name (no global random state is used or changed).
-* :func:`expected_random_jaccard`: the exact expected Jaccard overlap of two independent random
-  masks with given per-layer counts: the chance level a pair of real masks is compared with.
+* [random_unit_mask][subnets.masks.controls.random_unit_mask] /
+  [random_like][subnets.masks.controls.random_like]: masks with given per-layer unit counts (and per-tensor
+  parameter counts) whose members are drawn uniformly, from a generator seeded by a seed and a name (no global
+  random state is used or changed).
+* [expected_random_jaccard][subnets.masks.controls.expected_random_jaccard]: the exact expected Jaccard
+  overlap of two independent random masks with given per-layer counts: the chance level a pair of real masks
+  is compared with.
 
 In layer ``l`` with ``n`` heads, two random masks of ``a_l`` and ``b_l`` heads share
 ``I_l ~ Hypergeometric(n, a_l, b_l)`` heads, independently across layers, so with
@@ -14,9 +16,9 @@ In layer ``l`` with ``n`` heads, two random masks of ``a_l`` and ``b_l`` heads s
 
 (``P(I = i)`` is the convolution of the layers' hypergeometric distributions).
 
-* :func:`split_half_agreement`: how reliable a mask is: the masks selected from importance
-  measured on two disjoint halves of the data, with the mask's own per-layer counts, compared
-  by Jaccard (against the chance level above) and the two score maps by Spearman correlation.
+* [split_half_agreement][subnets.masks.controls.split_half_agreement]: how reliable a mask is: the masks
+  selected from importance measured on two disjoint halves of the data, with the mask's own per-layer counts,
+  compared by Jaccard (against the chance level above) and the two score maps by Spearman correlation.
 
 With several kinds of unit (heads and neurons), counts are kept per layer and per kind: each
 (layer, kind) block plays the part of a layer above.
@@ -100,7 +102,7 @@ def expected_random_jaccard(
 
 def block_counts(mask: torch.Tensor, units: Units | None = None) -> tuple[list[int], list[int]]:
     """The kept units and the units of every (layer, kind) block of ``mask``: the counts and
-    sizes :func:`expected_random_jaccard` takes."""
+    sizes [expected_random_jaccard][subnets.masks.controls.expected_random_jaccard] takes."""
     counts, sizes = [], []
 
     def collect(block: torch.Tensor, columns: slice) -> torch.Tensor:
@@ -120,8 +122,9 @@ def chance_jaccard(a: torch.Tensor, b: torch.Tensor, units: Units | None = None)
 
 
 def random_jaccard_matrix(masks: SubnetworkSet) -> tuple[list[str], np.ndarray]:
-    """Languages and the matrix of :func:`expected_random_jaccard` for each pair's unit counts
-    (the chance level of :meth:`SubnetworkSet.jaccard`)."""
+    """Languages and the matrix of
+    [expected_random_jaccard][subnets.masks.controls.expected_random_jaccard] for each pair's unit counts (the
+    chance level of [SubnetworkSet.jaccard][subnets.masks.subnetwork.SubnetworkSet.jaccard])."""
     languages = list(masks)
     matrix = np.array([[chance_jaccard(masks[a].unit_mask, masks[b].unit_mask, masks.units) for b in languages]
                        for a in languages])  # fmt: skip
@@ -148,8 +151,9 @@ def split_half_agreement(
 ) -> dict[str, float]:
     """Reliability of ``mask`` from unit importance measured on two disjoint halves of the data:
     ``jaccard`` of the masks each half selects with ``mask``'s per-layer (and per-kind) counts,
-    the chance level ``random_jaccard`` of those counts (:func:`expected_random_jaccard`), and
-    the ``spearman`` correlation of the two halves' scores (1 for identical halves)."""
+    the chance level ``random_jaccard`` of those counts
+    ([expected_random_jaccard][subnets.masks.controls.expected_random_jaccard]), and the ``spearman``
+    correlation of the two halves' scores (1 for identical halves)."""
     from scipy.stats import spearmanr
 
     def select(half: torch.Tensor) -> torch.Tensor:

@@ -2,17 +2,17 @@
 
 Two rules keep each language's mask up to date while the model trains:
 
-* :class:`ImportanceEMA` (rule ``ema``): every training step of language ``l`` already computes
-  ``dL/dgate`` when its gates require grad, so ``l``'s importance is tracked at almost no cost
-  as an exponential moving average::
+* [ImportanceEMA][subnets.masks.dynamic.ImportanceEMA] (rule ``ema``): every training step of language ``l``
+  already computes ``dL/dgate`` when its gates require grad, so ``l``'s importance is tracked at almost no
+  cost as an exponential moving average::
 
       A_l <- decay * A_l + (1 - decay) * |dL/dgate|
 
   normalised like the static importance (per-layer L2, global min-max) when masks are
-  re-selected (:func:`reselect`).
-* :class:`HardConcreteGates` (rule ``learned``): per-language gate logits ``log_alpha`` trained
-  with the model through the hard-concrete relaxation of L0 gates (Louizos et al. 2018, as
-  used for heads by Voita et al. 2019), with a penalty pulling the expected share of open
+  re-selected ([reselect][subnets.masks.dynamic.reselect]).
+* [HardConcreteGates][subnets.masks.dynamic.HardConcreteGates] (rule ``learned``): per-language gate logits
+  ``log_alpha`` trained with the model through the hard-concrete relaxation of L0 gates (Louizos et al. 2018,
+  as used for heads by Voita et al. 2019), with a penalty pulling the expected share of open
   gates towards a target keep ratio.
 """
 

@@ -1,4 +1,5 @@
-"""Figures of dynamic mask histories (the overlap heatmap is :meth:`SubnetworkSet.overlap_figure`)."""
+"""Figures of dynamic mask histories (the overlap heatmap is
+[SubnetworkSet.overlap_figure][subnets.masks.subnetwork.SubnetworkSet.overlap_figure])."""
 
 from __future__ import annotations
 

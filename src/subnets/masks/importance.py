@@ -16,10 +16,12 @@ Fisher information (diagonal, empirical)::
     F[theta] = 1/N sum over samples n of (dL_n / dtheta)^2
 
 where each item of ``batches`` is one sample: pass single-sentence batches for the per-example
-Fisher. :func:`fisher_per_unit` sums it over the coordinates each unit owns.
+Fisher. [fisher_per_unit][subnets.masks.importance.fisher_per_unit] sums it over the coordinates each unit
+owns.
 
 Both can run on a copy of the model fine-tuned briefly on the language first
-(:func:`finetuned_copy`; Prasanna et al. 2020 look for subnetworks in a model that can do the task).
+([finetuned_copy][subnets.masks.importance.finetuned_copy]; Prasanna et al. 2020 look for subnetworks in a
+model that can do the task).
 
 Example (any Hugging Face encoder, any loss)::
 
@@ -75,9 +77,10 @@ def unit_importance(
         model: the model (put in eval mode while scoring, then restored).
         batches: an iterable of batches (a data loader); the first ``max_batches`` are used.
         loss_fn: batch -> scalar loss (default: ``model(batch).loss``).
-        gates: the model's :class:`~subnets.models.gates.UnitGates` (default: ``model.gates``).
+        gates: the model's [UnitGates][subnets.models.gates.UnitGates] (default: ``model.gates``).
         mask: the gate values to score under (pruned units at 0); default: all units.
-        normalize: apply :func:`normalize_importance` (else return raw sums).
+        normalize: apply [normalize_importance][subnets.masks.importance.normalize_importance] (else return
+            raw sums).
     """
     gates = gates or model.gates
     loss_fn = loss_fn or _default_loss(model)
@@ -112,8 +115,9 @@ def fisher_information(
         parameters: names of the parameters to score (default: all that require grad).
     Returns:
         name -> tensor of the parameter's shape, on the CPU; for a model sharded with FSDP2
-        (:mod:`subnets.sharding`; every process scoring the same batches), each process's
-        shards (DTensors): ``full_tensor()`` gives a whole one, :func:`fisher_per_unit` takes them.
+        ([subnets.sharding][]; every process scoring the same batches), each process's
+        shards (DTensors): ``full_tensor()`` gives a whole one,
+        [fisher_per_unit][subnets.masks.importance.fisher_per_unit] takes them.
     """
     loss_fn = loss_fn or _default_loss(model)
     named = dict(model.named_parameters())

@@ -1,7 +1,7 @@
 """Finding one language's subnetwork: importance, then selection (the static procedure).
 
-:func:`find_subnetwork` strings together the pieces of :mod:`subnets.masks.importance` and
-:mod:`subnets.masks.selection` the way the static method uses them, and can be called on its
+``find_subnetwork`` strings together the pieces of [subnets.masks.importance][] and
+[subnets.masks.selection][] the way the static method uses them, and can be called on its
 own on any gated model.
 """
 
@@ -77,7 +77,8 @@ def find_subnetwork(
         param_names: parameters that also get unstructured masks from the Fisher information
             of ``samples`` (keeping ``param_keep_ratio`` per tensor or globally).
         split_half: also score the even and the odd ``batches`` apart (``halves``, for
-            :func:`~subnets.masks.controls.split_half_agreement`; gate-gradient importance only).
+            [split_half_agreement][subnets.masks.controls.split_half_agreement]; gate-gradient importance
+            only).
     """
     scorer = model
     if finetune_steps > 0:

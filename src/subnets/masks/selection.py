@@ -1,20 +1,21 @@
 """Turning importance scores into masks.
 
-* :func:`select_top_k` / :func:`select_keep_ratio`: keep the highest-scoring heads, at least
+* [select_top_k][subnets.masks.selection.select_top_k] /
+  [select_keep_ratio][subnets.masks.selection.select_keep_ratio]: keep the highest-scoring heads, at least
   ``min_per_layer`` in every layer (the best of each layer first, then the best of the rest).
-* :func:`iterative_pruning` (Prasanna et al. 2020): repeatedly remove the lowest-scoring
-  ``fraction`` of the remaining heads, re-scoring under the current mask, and stop when the
+* [iterative_pruning][subnets.masks.selection.iterative_pruning] (Prasanna et al. 2020): repeatedly remove the
+  lowest-scoring ``fraction`` of the remaining heads, re-scoring under the current mask, and stop when the
   development metric falls below ``threshold`` times the unpruned model's; the result is the
   last mask that stayed at or above it.
-* :func:`select_parameters`: parameter masks from per-coordinate scores (Fisher), keeping a
-  fraction of each tensor or of all of them together.
+* [select_parameters][subnets.masks.selection.select_parameters]: parameter masks from per-coordinate scores
+  (Fisher), keeping a fraction of each tensor or of all of them together.
 
 Ties are broken by position (the earlier layer and head wins), so selection is deterministic.
 
 Scores and masks are ``[layers, units]``. With several kinds of unit (heads, then neurons:
 ``units={"heads": 12, "neurons": 1536}``, the gates' ``units``), every rule applies to each
-kind's columns on its own (:func:`per_kind`): a keep ratio keeps that share of the heads and
-that share of the neurons, and ``min_per_layer`` holds for each kind.
+kind's columns on its own ([per_kind][subnets.masks.selection.per_kind]): a keep ratio keeps that share of the
+heads and that share of the neurons, and ``min_per_layer`` holds for each kind.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def select_top_k(
 def select_keep_ratio(
     scores: torch.Tensor, keep_ratio: float, min_per_layer: int = 1, units: Units | None = None
 ) -> torch.Tensor:
-    """:func:`select_top_k` with ``k = round(keep_ratio * layers * units)`` (at least the
-    minimum), for each kind of unit."""
+    """[select_top_k][subnets.masks.selection.select_top_k] with ``k = round(keep_ratio * layers * units)``
+    (at least the minimum), for each kind of unit."""
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
 

@@ -1,16 +1,17 @@
 """Language-specific subnetworks: per-language unit masks (and optional parameter masks).
 
-A :class:`Subnetwork` is one language's mask: ``unit_mask[layer, unit]`` is True where the unit
-(an attention head, or a feed-forward neuron) belongs to the language, and ``param_masks[name]``
-(optional) marks the coordinates of other parameter tensors it owns. A :class:`SubnetworkSet`
-holds the subnetworks of several languages for one model, whose identity (layers, units of
-each kind, masked parameter shapes) travels with the saved file, so masks cannot be applied to
-another model by mistake.
+A [Subnetwork][subnets.masks.subnetwork.Subnetwork] is one language's mask: ``unit_mask[layer, unit]`` is True
+where the unit (an attention head, or a feed-forward neuron) belongs to the language, and
+``param_masks[name]`` (optional) marks the coordinates of other parameter tensors it owns. A
+[SubnetworkSet][subnets.masks.subnetwork.SubnetworkSet] holds the subnetworks of several languages for one
+model, whose identity (layers, units of each kind, masked parameter shapes) travels with the saved file, so
+masks cannot be applied to another model by mistake.
 
 What a unit owns in the parameters is given by the model's layout
-(:mod:`subnets.models.layouts`): e.g. head ``h`` of layer ``i`` of a BERT owns rows
+([subnets.models.layouts][]): e.g. head ``h`` of layer ``i`` of a BERT owns rows
 ``h*d:(h+1)*d`` of that layer's query, key and value weights and biases and columns
-``h*d:(h+1)*d`` of its attention output projection (:func:`unit_parameter_masks`).
+``h*d:(h+1)*d`` of its attention output projection
+([unit_parameter_masks][subnets.masks.subnetwork.unit_parameter_masks]).
 
 Example::
 
@@ -188,8 +189,8 @@ class SubnetworkSet(Mapping):
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: nn.Module | SubnetworkSet | None = None) -> SubnetworkSet:
-        """Read masks saved by :meth:`save`; with ``expect`` (a model or a set), check that they
-        were made for a model of the same geometry.
+        """Read masks saved by [save][subnets.masks.subnetwork.SubnetworkSet.save]; with ``expect`` (a model
+        or a set), check that they were made for a model of the same geometry.
 
         Raises:
             MaskMismatchError: the masks were made for another model (the message names both shapes).
@@ -216,7 +217,8 @@ class SubnetworkSet(Mapping):
         return masks
 
     def check_compatible(self, other: SubnetworkSet, source: str = "masks") -> None:
-        """Raise :class:`MaskMismatchError` unless ``other`` describes the same model geometry."""
+        """Raise [MaskMismatchError][subnets.masks.subnetwork.MaskMismatchError] unless ``other`` describes
+        the same model geometry."""
         if (self.num_layers, self.units) != (other.num_layers, other.units):
             raise MaskMismatchError(
                 f"{source} were made for a model with {self.describe()}, but this model has {other.describe()}"
@@ -269,7 +271,7 @@ class SubnetworkSet(Mapping):
         return languages, overlap.numpy()
 
     def overlap_figure(self, title: str | None = None):
-        """A matplotlib heatmap of :meth:`jaccard`."""
+        """A matplotlib heatmap of [jaccard][subnets.masks.subnetwork.SubnetworkSet.jaccard]."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -298,7 +300,7 @@ def unit_parameter_masks(
     """Parameter masks equivalent to the unit ``mask`` (``[layers, units]``; True: kept), by
     the parameter names of ``model`` (whose ``.gates`` are ``gates`` by default).
 
-    A coordinate is True when any unit that owns it is kept (:mod:`subnets.models.layouts`: a
+    A coordinate is True when any unit that owns it is kept ([subnets.models.layouts][]: a
     key-value head shared by a group of query heads, a weight shared by several depths);
     parameters no unit owns are not in the result, i.e. shared.
     """

@@ -18,7 +18,7 @@ and uses ``grad L_Q(theta_n)`` evaluated at the adapted parameters. With
 step (Meta-SGD with one rate per group).
 
 A task's meta-gradient is masked by its update mask before the tasks are summed, and the outer
-step goes through a :class:`~subnets.optim.MaskedOptimizer` with the union of the tasks' masks,
+step goes through a [MaskedOptimizer][subnets.optim.MaskedOptimizer] with the union of the tasks' masks,
 so no coordinate outside every task's subnetwork moves.
 
 Second-order gradients need attention with a double backward: eager attention, or sdpa with
@@ -97,8 +97,8 @@ class MAML(nn.Module):
         group_of: parameter name -> group name.
         first_order: drop the inner Jacobian.
         learn_inner_lr: make the per-group inner learning rates trainable (Meta-SGD); their
-            parameters are :attr:`log_inner_lr`, to be given to the outer optimizer.
-        gates: the model's :class:`~subnets.models.gates.UnitGates` (default ``model.gates``
+            parameters are ``log_inner_lr``, to be given to the outer optimizer.
+        gates: the model's [UnitGates][subnets.models.gates.UnitGates] (default ``model.gates``
             if present) for tasks with unit gates.
     """
 

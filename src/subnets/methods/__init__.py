@@ -1,12 +1,15 @@
-"""Training methods: a mask policy combined with a step strategy (:mod:`subnets.methods.base`).
+"""Training methods: a mask policy combined with a step strategy ([subnets.methods.base][]).
 
-Policies: :class:`NoMasks` (the baseline), :class:`StaticMasks` (:mod:`~subnets.methods.static`),
-:class:`DynamicMasks` with its rules (:mod:`~subnets.methods.dynamic`), the random-mask control
-:func:`random_masks` (a :class:`RandomControl` on the static masks); all but the baseline are
-:class:`SubnetworkPolicy` (:mod:`~subnets.methods.subnetworks`). Strategies: :class:`BatchStep`,
-:class:`MAMLEpisodes`. The methods reviewers compare with: :class:`LoraPolicy` and
-:class:`LanguageLora` (:mod:`~subnets.methods.adapters`, peft), :class:`LotteryTicketSFT`
-(:mod:`~subnets.methods.sft`)."""
+Policies: [NoMasks][subnets.methods.NoMasks] (the baseline),
+[StaticMasks][subnets.methods.StaticMasks] ([static][subnets.methods.static]),
+[DynamicMasks][subnets.methods.DynamicMasks] with its rules ([dynamic][subnets.methods.dynamic]), the
+random-mask control [random_masks][subnets.methods.random_masks] (a
+[RandomControl][subnets.methods.RandomControl] on the static masks); all but the baseline are
+[SubnetworkPolicy][subnets.methods.SubnetworkPolicy] ([subnetworks][subnets.methods.subnetworks]). Strategies:
+[BatchStep][subnets.methods.BatchStep], [MAMLEpisodes][subnets.methods.MAMLEpisodes]. The methods reviewers
+compare with: [LoraPolicy][subnets.methods.LoraPolicy] and
+[LanguageLora][subnets.methods.LanguageLora] ([adapters][subnets.methods.adapters], peft),
+[LotteryTicketSFT][subnets.methods.LotteryTicketSFT] ([sft][subnets.methods.sft])."""
 
 from subnets.methods.adapters import LanguageLora, LoraPolicy
 from subnets.methods.base import (

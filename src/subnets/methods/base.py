@@ -2,13 +2,13 @@
 
 The six methods differ in two small, independent decisions, each answered by one object:
 
-* the **mask policy** (:class:`MaskPolicy`): which head gates a step of language ``l`` runs
-  with, which coordinates its update may change, what it learns from a finished step (e.g.
+* the **mask policy** ([MaskPolicy][subnets.methods.base.MaskPolicy]): which head gates a step of language
+  ``l`` runs with, which coordinates its update may change, what it learns from a finished step (e.g.
   importance from ``dL/dgate``), and which subnetwork an unseen language is evaluated and
-  adapted with. Policies: :class:`~subnets.methods.NoMasks`,
-  :class:`~subnets.methods.StaticMasks`, :class:`~subnets.methods.DynamicMasks`;
-* the **step strategy** (:class:`StepStrategy`): how one outer step is computed from the
-  training languages (one batch; a MAML episode over several languages).
+  adapted with. Policies: [NoMasks][subnets.methods.NoMasks],
+  [StaticMasks][subnets.methods.StaticMasks], [DynamicMasks][subnets.methods.DynamicMasks];
+* the **step strategy** ([StepStrategy][subnets.methods.base.StepStrategy]): how one outer step is computed
+  from the training languages (one batch; a MAML episode over several languages).
 
 ``maml_dynamic`` is the MAML episode with the dynamic (EMA) policy; nothing else. A user's own
 method is a policy or a strategy of their own, named by ``_target_`` in a method config::
@@ -53,7 +53,7 @@ class Outputs:
 
 @dataclass
 class SourceLanguages:
-    """What a policy may use before training (:meth:`MaskPolicy.prepare`).
+    """What a policy may use before training ([MaskPolicy.prepare][subnets.methods.base.MaskPolicy.prepare]).
 
     Attributes:
         train: training data per source language.
@@ -77,10 +77,15 @@ class MaskPolicy:
     """Which units a language uses and updates. This base class uses and updates everything
     (the baseline); subclasses override what they decide.
 
-    Call order: :meth:`bind` (before a resume restores :meth:`state_dict`), :meth:`prepare`
-    (before training, after the resume), then per step :meth:`gates`, :meth:`update_mask`,
-    :meth:`track_gates`, :meth:`extra_loss` before and :meth:`after_step` after the update;
-    :meth:`on_train_end` once; :meth:`prepare_evaluation` before each evaluation round.
+    Call order: [bind][subnets.methods.base.MaskPolicy.bind] (before a resume restores ``state_dict``),
+    [prepare][subnets.methods.base.MaskPolicy.prepare] (before training, after the resume), then per step
+    [gates][subnets.methods.base.MaskPolicy.gates],
+    [update_mask][subnets.methods.base.MaskPolicy.update_mask],
+    [track_gates][subnets.methods.base.MaskPolicy.track_gates],
+    [extra_loss][subnets.methods.base.MaskPolicy.extra_loss] before and
+    [after_step][subnets.methods.base.MaskPolicy.after_step] after the update;
+    [on_train_end][subnets.methods.base.MaskPolicy.on_train_end] once;
+    [prepare_evaluation][subnets.methods.base.MaskPolicy.prepare_evaluation] before each evaluation round.
     """
 
     needs_support = False  # whether unseen languages need support sentences (test-time policy)
@@ -195,7 +200,8 @@ class NoMasks(MaskPolicy):
 
 class TrainingBatches:
     """The batches a step strategy draws: a language by the run's temperature sampling, then
-    sentences of it (every process draws the same ones, :class:`~subnets.data.sampling.LanguageSampler`)."""
+    sentences of it (every process draws the same ones,
+    [LanguageSampler][subnets.data.sampling.LanguageSampler])."""
 
     def __init__(self, sampler, data: Mapping[str, LanguageData], batcher: Batcher, parallel: DataParallel,
                  mixed: bool = False):  # fmt: skip
@@ -237,11 +243,11 @@ class TrainingBatches:
 
 
 class StepStrategy:
-    """How one outer training step is computed (see :class:`BatchStep`, and
-    :class:`~subnets.methods.episodes.MAMLEpisodes`)."""
+    """How one outer training step is computed (see [BatchStep][subnets.methods.base.BatchStep], and
+    [MAMLEpisodes][subnets.methods.episodes.MAMLEpisodes])."""
 
     def bind(self, model: nn.Module) -> None:
-        """Cheap set-up on the model (before a resume restores :meth:`state_dict`)."""
+        """Cheap set-up on the model (before a resume restores ``state_dict``)."""
 
     def check_policy(self, policy: MaskPolicy) -> None:
         """Raise if this strategy cannot run ``policy``."""
@@ -327,7 +333,8 @@ class BatchStep(StepStrategy):
 
 @dataclass
 class Method:
-    """A named pair of a :class:`MaskPolicy` and a :class:`StepStrategy`."""
+    """A named pair of a [MaskPolicy][subnets.methods.base.MaskPolicy] and a
+    [StepStrategy][subnets.methods.base.StepStrategy]."""
 
     name: str
     policy: MaskPolicy = field(default_factory=NoMasks)

@@ -26,7 +26,8 @@ from subnets.update import StepResult
 class ScoreRule:
     """A dynamic rule that re-selects each language's mask from per-head scores with the
     configured selection (``dynamic.selection`` with ``masks.keep_ratio``, ``top_k``, ...).
-    Its hooks do nothing; :class:`EMARule` and :class:`RandomRule` say where the scores come from."""
+    Its hooks do nothing; [EMARule][subnets.methods.dynamic.EMARule] and
+    [RandomRule][subnets.methods.dynamic.RandomRule] say where the scores come from."""
 
     track_gates = False
     supports_episodes = True
@@ -100,7 +101,7 @@ class LearnedRule:
     """Dynamic rule ``learned``: per-language hard-concrete gate logits trained with the model,
     with a penalty pulling the expected share of open gates to ``masks.keep_ratio``; the
     training forward pass uses the sampled gates, the mask the deterministic ones
-    (:class:`~subnets.masks.dynamic.HardConcreteGates`)."""
+    ([HardConcreteGates][subnets.masks.dynamic.HardConcreteGates])."""
 
     track_gates = False
     supports_episodes = False  # its penalty and gate optimizer belong to a single-batch step
@@ -157,7 +158,7 @@ class RandomRule(ScoreRule):
     """Dynamic rule ``random``, a control: at every update each language's mask is redrawn, the
     configured selection applied to uniform random scores instead of importance; the scores come
     from a generator seeded by the run seed, the language and the update's number
-    (:mod:`subnets.masks.controls`)."""
+    ([subnets.masks.controls][])."""
 
     def __init__(self, search: Any, dynamic: Any):
         super().__init__(search, dynamic)
@@ -189,20 +190,22 @@ class DynamicMasks(SubnetworkPolicy):
 
     Initial masks keep every head (``dynamic.init=full``) or come from the static procedure
     (``static``). Every ``dynamic.update_every`` steps each language's mask is re-selected by
-    the rule (``dynamic.rule``: :class:`EMARule`, :class:`LearnedRule`, the control
-    :class:`RandomRule`, or any object with their methods passed as ``rule``; its ``bind``
-    receives the languages, the gate shape, the device, ``seed=``, the run seed, and ``units=``,
-    the kinds of unit in the gate columns). A coordinate that re-enters a language's subnetwork
-    continues from the optimizer state it had when it left (:class:`MaskedOptimizer`: frozen,
-    not advanced). The mask after every update and the number of units that changed are kept
-    per language and written, with figures, to ``<run>/masks/`` at the end of training.
+    the rule (``dynamic.rule``: [EMARule][subnets.methods.dynamic.EMARule],
+    [LearnedRule][subnets.methods.dynamic.LearnedRule], the control
+    [RandomRule][subnets.methods.dynamic.RandomRule], or any object with their methods passed as ``rule``; its
+    ``bind`` receives the languages, the gate shape, the device, ``seed=``, the run seed, and ``units=``, the
+    kinds of unit in the gate columns). A coordinate that re-enters a language's subnetwork continues from the
+    optimizer state it had when it left ([MaskedOptimizer][subnets.optim.masked.MaskedOptimizer]: frozen, not
+    advanced). The mask after every update and the number of units that changed are kept per language and
+    written, with figures, to ``<run>/masks/`` at the end of training.
 
     Args:
         search: the ``masks.*`` settings.
         dynamic: the ``dynamic.*`` settings.
         apply: ``forward``, ``gradient`` or ``both``, as for static masks.
         rule: a rule object (default: ``RULES[dynamic.rule]``).
-        control: a transform of the masks found, as for static masks (:class:`RandomControl`).
+        control: a transform of the masks found, as for static masks
+            ([RandomControl][subnets.methods.subnetworks.RandomControl]).
     """
 
     def __init__(self, search: Any, dynamic: Any, apply: str = "gradient", rule: Any = None,

@@ -1,4 +1,5 @@
-"""The MAML step strategy: each outer step is an episode of languages (:class:`MAMLEpisodes`).
+"""The MAML step strategy: each outer step is an episode of languages
+([MAMLEpisodes][subnets.methods.episodes.MAMLEpisodes]).
 
 Each outer step samples ``meta.languages_per_episode`` distinct languages (by the run's
 temperature sampling) and, for each, ``meta.support_size`` support and ``meta.query_size``
@@ -22,10 +23,10 @@ from subnets.update import StepResult
 
 
 class MAMLEpisodes(StepStrategy):
-    """One outer step = a MAML episode over languages (:class:`~subnets.meta.MAML`).
+    """One outer step = a MAML episode over languages ([MAML][subnets.meta.MAML]).
 
     Args:
-        meta: the ``meta.*`` settings (:class:`~subnets.config.MetaConfig`).
+        meta: the ``meta.*`` settings (``MetaConfig``).
     """
 
     def __init__(self, meta: Any):

@@ -4,8 +4,9 @@ encoder with masked language modelling (causal for a decoder) on the language's 
 as its difference from the pretrained values, and added to the model wherever that language is
 trained or evaluated.
 
-:func:`fit_language_sft` trains one on a copy of the encoder (the run's model is not touched);
-:class:`LanguageDeltas` adds the active language's difference to a model without changing its
+[fit_language_sft][subnets.methods.language_sft.fit_language_sft] trains one on a copy of the encoder (the
+run's model is not touched); [LanguageDeltas][subnets.methods.language_sft.LanguageDeltas] adds the active
+language's difference to a model without changing its
 weights: every module whose output is linear in its parameters (``nn.Linear``, ``nn.Embedding``,
 ``nn.LayerNorm``) computes ``f(x; theta) + f(x; phi) = f(x; theta + phi)`` (equal to the merged
 weights up to float round-off), so that the task SFT's gradient is taken at ``theta + phi``
@@ -38,15 +39,15 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def composable_names(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """The parameters among ``names`` that :class:`LanguageDeltas` can add a difference to: those
-    of modules linear in their parameters."""
+    """The parameters among ``names`` that [LanguageDeltas][subnets.methods.language_sft.LanguageDeltas] can
+    add a difference to: those of modules linear in their parameters."""
     owners = _owners(model)
     return [name for name in names if name in owners]
 
 
 class LanguageDeltas:
     """Per-language sparse differences added to ``model``'s outputs while a language is active
-    (module docstring). ``deltas[code]`` is a :data:`SparseDelta` by ``model``'s parameter names.
+    (module docstring). ``deltas[code]`` is a ``SparseDelta`` by ``model``'s parameter names.
 
     Example::
 

@@ -5,14 +5,14 @@ model; then the ``k`` encoder parameters that moved most (``|theta - theta_0|``,
 tensors together) form the ticket, the encoder is reset to its pretrained values ``theta_0``, the
 optimizer state is cleared and the learning-rate schedule starts again (warm-up and decay over
 the remaining steps, as a second training would); the remaining steps update only the ticket
-(exactly, through :class:`~subnets.optim.MaskedOptimizer`). Per-language variant (``sft.per_language=true``): before
-training, a copy of the model is fine-tuned for ``sft.full_steps`` steps on each source language
-alone and that language's ticket is taken from it; multilingual training then updates, in a step
-of language ``l``, only ``l``'s ticket. The task head trains in every step of both variants (it
+(exactly, through [MaskedOptimizer][subnets.optim.MaskedOptimizer]). Per-language variant
+(``sft.per_language=true``): before training, a copy of the model is fine-tuned for ``sft.full_steps`` steps
+on each source language alone and that language's ticket is taken from it; multilingual training then updates,
+in a step of language ``l``, only ``l``'s ticket. The task head trains in every step of both variants (it
 is not part of the pretrained model).
 
 Composable variant (``sft.compose=true``, shared ticket): before training, each language with
-raw text gets a language SFT (:mod:`subnets.methods.language_sft`: LT-SFT with masked language
+raw text gets a language SFT ([subnets.methods.language_sft][]: LT-SFT with masked language
 modelling, causal for a decoder, ``sft.language_steps`` steps per phase, ``sft.language_k`` parameters); a step,
 evaluation or few-shot run of language ``l`` computes with the pretrained weights plus ``l``'s
 language SFT plus the task SFT being trained, so that the task SFT learns what the language
@@ -20,7 +20,7 @@ SFTs do not hold. A language without text gets the task SFT alone.
 
 ``k`` is ``sft.k``, or ``sft.keep_ratio`` of the encoder's parameters, or with
 ``sft.match=static`` the parameters a static subnetwork of the ``masks.*`` settings updates in
-its units (:func:`~subnets.methods.subnetworks.subnetwork_budget`). The tickets are saved with
+its units ([subnetwork_budget][subnets.methods.subnetworks.subnetwork_budget]). The tickets are saved with
 the checkpoints (a resume continues the same sparse phase) and summarised in results.json.
 """
 

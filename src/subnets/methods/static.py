@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def static_masks(model: nn.Module, search: Any, sources: SourceLanguages, batcher: Batcher,
                  outputs: Outputs) -> SubnetworkSet:  # fmt: skip
     """The static procedure's masks: loaded from ``masks.path`` or the run's cached
-    ``masks/masks.safetensors``, else found by :func:`search_masks`."""
+    ``masks/masks.safetensors``, else found by [search_masks][subnets.methods.static.search_masks]."""
     cached = outputs.folder / "masks" / "masks.safetensors"
     path = search.path or (cached if cached.exists() else None)
     if path:
@@ -44,7 +44,7 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
     (``masks.selection``; iterative pruning uses the language's dev split).
 
     Each language's search draws its random numbers (the fine-tuned copy's dropout) from
-    generators seeded by the run's seed and the language (:func:`~subnets.checkpoint.phase_rng`),
+    generators seeded by the run's seed and the language (``phase_rng``),
     and leaves the global ones as it found them: a run that computes its masks, one that loads
     them (``masks.path``) and one that resumes continue with the same random numbers."""
     masks = SubnetworkSet.for_model(model)
@@ -111,8 +111,9 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
 
 
 class StaticMasks(SubnetworkPolicy):
-    """Per-language masks computed once and kept (``+method=static``): :func:`search_masks`, or
-    a saved set (``masks.path``). The masks are cached in ``<run>/masks/masks.safetensors``.
+    """Per-language masks computed once and kept (``+method=static``):
+    [search_masks][subnets.methods.static.search_masks], or a saved set (``masks.path``). The masks are cached
+    in ``<run>/masks/masks.safetensors``.
 
     They are searched before training, or with ``masks.after_steps=S`` on the shared model after
     S steps of multilingual training in which every language uses and updates every head (the
@@ -143,8 +144,8 @@ class StaticMasks(SubnetworkPolicy):
         return {}
 
     def find_masks(self, model: nn.Module, sources: SourceLanguages, outputs: Outputs) -> None:
-        """Set the masks (:func:`static_masks`, through the control if there is one; a cached
-        ``masks.safetensors`` holds the control's masks, whose counts are the static ones, so
+        """Set the masks ([static_masks][subnets.methods.static.static_masks], through the control if there is
+        one; a cached ``masks.safetensors`` holds the control's masks, whose counts are the static ones, so
         drawing again from them gives the same masks) and write their summary, with the
         search's reliability for the masks it found itself."""
         self.set_masks(self.found(static_masks(model, self.search, sources, self.batcher, outputs)))
@@ -155,7 +156,7 @@ class StaticMasks(SubnetworkPolicy):
 
 def random_masks(search: Any, apply: str = "gradient") -> StaticMasks:
     """The random-mask control of static masks (``+method=random``, ``maml_random``): the static
-    procedure (:func:`static_masks`: the search of ``masks.*``, or the set at ``masks.path``; at
-    step ``masks.after_steps`` if set) with its masks turned into random ones of the same counts,
-    fixed for the run (:class:`~subnets.methods.subnetworks.RandomControl`)."""
+    procedure ([static_masks][subnets.methods.static.static_masks]: the search of ``masks.*``, or the set at
+    ``masks.path``; at step ``masks.after_steps`` if set) with its masks turned into random ones of the same
+    counts, fixed for the run ([RandomControl][subnets.methods.subnetworks.RandomControl])."""
     return StaticMasks(search, apply, control=RandomControl())

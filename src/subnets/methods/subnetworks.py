@@ -5,8 +5,8 @@ A step of language ``l`` runs and updates through ``l``'s subnetwork according t
 * ``forward``: units outside the subnetwork are gated off (gate 0) in the forward pass; the
   update is the optimizer's ordinary step (their gradients are zero, but weight decay and
   momentum may still move them);
-* ``gradient``: the full model runs; the update is exact-masked (:class:`MaskedOptimizer`):
-  nothing outside the subnetwork moves;
+* ``gradient``: the full model runs; the update is exact-masked
+  ([MaskedOptimizer][subnets.optim.masked.MaskedOptimizer]): nothing outside the subnetwork moves;
 * ``both``: gated forward and exact-masked update.
 
 A subnetwork is made of attention heads, feed-forward neurons or both (``masks.units``: the
@@ -45,7 +45,7 @@ class RandomControl:
     """The random-mask control as a transform of any mask source: each language's mask becomes a
     random one with, in every layer, as many units (of each kind) as it had, and as many
     coordinates per parameter mask, drawn uniformly from a generator seeded by the run seed and
-    the language (:func:`~subnets.masks.controls.random_like`); an unseen language gets, under a
+    the language ([random_like][subnets.masks.controls.random_like]); an unseen language gets, under a
     test-time policy other than ``full``, a random mask with the source masks' mean per-layer
     counts: no importance reaches a control. Drawing again from random masks gives the same
     masks (only the counts, the seed and the language matter)."""
@@ -65,16 +65,17 @@ class SubnetworkPolicy(MaskPolicy):
     """What a subnetwork policy decides, from its source languages' masks (``masks``): a step of
     language ``l`` runs with ``l``'s gates and updates ``l``'s parameters as ``apply`` says, and
     an unseen language gets a mask by the test-time policy (``masks.target_policy``). Where the
-    masks come from is the rest: a subclass sets them (:class:`~subnets.methods.StaticMasks`
-    searches them once, :class:`~subnets.methods.DynamicMasks` re-selects them as it trains),
-    and ``control`` (:class:`RandomControl`) turns whatever masks a source finds into random
-    masks of the same counts.
+    masks come from is the rest: a subclass sets them ([StaticMasks][subnets.methods.StaticMasks]
+    searches them once, [DynamicMasks][subnets.methods.DynamicMasks] re-selects them as it trains),
+    and ``control`` ([RandomControl][subnets.methods.subnetworks.RandomControl]) turns whatever masks a source
+    finds into random masks of the same counts.
 
     Args:
-        search: the ``masks.*`` settings (:class:`~subnets.config.MasksConfig`).
+        search: the ``masks.*`` settings (``MasksConfig``).
         apply: ``forward``, ``gradient`` or ``both`` (module docstring).
-        control: a transform of the masks found (:meth:`found`), e.g. :class:`RandomControl`;
-            its ``seed`` is set to the run's when the policy is bound.
+        control: a transform of the masks found ([found][subnets.methods.subnetworks.SubnetworkPolicy.found]),
+            e.g. [RandomControl][subnets.methods.subnetworks.RandomControl]; its ``seed`` is set to the run's
+            when the policy is bound.
     """
 
     def __init__(self, search: Any, apply: str = "gradient", control: RandomControl | None = None):

@@ -1,5 +1,6 @@
 """Building the model a config describes: the encoder (the built-in tiny BERT or any Hugging Face
-checkpoint) and the task's model on top of it (:meth:`subnets.tasks.Task.build_model`).
+checkpoint) and the task's model on top of it
+([subnets.tasks.Task.build_model][subnets.tasks.base.Task.build_model]).
 
 Example (what the runner and the benchmarks do)::
 
@@ -57,13 +58,13 @@ def build_encoder(
 
 
 def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: Any = None) -> nn.Module:
-    """The task model of ``cfg`` on ``transformer`` wrapped as an :class:`Encoder` (scalar mix
-    with ``model.mix_dropout``; every dropout inside it set to ``model.encoder_dropout`` when
-    given; its word embeddings frozen with ``model.freeze_embeddings``: ``requires_grad=False``,
-    so no optimizer holds them; run under bfloat16 autocast with ``train.precision=bf16``, in
-    float64 with ``fp64``; gates on the units of ``masks.units``, found by ``model.layout`` or
-    the detected layout): the head
-    of ``task`` (a :class:`~subnets.tasks.Task`; default: built from ``cfg.task``), which first
+    """The task model of ``cfg`` on ``transformer`` wrapped as an
+    [Encoder][subnets.models.encoder.Encoder] (scalar mix with ``model.mix_dropout``; every dropout inside it
+    set to ``model.encoder_dropout`` when given; its word embeddings frozen with ``model.freeze_embeddings``:
+    ``requires_grad=False``, so no optimizer holds them; run under bfloat16 autocast with
+    ``train.precision=bf16``, in float64 with ``fp64``; gates on the units of ``masks.units``, found by
+    ``model.layout`` or the detected layout): the head
+    of ``task`` (a [Task][subnets.tasks.Task]; default: built from ``cfg.task``), which first
     checks that it fits the model and its ``tokenizer``."""
     if cfg.model.freeze_embeddings:
         transformer.get_input_embeddings().weight.requires_grad_(False)

@@ -50,7 +50,7 @@ class ScalarMix(nn.Module):
 class Encoder(nn.Module):
     """A Hugging Face transformer with unit gates and a scalar mix, returning word representations.
 
-    ``forward`` maps a :class:`~subnets.data.batching.Batch`'s subword input to ``[B, 1 + W, D]``
+    ``forward`` maps a [Batch][subnets.data.batching.Batch]'s subword input to ``[B, 1 + W, D]``
     word representations at the positions the batch's ``word_index`` names (the collator
     reads each word from its first subword and the root from ``[CLS]`` in a bidirectional
     encoder; from its last subword and the root from the final token in a causal decoder,
@@ -59,8 +59,9 @@ class Encoder(nn.Module):
     states are returned to float32 for the scalar mix and the task model.
 
     Args:
-        units: the gated units, ``heads``, ``neurons`` or ``both`` (:class:`UnitGates`).
-        layout: the transformer's :class:`~subnets.models.layouts.ModelLayout` (default: detected).
+        units: the gated units, ``heads``, ``neurons`` or ``both``
+            ([UnitGates][subnets.models.gates.UnitGates]).
+        layout: the transformer's [ModelLayout][subnets.models.layouts.ModelLayout] (default: detected).
     """
 
     def __init__(self, transformer: nn.Module, mix_dropout: float = 0.0, autocast: torch.dtype | None = None,

@@ -4,7 +4,7 @@ transformers 5 ignores ``unit_mask`` and has no ``prune_heads``, so units are ga
 outputs meet: a forward pre-hook on each layer's attention output projection views its input
 ``[..., H * d]`` as ``[..., H, d]`` and multiplies head ``h`` by its gate; one on the
 feed-forward output projection multiplies intermediate unit ``j`` by its gate. This works for
-every layout :mod:`subnets.models.layouts` detects or is given (BERT-style encoders,
+every layout [subnets.models.layouts][] detects or is given (BERT-style encoders,
 ModernBERT, T5/mT5 encoders, XLM, ALBERT, decoder LLMs with grouped-query attention), in
 transformers 4 and 5, with eager and sdpa attention.
 
@@ -89,9 +89,9 @@ class UnitGates:
     Args:
         model: a Hugging Face transformer (the bare model, e.g. ``AutoModel``).
         units: ``"heads"``, ``"neurons"`` or ``"both"``.
-        layout: a :class:`~subnets.models.layouts.ModelLayout` (default: detected).
-        check: probe the layout on the model (:func:`check_layout`) with random token ids
-            (True), with ``check(model)`` (a callable that runs a model taking other input and
+        layout: a [ModelLayout][subnets.models.layouts.ModelLayout] (default: detected).
+        check: probe the layout on the model ([check_layout][subnets.models.gates.check_layout]) with random
+            token ids (True), with ``check(model)`` (a callable that runs a model taking other input and
             returns an output tensor), or not at all (False).
 
     Attributes:
@@ -100,7 +100,7 @@ class UnitGates:
         units: kind -> units per layer (in column order).
         columns: kind -> its slice of a gate row.
         outputs: kind -> the projection gated at each depth (its input holds the units' outputs).
-        owned: what each unit owns (:class:`~subnets.models.ownership.Owned`, unit indices as gate
+        owned: what each unit owns ([Owned][subnets.models.ownership.Owned], unit indices as gate
             columns).
         values: the gates in use, ``[num_layers, sum(units)]``, or None for no gating.
         num_heads: with heads, the query heads per layer (``head_dim``: their width).
@@ -195,14 +195,15 @@ class UnitGates:
 
 
 class HeadGates(UnitGates):
-    """:class:`UnitGates` on attention heads: ``shape`` is ``[layers, heads]``."""
+    """[UnitGates][subnets.models.gates.UnitGates] on attention heads: ``shape`` is ``[layers, heads]``."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout | None = None):
         super().__init__(model, "heads", layout)
 
 
 class NeuronGates(UnitGates):
-    """:class:`UnitGates` on feed-forward neurons: ``shape`` is ``[layers, intermediate units]``."""
+    """[UnitGates][subnets.models.gates.UnitGates] on feed-forward neurons: ``shape`` is
+    ``[layers, intermediate units]``."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout | None = None):
         super().__init__(model, "neurons", layout)
@@ -217,7 +218,7 @@ def check_layout(
     """Check ``gates.layout`` on ``model`` with a gradient probe: gate off, at the first depth,
     the last unit of each kind (the last group of query heads sharing a key-value head) and
     compare, for every projection the layout gives a unit, the rows or columns whose gradient is
-    zero with those the layout says the gated units own (:mod:`subnets.models.layouts`).
+    zero with those the layout says the gated units own ([subnets.models.layouts][]).
 
     Every coordinate the gated units own alone must get a zero gradient (a layout that gives a
     unit what another unit uses would freeze and train the wrong weights); for attention head
@@ -289,7 +290,7 @@ def check_layout(
                 f"{'head(s)' if kind == 'heads' else 'neuron'} of layer 0 gated off, the layout says {what} "
                 f"{_ranges(~keep)} of {names.get(pid, '?')} get no gradient, but the gradient is zero in {what} "
                 f"{_ranges(zero)}. Fix the layout (model.layout; for a fused projection its qkv_order and qkv_layout: "
-                "blocked or interleaved); README, 'Any transformer'."
+                "blocked or interleaved); docs/guides/models.md."
             )
 
 

@@ -1,4 +1,4 @@
-"""Task heads on an :class:`~subnets.models.encoder.Encoder`: the base every task model shares,
+"""Task heads on an [Encoder][subnets.models.encoder.Encoder]: the base every task model shares,
 and the classifiers of words (tagging, NER) and of sentences or sentence pairs."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class TaskOutput:
 
 
 class TaskModel(nn.Module):
-    """A task head on an :class:`~subnets.models.encoder.Encoder` (``self.encoder``).
+    """A task head on an [Encoder][subnets.models.encoder.Encoder] (``self.encoder``).
 
     ``model(batch)`` returns an object with ``loss`` (a mean over the batch's ``num_words``)
     and ``losses``; ``model.predict(batch)`` one prediction per example;
@@ -30,7 +30,7 @@ class TaskModel(nn.Module):
 
     @property
     def gates(self):
-        """The encoder's :class:`~subnets.models.gates.UnitGates` (heads, neurons or both)."""
+        """The encoder's [UnitGates][subnets.models.gates.UnitGates] (heads, neurons or both)."""
         return self.encoder.gates
 
     def encoder_parameters(self) -> list[tuple[str, nn.Parameter]]:

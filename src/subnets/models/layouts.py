@@ -1,11 +1,11 @@
 """Where a transformer keeps its attention heads and feed-forward neurons: declared layouts.
 
-A :class:`ModelLayout` says, by attribute paths, where the layer list is and which linear
-projections of a layer belong to its attention (query, key, value and output, or one fused
+A [ModelLayout][subnets.models.layouts.ModelLayout] says, by attribute paths, where the layer list is and
+which linear projections of a layer belong to its attention (query, key, value and output, or one fused
 query-key-value projection and its split order) and to its feed-forward block (the input
 projections, gate and up projections of gated MLPs included, and the output projection). It
-is detected for the families in :data:`LAYOUTS` (:func:`detect_layout`) and can be declared
-for any other model, in code or as ``model.layout`` in a config::
+is detected for the families in ``LAYOUTS`` ([detect_layout][subnets.models.layouts.detect_layout]) and can be
+declared for any other model, in code or as ``model.layout`` in a config::
 
     layout = ModelLayout(
         attention=AttentionLayout(layers="model.blocks", output="attn.proj", qkv="attn.qkv"),
@@ -13,8 +13,8 @@ for any other model, in code or as ``model.layout`` in a config::
     )
     gates = HeadGates(transformer, layout=layout)
 
-What a unit owns follows from the layout (:mod:`subnets.models.ownership`: :func:`head_units`,
-:func:`neuron_units`):
+What a unit owns follows from the layout ([subnets.models.ownership][]:
+[head_units][subnets.models.ownership.head_units], [neuron_units][subnets.models.ownership.neuron_units]):
 
 * Head ``h`` (of ``H`` query heads, head size ``d``) owns rows ``h*d:(h+1)*d`` of the query
   projection (weight and bias) and columns ``h*d:(h+1)*d`` of the output projection. Its key and
@@ -38,9 +38,9 @@ T5's relative position bias, ...) are shared by every language.
 
 Projections are ``torch.nn.Linear`` (weight ``[out, in]``) or GPT-2's ``Conv1D`` (weight
 ``[in, out]``): a unit's rows are its output features and its columns its input features in
-either. Every layout is checked once when gates are put on a model (:func:`check_layout` in
-:mod:`subnets.models.gates`): a probe gates one unit of each kind off and compares the
-coordinates with zero gradient with those the layout says the unit owns.
+either. Every layout is checked once when gates are put on a model
+([check_layout][subnets.models.gates.check_layout] in [subnets.models.gates][]): a probe gates one unit of
+each kind off and compares the coordinates with zero gradient with those the layout says the unit owns.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class FeedForwardLayout:
 class ModelLayout:
     """A model family's layout (module docstring). ``causal``: a decoder whose tokens see only
     what precedes them, so words are read from their last subword and the root from the
-    sentence's final token (:class:`~subnets.data.batching.Collator`)."""
+    sentence's final token ([Collator][subnets.data.batching.Collator])."""
 
     attention: AttentionLayout
     feed_forward: FeedForwardLayout | None = None
@@ -154,8 +154,8 @@ def _t5(inputs: list[str]) -> ModelLayout:
 
 _ALBERT_LAYERS = "encoder.albert_layer_groups.*.albert_layers.0"
 
-#: Layouts tried in order by :func:`detect_layout`, by family; the first whose every path leads
-#: to a linear projection in every layer is taken.
+#: Layouts tried in order by [detect_layout][subnets.models.layouts.detect_layout], by family; the first whose
+#: every path leads to a linear projection in every layer is taken.
 LAYOUTS: dict[str, ModelLayout] = {
     # BERT, RoBERTa, XLM-R, ELECTRA, RemBERT, CamemBERT, mBERT, multilingual-e5, ...
     "bert": _bert_like("encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value"),
@@ -254,7 +254,8 @@ def is_projection(module: nn.Module) -> bool:
 
 
 def features(projection: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a projection (:func:`is_projection`)."""
+    """``(in_features, out_features)`` of a projection
+    ([is_projection][subnets.models.layouts.is_projection])."""
     if isinstance(projection, nn.Linear):
         return projection.in_features, projection.out_features
     return tuple(projection.weight.shape)  # Conv1D: [in, out]
@@ -291,7 +292,7 @@ def fits(model: nn.Module, layout: ModelLayout) -> bool:
 
 
 def detect_layout(model: nn.Module) -> ModelLayout:
-    """The first layout of :data:`LAYOUTS` that fits ``model``.
+    """The first layout of ``LAYOUTS`` that fits ``model``.
 
     Raises:
         UnknownLayoutError: none fits; the message says what to declare.
@@ -305,8 +306,8 @@ def detect_layout(model: nn.Module) -> ModelLayout:
         f"({', '.join(LAYOUTS)}) fits. Declare its layout: model.layout (in a config) or "
         "layout=ModelLayout(attention=AttentionLayout(layers=<path of the layer list>, output=<attention "
         "output projection>, query=..., key=..., value=... or qkv=<fused projection>), feed_forward="
-        "FeedForwardLayout(layers=..., inputs=[...], output=...)) (subnets.models.layouts; README, "
-        "'Any transformer')."
+        "FeedForwardLayout(layers=..., inputs=[...], output=...)) (subnets.models.layouts; "
+        "docs/guides/models.md)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Language-model heads on an :class:`~subnets.models.encoder.Encoder`: masked (encoders) and
+"""Language-model heads on an [Encoder][subnets.models.encoder.Encoder]: masked (encoders) and
 causal (decoders), for finding language-specific units from raw text.
 
 The output embedding is the model's own: tied to the input embeddings where the model ties

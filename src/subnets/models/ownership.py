@@ -1,4 +1,4 @@
-"""What each unit owns in a model's parameters, from its layout (:mod:`subnets.models.layouts`,
+"""What each unit owns in a model's parameters, from its layout ([subnets.models.layouts][],
 whose docstring states the rules): the coordinates a unit's masked update freezes and its Fisher
 information sums over."""
 
@@ -41,7 +41,7 @@ class Units:
     """One kind of unit of a model: ``count`` per layer at ``len(outputs)`` depths.
 
     ``outputs[i]`` is the projection whose input (``[..., count * width]``) is gated at depth
-    ``i``; ``owned`` lists what the units own (:class:`Owned`)."""
+    ``i``; ``owned`` lists what the units own ([Owned][subnets.models.ownership.Owned])."""
 
     kind: str
     count: int

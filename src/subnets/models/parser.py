@@ -1,4 +1,4 @@
-"""UDify-style dependency parser and UPOS tagger on top of an :class:`~subnets.models.encoder.Encoder`.
+"""UDify-style dependency parser and UPOS tagger on top of an [Encoder][subnets.models.encoder.Encoder].
 
 Arcs are scored by a biaffine function and labels by a bilinear one (Dozat & Manning 2017)::
 
@@ -7,7 +7,7 @@ Arcs are scored by a biaffine function and labels by a bilinear one (Dozat & Man
 
 with ``dep``/``head`` (and primed) MLP projections of the word representations. Training uses
 the gold heads for the label scores; prediction decodes a single-root maximum spanning tree
-(:func:`~subnets.models.mst.decode_mst`) and labels its arcs, giving ``root`` exactly to the
+(``decode_mst``) and labels its arcs, giving ``root`` exactly to the
 word attached to the root.
 """
 
@@ -87,9 +87,9 @@ class Prediction:
 
 class DependencyParser(TaskModel):
     """Encoder + task heads: dependency arcs and labels (``parse``), UPOS tags (``tag``), or both
-    (the model of :class:`~subnets.tasks.Parsing`). ``model(batch)`` returns the losses,
-    ``model.predict(batch)`` one :class:`Prediction` per sentence; ``model.parsing`` /
-    ``model.tagging`` say which predictions are made.
+    (the model of [Parsing][subnets.tasks.Parsing]). ``model(batch)`` returns the losses,
+    ``model.predict(batch)`` one [Prediction][subnets.models.parser.Prediction] per sentence;
+    ``model.parsing`` / ``model.tagging`` say which predictions are made.
 
     Example::
 

@@ -1,5 +1,5 @@
 """The coordinates an update mask protects, planned once per mask for
-:class:`~subnets.optim.MaskedOptimizer`: as runs of whole rows or columns (views cheap to save,
+[MaskedOptimizer][subnets.optim.MaskedOptimizer]: as runs of whole rows or columns (views cheap to save,
 restore or update) or, failing that, as the mask itself."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Exact masked updates around any torch optimizer.
 
 Zeroing gradients does not freeze a parameter: AdamW's weight decay and its moment estimates,
-SGD's momentum, still move it. :class:`MaskedOptimizer` makes a step taken with a mask exact
-by saving what the mask protects, letting the wrapped optimizer step, and writing it back;
+SGD's momentum, still move it. [MaskedOptimizer][subnets.optim.masked.MaskedOptimizer] makes a step taken with
+a mask exact by saving what the mask protects, letting the wrapped optimizer step, and writing it back;
 for torch's Adam and AdamW, by running Adam's own update on the coordinates the mask lets move
 and on nothing else (the same numbers, at less than the cost of a whole step on large models).
 """
@@ -46,7 +46,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
       any coordinate of the tensor is updated; a tensor masked entirely is skipped, counters
       and all, exactly as if it had no gradient.
 
-    Sharded parameters (DTensors, as FSDP2 makes them: :mod:`subnets.sharding`) take whole
+    Sharded parameters (DTensors, as FSDP2 makes them: [subnets.sharding][]) take whole
     masks too: each process saves and restores only the coordinates of its own shard, so the
     step is the unsharded step, shard by shard (whether a tensor is masked entirely is decided
     on the whole mask, so every process skips or steps it alike).
@@ -118,8 +118,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def mask_gradients(self, update_mask: Mapping[MaskKey, torch.Tensor]) -> None:
-        """Zero the gradients outside ``update_mask`` (what :meth:`step` with it would leave
-        unused; before clipping, so that the norm counts only the coordinates the step updates)."""
+        """Zero the gradients outside ``update_mask`` (what
+        [step][subnets.optim.masked.MaskedOptimizer.step] with it would leave unused; before clipping, so that
+        the norm counts only the coordinates the step updates)."""
         _zero_frozen_gradients(
             [
                 (p, frozen)
@@ -198,8 +199,8 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self, update_mask: Mapping[MaskKey, torch.Tensor]
     ) -> list[tuple[torch.Tensor, FrozenCoordinates]]:
         """``(parameter, frozen coordinates)`` for every entry, validated before anything changes.
-        An :class:`UpdateMask` is resolved once per optimizer; a plain mapping at every step
-        (the plan of each mask is cached while its content is unchanged)."""
+        An [UpdateMask][subnets.optim.masked.UpdateMask] is resolved once per optimizer; a plain mapping at
+        every step (the plan of each mask is cached while its content is unchanged)."""
         if isinstance(update_mask, UpdateMask):
             cached = self._plans.get(id(update_mask))
             if cached is not None and cached[0] is update_mask:
@@ -346,9 +347,9 @@ def _updated_views(
 class UpdateMask(Mapping):
     """An update mask fixed once: parameter name (or tensor) -> boolean mask of its shape, the
     masks copied at construction, so that later changes to the given tensors do not reach it.
-    :class:`MaskedOptimizer` plans the frozen coordinates of an ``UpdateMask`` once and reuses
-    the plan at every step without reading the masks again (a plain mapping is checked at every
-    step): what the subnetwork policies pass for each language.
+    [MaskedOptimizer][subnets.optim.masked.MaskedOptimizer] plans the frozen coordinates of an ``UpdateMask``
+    once and reuses the plan at every step without reading the masks again (a plain mapping is checked at
+    every step): what the subnetwork policies pass for each language.
 
     Example::
 

@@ -17,8 +17,9 @@ The report goes to ``<folder>/report/`` (``--out`` to change it)::
     overlap_typology.png      mask overlap against URIEL syntactic similarity
     cka.png                   linear CKA between parallel languages, before and after training
 
-Each piece is also a function (:func:`load_runs`, :func:`score_table`, :func:`significance`, the
-``*_figure`` functions) for notebooks.
+Each piece is also a function ([load_runs][subnets.report.load_runs],
+[score_table][subnets.report.score_table], [significance][subnets.report.significance], the ``*_figure``
+functions) for notebooks.
 """
 
 from subnets.report.figures import (

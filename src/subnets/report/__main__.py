@@ -1,4 +1,4 @@
-"""``python -m subnets.report``: :mod:`subnets.cli.report`."""
+"""``python -m subnets.report``: ``subnets.cli.report``."""
 
 from subnets.cli.report import main
 

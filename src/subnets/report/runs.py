@@ -45,7 +45,7 @@ class Run:
 
 def load_runs(folder: str | os.PathLike) -> list[Run]:
     """The finished runs in ``folder`` (a run folder, or a multirun folder of run folders),
-    ordered by method (the order each method declares, :func:`role`) and seed. Raises
+    ordered by method (the order each method declares, [role][subnets.report.runs.role]) and seed. Raises
     FileNotFoundError when none is found."""
     folder = Path(folder)
     paths = (

@@ -26,7 +26,7 @@ def scores(
     """``(method, language) -> seed -> values`` of the target languages: the few-shot
     repetitions (``setting="fewshot"``) or the single zero-shot score (``"zeroshot"``); or of the
     training languages (``"source"``: their development scores, what the model fits), of
-    ``metric`` (default: the task's primary metric, :func:`task_record`)."""
+    ``metric`` (default: the task's primary metric, [task_record][subnets.report.runs.task_record])."""
     metric = metric or task_record(runs)["primary_metric"]
     out: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(dict)
     for run in runs:
@@ -84,10 +84,10 @@ def score_table(
 def parameter_budgets(runs: Sequence[Run], alpha: float = 0.05) -> list[dict[str, Any]]:
     """Per method (runs that recorded ``parameters``): trainable parameters, the mean over
     training languages of the parameters a language's steps may update, the zero-shot and
-    few-shot primary metric averaged over target languages (:func:`score_table`'s average rows),
-    and the few-shot :func:`significance` against the baseline (``vs_baseline``) and against the
-    static subnetwork's random control (``vs_control``, the method named in ``control``), each
-    list Holm-adjusted over the table's methods."""
+    few-shot primary metric averaged over target languages ([score_table][subnets.report.scores.score_table]'s
+    average rows), and the few-shot [significance][subnets.report.scores.significance] against the baseline
+    (``vs_baseline``) and against the static subnetwork's random control (``vs_control``, the method named in
+    ``control``), each list Holm-adjusted over the table's methods."""
     averages = {setting: {r["method"]: r["mean"] for r in score_table(runs, setting) if r["language"] == "average"}
                 for setting in ("zeroshot", "fewshot")}  # fmt: skip
     budgets = first_per_method(runs, lambda r: r.results.get("parameters"))
@@ -139,8 +139,8 @@ def significance(
 ) -> list[dict[str, Any]]:
     """Per ``(method, reference)`` pair (default: every method against the baseline): the
     method's gain over the reference, paired by target language and seed (each side the mean
-    over that seed's repetitions), tested with :func:`wilcoxon_test`; p-values Holm-adjusted over
-    the pairs compared."""
+    over that seed's repetitions), tested with [wilcoxon_test][subnets.report.scores.wilcoxon_test]; p-values
+    Holm-adjusted over the pairs compared."""
     table = scores(runs, setting, metric)
     if pairs is None:
         pairs = [(method, BASELINE) for method in methods_of(runs) if method != BASELINE]
@@ -176,8 +176,8 @@ def control_pairs(runs: Sequence[Run]) -> list[tuple[str, str]]:
 
 def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: float = 0.05,
                            lower_is_better: bool = False) -> str:  # fmt: skip
-    """One sentence for a :func:`significance` entry (the difference is the method's score minus
-    the reference's; ``lower_is_better`` says so, as for perplexity)."""
+    """One sentence for a [significance][subnets.report.scores.significance] entry (the difference is the
+    method's score minus the reference's; ``lower_is_better`` says so, as for perplexity)."""
     verdict = "significant" if entry["significant"] else "not significant"
     reference = entry.get("reference", BASELINE)
     reference = "the baseline" if reference == BASELINE else reference
@@ -188,7 +188,8 @@ def significance_statement(entry: dict[str, Any], metric: str = "LAS", alpha: fl
 
 
 def markdown_table(rows: list[dict[str, Any]], methods: Sequence[str]) -> str:
-    """A language x method Markdown table of ``mean +- sd`` cells from :func:`score_table` rows."""
+    """A language x method Markdown table of ``mean +- sd`` cells from
+    [score_table][subnets.report.scores.score_table] rows."""
     cells = {(r["language"], r["method"]): f"{r['mean']:.2f} ± {r['sd']:.2f}" for r in rows}
     languages = list(dict.fromkeys(r["language"] for r in rows))
     lines = ["| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -211,8 +212,8 @@ def conflict_over_time(runs: Sequence[Run]) -> dict[str, dict[int, list[float]]]
 def overlap_typology(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per subnetwork method (its first seed's final masks): Spearman correlation of head-mask
     Jaccard overlap with URIEL syntactic similarity over language pairs
-    (:func:`~subnets.analysis.overlap_typology_correlation`). Methods whose languages URIEL does
-    not know (e.g. synthetic ones) are left out."""
+    ([overlap_typology_correlation][subnets.analysis.overlap_typology_correlation]). Methods whose languages
+    URIEL does not know (e.g. synthetic ones) are left out."""
 
     def usable_jaccard(run: Run) -> dict[str, Any] | None:
         summary = run.masks_summary()
@@ -237,7 +238,7 @@ def mask_reliability(runs: Sequence[Run]) -> list[dict[str, Any]]:
     languages of ``masks/summary.json``'s ``reliability``: Jaccard, its chance level, Spearman)
     and the agreement of the final masks across seeds (mean Jaccard over pairs of runs with
     different seeds and their shared languages, and the chance level of those head counts,
-    (:func:`~subnets.masks.controls.chance_jaccard`)."""
+    ([chance_jaccard][subnets.masks.controls.chance_jaccard])."""
     rows = []
     for method in methods_of(runs):
         masked = [r for r in runs if r.method == method and (r.path / "masks" / "masks.safetensors").exists()]

@@ -1,5 +1,5 @@
-"""Tasks (:class:`Task`): UD parsing, tagging, NER, classification and language modelling, each
-a ``task=<name>`` config naming its class by ``_target_`` (:mod:`subnets.tasks.base`)."""
+"""Tasks ([Task][subnets.tasks.Task]): UD parsing, tagging, NER, classification and language modelling, each
+a ``task=<name>`` config naming its class by ``_target_`` ([subnets.tasks.base][])."""
 
 from subnets.tasks.base import LabelledTask, Task, build_task
 from subnets.tasks.classification import Classification, TextExample

@@ -1,7 +1,7 @@
 """The Task protocol: what the runner, the methods and the few-shot protocol need from a task.
 
 A task says how one language's examples are read from its files (validated, with file:line
-errors), how a batch is collated, which head goes on the :class:`~subnets.models.encoder.Encoder`
+errors), how a batch is collated, which head goes on the [Encoder][subnets.models.encoder.Encoder]
 (its ``model(batch).loss`` is the loss every method uses: importance, Fisher, masked steps,
 MAML), how predictions are written in the task's own file format, and which metrics it
 reports, one of them primary (checkpoint selection, reports). Every hook takes explicit
@@ -12,9 +12,9 @@ arguments; none sees the run. A task of your own is a subclass named by ``task._
       my_setting: 3
 
 Few-shot support sets are ``k`` examples drawn as for every task
-(:func:`~subnets.data.support.draw_support`); a task with labels learns its label set from the
-training data (:meth:`Task.fit`) and keeps it in its state (``run.json``), so a trained run
-is reloaded without its training data, and a label that training never saw is an error.
+([draw_support][subnets.data.support.draw_support]); a task with labels learns its label set from the
+training data ([Task.fit][subnets.tasks.base.Task.fit]) and keeps it in its state (``run.json``), so a trained
+run is reloaded without its training data, and a label that training never saw is an error.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Task:
         raise NotImplementedError
 
     def cache_key(self) -> str:
-        """What :meth:`read` depends on, for the data cache's keys (default: the task's name)."""
+        """What [read][subnets.tasks.base.Task.read] depends on, for the data cache's keys (default: the
+        task's name)."""
         return self.name
 
     def read_unlabelled(self, path: Path, format: str = "auto") -> list:
@@ -70,17 +71,18 @@ class Task:
 
     def fit(self, train: Mapping[str, Sequence]) -> None:
         """Learn what the task takes from the training examples (a label set), once, before the
-        model is built; :meth:`state_dict` keeps it."""
+        model is built; ``state_dict`` keeps it."""
 
     def check(self, examples: Sequence, where: str) -> None:
-        """Raise a :class:`~subnets.data.examples.DataError` for an example the trained task cannot
+        """Raise a [DataError][subnets.data.examples.DataError] for an example the trained task cannot
         score (e.g. a label training never saw); ``where`` names the data."""
 
     # ------------------------------------------------------------ model
     def use_model(self, transformer: nn.Module, tokenizer: Any, causal: bool) -> None:
-        """Check that the task fits the model (else raise a :class:`~subnets.config.SettingError`)
+        """Check that the task fits the model (else raise a ``SettingError``)
         and take what its head needs from the model and the tokenizer; called before
-        :meth:`build_model`. ``causal``: the model is a decoder (its layout)."""
+        [build_model][subnets.tasks.base.Task.build_model]. ``causal``: the model is a decoder (its
+        layout)."""
 
     def collator(self, tokenizer: Any, max_length: int, causal: bool):
         """``(examples, pieces, lang) -> batch`` for one encoder (the batch has ``input_ids``,

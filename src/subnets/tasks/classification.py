@@ -9,7 +9,7 @@ mixing pairs and single texts. A label is a string; a JSON number or boolean is 
 writes it (``1`` "1", ``1.0`` "1.0", ``true`` "true"). The label set is the training data's; a
 label at evaluation that training never saw is an error naming the file and line. The model reads the example's first
 token (``[CLS]``; a causal decoder its final token) through the scalar mix
-(:class:`~subnets.models.heads.SequenceClassifier`). Metrics: accuracy (primary) and macro-F1
+([SequenceClassifier][subnets.models.heads.SequenceClassifier]). Metrics: accuracy (primary) and macro-F1
 (scikit-learn's), in percent. Predictions: JSON lines with the predicted ``label`` (and the
 ``gold`` one for scored data).
 """

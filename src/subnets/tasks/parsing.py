@@ -2,7 +2,7 @@
 
 Data: CoNLL-U files (``<code>/{train,dev,test}.conllu`` or the UD release layout) or ``datasets``
 folders in the Hub's ``universal_dependencies`` layout, validated sentence by sentence
-(:mod:`subnets.data.treebank`). Model: :class:`~subnets.models.parser.DependencyParser`. Metrics:
+([subnets.data.treebank][]). Model: [DependencyParser][subnets.models.parser.DependencyParser]. Metrics:
 UAS and LAS (primary) as the CoNLL 2018 scorer computes them, UPOS accuracy with ``tag``.
 Predictions: CoNLL-U with the predicted columns, beside the gold sentences scored.
 """
@@ -55,7 +55,7 @@ def gold_path(predictions_path: str | os.PathLike) -> Path:
 class Parsing(Task):
     """Dependency parsing (``parse``), UPOS tagging (``tag``), or both (``task=parsing``,
     ``task=parsing_pos``). The other arguments size the parser's scorers
-    (:class:`~subnets.models.parser.DependencyParser`)."""
+    ([DependencyParser][subnets.models.parser.DependencyParser])."""
 
     suffixes = (".conllu",)
     count = "words"

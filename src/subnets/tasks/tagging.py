@@ -1,12 +1,12 @@
 """Token classification: a tag per word. Two tasks share the model
-(:class:`~subnets.models.heads.TokenClassifier`, a linear layer on the word representations):
+([TokenClassifier][subnets.models.heads.TokenClassifier], a linear layer on the word representations):
 
-* :class:`Tagging` (``task=tagging``, ``task=pos``): any token column of CoNLL-U files (``upos``,
-  ``xpos``, ``feats``, ``deprel``), so UD treebanks serve token classification. ``_`` is an
+* [Tagging][subnets.tasks.tagging.Tagging] (``task=tagging``, ``task=pos``): any token column of CoNLL-U files
+  (``upos``, ``xpos``, ``feats``, ``deprel``), so UD treebanks serve token classification. ``_`` is an
   unlabelled word (left out of the loss and the score). Metric: accuracy over the labelled words,
   named by the column. Predictions: CoNLL-U with the column filled in.
-* :class:`NER` (``task=ner``): named entities in IOB2 (BIO) tags, from CoNLL-style files (a
-  token and its tag per line, the tag in the last column; tab-separated, the token is the first
+* [NER][subnets.tasks.tagging.NER] (``task=ner``): named entities in IOB2 (BIO) tags, from CoNLL-style files
+  (a token and its tag per line, the tag in the last column; tab-separated, the token is the first
   column, spaces and all, else columns are split at whitespace; a blank line between sentences,
   ``-DOCSTART-`` lines skipped; ``<code>/{train,dev,test}.conll``, ``.iob2``, ``.bio`` or
   ``.txt``) or ``datasets`` folders with ``tokens`` and ``ner_tags`` columns. An entity that
@@ -59,7 +59,7 @@ class TaggedSentence:
 
 
 class TagCollator(WordCollator):
-    """Word-level input (:class:`~subnets.data.batching.WordCollator`) and a label per word."""
+    """Word-level input ([WordCollator][subnets.data.batching.WordCollator]) and a label per word."""
 
     def __init__(self, tokenizer, max_length: int, causal: bool, index: Mapping[str, int]):
         super().__init__(tokenizer, max_length, causal)
@@ -76,7 +76,8 @@ class TagCollator(WordCollator):
 
 
 class TokenTask(LabelledTask):
-    """What :class:`Tagging` and :class:`NER` share: the collator, the model, the predictions."""
+    """What [Tagging][subnets.tasks.tagging.Tagging] and [NER][subnets.tasks.tagging.NER] share: the collator,
+    the model, the predictions."""
 
     def __init__(self, dropout: float = 0.1):
         super().__init__()
