@@ -9,6 +9,7 @@ the page cannot fall behind the code.
 from __future__ import annotations
 
 import dataclasses
+import html
 import inspect
 import re
 import typing
@@ -31,6 +32,16 @@ def _comments(cls) -> dict[str, str]:
             out[match.group(1)] = " ".join([*above, match.group(2) or ""]).strip()
         above = []
     return out
+
+
+def _text(comment: str) -> str:
+    """A comment as the text of a table cell: what HTML or Markdown would take for markup
+    (``<name>`` placeholders, ``*``, ``_``, ``|``, ``[``) escaped, `code` spans kept; type
+    checkers' and formatters' pragmas left out."""
+    comment = re.sub(r"\s*\b(type: ignore(\[[\w-]+\])?|fmt: skip|noqa(: [\w, ]+)?)", "", comment).strip()
+    parts = re.split(r"(`[^`]*`)", comment)
+    return "".join(part if part.startswith("`") else re.sub(r"([*_|\[\]])", r"\\\1", html.escape(part, quote=False))
+                   for part in parts)  # fmt: skip
 
 
 def _type(hint) -> str:
@@ -57,8 +68,8 @@ def _section(cls, prefix: str, lines: list[str]) -> None:
         if dataclasses.is_dataclass(hint):
             nested.append((hint, f"{prefix}{field.name}."))
             continue
-        rows.append(f"| `{prefix}{field.name}` | {_type(hint)} | {_default(field)} | "
-                    f"{comments.get(field.name, '').replace('|', '/')} |")  # fmt: skip
+        rows.append(f"| `{prefix}{field.name}` | {html.escape(_type(hint))} | {_default(field)} | "
+                    f"{_text(comments.get(field.name, ''))} |")  # fmt: skip
     if rows:
         doc = inspect.getdoc(cls) or ""
         doc = (
@@ -80,7 +91,7 @@ def _groups() -> list[str]:
                     comment.append(line.lstrip("# ").strip())
                 elif comment:
                     break
-            comment = " ".join(comment).replace("|", "/")
+            comment = _text(" ".join(comment))
             lines.append(f"| `{folder.name}` | `{path.relative_to(folder).with_suffix('')}` | {comment} |")
     return lines
 
