@@ -11,15 +11,17 @@ Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 Usage::
 
     python benchmarks/data_cache.py
+    python benchmarks/data_cache.py --smoke      # one language each way, 40 sentences: does it run
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from shared_paths import E5_PATH, UD_ROOT
+from shared_paths import e5_path, ud_root
 
 from subnets.config import compose_config
 from subnets.data.cache import DataCache
@@ -36,15 +38,23 @@ def read(cfg, tokenizer, cache: DataCache) -> tuple[float, int]:
     return time.perf_counter() - start, sum(len(d) for d in data.all())
 
 
+SMOKE = ["languages.train=[en_ewt]", "languages.dev=[bg_btb]", "languages.target=[fi_tdt]",
+         "languages.max_train_sentences=40", "languages.max_eval_sentences=40"]  # fmt: skip
+
+
 def main() -> None:
-    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={UD_ROOT}",
-                          f"model.name_or_path={E5_PATH}"])  # fmt: skip
-    _, tokenizer = load_pretrained(E5_PATH)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
+    smoke = parser.parse_args().smoke
+    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={ud_root()}",
+                          f"model.name_or_path={e5_path()}", *(SMOKE if smoke else [])])  # fmt: skip
+    _, tokenizer = load_pretrained(e5_path())
     with tempfile.TemporaryDirectory() as folder:
         none, sentences = read(cfg, tokenizer, DataCache(None))
         cold, _ = read(cfg, tokenizer, DataCache(folder))
         warm, _ = read(cfg, tokenizer, DataCache(folder))
-    print(f"UD study data ({sentences} sentences), read and tokenized with the e5-small tokenizer:")
+    data = "smoke setting, UD data" if smoke else "UD study data"
+    print(f"{data} ({sentences} sentences), read and tokenized with the e5-small tokenizer:")
     print(f"  no cache     {none:6.2f} s")
     print(f"  cold cache   {cold:6.2f} s   {cold / none:.2f}x (the first job of a sweep fills it)")
     print(f"  warm cache   {warm:6.2f} s   {warm / none:.2f}x (every later job)")

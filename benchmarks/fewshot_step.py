@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/fewshot_step.py                        # fi_tdt, 5 repetitions, 3 steps each
     python benchmarks/fewshot_step.py --language de_gsd --model tiny
+    python benchmarks/fewshot_step.py --smoke                # tiny, 1 repetition of 1 step: does it run
 
 Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 (default ../shared/models/multilingual-e5-small).
@@ -23,7 +24,7 @@ import statistics
 import time
 
 import torch
-from shared_paths import E5_PATH, UD_ROOT
+from shared_paths import e5_path, ud_root
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -46,11 +47,14 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per way and repetition")
     parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(model="tiny", repetitions=1, steps=1)
 
-    treebank = discover_languages(UD_ROOT)[args.language]
+    treebank = discover_languages(ud_root())[args.language]
     test = load_language(treebank, "test", Parsing())
-    model_settings = [] if args.model == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+    model_settings = [] if args.model == "tiny" else ["model=e5_small", f"model.name_or_path={e5_path()}"]
     cfg = compose_config(model_settings)
     transformer, tokenizer = build_encoder(
         cfg.model, seed=0, texts=[" ".join(s.forms) for s in test.examples]

@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/hf_wrapper.py                          # multilingual-e5-small (SUBNETS_E5_PATH)
     python benchmarks/hf_wrapper.py --model tiny --rounds 5
+    python benchmarks/hf_wrapper.py --smoke                  # tiny, one round: does it run
 
 Run it alone: timings on two cores are disturbed by any other job.
 """
@@ -23,7 +24,7 @@ import time
 
 import torch
 import transformers
-from shared_paths import E5_PATH
+from shared_paths import e5_path
 
 from subnets.hf import SubnetworkConfig, masked_optimizer, with_subnetworks
 from subnets.masks import Subnetwork
@@ -38,7 +39,7 @@ def base_model(name: str) -> torch.nn.Module:
         torch.manual_seed(0)
         return transformers.BertForTokenClassification(config)
     dtype = {"dtype" if transformers.__version__ >= "5" else "torch_dtype": torch.float32}
-    return transformers.AutoModelForTokenClassification.from_pretrained(str(E5_PATH), num_labels=17, **dtype)
+    return transformers.AutoModelForTokenClassification.from_pretrained(e5_path(), num_labels=17, **dtype)
 
 
 def timed(calls: dict, rounds: int, repeats: int) -> dict[str, float]:
@@ -59,7 +60,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(model="tiny", batch_size=4, length=16, rounds=1, repeats=1)
 
     plain = base_model(args.model).eval()  # no dropout: the variants compute the same kind of pass
     wrapped = with_subnetworks(copy.deepcopy(plain), SubnetworkConfig(units="heads"))

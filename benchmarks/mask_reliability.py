@@ -29,6 +29,7 @@ Usage::
 
     python benchmarks/mask_reliability.py                       # every model state
     python benchmarks/mask_reliability.py --states after50      # pretrained0, pretrained20, after50
+    python benchmarks/mask_reliability.py --smoke               # tiny, 2 languages, 4 batches: does it run
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import time
 
 import numpy as np
 import torch
-from shared_paths import E5_PATH, UD_ROOT
+from shared_paths import e5_path, ud_root
 
 from subnets.checkpoint import phase_rng
 from subnets.config import compose_config
@@ -52,6 +53,10 @@ from subnets.runner import Run
 BATCHES = 32  # per language and model state; options use the first N
 SIZES = (2, 8, 16, 32)
 DECAYS = (0.9, 0.97, 0.99)
+# --smoke: the tiny random model (not e5) on 2 source languages of 64 sentences, 4 batches, the
+# states after 2 steps (fine-tuning, training)
+SMOKE = ["model=tiny", "languages.train=[en_ewt,ko_kaist]", "languages.dev=[bg_btb]", "languages.target=[fi_tdt]",
+         "languages.max_train_sentences=64", "languages.max_eval_sentences=16"]  # fmt: skip
 
 
 def batch_gradients(model, batches) -> tuple[list[torch.Tensor], float]:
@@ -88,25 +93,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--states", nargs="+", default=["pretrained0", "pretrained20", "after50"],
                         help="model states to measure (default: all three)")  # fmt: skip
-    states = parser.parse_args().states
-    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={UD_ROOT}",
-                          f"model.name_or_path={E5_PATH}", "wandb.mode=disabled", "fewshot.repetitions=0",
-                          "analysis.conflict_every=0", "analysis.cka_sentences=0"])  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
+    args = parser.parse_args()
+    states, count, sizes, tuned, after = args.states, BATCHES, SIZES, 20, 50
+    model = SMOKE if args.smoke else [f"model.name_or_path={e5_path()}"]
+    if args.smoke:
+        count, sizes, tuned, after = 4, (2, 4), 2, 2
+    cfg = compose_config(["+experiment=ud_fewshot", "+method=baseline", f"languages.ud_root={ud_root()}", *model,
+                          "wandb.mode=disabled", "fewshot.repetitions=0", "analysis.conflict_every=0",
+                          "analysis.cka_sentences=0"])  # fmt: skip
     keep, size = cfg.masks.keep_ratio, cfg.masks.batch_size
     with tempfile.TemporaryDirectory() as folder:
         experiment = Run(cfg, folder)
         experiment.setup()
         sources, batcher = experiment.source_languages(), experiment.batcher
         batches = {
-            lang: batcher.fixed(data, size, BATCHES, "importance") for lang, data in sources.train.items()
+            lang: batcher.fixed(data, size, count, "importance") for lang, data in sources.train.items()
         }
-        cycled = {lang: len(data) < size * BATCHES for lang, data in sources.train.items()}  # batches repeat
-        print(f"{len(batches)} source languages, {BATCHES} batches of {size} sentences each "
-              f"(cycled for {sum(cycled.values())} languages with fewer than {size * BATCHES} sentences); "
+        cycled = {lang: len(data) < size * count for lang, data in sources.train.items()}  # batches repeat
+        print(f"{len(batches)} source languages, {count} batches of {size} sentences each "
+              f"(cycled for {sum(cycled.values())} languages with fewer than {size * count} sentences); "
               f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
 
         def report(state: str, grads: dict, per_batch: float, setup_seconds: float) -> None:
-            for n in SIZES:
+            for n in sizes:
                 values = [agreement(sum(g[0:n:2]), sum(g[1:n:2]), keep) for g in grads.values()]
                 used = any(len(sources.train[lang]) < size * n for lang in grads)
                 row(
@@ -117,7 +127,7 @@ def main() -> None:
                 )
 
         # the pretrained model, fine-tuned per language (the search before training)
-        for steps in [s for s in (0, 20) if f"pretrained{s}" in states]:
+        for steps in [s for s, state in ((0, "pretrained0"), (tuned, "pretrained20")) if state in states]:
             grads, seconds, tuning = {}, [], 0.0
             for lang, data in sources.train.items():
                 with phase_rng(batcher.seed, f"masks/{lang}", batcher.device):
@@ -134,20 +144,20 @@ def main() -> None:
         # the shared model after 50 steps of multilingual (baseline) training
         if "after50" in states:
             start = time.perf_counter()
-            while experiment.step < 50:
+            while experiment.step < after:
                 experiment.train_step()
-            print(f"  (50 training steps: {time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"  ({after} training steps: {time.perf_counter() - start:.1f} s)", flush=True)
             results = {lang: batch_gradients(experiment.model, batches[lang]) for lang in batches}
             grads = {lang: g for lang, (g, _) in results.items()}
             report(
-                "after_steps=50, finetune_steps=0",
+                f"after_steps={after}, finetune_steps=0",
                 grads,
                 float(np.mean([s for _, s in results.values()])),
                 0.0,
             )
             for decay in DECAYS:
                 values = [agreement(ema(g[0::2], decay), ema(g[1::2], decay), keep) for g in grads.values()]
-                row(f"after_steps=50, EMA decay {decay} over {BATCHES // 2} steps", values, 0.0,
+                row(f"after_steps={after}, EMA decay {decay} over {count // 2} steps", values, 0.0,
                     any(cycled.values()))  # fmt: skip
         experiment.close()
 

@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/masked_optimizer.py            # both models, 20 rounds
     python benchmarks/masked_optimizer.py --models qwen2 --rounds 40
+    python benchmarks/masked_optimizer.py --smoke     # a 2-layer qwen2, 2 rounds: does it run
 
 Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 (default ../shared/models/multilingual-e5-small) for e5.
@@ -46,10 +47,10 @@ def e5_step() -> tuple[torch.nn.Module, torch.optim.Optimizer, UpdateMask]:
     return model, optimizer, half_the_heads(model, model.gates)
 
 
-def qwen2_step() -> tuple[torch.nn.Module, torch.optim.Optimizer, UpdateMask]:
-    """A Qwen2-style decoder (57M parameters) after one backward pass, its AdamW and a mask."""
+def qwen2_step(layers: int = 8) -> tuple[torch.nn.Module, torch.optim.Optimizer, UpdateMask]:
+    """A Qwen2-style decoder (57M parameters with 8 layers) after one backward pass, its AdamW and a mask."""
     config = transformers.Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536,
-                                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
     model = transformers.Qwen2ForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -97,12 +98,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["e5", "qwen2"], choices=["e5", "qwen2"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(models=["qwen2"], rounds=2)
     print(
         f"{'model':<8} {'masked tensors':>14} {'bare AdamW ms':>14} {'masked / bare':>14} {'general / bare':>15}"
     )
     for name in args.models:
-        r = measure({"e5": e5_step, "qwen2": qwen2_step}[name], args.rounds)
+        build = {"e5": e5_step, "qwen2": lambda: qwen2_step(2 if args.smoke else 8)}[name]
+        r = measure(build, args.rounds)
         print(
             f"{name:<8} {r['tensors']:>14} {r['bare_ms']:>14.1f} {r['masked']:>14.3f} {r['general']:>15.3f}"
         )

@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/meta_step.py                       # tiny and e5, both orders
     python benchmarks/meta_step.py --models tiny --steps 10
+    python benchmarks/meta_step.py --smoke               # tiny, first order, 1 step, not higher: does it run
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from shared_paths import E5_PATH, UD_ROOT
+from shared_paths import e5_path, ud_root
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -48,11 +49,11 @@ INNER_LR = {"encoder": 1e-3, "head": 1e-2}
 
 
 def setup(model_name: str):
-    treebanks = discover_languages(UD_ROOT)
+    treebanks = discover_languages(ud_root())
     data = [load_language(treebanks[code], "train", Parsing(), max_examples=64) for code in LANGUAGES]
-    # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH; eager
+    # the runner's default model settings (tiny), or multilingual-e5-small from $SUBNETS_E5_PATH; eager
     # attention (what higher needs for second order)
-    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={e5_path()}"]
     cfg = compose_config([*model_settings, "model.mix_dropout=0.0", "model.attn_implementation=eager"])
     transformer, tokenizer = build_encoder(
         cfg.model, seed=0, texts=[" ".join(s.forms) for d in data for s in d.examples]
@@ -127,19 +128,26 @@ def sync() -> None:
 
 
 def peak_memory(model_name: str, implementation: str, order: str, steps: int) -> dict:
-    """Peak memory of a process running only this variant."""
+    """Peak memory of a process running only this variant, and its median seconds per step (a
+    figure of its own; ``step_times`` times the two implementations alternating)."""
     try:
         step, episodes = build_step(model_name, implementation, order)
     except Exception as error:  # noqa: BLE001 (report why a variant cannot run)
         return {"error": f"{type(error).__name__}: {error}"[:160]}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    seconds = []
     for i in range(steps):
+        sync()
+        start = time.perf_counter()
         step(episodes[(i + 1) % len(episodes)])
-    sync()
+        sync()
+        seconds.append(time.perf_counter() - start)
     if torch.cuda.is_available():
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_memory_mib": peak, "seconds_per_step": statistics.median(seconds)}
 
 
 def step_times(model_name: str, order: str, steps: int) -> dict:
@@ -165,9 +173,13 @@ def main() -> None:
     parser.add_argument("--orders", default="first,second")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)  # internal: model implementation order
     parser.add_argument("--times", nargs=2, help=argparse.SUPPRESS)  # internal: model order
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(models="tiny", orders="first", steps=1)
+    implementations = ("subnets",) if args.smoke else ("subnets", "higher")
     if args.memory:
         print(json.dumps(peak_memory(*args.memory, args.steps)))
         return
@@ -179,14 +191,16 @@ def main() -> None:
 
     def child(*flags):
         command = [sys.executable, __file__, *flags, "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     rows = []
     for model in args.models.split(","):
         for order in args.orders.split(","):
-            times = child("--times", model, order)
-            for implementation in ("subnets", "higher"):
+            times = {} if args.smoke else child("--times", model, order)
+            for implementation in implementations:
                 row = {"model": model, "order": order, "implementation": implementation}
                 row.update(child("--memory", model, implementation, order))
                 if implementation in times:
@@ -198,9 +212,10 @@ def main() -> None:
             print(f"{row['model']} | {row['order']} | {row['implementation']} | unsupported: {row['error']}")
             continue
         other = next(
-            r for r in rows if (r["model"], r["order"]) == (row["model"], row["order"]) and r is not row
+            (r for r in rows if (r["model"], r["order"]) == (row["model"], row["order"]) and r is not row),
+            None,
         )
-        comparable = row["implementation"] == "subnets" and "error" not in other
+        comparable = row["implementation"] == "subnets" and other is not None and "error" not in other
         ratios = [
             f"{row[k] / other[k]:.3f}" if comparable else "" for k in ("seconds_per_step", "peak_memory_mib")
         ]

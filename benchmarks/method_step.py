@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/method_step.py                       # tiny and e5 (SUBNETS_E5_PATH)
     python benchmarks/method_step.py --models tiny --rounds 5
+    python benchmarks/method_step.py --smoke               # tiny, 2 steps of 4 sentences: does it run
 
 Run it alone: timings on two cores are disturbed by any other job.
 """
@@ -24,7 +25,7 @@ import copy
 import tempfile
 
 import torch
-from shared_paths import E5_PATH
+from shared_paths import e5_path
 from task_step import interleaved
 
 from subnets.assemble import assemble
@@ -38,7 +39,7 @@ from subnets.update import parameter_groups, training_step
 
 def measure(model: str, args) -> dict[str, float]:
     torch.manual_seed(0)
-    overrides = ["model=e5_small", f"model.name_or_path={E5_PATH}"] if model == "e5" else []
+    overrides = ["model=e5_small", f"model.name_or_path={e5_path()}"] if model == "e5" else []
     cfg = compose_config([*overrides, "languages.synthetic.train=200", "model.mix_dropout=0.0"])
     with tempfile.TemporaryDirectory() as folder:
         parts = assemble(cfg, folder)
@@ -84,7 +85,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(models="tiny", steps=2, warmup=1, rounds=1, batch_size=4)
     print(
         f"{'model':6s} {'baseline s/step':>15s} {'masked':>8s} {'lora':>8s} {'lt_sft':>8s}  (ratios to the baseline step)"
     )

@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/sharding_memory.py            # both layouts at world size 2, then the estimate
     python benchmarks/sharding_memory.py --steps 5
+    python benchmarks/sharding_memory.py --smoke    # a 2-layer decoder of 0.2M parameters, 1 step: does it run
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import transformers
 
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+SMOKE = {**CONFIG, "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 # Published architectures, built on the meta device to count their parameters (no download).
 ESTIMATED = {
     "1B (Llama-3.2-1B layout)": (
@@ -104,7 +106,7 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     }
 
 
-def worker(parallel: str, steps: int, output: str) -> None:
+def worker(parallel: str, steps: int, output: str, config: dict) -> None:
     """One process of the torchrun job: build, (shard), train ``steps`` masked steps, report."""
     from subnets.optim import MaskedOptimizer
     from subnets.sharding import shard_model
@@ -112,17 +114,17 @@ def worker(parallel: str, steps: int, output: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG))
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config))
     if parallel == "fsdp":
         shard_model(model, model.model.layers)
     optimizer = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model.named_parameters())
-    heads, head_dim = CONFIG["num_attention_heads"], CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
-    rows = torch.arange(CONFIG["hidden_size"]) < heads // 2 * head_dim  # half the query heads
-    mask = {f"model.layers.{i}.self_attn.q_proj.weight": rows.view(-1, 1).expand(-1, CONFIG["hidden_size"])
-            for i in range(CONFIG["num_hidden_layers"])}  # fmt: skip
+    heads, head_dim = config["num_attention_heads"], config["hidden_size"] // config["num_attention_heads"]
+    rows = torch.arange(config["hidden_size"]) < heads // 2 * head_dim  # half the query heads
+    mask = {f"model.layers.{i}.self_attn.q_proj.weight": rows.view(-1, 1).expand(-1, config["hidden_size"])
+            for i in range(config["num_hidden_layers"])}  # fmt: skip
     generator = torch.Generator().manual_seed(rank)
     for _ in range(steps):
-        ids = torch.randint(0, CONFIG["vocab_size"], (4, 64), generator=generator)
+        ids = torch.randint(0, config["vocab_size"], (4, 64), generator=generator)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if parallel == "ddp":  # every process holds whole gradients: average them (as subnets does)
@@ -138,11 +140,16 @@ def worker(parallel: str, steps: int, output: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def measure(parallel: str, steps: int, folder: str) -> list[dict]:
+def measure(parallel: str, steps: int, folder: str, smoke: bool) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               __file__, "--worker", parallel, "--steps", str(steps), "--output", folder]  # fmt: skip
+               __file__, "--worker", parallel, "--steps", str(steps), "--output", folder,
+               *(["--smoke"] if smoke else [])]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode:
+        sys.exit(f"torchrun ({parallel}) failed:\n{done.stderr[-3000:]}")
     return [json.loads(Path(folder, f"{parallel}-{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -167,11 +174,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--worker", choices=["ddp", "fsdp"])
     parser.add_argument("--output")
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke and not args.worker:
+        args.steps = 1
     if args.worker:
-        return worker(args.worker, args.steps, args.output)
+        return worker(args.worker, args.steps, args.output, SMOKE if args.smoke else CONFIG)
     with tempfile.TemporaryDirectory() as folder:
-        ranks = {parallel: measure(parallel, args.steps, folder) for parallel in ("ddp", "fsdp")}
+        ranks = {parallel: measure(parallel, args.steps, folder, args.smoke) for parallel in ("ddp", "fsdp")}
     count = ranks["ddp"][0]["parameter_count"]
     print(
         f"Qwen2-style decoder, {count / 1e6:.1f}M parameters, world size 2, {args.steps} masked AdamW steps"

@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/task_step.py                              # tiny and e5, every task
     python benchmarks/task_step.py --models tiny --steps 30 --rounds 3
+    python benchmarks/task_step.py --smoke                      # tiny, every task, 2 steps: does it run
 
 Needs SUBNETS_E5_PATH (default ../shared/models/multilingual-e5-small) for e5.
 """
@@ -27,7 +28,7 @@ import tempfile
 import time
 
 import torch
-from shared_paths import E5_PATH
+from shared_paths import e5_path
 
 from subnets.assemble import assemble
 from subnets.config import compose_config
@@ -55,7 +56,7 @@ def measure(task: str, model: str, args) -> dict:
     torch.manual_seed(0)
     overrides = list(TASKS[task])
     if model == "e5":
-        overrides += ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+        overrides += ["model=e5_small", f"model.name_or_path={e5_path()}"]
     cfg = compose_config([*overrides, "languages.synthetic.train=200", "model.mix_dropout=0.0"])
     with tempfile.TemporaryDirectory() as folder:
         parts = assemble(cfg, folder)
@@ -93,7 +94,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="the smallest setting (seconds): does it run")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(models="tiny", steps=2, warmup=1, rounds=1, batch_size=4)
     print(
         f"{'task':15s} {'model':5s} {'s/step':>8s} {'units/s':>9s} {'units':8s} masked/baseline (target <= 1.05)"
     )

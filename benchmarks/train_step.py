@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/train_step.py                      # tiny and e5, 20 timed steps each
     python benchmarks/train_step.py --models tiny --steps 50
+    python benchmarks/train_step.py --smoke              # seconds: does it run (figures mean nothing)
 
 Needs SUBNETS_UD_ROOT (default ../shared/data/ud) and SUBNETS_E5_PATH
 (default ../shared/models/multilingual-e5-small).
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from shared_paths import E5_PATH, UD_ROOT
+from shared_paths import e5_path, ud_root
 
 from subnets.config import compose_config
 from subnets.data.batching import Collator
@@ -63,13 +64,13 @@ LANGUAGES = ["en_ewt", "ko_kaist", "ar_pud", "cs_pud"]
 
 def build(model_name: str, sentences_per_language: int):
     """Parser, optimizer and the real-UD language data for ``model_name`` (tiny | e5)."""
-    treebanks = discover_languages(UD_ROOT)
+    treebanks = discover_languages(ud_root())
     data = [
         load_language(treebanks[code], "train", Parsing(), max_examples=sentences_per_language)
         for code in LANGUAGES
     ]
-    # the runner's default model settings (tiny), or multilingual-e5-small from E5_PATH
-    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={E5_PATH}"]
+    # the runner's default model settings (tiny), or multilingual-e5-small from $SUBNETS_E5_PATH
+    model_settings = [] if model_name == "tiny" else ["model=e5_small", f"model.name_or_path={e5_path()}"]
     cfg = compose_config([*model_settings, "model.mix_dropout=0.0"])
     texts = [" ".join(s.forms) for d in data for s in d.examples]
     transformer, tokenizer = build_encoder(cfg.model, seed=0, texts=texts)
@@ -112,7 +113,7 @@ def interleaved(variants: dict, inputs, rounds: int) -> dict[str, float]:
 
 def measure(model_name: str, args) -> dict:
     torch.manual_seed(0)
-    model, optimizer, collator, data, device = build(model_name, args.examples)
+    model, optimizer, collator, data, device = build(model_name, args.sentences)
     masked_optimizer = MaskedOptimizer(optimizer, model.named_parameters())
     batch_list = batches(collator, data, args.batch_size, args.steps, device)
     words = sum(b.num_words for b in batch_list)
@@ -151,18 +152,6 @@ def measure(model_name: str, args) -> dict:
         baseline(batch)
         embeddings.requires_grad_(True)
 
-    compiled = copy.deepcopy(model)
-    compiled.encoder.transformer.compile()  # as train.compile=true does
-    compiled_optimizer = torch.optim.AdamW(parameter_groups(compiled, 5e-5, 1e-3, 0.01))
-
-    def compiled_step(batch):
-        training_step(compiled, batch, compiled_optimizer, clip_norm=5.0)
-
-    start = time.perf_counter()
-    for b in batch_list:  # compiled for every batch shape before timing
-        compiled_step(b)
-    compile_seconds = time.perf_counter() - start
-
     learned = HardConcreteGates(LANGUAGES, model.gates.shape).to(device)
     gate_optimizer = torch.optim.Adam(learned.parameters(), lr=0.05)
 
@@ -173,6 +162,23 @@ def measure(model_name: str, args) -> dict:
             clip_norm=5.0, extra_loss=lambda: learned.sparsity_penalty(batch.lang, 0.5),
         )  # fmt: skip
         gate_optimizer.step()
+
+    variants = {"baseline": baseline, "masked": masked_step, "ema": dynamic_ema_step, "learned": dynamic_learned_step,
+                "bf16": bf16_step, "frozen_embeddings": frozen_embeddings_step}  # fmt: skip
+    compile_seconds = None
+    if not args.smoke:  # compiling takes minutes on a CPU
+        compiled = copy.deepcopy(model)
+        compiled.encoder.transformer.compile()  # as train.compile=true does
+        compiled_optimizer = torch.optim.AdamW(parameter_groups(compiled, 5e-5, 1e-3, 0.01))
+
+        def compiled_step(batch):
+            training_step(compiled, batch, compiled_optimizer, clip_norm=5.0)
+
+        start = time.perf_counter()
+        for b in batch_list:  # compiled for every batch shape before timing
+            compiled_step(b)
+        compile_seconds = time.perf_counter() - start
+        variants["compiled"] = compiled_step
 
     for b in batch_list[: args.warmup]:
         baseline(b)
@@ -192,19 +198,7 @@ def measure(model_name: str, args) -> dict:
 
     # The masked training step (exact update of half the heads: a static step) against the
     # baseline step, and the dynamic steps (ema and learned rules) against the static step.
-    steps = interleaved(
-        {
-            "baseline": baseline,
-            "masked": masked_step,
-            "ema": dynamic_ema_step,
-            "learned": dynamic_learned_step,
-            "bf16": bf16_step,
-            "frozen_embeddings": frozen_embeddings_step,
-            "compiled": compiled_step,
-        },
-        batch_list,
-        args.rounds,
-    )
+    steps = interleaved(variants, batch_list, args.rounds)
 
     # The optimizer step alone, with and without the mask, on the same gradients.
     model.zero_grad()
@@ -276,7 +270,7 @@ def measure(model_name: str, args) -> dict:
         "both_importance_ratio": scoring["both_importance"] / scoring["forward_backward"],
         "bf16_ratio": steps["bf16"] / steps["baseline"],
         "frozen_embeddings_ratio": steps["frozen_embeddings"] / steps["baseline"],
-        "compiled_ratio": steps["compiled"] / steps["baseline"],
+        "compiled_ratio": steps["compiled"] / steps["baseline"] if "compiled" in steps else None,
         "compile_warmup_seconds": compile_seconds,
     }
 
@@ -290,8 +284,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sentences", type=int, default=200, help="sentences read per language")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest setting (tiny, 2 steps of 4 sentences, no compiled step): does it run")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(models="tiny", steps=2, warmup=1, rounds=1, batch_size=4, sentences=16)
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
@@ -299,7 +297,9 @@ def main() -> None:
     for name in args.models.split(","):
         # one process per model, so that peak memory is that model's alone
         command = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     figures = [  # (name, key, format, target)
         ("words per step", "words_per_step", "{:.0f}", ""), ("words per second", "words_per_second", "{:.0f}", ""),
@@ -320,7 +320,8 @@ def main() -> None:
     ]  # fmt: skip
     for r in rows:
         for name, key, fmt, target in figures:
-            print(f"{r['model']:5s} {r['device']:5s} {name:42s} {fmt.format(r[key]):>8s}  {target}".rstrip())
+            value = "skipped" if r[key] is None else fmt.format(r[key])
+            print(f"{r['model']:5s} {r['device']:5s} {name:42s} {value:>8s}  {target}".rstrip())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

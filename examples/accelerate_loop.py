@@ -11,12 +11,16 @@ and the masked optimizer updates only the heads of the languages in the step (ov
 The loop is an ordinary accelerate loop; subnets adds three calls: ``language=`` in the forward,
 ``before_optimizer_step`` (gathers the step's languages, masks the gradients, sets the optimizer's
 update mask) and ``after_optimizer_step``. It prints each language's accuracy, and a checksum of
-the weights (the same on every process) and of the weights no language owns (unchanged).
+the weights (the same on every process) and of the weights no language owns (unchanged). With
+``--out FOLDER`` each process also writes its own results to ``FOLDER/process-<rank>.json`` (the
+processes' printed lines share one terminal and may interleave).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 import transformers
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--out", type=Path, help="a folder for each process's results as JSON")
     arguments = parser.parse_args()
 
     accelerator = Accelerator(cpu=True)
@@ -103,11 +108,19 @@ def main() -> None:
     print(f"process {accelerator.process_index}: weights checksum {checksum:.10f}; "
           f"weights outside every subnetwork unchanged: {unchanged}", flush=True)  # fmt: skip
     accelerator.wait_for_everyone()
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    accuracies = {code: accuracy(subnetworks, examples, code) for code, examples in test.items()}
     if accelerator.is_main_process:
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         print(f"processes {accelerator.num_processes}, steps {step}: loss {first:.3f} -> {last:.3f}")
-        for code, examples in test.items():
-            print(f"{code}: accuracy {accuracy(subnetworks, examples, code):.1f}")
+        for code, value in accuracies.items():
+            print(f"{code}: accuracy {value:.1f}")
+    if arguments.out:
+        results = {"process": accelerator.process_index, "processes": accelerator.num_processes, "steps": step,
+                   "checksum": checksum, "unowned_unchanged": unchanged, "loss": [first, last],
+                   "accuracy": accuracies}  # fmt: skip
+        arguments.out.mkdir(parents=True, exist_ok=True)
+        path = arguments.out / f"process-{accelerator.process_index}.json"
+        path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ def main() -> None:
     arguments = parser.parse_args()
 
     root = Path(arguments.ud_root)
+    if not root.is_dir():
+        parser.error(f"UD treebanks not found at {root}: pass --ud-root or set SUBNETS_UD_ROOT")
+    if arguments.model.startswith((".", "/")) and not Path(arguments.model).is_dir():  # a path, not a hub id
+        parser.error(f"model not found at {arguments.model}: pass --model or set SUBNETS_E5_PATH")
     tokenizer = transformers.AutoTokenizer.from_pretrained(arguments.model)
     collator = transformers.DataCollatorForTokenClassification(tokenizer)
     train, dev = {}, {}

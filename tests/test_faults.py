@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import pytest
 import torch
@@ -28,6 +28,27 @@ def train_command(run_dir, *extra):
     return [sys.executable, "-m", "subnets.train", *TINY, *extra, f"hydra.run.dir={run_dir}"]
 
 
+# ``python -m subnets.train`` that kills itself with SIGKILL right after writing the checkpoint of
+# step 8 (of 12): a real kill at a known step, not one timed from outside (a busy machine could let
+# the run finish before the test's kill).
+KILLED_AFTER_CHECKPOINT = textwrap.dedent("""
+    import os, signal
+    from subnets.cli.train import main
+    from subnets.runner import Run
+
+    save = Run.save_checkpoint
+
+    def save_then_die(self):
+        path = save(self)
+        if self.step == 8:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    Run.save_checkpoint = save_then_die
+    main()
+""")
+
+
 @pytest.mark.slow
 # The baseline's state (model, optimizer, schedule, sampler, random generators) is a part of both;
 # an in-process crash of every method resumes exactly (test_runner, test_static, test_dynamic, test_maml, test_controls).
@@ -40,17 +61,11 @@ def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path, method):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     folder = tmp_path / "killed"
-    process = subprocess.Popen(train_command(folder, *method), env=environment, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint = folder / "checkpoints" / "last.safetensors"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)  # somewhere after the first checkpoint (step 4 of 12)
-    assert process.wait() == -signal.SIGKILL
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT, *train_command(folder, *method)[3:]],
+                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (folder / "results.json").exists()  # it really died mid-run
-    killed_at = load_checkpoint(checkpoint)["step"]
-    assert 4 <= killed_at < 12
+    assert load_checkpoint(folder / "checkpoints" / "last.safetensors")["step"] == 8
 
     resumed = subprocess.run(
         train_command(folder, *method), env=environment, capture_output=True, text=True, timeout=300
