@@ -75,14 +75,12 @@ def test_run_folder_names_are_single_unique_path_levels():
 
 
 def test_a_refused_run_prints_its_one_line_error_without_a_traceback(tmp_path):
-    refused = cli(
-        *TINY, "task=clm", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""}
-    )
-    message = "task=clm: BertModel is a bidirectional encoder"
+    refused_settings = [*TINY, "+method=maml", "train.batches=mixed", f"hydra.run.dir={tmp_path / 'run'}"]
+    refused = cli(*refused_settings, cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    message = "train.batches=mixed: MAML episodes draw a batch per language"
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert [line for line in refused.stderr.splitlines() if message in line] == [refused.stderr.strip()]
-    verbose = cli(*TINY, "task=clm", f"hydra.run.dir={tmp_path / 'run'}", "hydra.verbose=true", cwd=tmp_path,
-                  env={"HYDRA_FULL_ERROR": ""})  # fmt: skip
+    verbose = cli(*refused_settings, "hydra.verbose=true", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and message in verbose.stderr
 
 
