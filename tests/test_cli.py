@@ -21,10 +21,17 @@ def cli(*args, cwd, env=None, timeout=300):
     )  # fmt: skip
 
 
-def test_single_run_prints_las_writes_outputs_and_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    done = cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def test_single_run_in_its_folder_named_by_overrides_prints_las_writes_outputs_and_resumes(tmp_path):
+    done = cli(*TINY, "seed=5", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    folders = list((tmp_path / "outputs" / "default").iterdir())
+    assert len(folders) == 1
+    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=[*TINY, "seed=5"], return_hydra_config=True)
+    overrides = hydra_cfg.hydra.job.override_dirname
+    assert "seed=5" in overrides and "wandb.mode" not in overrides  # excluded: does not change results
+    run_dir = folders[0]
+    assert run_dir.name == run_folder_name(overrides)
     assert "LAS" in done.stdout and "syn_vos" in done.stdout
     for name in [
         ".hydra/config.yaml",
@@ -41,23 +48,10 @@ def test_single_run_prints_las_writes_outputs_and_resumes(tmp_path):
     assert f"best ({best['language']})" in done.stdout and f"{best['las']:.2f}" in done.stdout
     assert f"{results['source_mean']['las']:.2f}" in done.stdout
 
-    again = cli(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    again = cli(*TINY, "seed=5", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stdout + again.stderr
     assert json.loads((run_dir / "results.json").read_text()) == results
-
-
-def test_default_run_folder_is_named_by_overrides(tmp_path):
-    done = cli(*TINY, "seed=5", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    folders = list((tmp_path / "outputs" / "default").iterdir())
-    assert len(folders) == 1
-    with initialize_config_module(config_module="subnets.configs", version_base="1.3"):
-        hydra_cfg = compose(config_name="config", overrides=[*TINY, "seed=5"], return_hydra_config=True)
-    overrides = hydra_cfg.hydra.job.override_dirname
-    assert "seed=5" in overrides and "wandb.mode" not in overrides  # excluded: does not change results
-    assert folders[0].name == run_folder_name(overrides)
-    assert (folders[0] / "results.json").exists()
 
 
 def test_run_folder_names_are_single_unique_path_levels():

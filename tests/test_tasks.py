@@ -300,8 +300,13 @@ METHODS = {"baseline": [], "static": ["+method=static", "masks.finetune_steps=1"
            "lt_sft+compose": ["+method=lt_sft", "sft.full_steps=2", "sft.compose=true", "sft.language_steps=2"]}  # fmt: skip
 
 
-@pytest.mark.parametrize("task", [*TASKS, "clm"])
-@pytest.mark.parametrize("method", list(METHODS))
+# Composable LT-SFT's language SFTs come from masked language modelling on an encoder, from
+# causal language modelling on a decoder, whatever the task: one task of each (its task SFT is
+# the same code for every task, which lt_sft covers).
+@pytest.mark.parametrize(
+    ("method", "task"),
+    [(m, t) for m in METHODS for t in [*TASKS, "clm"] if m != "lt_sft+compose" or t in ("ner", "clm")],
+)
 def test_every_method_runs_with_every_task_and_reports_its_metrics(tmp_path, task, method):
     results = run(tiny_config(*task_overrides(task), *METHODS[method], *QUICK), tmp_path)
     described = results["task"]
