@@ -56,7 +56,7 @@ def training_args(folder, **overrides) -> transformers.TrainingArguments:
 
 
 def test_language_gates_each_example_as_its_own_batch(languages):
-    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both"))
+    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both", apply="both"))
     find_subnetworks(model, languages)
     model.eval()
     de, fr = languages["de"][:3], languages["fr"][:2]
@@ -78,7 +78,9 @@ def test_language_gates_each_example_as_its_own_batch(languages):
 
 def test_mixed_batch_gradient_is_the_sum_of_its_languages_gradients(languages):
     """A mixed batch with per-example gates gives the gradient of the per-language sub-batches summed."""
-    model = with_subnetworks(tiny_tagger(dtype=torch.float64), SubnetworkConfig(units="both", keep_ratio=0.4))
+    model = with_subnetworks(
+        tiny_tagger(dtype=torch.float64), SubnetworkConfig(units="both", keep_ratio=0.4, apply="both")
+    )
     find_subnetworks(model, {code: data.select(range(16)) for code, data in languages.items()})
     model.eval()  # no dropout: the same function of each example both ways
     codes = ["de", "fr", "fr", "de", "fr"]
@@ -133,7 +135,7 @@ def test_find_subnetworks_scores_with_the_models_own_loss(languages):
 def test_a_subnetwork_set_saved_by_one_process_loads_in_another_with_identical_outputs(tmp_path, languages):
     tiny_tagger().save_pretrained(tmp_path / "base")
     base = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "base")
-    model = with_subnetworks(base, SubnetworkConfig(units="both", keep_ratio=0.5))
+    model = with_subnetworks(base, SubnetworkConfig(units="both", keep_ratio=0.5, apply="both"))
     find_subnetworks(model, languages)
     model.save_pretrained(tmp_path / "set", made_by="find_subnetworks(model, {'de': ..., 'fr': ...})")
     inputs = torch.tensor(languages["fr"][:4]["input_ids"])
@@ -176,7 +178,7 @@ def _environment() -> dict:
 
 
 def test_trainer_updates_only_the_languages_units_and_learns(tmp_path, languages):
-    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both", keep_ratio=0.3))
+    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both", keep_ratio=0.3, apply="both"))
     find_subnetworks(model, languages)
     union = model.masks["de"].unit_mask | model.masks["fr"].unit_mask
     frozen = {n: ~m for n, m in unit_parameter_masks(model, union).items()}
@@ -250,7 +252,7 @@ def test_language_grouped_sampler_draws_one_language_per_batch(languages):
 
 
 def test_trainer_with_language_grouped_batches_sees_one_language_per_batch(tmp_path, languages):
-    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="heads"))
+    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="heads", apply="both"))
     find_subnetworks(model, languages)
     batches = []
     model.model.register_forward_pre_hook(lambda module, args: batches.append(model.gates.values))

@@ -13,9 +13,9 @@ from torch.distributed.tensor import DTensor
 
 from subnets.data.batching import Batch
 from subnets.distributed import DataParallel
+from subnets.masks.core import restrict_gradients
 from subnets.models.gates import gate_probe
 from subnets.models.parser import DependencyParser
-from subnets.sharding import local, local_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,13 @@ def apply_update(
     loss and the norm are finite, take the (masked) optimizer step, advance the schedule.
 
     Gradients outside ``update_mask`` (parameter name -> boolean tensor) are zeroed before
-    clipping, and the optimizer (a [MaskedOptimizer][subnets.optim.MaskedOptimizer]) leaves those
-    coordinates bit-identical. A non-finite loss or gradient norm updates nothing (no optimizer
+    clipping ([restrict_gradients][subnets.masks.core.restrict_gradients]), and the optimizer (a
+    [MaskedOptimizer][subnets.optim.MaskedOptimizer]) leaves those coordinates bit-identical. A non-finite loss or gradient norm updates nothing (no optimizer
     or scheduler step; the gradients are cleared). Returns the gradient norm before clipping
     and whether the step was skipped.
     """
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if update_mask is not None and hasattr(optimizer, "mask_gradients"):
-        optimizer.mask_gradients(update_mask)
-    elif update_mask is not None:
-        named = dict(model.named_parameters())
-        for name, mask in update_mask.items():
-            grad = named[name].grad
-            if grad is not None:
-                local(grad).mul_(local_mask(mask, grad))
+    restrict_gradients(model, update_mask, optimizer)
     if clip_norm and clip_norm > 0:
         grad_norm = nn.utils.clip_grad_norm_(parameters, clip_norm)
     else:

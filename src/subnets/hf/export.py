@@ -255,12 +255,7 @@ def _with_every_weight(
 def _save_subnetworks(trained, masks, transformer: nn.Module, folder: Path) -> None:
     """The run's subnetwork set in the format of [Subnetworks][subnets.hf.hub.Subnetworks]."""
     cfg = trained.cfg
-    policy = str(cfg.method.policy.get("_target_", ""))
-    rule = "random" if cfg.method.control_of else "dynamic" if policy.endswith("DynamicMasks") else "static"
-    settings = SubnetworkConfig(
-        units=str(setting(cfg.masks.units)), keep_ratio=float(cfg.masks.keep_ratio), top_k=cfg.masks.top_k,
-        min_per_layer=int(cfg.masks.min_heads_per_layer), rule=rule, apply=str(setting(cfg.method.apply)),
-    )  # fmt: skip
+    settings = SubnetworkConfig(**trained.method.policy.settings())  # the names both paths share
     base = {"name": str(cfg.model.name_or_path), "revision": None,
             "model_type": getattr(transformer.config, "model_type", None)}  # fmt: skip
     made_by = (f"subnets' runner: method={cfg.method.name}, task={cfg.task.get('_target_', '?')}, "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from subnets.hf.model import SubnetworkModel
-from subnets.masks.controls import generator, random_mask_like
+from subnets.masks.core import random_subnetwork
 from subnets.masks.importance import fisher_information, fisher_per_unit, unit_importance
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
 
@@ -45,12 +45,11 @@ def find_subnetworks(
                 if config.top_k is None
                 else config.top_k / model.gates.shape[0] / model.gates.shape[1]
             )
-            rng = generator(config.seed, f"random/{code}")
-            found[code] = Subnetwork(
-                random_mask_like(torch.full(model.gates.shape, share), rng, model.gates.units)
+            found[code] = random_subnetwork(
+                torch.full(model.gates.shape, share), code, config.seed, model.gates.units
             )
             continue
-        if config.importance == "gradient":
+        if config.importance == "head":
             batches = _batches(model, code, source, batch_size, collate_fn)
             scores = unit_importance(
                 model, batches, model.task_loss, gates=model.gates, max_batches=max_batches

@@ -39,6 +39,7 @@ from subnets.hf.hub import (
     fingerprint,
     load_trained_weights,
 )
+from subnets.masks import core
 from subnets.masks.dynamic import ImportanceEMA
 from subnets.masks.subnetwork import MaskMismatchError, Subnetwork, SubnetworkSet
 from subnets.models.gates import UnitGates, gate_probe
@@ -128,14 +129,17 @@ class SubnetworkModel(nn.Module):
         ``target_policy='full'``.
 
         Raises:
-            KeyError: a language without a subnetwork under ``target_policy='error'``.
+            KeyError: a language without a subnetwork under ``target_policy`` ``'error'``, or the
+                runner's ``'support'`` and ``'nearest'`` (from support sentences the wrapper does not hold).
         """
         if language in self.masks:
             return self.masks[language]
-        known = ", ".join(self.masks) or "none yet"
-        if self.subnetwork_config.target_policy == "error":
-            raise KeyError(f"no subnetwork for language {language!r} (the set has: {known}) and "
-                           "target_policy='error' refuses it; find one (find_subnetworks) or use target_policy='full'")  # fmt: skip
+        known, policy = ", ".join(self.masks) or "none yet", self.subnetwork_config.target_policy
+        why = {"error": "refuses it", "support": "estimates it from support sentences, which the wrapper does not "
+               "hold", "nearest": "takes it from support sentences, which the wrapper does not hold"}.get(policy)  # fmt: skip
+        if why is not None:
+            raise KeyError(f"no subnetwork for language {language!r} (the set has: {known}) and target_policy="
+                           f"{policy!r} {why}; find one (find_subnetworks) or use target_policy='full'")  # fmt: skip
         if language not in self._warned and len(self.masks):
             self._warned.add(language)
             log.warning("no subnetwork for language %r (the set has: %s): target_policy='full' runs it "
@@ -214,14 +218,12 @@ class SubnetworkModel(nn.Module):
         """The forward gates for examples of ``languages``: None (no gating) where no example's
         language restricts the forward, ``[layers, units]`` for a batch of one language,
         ``[batch, layers, units]`` for a mixed one."""
-        if self.subnetwork_config.apply == "gradient":
-            return None
-        subnetworks = {code: self.subnetwork(code) for code in dict.fromkeys(languages)}
-        if all(s is None for s in subnetworks.values()):
+        apply = self.subnetwork_config.apply  # [gate_values][subnets.masks.core.gate_values] per language
+        rows = {code: core.gate_values(self.subnetwork(code), apply) for code in dict.fromkeys(languages)}
+        if all(row is None for row in rows.values()):
             return None
         device = next(self.model.parameters()).device
-        ones = torch.ones(self.gates.shape)
-        rows = {code: ones if s is None else s.unit_mask.float() for code, s in subnetworks.items()}
+        rows = {code: torch.ones(self.gates.shape) if row is None else row for code, row in rows.items()}
         if len(rows) == 1:
             return next(iter(rows.values())).to(device)
         return torch.stack([rows[code] for code in languages]).to(device)

@@ -18,34 +18,27 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
-from subnets.optim.masked import MaskedOptimizer, UpdateMask
+from subnets.masks import core
+from subnets.masks.subnetwork import SubnetworkSet
+from subnets.optim.masked import UpdateMask
 
 SubnetworkModel = nn.Module  # a subnets.hf.SubnetworkModel (not imported here: it imports this module)
 
 
 def update_mask(model: SubnetworkModel, languages: Iterable[str]) -> UpdateMask | None:
-    """What a step on examples of ``languages`` may update (parameter -> boolean mask): the
-    weights owned by units in the union of their subnetworks, and every weight no unit owns;
-    None (everything) where a language runs the whole model or ``apply='forward'``."""
+    """What a step on examples of ``languages`` may update (parameter -> boolean mask): the union
+    ([union_update_mask][subnets.masks.core.union_update_mask]) of their update masks
+    ([update_mask][subnets.masks.core.update_mask]); None (everything) where a language runs the
+    whole model or ``apply='forward'``."""
     key = frozenset(languages)
     if key not in model._update_masks:
-        subnetworks = [model.subnetwork(code) for code in sorted(key)]
-        if model.subnetwork_config.apply == "forward" or not key or any(s is None for s in subnetworks):
-            model._update_masks[key] = None
-        else:
-            union = torch.stack([s.unit_mask for s in subnetworks]).any(dim=0)
-            named = dict(model.named_parameters())
-            masks = {
-                named[name]: mask for name, mask in unit_parameter_masks(model, union, model.gates).items()
-            }
-            for s in subnetworks:
-                for name, mask in s.param_masks.items():
-                    parameter = named[name]
-                    masks[parameter] = (
-                        masks[parameter] | mask.to(parameter.device) if parameter in masks else mask
-                    )
-            model._update_masks[key] = UpdateMask(masks)
+        apply = model.subnetwork_config.apply
+        masks = [core.update_mask(model, model.subnetwork(code), apply) for code in sorted(key)]
+        union = core.union_update_mask(masks) if masks else None
+        named = dict(model.named_parameters())  # by parameter: the optimizer may name them otherwise
+        model._update_masks[key] = (
+            None if union is None else UpdateMask({named[n]: m for n, m in union.items()})
+        )
     return model._update_masks[key]
 
 
@@ -71,11 +64,8 @@ def before_optimizer_step(
         for code in sorted(grads):
             model.ema.update(code, grads[code])
     mask = update_mask(model, seen) if seen else None
-    if mask is not None:
-        for parameter, keep in mask.items():
-            if parameter.grad is not None:
-                parameter.grad.mul_(keep)
-    inner = _masked_optimizer(optimizer)
+    core.restrict_gradients(model, mask, optimizer)
+    inner = core.masked_optimizer_of(optimizer)
     if inner is not None:
         inner.update_mask = mask
     return mask
@@ -91,10 +81,11 @@ def after_optimizer_step(model: SubnetworkModel) -> bool:
     masks = SubnetworkSet(model.gates.num_layers, model.gates.units)
     for code in model.masks:
         masks[code] = model.masks[code]
-    for code in sorted(model.ema.averages):
-        scores = model.ema.scores(code)
-        chosen = config.select(scores, model.gates.units)
-        masks[code] = Subnetwork(chosen, scores=scores)
+    for code in sorted(model.ema.averages):  # the selection of find_subnetworks (SubnetworkConfig.select)
+        masks[code] = core.ema_reselect(model.ema, code, model.masks.get(code),
+                                        selection="keep_ratio" if config.top_k is None else "top_k",
+                                        keep_ratio=config.keep_ratio, top_k=config.top_k,
+                                        min_heads_per_layer=config.min_heads_per_layer, units=model.gates.units)  # fmt: skip
     model.set_masks(masks)
     return True
 
@@ -126,9 +117,3 @@ def summary(model: SubnetworkModel) -> dict[str, float]:
         pairs = [overlap[i, j] for i, j in itertools.combinations(range(len(codes)), 2)]
         out["subnetworks/overlap"] = float(sum(pairs) / len(pairs))
     return out
-
-
-def _masked_optimizer(optimizer) -> MaskedOptimizer | None:
-    while optimizer is not None and not isinstance(optimizer, MaskedOptimizer):
-        optimizer = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer
-    return optimizer

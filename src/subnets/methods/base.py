@@ -38,7 +38,7 @@ from torch import nn
 
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.distributed import DataParallel
-from subnets.optim.masked import UpdateMask
+from subnets.masks.core import union_update_mask
 from subnets.update import StepResult, training_step
 
 
@@ -120,18 +120,15 @@ class MaskPolicy:
 
     def union_update_mask(self, languages: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """What a step of sentences of several ``languages`` may update: a coordinate any of
-        their update masks lets move (None: all, where a language's mask is None)."""
+        their update masks lets move ([union_update_mask][subnets.masks.core.union_update_mask]; None: all,
+        where a language's mask is None)."""
         masks = [self.update_mask(lang) for lang in languages]
-        if len(masks) == 1 or any(m is None for m in masks):
-            return masks[0] if len(masks) == 1 else None
         cache = self.__dict__.setdefault("_unions", {})
         key = tuple(id(m) for m in masks)
         if key not in cache or any(a is not b for a, b in zip(cache[key][0], masks)):
             if len(cache) > 64:
                 cache.clear()
-            shared = set.intersection(*(set(m) for m in masks))  # a parameter missing from a mask is free
-            union = {name: torch.stack([m[name] for m in masks]).any(dim=0) for name in shared}
-            cache[key] = (masks, UpdateMask(union))  # holds the masks: their ids are not reused
+            cache[key] = (masks, union_update_mask(masks))  # holds the masks: their ids are not reused
         return cache[key][1]
 
     def updated_parameters(self, model: nn.Module, lang: str) -> int:

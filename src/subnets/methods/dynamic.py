@@ -13,6 +13,7 @@ from subnets.config import setting
 from subnets.data.dataset import Batcher
 from subnets.files import atomic_write_json
 from subnets.masks.controls import generator
+from subnets.masks.core import ema_reselect
 from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.figures import history_figure
 from subnets.masks.selection import Units
@@ -85,10 +86,11 @@ class EMARule(ScoreRule):
         return {}
 
     def reselect(self, lang: str, current: Subnetwork) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if lang not in self.ema.averages:  # no step of this language yet
-            return current.unit_mask, current.scores
-        scores = self.ema.scores(lang)
-        return self.select(scores, current), scores
+        search = self.search  # the current mask where the language had no step yet
+        chosen = ema_reselect(self.ema, lang, current, selection=setting(self.dynamic.selection),
+                              keep_ratio=search.keep_ratio, top_k=search.top_k, threshold=self.dynamic.score_threshold,
+                              min_heads_per_layer=search.min_heads_per_layer, units=self.units)  # fmt: skip
+        return chosen.unit_mask, chosen.scores
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict()}
@@ -241,6 +243,14 @@ class DynamicMasks(SubnetworkPolicy):
                 masks[lang] = Subnetwork(torch.ones(model.gates.shape, dtype=torch.bool))
             self.set_masks(masks)
         self._record(0, {lang: 0 for lang in self.masks})
+
+    def settings(self) -> dict[str, Any]:
+        out = {**super().settings(), "update_every": int(self.dynamic.update_every)}
+        return (
+            out
+            if self.control is not None
+            else {**out, "rule": "dynamic", "ema_decay": float(self.dynamic.decay)}
+        )
 
     # ---------------------------------------------------------------- training
     def gates(self, lang: str) -> torch.Tensor | None:

@@ -33,19 +33,20 @@ from torch import nn
 from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
-from subnets.masks.controls import generator, random_jaccard_matrix, random_like, random_mask_like
+from subnets.masks import core
+from subnets.masks.controls import random_jaccard_matrix
 from subnets.masks.importance import unit_importance
 from subnets.masks.selection import per_kind, select_keep_ratio, select_top_k
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.methods.base import MaskPolicy, Outputs
-from subnets.optim.masked import MaskedOptimizer, UpdateMask
+from subnets.optim.masked import MaskedOptimizer
 
 
 class RandomControl:
     """The random-mask control as a transform of any mask source: each language's mask becomes a
     random one with, in every layer, as many units (of each kind) as it had, and as many
     coordinates per parameter mask, drawn uniformly from a generator seeded by the run seed and
-    the language ([random_like][subnets.masks.controls.random_like]); an unseen language gets, under a
+    the language ([random_control][subnets.masks.core.random_control]); an unseen language gets, under a
     test-time policy other than ``full``, a random mask with the source masks' mean per-layer
     counts: no importance reaches a control. Drawing again from random masks gives the same
     masks (only the counts, the seed and the language matter)."""
@@ -54,11 +55,11 @@ class RandomControl:
         self.seed = seed
 
     def __call__(self, masks: SubnetworkSet) -> SubnetworkSet:
-        return random_like(masks, self.seed)
+        return core.random_control(masks, self.seed)
 
     def unseen(self, masks: SubnetworkSet, code: str) -> Subnetwork:
         mean = torch.stack([s.unit_mask.float() for s in masks.values()]).mean(dim=0)
-        return Subnetwork(random_mask_like(mean, generator(self.seed, f"random/{code}"), masks.units))
+        return core.random_subnetwork(mean, code, self.seed, masks.units)
 
 
 class SubnetworkPolicy(MaskPolicy):
@@ -114,6 +115,14 @@ class SubnetworkPolicy(MaskPolicy):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         return MaskedOptimizer(optimizer, model.named_parameters())
 
+    def settings(self) -> dict[str, Any]:
+        """These subnetworks' settings by the names [SubnetworkConfig][subnets.hf.SubnetworkConfig] shares
+        with ``masks.*`` and ``method.apply`` (what ``subnets-export`` records with the set)."""
+        names = ("units", "keep_ratio", "top_k", "min_heads_per_layer", "importance", "target_policy")
+        out = {name: setting(getattr(self.search, name)) for name in names}
+        out |= {"apply": self.mode, "rule": "static" if self.control is None else "random"}
+        return out if self.control is None else {**out, "seed": self.control.seed}
+
     def subnetwork(self, lang: str) -> Subnetwork | None:
         """The subnetwork of a training language, or of an unseen one under the test-time policy."""
         if self.masks is not None and lang in self.masks:
@@ -121,17 +130,11 @@ class SubnetworkPolicy(MaskPolicy):
         return self.target_masks.get(lang)
 
     def gates_of(self, subnetwork: Subnetwork | None) -> torch.Tensor | None:
-        if subnetwork is None or self.mode == "gradient":
-            return None
-        return subnetwork.unit_mask.float().to(self._device())
+        gates = core.gate_values(subnetwork, self.mode)
+        return None if gates is None else gates.to(self._device())
 
     def update_mask_of(self, subnetwork: Subnetwork | None) -> dict[str, torch.Tensor] | None:
-        if subnetwork is None or self.mode == "forward":
-            return None
-        masks = unit_parameter_masks(self.model, subnetwork.unit_mask.to(self._device()))
-        for name, mask in subnetwork.param_masks.items():
-            masks[name] = mask.to(self._device())
-        return UpdateMask(masks)  # planned once by the masked optimizer
+        return core.update_mask(self.model, subnetwork, self.mode)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
