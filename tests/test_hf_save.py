@@ -71,8 +71,11 @@ def saved_masks_only(folder: Path, languages) -> SubnetworkModel:
     return model
 
 
-def test_trained_weights_load_in_another_process_onto_the_base_with_identical_outputs(tmp_path, languages):
-    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both", keep_ratio=0.5))
+@pytest.mark.parametrize("trained", ["all", "subnetwork"])
+def test_trained_weights_load_in_another_process_onto_the_base_with_identical_outputs(
+    tmp_path, languages, trained
+):
+    model = with_subnetworks(tiny_tagger(), SubnetworkConfig(units="both", keep_ratio=0.5, train=trained))
     find_subnetworks(model, languages)
     train(model, tmp_path / "run", datasets.concatenate_datasets(list(languages.values())).shuffle(seed=0))
     model.save_pretrained(tmp_path / "set")
@@ -95,6 +98,10 @@ def test_trained_weights_load_in_another_process_onto_the_base_with_identical_ou
     config = json.loads((tmp_path / "set" / "config.json").read_text())
     stored = config["weights"]["tensors"]
     assert "classifier.weight" in stored and config["weights"]["file"] == "weights.safetensors"
+    if trained == "subnetwork":  # the projections the units own and the task head, nothing shared
+        assert stored and all(re.search(r"(query|key|value|dense)\.weight$|^classifier\.", n) for n in stored)
+        assert not any("embeddings" in n or "LayerNorm" in n or n.endswith(".bias") and "classifier" not in n
+                       for n in stored)  # fmt: skip
     assert set(config["base_model"]["fingerprint"]) == set(tiny_tagger().state_dict())
     # a base with other weights (another seed) is refused, the first differing tensor named
     with pytest.raises(ValueError, match=r"not the weights these subnetworks were trained from: "

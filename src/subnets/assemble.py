@@ -77,6 +77,8 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
             "maml_static, random, maml_random) and dynamic ones starting from them (dynamic.init=static) "
             "read a saved mask set"
         )
+    if setting(cfg.masks.train) == "subnetwork":
+        check_subnetwork_only(cfg, method)
     dynamic = getattr(policy, "dynamic", None)
     if dynamic is not None and dynamic.update_every >= cfg.train.steps:
         log.warning("dynamic.update_every=%d with train.steps=%d: the masks are never updated, so this %s run "
@@ -97,6 +99,24 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
     if after >= cfg.train.steps:
         raise SettingError(f"masks.after_steps={after}: expected fewer than train.steps={cfg.train.steps}, "
                            "or no step would be trained with the masks")  # fmt: skip
+
+
+def check_subnetwork_only(cfg: DictConfig, method: Method) -> None:
+    """Refuse ``masks.train=subnetwork`` ([subnets.masks.compact][]) where it cannot run, with why."""
+    name = f"masks.train=subnetwork with +method={cfg.method.name}"
+    if not isinstance(method.policy, SubnetworkPolicy):
+        raise SettingError(f"{name}: the method has no language subnetworks to train alone; use a static, dynamic or "
+                           "random method (+method=static, dynamic, random)")  # fmt: skip
+    if not isinstance(method.strategy, BatchStep):
+        raise SettingError(f"{name}: MAML's inner steps run on functional copies of whole parameters (torch.func), "
+                           "not on the subnetworks' values; use +method=static, dynamic or random")  # fmt: skip
+    if setting(cfg.method.apply) == "forward":
+        raise SettingError(f"{name} and method.apply=forward: forward gating alone updates every parameter; use "
+                           "method.apply=gradient or both")  # fmt: skip
+    if setting(cfg.train.parallel) == "fsdp":
+        raise SettingError(f"{name} and train.parallel=fsdp: the subnetworks' values index rows of whole weights, "
+                           "which FSDP2 shards; use train.parallel=ddp (the frozen base is small enough to hold "
+                           "whole on each process when only the subnetworks train)")  # fmt: skip
 
 
 def check_settings(cfg: DictConfig) -> None:

@@ -211,14 +211,14 @@ def resume_training_state(run) -> bool:
         run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read once the model is sharded
     else:
         load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
+    run.method.load_state_dict(state["method"])  # first: masks.train=subnetwork lays out the optimizer
     if "optimizer" in state:
         run.optimizer.load_state_dict(state["optimizer"])
     elif "sharded" not in state and state["step"] < run.cfg.train.steps:
         raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
                          f"run finished at step {state['step']}): its training cannot be continued to "
                          f"train.steps={run.cfg.train.steps}; start a new run")  # fmt: skip
-    for part, key in ((run.scheduler, "scheduler"), (run.sampler, "sampler"), (run.method, "method"),
-                      (run.guard, "divergence")):  # fmt: skip
+    for part, key in ((run.scheduler, "scheduler"), (run.sampler, "sampler"), (run.guard, "divergence")):
         part.load_state_dict(state[key])
     run.step, run.best = state["step"], state["best"]
     run.guard.checkpoint_written(run.step)

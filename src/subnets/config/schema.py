@@ -40,8 +40,7 @@ class Batches(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast, fp32 weights and optimizer (with fsdp: layers gathered in bf16)
-    # weights, activations and optimizer state in float64: slower, for checks of numerics (the
-    # rounding differences between CPUs' kernels and thread counts stay far below a printed digit)
+    # weights, activations and optimizer state in float64: slower, for checks of numerics
     fp64 = "fp64"
 
 
@@ -65,6 +64,11 @@ class UnitKind(str, Enum):
     heads = "heads"  # attention heads
     neurons = "neurons"  # feed-forward intermediate units
     both = "both"  # heads and neurons, each kind selected on its own
+
+
+class TrainedParameters(str, Enum):
+    all = "all"  # every parameter trains; a language's step updates its subnetwork and the shared rest
+    subnetwork = "subnetwork"  # only the units' weights and the task head (subnets.masks.compact)
 
 
 class Selection(str, Enum):
@@ -132,8 +136,7 @@ class ModelConfig:
     max_subwords: int | None = None  # window length in subwords; None: the model's limit
     mix_dropout: float = 0.0  # UDify layer dropout of the scalar mix
     encoder_dropout: float | None = None  # every dropout inside the encoder; None: the model's own
-    # the encoder's word (input) embeddings are not updated: neither by training, MAML's inner
-    # steps, the mask search's fine-tuning nor the few-shot protocol
+    # the encoder's word (input) embeddings are not updated (training, MAML, mask search, few-shot)
     freeze_embeddings: bool = False
     # where the transformer keeps its heads and neurons; None: detected (subnets.models.layouts,
     # docs/guides/models.md); declare it for a model no known layout fits, as a mapping
@@ -258,9 +261,8 @@ class TrainConfig:
     # lasts); divergence_patience such intervals in a row stop the run. 0 switches it off.
     divergence_factor: float = 10.0
     divergence_patience: int = 3
-    # false: once a run has finished, its last checkpoint is rewritten without the optimizer
-    # state (AdamW: two moment tensors per parameter); evaluation and re-running the finished
-    # command still work, continuing its training does not
+    # false: a finished run's last checkpoint is rewritten without the optimizer state (AdamW's
+    # two moments per parameter); evaluation still works, continuing its training does not
     keep_optimizer_state: bool = True
     precision: Precision = Precision.fp32  # bf16: the encoder under autocast; fp64: all in float64
     compile: bool = False  # torch.compile of the encoder (in place: checkpoint names unchanged)
@@ -299,8 +301,7 @@ class MasksConfig:
     importance_batches: int = 8  # batches of `batch_size` sentences per language
     batch_size: int = 16
     finetune_steps: int = 100  # brief fine-tuning of a copy on the language before scoring (0: none)
-    # static and random masks: search them after this many steps of multilingual training of the
-    # whole model (every head used and updated until then) instead of before training (0)
+    # static and random masks: searched after this many steps of training the whole model (0: before)
     after_steps: int = 0
     selection: Selection = Selection.iterative
     keep_ratio: float = 0.5  # selection=keep_ratio
@@ -314,9 +315,9 @@ class MasksConfig:
     param_include: list[str] = field(default_factory=lambda: [r"\.intermediate\.dense\.weight$"])  # regexes
     param_samples: int = 32  # single-sentence samples for the Fisher information
     target_policy: TargetPolicy = TargetPolicy.full  # unseen (dev and target) languages
-    # the units a subnetwork is made of: attention heads, feed-forward neurons, or both (each kind
-    # selected on its own: keep_ratio keeps that share of each; min_heads_per_layer holds for each)
+    # heads, feed-forward neurons, or both (each kind selected on its own, keep_ratio of each)
     units: UnitKind = UnitKind.heads
+    train: TrainedParameters = TrainedParameters.all  # subnetwork: the shared rest frozen
 
 
 @dataclass
@@ -360,8 +361,7 @@ class FewShotConfig:
     k: int = 20  # support sentences: from train, else dev, else test (then excluded from the test set)
     repetitions: int = 5  # R draws of the support set, each with its own seed
     steps: int = 20  # fine-tuning steps on the k sentences (each an update on all k)
-    # a support set whose padded size (k x its longest sentence, in subwords) exceeds this is cut
-    # into length-sorted micro-batches whose gradients are accumulated (the same step up to rounding)
+    # a larger support set (k x longest sentence, in subwords) runs in accumulated micro-batches
     max_tokens: int = 2048
     optimizer: FewShotOptimizer = FewShotOptimizer.adamw  # a fresh one per repetition, masked updates exact
     lr_encoder: float = "${train.lr_encoder}"  # type: ignore[assignment]

@@ -16,6 +16,7 @@ CHOICES = {
     "importance": ("head", "fisher"),
     "apply": ("forward", "gradient", "both"),
     "target_policy": ("full", "error", "support", "nearest"),
+    "train": ("all", "subnetwork"),
 }
 # config.json of sets saved before the runner's names were adopted: old name -> new, old value -> new
 RENAMED = {"min_per_layer": "min_heads_per_layer"}
@@ -53,6 +54,13 @@ class SubnetworkConfig:
             mask from its support sentences at evaluation; the wrapper keeps them in the settings
             of a set exported from a run but refuses such a language, with the reason: find its
             subnetwork from its examples first (``find_subnetworks``).
+        train: what trains (the runner's ``masks.train``): every parameter (``all``; a language's
+            steps update its subnetwork and the shared rest), or the subnetworks alone
+            (``subnetwork``: the weights the languages' units own and the task head outside
+            ``model.base_model``; embeddings, norms, biases and the output embeddings frozen; gradients
+            and optimizer state for the subnetworks' values only,
+            [train_subnetworks_only][subnets.masks.compact.train_subnetworks_only]). With ``subnetwork``,
+            find or set the masks before the optimizer is built (the Trainer builds it at ``train()``).
         ema_decay: the decay of the dynamic rule's moving average.
         update_every: optimizer steps between re-selections (dynamic rule).
         seed: the random rule's seed (masks depend on the seed and the language only).
@@ -66,6 +74,7 @@ class SubnetworkConfig:
     importance: str = "head"
     apply: str = "gradient"
     target_policy: str = "full"
+    train: str = "all"
     ema_decay: float = 0.9
     update_every: int = 50
     seed: int = 0
@@ -83,6 +92,9 @@ class SubnetworkConfig:
                              "(with units='both' use keep_ratio)")  # fmt: skip
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"SubnetworkConfig.ema_decay={self.ema_decay}: expected a value in [0, 1)")
+        if self.train == "subnetwork" and self.apply == "forward":
+            raise ValueError("SubnetworkConfig.train='subnetwork' with apply='forward': forward gating alone updates "
+                             "every parameter; use apply='gradient' or 'both'")  # fmt: skip
         if self.update_every < 1 or self.min_heads_per_layer < 0:
             raise ValueError("SubnetworkConfig.update_every must be >= 1 and min_heads_per_layer >= 0")
 

@@ -294,9 +294,7 @@ def load_trained_weights(model: nn.Module, base_fingerprint: dict[str, str], sha
         if (value.shape, value.dtype) != (tensors[name].shape, tensors[name].dtype):
             raise ValueError(f"{source}: the trained {name} is {value.dtype} {tuple(value.shape)}, this "
                              f"model's {tensors[name].dtype} {tuple(tensors[name].shape)}")  # fmt: skip
-    with torch.no_grad():
-        for name, value in weights.items():
-            tensors[name].copy_(value)
+    model.load_state_dict(weights, strict=False)  # (refreshes subnetwork values: subnets.masks.compact)
 
 
 def _is_repo_id(name: str) -> bool:

@@ -121,8 +121,8 @@ class SubnetworkModel(nn.Module):
     def set_masks(self, masks: SubnetworkSet) -> None:
         """Use ``masks`` (checked against this model's geometry)."""
         masks.check_compatible(SubnetworkSet(self.gates.num_layers, self.gates.units), "the subnetworks")
-        self.masks = masks
-        self._update_masks.clear()
+        self.masks, self._update_masks = masks, {}
+        updates.train_alone(self, masks)  # with train='subnetwork'
 
     def subnetwork(self, language: str) -> Subnetwork | None:
         """``language``'s subnetwork, or None (the whole model) for a language without one under

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from subnets.masks import core
+from subnets.masks.compact import train_subnetworks_only
 from subnets.masks.subnetwork import SubnetworkSet
 from subnets.optim.masked import UpdateMask
 
@@ -50,6 +51,8 @@ def before_optimizer_step(
     may not update, feeds the dynamic rule's moving average, and sets ``optimizer.update_mask``
     (a [MaskedOptimizer][subnets.optim.MaskedOptimizer], possibly inside accelerate's wrapper).
     Returns the update mask (None: everything)."""
+    if optimizer is not None:
+        model._optimizer = optimizer  # train='subnetwork': a re-selection moves its state (train_alone)
     seen, grads = model._seen, gate_gradients(model._probes)
     model._seen, model._probes = set(), []
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -88,6 +91,21 @@ def after_optimizer_step(model: SubnetworkModel) -> bool:
                                         min_heads_per_layer=config.min_heads_per_layer, units=model.gates.units)  # fmt: skip
     model.set_masks(masks)
     return True
+
+
+def train_alone(model: SubnetworkModel, masks: SubnetworkSet) -> None:
+    """With ``SubnetworkConfig.train='subnetwork'``: train the union of ``masks`` alone
+    ([train_subnetworks_only][subnets.masks.compact.train_subnetworks_only]) in the wrapped model's
+    ``base_model``, its output embeddings frozen too (as peft's LoRA leaves a language model's output
+    layer); a re-selection moves the state of the optimizer last given to ``before_optimizer_step``."""
+    if model.subnetwork_config.train != "subnetwork" or not len(masks):
+        return
+    output = model.model.get_output_embeddings() if hasattr(model.model, "get_output_embeddings") else None
+    for parameter in [] if output is None else output.parameters():
+        parameter.requires_grad_(False)
+    train_subnetworks_only(
+        model, masks.values(), model.model.base_model, getattr(model, "_optimizer", None), model.gates
+    )
 
 
 def gate_gradients(probes: list[tuple[torch.Tensor, list[str]]]) -> dict[str, torch.Tensor]:

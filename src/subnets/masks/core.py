@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from subnets.masks.compact import subnetwork_parameters
 from subnets.masks.controls import generator, random_like, random_mask_like
 from subnets.masks.dynamic import ImportanceEMA, reselect
 from subnets.masks.selection import Units
@@ -42,9 +43,13 @@ def update_mask(model: nn.Module, subnetwork: Subnetwork | None, apply: str) -> 
     ``.gates`` own the units), on the model's device: the weights its units own
     ([unit_parameter_masks][subnets.masks.subnetwork.unit_parameter_masks]), where its parameter masks
     stand in for them, and every parameter neither covers; None (everything) without a subnetwork or
-    under ``apply='forward'``."""
+    under ``apply='forward'``. Where only the subnetworks train
+    ([train_subnetworks_only][subnets.masks.compact.train_subnetworks_only]), the masks of their values."""
     if subnetwork is None or apply == "forward":
         return None
+    trained = subnetwork_parameters(model)
+    if trained is not None:  # only the subnetworks train: masks of their values
+        return UpdateMask(trained.update_mask(subnetwork))
     device = next(model.parameters()).device
     masks = unit_parameter_masks(model, subnetwork.unit_mask.to(device))
     for name, mask in subnetwork.param_masks.items():

@@ -34,6 +34,7 @@ from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
 from subnets.masks import core
+from subnets.masks.compact import train_subnetworks_only
 from subnets.masks.controls import random_jaccard_matrix
 from subnets.masks.importance import unit_importance
 from subnets.masks.selection import per_kind, select_keep_ratio, select_top_k
@@ -88,6 +89,7 @@ class SubnetworkPolicy(MaskPolicy):
         self.model: nn.Module | None = None
         self.batcher: Batcher | None = None
         self._update_masks: dict[str, dict[str, torch.Tensor] | None] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def needs_support(self) -> bool:
@@ -113,7 +115,8 @@ class SubnetworkPolicy(MaskPolicy):
                                f"x {layers} layers) and {layers * count} (every unit)")  # fmt: skip
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
-        return MaskedOptimizer(optimizer, model.named_parameters())
+        self.optimizer = MaskedOptimizer(optimizer, model.named_parameters())
+        return self.optimizer
 
     def settings(self) -> dict[str, Any]:
         """These subnetworks' settings by the names [SubnetworkConfig][subnets.hf.SubnetworkConfig] shares
@@ -151,8 +154,17 @@ class SubnetworkPolicy(MaskPolicy):
         return self.gates_of(self.subnetwork(lang))
 
     def set_masks(self, masks: SubnetworkSet) -> None:
+        """Use ``masks`` from now on; with ``masks.train=subnetwork``, train their union alone
+        ([train_subnetworks_only][subnets.masks.compact.train_subnetworks_only], in the optimizer
+        built before: a new selection keeps the moments of the rows it keeps)."""
         self.masks = masks
         self._update_masks.clear()
+        if (
+            setting(getattr(self.search, "train", "all")) == "subnetwork"
+            and len(masks)
+            and self.model is not None
+        ):
+            train_subnetworks_only(self.model, masks.values(), self.model.encoder.transformer, self.optimizer)
 
     def found(self, masks: SubnetworkSet) -> SubnetworkSet:
         """The masks a source found, through the ``control`` transform if there is one."""
