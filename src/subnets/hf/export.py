@@ -12,6 +12,9 @@
   language's mask computes, with the parameter counts before and after (a run that gated only
   its gradients, ``method.apply=gradient``, computed with every unit: refused unless
   ``force=True``, the difference reported);
+* ``lora/<language>/`` (a run that trained its subnetworks alone, ``masks.train=subnetwork``):
+  each language's subnetwork, its trained rows and columns and its gates, as an exact peft LoRA
+  adapter of the base transformer ([subnets.masks.lora][]), with ``lora/ranks.json``;
 * ``subnetworks/``: the run's subnetwork set (a subnetwork method only) in the format of
   [Subnetworks][subnets.hf.Subnetworks], so
   ``SubnetworkModel.from_pretrained(AutoModel.from_pretrained(output), output + "/subnetworks")`` gates the
@@ -96,6 +99,11 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike, checkpoint: st
         raise ValueError(f"language={language}: run={run} has no subnetwork of it (its subnetworks: "
                          f"{', '.join(masks) if masks is not None else 'none, method ' + str(cfg.method.name)})")  # fmt: skip
     pruned = _pruned(trained, language, force) if language is not None else None
+    adapters = (
+        _lora_adapters(trained, run)
+        if masks is not None and setting(cfg.masks.train) == "subnetwork"
+        else None
+    )
     complete, untrained, source = _with_every_weight(transformer, str(cfg.model.name_or_path), int(cfg.seed))
     prefix = "encoder.transformer."
     head = {
@@ -127,6 +135,9 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike, checkpoint: st
         if masks is not None:
             _save_subnetworks(trained, masks, transformer, folder / "subnetworks")
             written["subnetworks"] = str(output / "subnetworks")
+        if adapters is not None:
+            written["lora_ranks"] = adapters(folder / "lora")
+            written["lora"] = str(output / "lora")
         if pruned is not None:
             model, keep, counts, difference = pruned
             save_pruned(model, keep, trained.model.gates.units, folder / f"pruned-{language}",
@@ -250,6 +261,24 @@ def _with_every_weight(
             complete.load_state_dict(found, strict=False)
             source = f"the base model {name_or_path}'s"
     return complete.eval(), sorted(missing), source
+
+
+def _lora_adapters(trained, run: Path):
+    """For a run that trained its subnetworks alone (``masks.train=subnetwork``): a function that
+    writes each language's subnetwork as an exact peft LoRA adapter of the base transformer
+    ([save_lora_adapters][subnets.masks.lora.save_lora_adapters]) into a folder. The base is
+    built as the run built it before training (the pretrained model, or the tiny model of the
+    run's seed); its changes are checked before anything is written."""
+    from subnets.masks.lora import lora_adapter, save_lora_adapters
+    from subnets.models.build import build_encoder
+
+    cfg, policy = trained.cfg, trained.method.policy
+    transformer = trained.model.encoder.transformer
+    base, _ = build_encoder(cfg.model, seed=int(cfg.seed), tokenizer_folder=run / "tokenizer")
+    base = base.to(next(transformer.parameters()).dtype).eval()
+    lora_adapter(transformer, base, trained.model.gates, transformer=transformer)  # refuses a shared change
+    return lambda folder: save_lora_adapters(transformer, base, policy.masks, trained.model.gates, policy.mode,
+                                             folder, transformer=transformer)  # fmt: skip
 
 
 def _save_subnetworks(trained, masks, transformer: nn.Module, folder: Path) -> None:

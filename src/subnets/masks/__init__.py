@@ -7,6 +7,7 @@ from subnets.masks.importance import (
     normalize_importance,
     unit_importance,
 )
+from subnets.masks.lora import lora_adapter, save_lora_adapters
 from subnets.masks.search import SubnetworkSearch, find_subnetwork, matching_parameters
 from subnets.masks.selection import (
     PruningResult,
@@ -22,5 +23,5 @@ __all__ = [
     "MaskMismatchError", "PruningResult", "Subnetwork", "SubnetworkSearch", "SubnetworkSet", "find_subnetwork",
     "finetuned_copy", "fisher_information", "fisher_per_unit", "unit_importance", "unit_parameter_masks",
     "iterative_pruning", "matching_parameters", "normalize_importance", "prune_lowest", "select_keep_ratio",
-    "select_parameters", "select_top_k",
+    "select_parameters", "select_top_k", "lora_adapter", "save_lora_adapters",
 ]  # fmt: skip
