@@ -5,113 +5,30 @@ enumeration fails when the config is composed, with the full key in the message.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from subnets.config.baselines import AdapterPolicy, LoraSettings, SftSettings  # noqa: F401 (part of the schema)
-
-
-class DataSource(str, Enum):
-    synthetic = "synthetic"
-    ud = "ud"
-
-
-OnError = Enum("OnError", {"raise": "raise", "skip": "skip"}, type=str)  # 'raise' is a keyword
-
-
-class WandbMode(str, Enum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class Schedule(str, Enum):
-    linear = "linear"
-    constant = "constant"
-
-
-class Batches(str, Enum):
-    grouped = "grouped"  # a language drawn per batch (temperature sampling), then its sentences
-    mixed = (
-        "mixed"  # each sentence's language drawn on its own: every sentence through its language's subnetwork
-    )
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"  # autocast, fp32 weights and optimizer (with fsdp: layers gathered in bf16)
-    # weights, activations and optimizer state in float64: slower, for checks of numerics
-    fp64 = "fp64"
-
-
-class Parallel(str, Enum):  # under torchrun (subnets.distributed, subnets.sharding)
-    ddp = "ddp"  # every process holds the whole model; gradients averaged over processes
-    fsdp = "fsdp"  # FSDP2: each layer, then the rest, sharded (parameters, gradients, optimizer state)
-
-
-class ApplyMode(str, Enum):
-    forward = "forward"  # heads outside the subnetwork are gated off in the forward pass
-    gradient = "gradient"  # the full model runs; only the subnetwork is updated
-    both = "both"
-
-
-class Importance(str, Enum):
-    head = "head"  # Michel et al. 2019: |dL/dgate| of each unit (head or neuron)
-    fisher = "fisher"  # diagonal Fisher information summed over each unit's coordinates
-
-
-class UnitKind(str, Enum):
-    heads = "heads"  # attention heads
-    neurons = "neurons"  # feed-forward intermediate units
-    both = "both"  # heads and neurons, each kind selected on its own
-
-
-class TrainedParameters(str, Enum):
-    all = "all"  # every parameter trains; a language's step updates its subnetwork and the shared rest
-    subnetwork = "subnetwork"  # only the units' weights and the task head (subnets.masks.compact)
-
-
-class Selection(str, Enum):
-    iterative = "iterative"
-    keep_ratio = "keep_ratio"
-    top_k = "top_k"
-
-
-ParamScope = Enum("ParamScope", {"tensor": "tensor", "global": "global"}, type=str)  # 'global' is a keyword
-
-
-class ParamMasks(str, Enum):
-    none = "none"
-    fisher = "fisher"
-
-
-class DynamicRule(str, Enum):
-    ema = "ema"  # exponential moving average of |dL/dgate| from the training steps
-    learned = "learned"  # hard-concrete gate logits trained with the model
-    random = "random"  # control: the selection applied to random scores, redrawn at every update
-
-
-class DynamicInit(str, Enum):
-    full = "full"
-    static = "static"
-
-
-class DynamicSelection(str, Enum):
-    keep_ratio = "keep_ratio"
-    top_k = "top_k"
-    threshold = "threshold"
-    same_size = "same_size"
-
-
-class FewShotOptimizer(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"  # plain SGD, as in Langedijk et al. (2022): +fewshot=langedijk
-
-
-class TargetPolicy(str, Enum):
-    full = "full"
-    support = "support"
-    nearest = "nearest"
+from subnets.config.choices import (  # noqa: F401 (the enumerations are part of the schema)
+    ApplyMode,
+    Batches,
+    DataSource,
+    DynamicInit,
+    DynamicRule,
+    DynamicSelection,
+    FewShotOptimizer,
+    Importance,
+    OnError,
+    Parallel,
+    ParamMasks,
+    ParamScope,
+    Precision,
+    Schedule,
+    Selection,
+    TargetPolicy,
+    TrainedParameters,
+    UnitKind,
+    WandbMode,
+)
 
 
 @dataclass
