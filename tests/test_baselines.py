@@ -211,7 +211,7 @@ def test_budgets_matched_to_a_static_subnetwork(tmp_path, units, budget):
     [
         (["+method=lora", "lora.targets=[attention.self.nowhere]"], "lora.targets: attention.self.nowhere is not a projection"),
         (["+method=lt_sft", "sft.k=100000000"], r"sft.k=100000000 .*expected between 1 and the encoder's \d+ trainable"),
-        (["+method=lora", "lora.match=static"], "lora.match / sft.match=static\\) needs .* masks.selection=keep_ratio or top_k \\(is iterative\\)"),
+        (["+method=lora", "lora.match=static"], "lora.match / shira.match / sft.match=static\\) needs .* masks.selection=keep_ratio or top_k \\(is iterative\\)"),
         (["+method=lt_sft", "sft.compose=true", "sft.per_language=true"], "sft.compose=true composes .* use sft.per_language=false"),
         (["+method=lt_sft", "sft.compose=true", "sft.language_text=/nowhere"], "sft.language_text=/nowhere: not a folder"),
         (["+method=lt_sft", "sft.compose=true", "train.batches=mixed"], "train.batches=mixed: \\+method=lt_sft"),

@@ -37,7 +37,7 @@ def batches(shift: int, n: int = 3) -> list[dict[str, torch.Tensor]]:
 def search(**overrides) -> SimpleNamespace:
     """The runner's ``masks.*`` settings that the policies read."""
     values = dict(units="both", keep_ratio=0.5, top_k=None, min_heads_per_layer=1, importance="head",
-                  target_policy="full", selection="keep_ratio")  # fmt: skip
+                  target_policy="full", selection="keep_ratio", activation_quantile=0.95)  # fmt: skip
     return SimpleNamespace(**{**values, **overrides})
 
 

@@ -295,7 +295,7 @@ METHODS = {"baseline": [], "static": ["+method=static", "masks.finetune_steps=1"
            "maml": ["+method=maml"], "maml_static": ["+method=maml_static", "masks.finetune_steps=1", "masks.selection=keep_ratio"],
            "maml_dynamic": ["+method=maml_dynamic", "dynamic.update_every=2"],
            "maml_random": ["+method=maml_random", "masks.finetune_steps=1", "masks.selection=keep_ratio"],
-           "lora": ["+method=lora"], "language_lora": ["+method=language_lora"],
+           "lora": ["+method=lora"], "language_lora": ["+method=language_lora"], "shira": ["+method=shira"],
            "lt_sft": ["+method=lt_sft", "sft.full_steps=2"],
            "lt_sft+compose": ["+method=lt_sft", "sft.full_steps=2", "sft.compose=true", "sft.language_steps=2"]}  # fmt: skip
 

@@ -62,8 +62,9 @@ def resolve_device(name: str, parallel: DataParallel | None = None) -> torch.dev
 def check_method_settings(cfg: DictConfig, method: Method) -> None:
     """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
     for one that searches its masks before training only (dynamic.init=static), an
-    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training, and
-    ``train.compile`` with second-order MAML."""
+    ``after_steps`` that contradicts ``masks.path`` or leaves no masked training,
+    ``train.compile`` with second-order MAML, and ``masks.importance=activation`` where it does not
+    apply ([check_activation_importance][subnets.assemble.check_activation_importance])."""
     policy = method.policy
     name = f"method {cfg.method.name} ({type(policy).__name__})"
     if setting(cfg.train.parallel) == "fsdp":
@@ -79,6 +80,8 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
         )
     if setting(cfg.masks.train) == "subnetwork":
         check_subnetwork_only(cfg, method)
+    if setting(cfg.masks.importance) == "activation":
+        check_activation_importance(cfg, method)
     dynamic = getattr(policy, "dynamic", None)
     if dynamic is not None and dynamic.update_every >= cfg.train.steps:
         log.warning("dynamic.update_every=%d with train.steps=%d: the masks are never updated, so this %s run "
@@ -104,9 +107,12 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
 def check_subnetwork_only(cfg: DictConfig, method: Method) -> None:
     """Refuse ``masks.train=subnetwork`` ([subnets.masks.compact][]) where it cannot run, with why."""
     name = f"masks.train=subnetwork with +method={cfg.method.name}"
+    if getattr(method.policy, "matches_static_budget", False):
+        return  # lora / shira / sft.match=static: sized to a subnetwork-only budget (subnetwork_budget)
     if not isinstance(method.policy, SubnetworkPolicy):
         raise SettingError(f"{name}: the method has no language subnetworks to train alone; use a static, dynamic or "
-                           "random method (+method=static, dynamic, random)")  # fmt: skip
+                           "random method (+method=static, dynamic, random), or size a comparison method to the "
+                           "subnetwork-only budget (lora.match, shira.match or sft.match=static)")  # fmt: skip
     if not isinstance(method.strategy, BatchStep):
         raise SettingError(f"{name}: MAML's inner steps run on functional copies of whole parameters (torch.func), "
                            "not on the subnetworks' values; use +method=static, dynamic or random")  # fmt: skip
@@ -117,6 +123,24 @@ def check_subnetwork_only(cfg: DictConfig, method: Method) -> None:
         raise SettingError(f"{name} and train.parallel=fsdp: the subnetworks' values index rows of whole weights, "
                            "which FSDP2 shards; use train.parallel=ddp (the frozen base is small enough to hold "
                            "whole on each process when only the subnetworks train)")  # fmt: skip
+
+
+def check_activation_importance(cfg: DictConfig, method: Method) -> None:
+    """Refuse ``masks.importance=activation`` ([subnets.masks.activation][]) where it does not apply,
+    with why: on attention heads, and with ``masks.target_policy=nearest`` for masks it scores."""
+    units = setting(cfg.masks.units)
+    if units != "neurons":
+        raise SettingError(f"masks.importance=activation with masks.units={units}: activation probabilities (the share "
+                           "of tokens on which a unit's activation is positive) score feed-forward neurons only; an "
+                           "attention head has no such activation. Use masks.units=neurons, or masks.importance=head "
+                           "or fisher for heads")  # fmt: skip
+    policy = method.policy
+    scored = getattr(policy, "uses_masks_path", False) and getattr(policy, "control", None) is None
+    if scored and setting(cfg.masks.target_policy) == "nearest":
+        raise SettingError("masks.target_policy=nearest with masks.importance=activation: nearest compares an unseen "
+                           "language's gate-gradient importance with the source masks' scores, which are then "
+                           "language-specificity scores (an entropy over the source languages) it cannot be compared "
+                           "with; use masks.target_policy=support or full")  # fmt: skip
 
 
 def check_settings(cfg: DictConfig) -> None:

@@ -1,5 +1,5 @@
-"""The settings of the comparison methods (``lora.*``, ``sft.*``), part of the runner's schema
-(``subnets.config.schema``)."""
+"""The settings of the comparison methods (``lora.*``, ``shira.*``, ``sft.*``), part of the
+runner's schema (``subnets.config.schema``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class AdapterPolicy(str, Enum):
 
 
 class BudgetMatch(str, Enum):
-    none = "none"  # lora.rank / sft.k as given
+    none = "none"  # lora.rank / shira.r / sft.k as given
     # as many parameters as a static subnetwork of the masks.* settings lets a language update
     # inside the gated units (the parameters its kept heads or neurons own)
     static = "static"
@@ -33,6 +33,25 @@ class LoraSettings:
     targets: list[str] = field(default_factory=list)
     target_policy: AdapterPolicy = AdapterPolicy.full  # language_lora: the adapter of an unseen language
     match: BudgetMatch = BudgetMatch.none  # static: the rank whose adapter comes closest to that budget
+
+
+class ShiraMask(str, Enum):
+    random = "random"  # peft's random mask: r x (in + out) coordinates of each target, uniformly drawn
+
+
+@dataclass
+class ShiraSettings:
+    """SHiRA, sparse high-rank adapters (``+method=shira``, Bhardwaj et al. 2024), through peft:
+    the encoder's weights frozen, a fixed sparse set of coordinates of its projections trained."""
+
+    # coordinates trained per target projection: r x (in + out), as many as a rank-r LoRA's (the
+    # update itself is not limited to rank r)
+    r: int = 8
+    mask_type: ShiraMask = ShiraMask.random  # the mask's seed is the run's (seed)
+    # projections within a layer (as lora.targets); empty: the layout's query, key, value and
+    # attention output projections
+    targets: list[str] = field(default_factory=list)
+    match: BudgetMatch = BudgetMatch.none  # static: the r whose coordinates come closest to that budget
 
 
 @dataclass

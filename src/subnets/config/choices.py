@@ -53,6 +53,8 @@ class ApplyMode(str, Enum):
 class Importance(str, Enum):
     head = "head"  # Michel et al. 2019: |dL/dgate| of each unit (head or neuron)
     fisher = "fisher"  # diagonal Fisher information summed over each unit's coordinates
+    # neurons only: LAPE (Tang et al. 2024), the entropy over languages of how often a neuron is active
+    activation = "activation"
 
 
 class UnitKind(str, Enum):

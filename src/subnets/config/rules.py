@@ -73,6 +73,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("masks.threshold", _share, "in (0, 1]"),
     ("masks.top_k", lambda v: v is None or v > 0, "null or a positive number of heads"),
     ("masks.min_heads_per_layer", _positive, "a positive number of heads"),
+    ("masks.activation_quantile", lambda v: 0 <= v < 1, "a quantile in [0, 1)"),
     *[
         (f"masks.{k}", _positive, "a positive integer")
         for k in ("importance_batches", "batch_size", "param_samples")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from subnets.config.baselines import AdapterPolicy, LoraSettings, SftSettings  # noqa: F401 (part of the schema)
+from subnets.config.baselines import AdapterPolicy, LoraSettings, SftSettings, ShiraMask, ShiraSettings  # noqa: F401 (part of the schema)
 from subnets.config.choices import (  # noqa: F401 (the enumerations are part of the schema)
     ApplyMode,
     Batches,
@@ -216,6 +216,9 @@ class MasksConfig:
     path: str | None = None  # reuse a saved mask set (masks.safetensors) instead of computing one
     importance: Importance = Importance.head
     importance_batches: int = 8  # batches of `batch_size` sentences per language
+    # importance=activation: a neuron can join language l's subnetwork first where l's activation
+    # probability exceeds this quantile of all of them (every language and neuron; LAPE's 0.95)
+    activation_quantile: float = 0.95
     batch_size: int = 16
     finetune_steps: int = 100  # brief fine-tuning of a copy on the language before scoring (0: none)
     # static and random masks: searched after this many steps of training the whole model (0: before)
@@ -310,6 +313,7 @@ class Config:
     masks: MasksConfig = field(default_factory=MasksConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    shira: ShiraSettings = field(default_factory=ShiraSettings)
     sft: SftSettings = field(default_factory=SftSettings)
     meta: MetaConfig = field(default_factory=MetaConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)

@@ -13,7 +13,7 @@ from subnets.masks.selection import Units, select_keep_ratio, select_top_k
 CHOICES = {
     "units": ("heads", "neurons", "both"),
     "rule": ("static", "dynamic", "random"),
-    "importance": ("head", "fisher"),
+    "importance": ("head", "fisher", "activation"),
     "apply": ("forward", "gradient", "both"),
     "target_policy": ("full", "error", "support", "nearest"),
     "train": ("all", "subnetwork"),
@@ -38,8 +38,14 @@ class SubnetworkConfig:
             every ``update_every`` optimizer steps) or ``random`` (random masks with the same
             counts per layer: the control).
         importance: the estimator that scores units (the runner's ``masks.importance``): ``head``
-            (``|dL/dgate|`` of each unit, head or neuron, Michel et al. 2019) or ``fisher``
-            (diagonal Fisher information summed over the weights a unit owns, from single examples).
+            (``|dL/dgate|`` of each unit, head or neuron, Michel et al. 2019), ``fisher``
+            (diagonal Fisher information summed over the weights a unit owns, from single examples)
+            or ``activation`` (language-specific feed-forward neurons by the entropy of their
+            activation probabilities over the languages, LAPE: [subnets.masks.activation][];
+            ``units='neurons'`` only).
+        activation_quantile: with ``importance='activation'``, the quantile of all activation
+            probabilities a neuron's must exceed to count as the language's (the runner's
+            ``masks.activation_quantile``).
         apply: what a language's mask restricts (the runner's ``method.apply``): ``forward`` (units
             outside it are gated off in the forward pass), ``gradient`` (the whole model runs; the
             update leaves the weights of units outside it bit-identical, optimizer moments included)
@@ -74,6 +80,7 @@ class SubnetworkConfig:
     importance: str = "head"
     apply: str = "gradient"
     target_policy: str = "full"
+    activation_quantile: float = 0.95
     train: str = "all"
     ema_decay: float = 0.9
     update_every: int = 50
@@ -92,6 +99,9 @@ class SubnetworkConfig:
                              "(with units='both' use keep_ratio)")  # fmt: skip
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"SubnetworkConfig.ema_decay={self.ema_decay}: expected a value in [0, 1)")
+        if self.importance == "activation" and self.units != "neurons":
+            raise ValueError(f"SubnetworkConfig.importance='activation' with units={self.units!r}: activation "
+                             "probabilities score feed-forward neurons, not heads; use units='neurons'")  # fmt: skip
         if self.train == "subnetwork" and self.apply == "forward":
             raise ValueError("SubnetworkConfig.train='subnetwork' with apply='forward': forward gating alone updates "
                              "every parameter; use apply='gradient' or 'both'")  # fmt: skip

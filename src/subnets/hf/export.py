@@ -24,8 +24,9 @@ The export is written into a temporary folder beside ``output`` and renamed into
 end, so a failure leaves nothing half-written. An ``output`` that is not empty is refused unless
 it holds an earlier export of this command (``task_head.json`` lists the files it wrote) and
 ``overwrite=True``, which replaces that export whole; a folder holding anything else, or a
-training run's folder, is never written into. A LoRA run (``+method=lora``) is exported with
-its adapter merged into the transformer; ``+method=language_lora`` (one LoRA per language) is
+training run's folder, is never written into. A LoRA or SHiRA run (``+method=lora``,
+``+method=shira``) is exported with its adapter merged into the transformer (peft's
+``merge_and_unload``); ``+method=language_lora`` (one LoRA per language) is
 refused. The runner builds BERT-style encoders without their pooler, which it does not use: the
 export holds the base model's pooler (or, where the base has none, one initialised from the
 run's seed), untrained by the run and named in ``task_head.json`` (``untrained``), so that
@@ -92,7 +93,7 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike, checkpoint: st
                          "single transformer computes what it computes; use the run itself (subnets.evaluate, "
                          "subnets.predict, subnets.load_run)")  # fmt: skip
     transformer = trained.model.encoder.transformer
-    if isinstance(policy, LoraPolicy):  # the adapter merged into the weights: a plain transformer
+    if isinstance(policy, LoraPolicy):  # LoRA or SHiRA merged into the weights: a plain transformer
         transformer = copy.deepcopy(transformer).merge_and_unload()
     masks = getattr(policy, "masks", None)
     if language is not None and (masks is None or language not in masks):

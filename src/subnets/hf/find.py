@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from subnets.hf.model import SubnetworkModel
+from subnets.masks.activation import language_neurons
 from subnets.masks.core import random_subnetwork
 from subnets.masks.importance import fisher_information, fisher_per_unit, unit_importance
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
@@ -34,10 +35,22 @@ def find_subnetworks(
             ``default_data_collator``; pass your ``Trainer``'s collator for padding).
         max_batches: batches scored per language (default: all).
         max_samples: single examples per language for ``importance='fisher'``.
+
+    With ``importance='activation'`` every language is measured first, in one forward pass per
+    batch without labels or gradients ([language_neurons][subnets.masks.activation.language_neurons]):
+    a language's neurons are the most language-specific among those it activates often.
     """
     config = model.subnetwork_config
     found = SubnetworkSet(model.gates.num_layers, model.gates.units)
+    if config.importance == "activation" and config.rule != "random":  # the languages are compared
+        batches = {code: _batches(model, code, source, batch_size, collate_fn)[:max_batches] for code, source in data.items()}  # fmt: skip
+        measured = language_neurons(model.model, batches, config.activation_quantile, gates=model.gates,
+                                    run=lambda batch: model.model(**batch))  # fmt: skip
+        for code, scores in measured.scores.items():
+            found[code] = Subnetwork(config.select(scores, model.gates.units), scores=scores)
     for code, source in data.items():
+        if code in found:
+            continue
         if config.rule == "random":
             # the same share of units in every layer, drawn uniformly by the seed and the language
             share = (

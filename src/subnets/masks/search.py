@@ -62,6 +62,8 @@ def find_subnetwork(
     param_keep_ratio: float = 0.5,
     param_scope: str = "tensor",
     split_half: bool = False,
+    scores: torch.Tensor | None = None,
+    score_halves: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SubnetworkSearch:
     """One language's subnetwork of ``model`` (a module with ``.gates`` whose ``model(batch).loss``
     is the task loss).
@@ -70,7 +72,10 @@ def find_subnetwork(
         batches: the language's batches for unit importance.
         importance: ``"head"`` (|dL/dgate| of each unit the gates cover, heads or neurons) or
             ``"fisher"`` (Fisher information summed over the coordinates each unit owns,
-            from ``samples``: single-sentence batches).
+            from ``samples``: single-sentence batches) or ``"activation"`` (feed-forward neurons
+            by how language-specific their activation is, [subnets.masks.activation][]: ``scores``,
+            measured for every language at once, as the languages are compared; not re-scored
+            under a pruned mask, and with no fine-tuned copy).
         selection: ``"iterative"`` (needs ``dev_metric(model, mask)``), ``"keep_ratio"`` or ``"top_k"``.
         finetune_steps: if > 0, score a copy of the model first trained for that many steps
             on ``finetune_batches`` (with ``make_optimizer(copy)``, default AdamW 1e-4).
@@ -78,10 +83,15 @@ def find_subnetwork(
             of ``samples`` (keeping ``param_keep_ratio`` per tensor or globally).
         split_half: also score the even and the odd ``batches`` apart (``halves``, for
             [split_half_agreement][subnets.masks.controls.split_half_agreement]; gate-gradient importance
-            only).
+            only; with ``importance="activation"``, ``score_halves``: the scores of the two halves).
+        scores: the language's unit scores, for ``importance="activation"``
+            ([language_neurons][subnets.masks.activation.language_neurons]).
     """
     scorer = model
-    if finetune_steps > 0:
+    if importance == "activation" and scores is None:
+        raise ValueError("importance='activation' needs the language's scores (subnets.masks.activation."
+                         "language_neurons, which measures every language together)")  # fmt: skip
+    if finetune_steps > 0 and importance != "activation":
         scorer = finetuned_copy(model, finetune_batches or batches, finetune_steps, make_optimizer)
     gates = scorer.gates
 
@@ -100,7 +110,9 @@ def find_subnetwork(
             owned = {id(p) for p in gates.owned_parameters()}
             names = [n for n, p in scorer.named_parameters() if id(p) in owned]
             return fisher_per_unit(fisher_information(scorer, samples, loss, parameters=names), scorer)
-        raise ValueError(f"importance must be 'head' or 'fisher', got {importance!r}")
+        if importance == "activation":
+            return scores
+        raise ValueError(f"importance must be 'head', 'fisher' or 'activation', got {importance!r}")
 
     full_scores = score(None)
     pruning = None
@@ -138,4 +150,6 @@ def find_subnetwork(
     halves = None
     if split_half and importance == "head" and len(batches) >= 2:
         halves = (unit_importance(scorer, batches[0::2]), unit_importance(scorer, batches[1::2]))
+    elif split_half and importance == "activation":
+        halves = score_halves
     return SubnetworkSearch(Subnetwork(unit_mask, param_masks), normalized, pruning, halves)

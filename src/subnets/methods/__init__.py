@@ -8,10 +8,11 @@ random-mask control [random_masks][subnets.methods.random_masks] (a
 [SubnetworkPolicy][subnets.methods.SubnetworkPolicy] ([subnetworks][subnets.methods.subnetworks]). Strategies:
 [BatchStep][subnets.methods.BatchStep], [MAMLEpisodes][subnets.methods.MAMLEpisodes]. The methods reviewers
 compare with: [LoraPolicy][subnets.methods.LoraPolicy] and
-[LanguageLora][subnets.methods.LanguageLora] ([adapters][subnets.methods.adapters], peft),
+[LanguageLora][subnets.methods.LanguageLora], [ShiraPolicy][subnets.methods.ShiraPolicy]
+([adapters][subnets.methods.adapters], peft),
 [LotteryTicketSFT][subnets.methods.LotteryTicketSFT] ([sft][subnets.methods.sft])."""
 
-from subnets.methods.adapters import LanguageLora, LoraPolicy
+from subnets.methods.adapters import LanguageLora, LoraPolicy, ShiraPolicy
 from subnets.methods.base import (
     BatchStep,
     MaskPolicy,
@@ -30,6 +31,6 @@ from subnets.methods.subnetworks import RandomControl, SubnetworkPolicy
 
 __all__ = [
     "BatchStep", "DynamicMasks", "EMARule", "LanguageLora", "LearnedRule", "LoraPolicy", "LotteryTicketSFT", "MAMLEpisodes", "MaskPolicy", "Method", "NoMasks",
-    "Outputs", "RandomControl", "RandomRule", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy",
+    "Outputs", "RandomControl", "RandomRule", "ShiraPolicy", "SourceLanguages", "StaticMasks", "StepStrategy", "SubnetworkPolicy",
     "TrainingBatches", "random_masks", "search_masks", "static_masks",
 ]  # fmt: skip

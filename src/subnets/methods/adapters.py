@@ -1,11 +1,15 @@
-"""LoRA baselines through peft: one LoRA for all languages (``+method=lora``) and one per source
-language (``+method=language_lora``, as MAD-X's language adapters, with LoRA modules).
+"""Adapter baselines through peft: one LoRA for all languages (``+method=lora``), one per source
+language (``+method=language_lora``, as MAD-X's language adapters, with LoRA modules), and SHiRA
+(``+method=shira``).
 
 The encoder is wrapped by ``peft.get_peft_model`` when the policy is bound (before the optimizer
 is built and before a checkpoint is loaded, so parameter names are the same in training,
 resumes, evaluation and ``load_run``): its weights are frozen, the LoRA matrices of the target
 projections (``lora.targets``, by default the layout's query, key, value and attention output
 projections) and the task head train.
+
+``+method=shira`` ([ShiraPolicy][subnets.methods.adapters.ShiraPolicy]) trains SHiRA's sparse
+high-rank adapters the same way: a fixed random set of coordinates of the same projections.
 
 ``language_lora`` adds one adapter per source language (peft's multi-adapter API) and activates a
 step's language's adapter (``set_adapter``): only that adapter (and the shared task head) gets
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,9 +38,10 @@ from subnets.methods.subnetworks import subnetwork_budget
 log = logging.getLogger(__name__)
 
 
-def lora_targets(model: nn.Module, settings: Any) -> str:
+def lora_targets(model: nn.Module, settings: Any, name: str = "lora") -> str:
     """peft's ``target_modules``: a regular expression matching the target projections of every
-    layer of ``model.encoder.transformer``, from ``lora.targets`` or the layout.
+    layer of ``model.encoder.transformer``, from ``<name>.targets`` (``lora.targets``,
+    ``shira.targets``) or the layout.
 
     Raises:
         SettingError: a target that no layer of the transformer has.
@@ -53,18 +59,19 @@ def lora_targets(model: nn.Module, settings: Any) -> str:
         if not any(re.fullmatch(rf"{re.escape(layout.layers)}\.\d+\.{re.escape(p)}", n) for n in names)
     ]
     if missing:
-        raise SettingError(f"lora.targets: {', '.join(missing)} is not a projection of the layers at "
+        raise SettingError(f"{name}.targets: {', '.join(missing)} is not a projection of the layers at "
                            f"{layout.layers} (the layout's are {layout.query}, {layout.key}, {layout.value}, "
                            f"{layout.output}; a layer holds e.g. {', '.join(sorted(_layer_children(names, layout.layers))[:6])})")  # fmt: skip
     return pattern
 
 
-def lora_parameters_per_rank(model: nn.Module, settings: Any) -> int:
+def lora_parameters_per_rank(model: nn.Module, settings: Any, name: str = "lora") -> int:
     """The parameters one LoRA adds per unit of rank: ``in + out`` features of every target
-    projection (its ``A`` is ``rank x in``, its ``B`` ``out x rank``)."""
-    pattern = re.compile(lora_targets(model, settings))
-    return sum(sum(module.weight.shape) for name, module in model.encoder.transformer.named_modules()
-               if pattern.fullmatch(name))  # fmt: skip
+    projection (its ``A`` is ``rank x in``, its ``B`` ``out x rank``); SHiRA's per unit of ``r``
+    too (``r x (in + out)`` coordinates of each target)."""
+    pattern = re.compile(lora_targets(model, settings, name))
+    return sum(sum(module.weight.shape) for path, module in model.encoder.transformer.named_modules()
+               if pattern.fullmatch(path))  # fmt: skip
 
 
 def _layer_children(names: set[str], layers: str) -> set[str]:
@@ -85,15 +92,26 @@ class LoraPolicy(MaskPolicy):
         self.rank = int(lora.rank)
         self.matched: int | None = None  # the static subnetwork's budget the rank was chosen for
 
+    @property
+    def matches_static_budget(self) -> bool:
+        """Whether the rank is sized to a static subnetwork's budget (``lora.match=static``; with
+        ``masks.train=subnetwork``, the subnetwork-only one)."""
+        return setting(self.lora.match) == "static"
+
+    def match_rank(self, model: nn.Module, settings: Any, name: str) -> None:
+        """Under ``<name>.match=static``, the rank (SHiRA's ``r``) whose parameters come closest to
+        [subnetwork_budget][subnets.methods.subnetworks.subnetwork_budget] (once: a resume keeps it)."""
+        if self.matches_static_budget and self.matched is None:
+            self.matched = subnetwork_budget(model, self.search)
+            per_rank = lora_parameters_per_rank(model, settings, name)
+            self.rank = max(1, round(self.matched / per_rank))
+            log.info("%s.match=static: rank %d (%d parameters per adapter) for a static subnetwork's %d",
+                     name, self.rank, self.rank * per_rank, self.matched)  # fmt: skip
+
     def config(self, model: nn.Module):
         from peft import LoraConfig
 
-        if setting(self.lora.match) == "static" and self.matched is None:
-            self.matched = subnetwork_budget(model, self.search)
-            per_rank = lora_parameters_per_rank(model, self.lora)
-            self.rank = max(1, round(self.matched / per_rank))
-            log.info("lora.match=static: rank %d (%d parameters per adapter) for a static subnetwork's %d",
-                     self.rank, self.rank * per_rank, self.matched)  # fmt: skip
+        self.match_rank(model, self.lora, "lora")
         return LoraConfig(r=self.rank, lora_alpha=float(self.lora.alpha), lora_dropout=float(self.lora.dropout),
                           target_modules=lora_targets(model, self.lora), bias="none")  # fmt: skip
 
@@ -230,3 +248,96 @@ class LanguageLora(LoraPolicy):
             if code not in self.languages
         }
         return {**super().summary(), **({"target_adapters": unseen} if unseen else {})}
+
+
+class ShiraPolicy(LoraPolicy):
+    """SHiRA, sparse high-rank adapters (``+method=shira``, Bhardwaj et al. 2024), through peft's
+    ``ShiraConfig``: the encoder's weights are frozen and, of each target projection
+    (``shira.targets``, by default LoRA's), ``r x (in + out)`` coordinates train, as many as a
+    rank-``r`` LoRA's parameters but an update of any rank. The coordinates are peft's random
+    mask (``shira.mask_type=random``), a uniform draw from a generator seeded by the run's seed
+    (peft seeds it again for each projection, so projections of one shape get the same
+    coordinates); the policy's state keeps them, so a resume or ``load_run`` uses the trained
+    ones. ``shira.match=static`` sizes ``r`` as ``lora.match=static`` sizes the rank.
+
+    peft's SHiRA layer computes its projection's output itself, bypassing the forward hooks of
+    the wrapped projection, among them the unit gates of the attention output projection
+    ([UnitGates][subnets.models.gates.UnitGates]): the policy never sets gates, so nothing
+    changes, and peft's warning about those hooks is not shown.
+    """
+
+    def __init__(self, shira: Any, search: Any = None):
+        self.shira, self.search = shira, search  # search: the masks.* settings (shira.match=static)
+        self.model: nn.Module | None = None
+        self.rank = int(shira.r)
+        self.matched: int | None = None
+        self.seed = 0  # the run's seed, set when bound
+
+    @property
+    def matches_static_budget(self) -> bool:
+        """Whether ``r`` is sized to a static subnetwork's budget (``shira.match=static``)."""
+        return setting(self.shira.match) == "static"
+
+    def config(self, model: nn.Module):
+        from peft import ShiraConfig
+
+        self.match_rank(model, self.shira, "shira")
+        pattern = re.compile(lora_targets(model, self.shira, "shira"))
+        transformer = model.encoder.transformer
+        shapes = [m.weight.shape for n, m in transformer.named_modules() if pattern.fullmatch(n)]
+        most = min(out * inp // (out + inp) for out, inp in shapes)  # peft: r x (in + out) <= in x out
+        if self.rank > most:
+            matched = "" if self.matched is None else f" (matched to a static subnetwork's {self.matched})"
+            raise SettingError(f"shira.r={self.rank}{matched}: more coordinates than a target projection holds; r x "
+                               f"(in + out) <= in x out allows r <= {most} here; lower it (shira.r, or masks.keep_ratio "
+                               "/ masks.top_k with shira.match=static) or add targets (shira.targets)")  # fmt: skip
+        return ShiraConfig(r=self.rank, mask_type=str(setting(self.shira.mask_type)), random_seed=self.seed,
+                           target_modules=lora_targets(model, self.shira, "shira"))  # fmt: skip
+
+    def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
+        self.seed = int(batcher.seed)
+        super().bind(model, batcher, languages)
+        _quiet_hook_warning(model.encoder.transformer)
+
+    def layers(self) -> dict[str, nn.Module]:
+        """The SHiRA layers of the bound model's encoder, by module name."""
+        from peft.tuners.shira import ShiraLayer
+
+        modules = self.model.encoder.transformer.named_modules()
+        return {name: m for name, m in modules if isinstance(m, ShiraLayer)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trained coordinates (``[2, n]`` row and column indices per layer; peft's
+        ``shira_indices`` are not parameters, so the model's state does not hold them)."""
+        indices = {name: m.shira_indices["default"].cpu() for name, m in self.layers().items()}
+        return {"shira_indices": indices}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        indices = state.get("shira_indices", {})
+        for name, layer in self.layers().items():
+            if name in indices:
+                if indices[name].shape != layer.shira_indices["default"].shape:
+                    raise ValueError(f"{name}: the checkpoint's SHiRA coordinates {tuple(indices[name].shape)} do "
+                                     f"not fit the layer's {tuple(layer.shira_indices['default'].shape)} (shira.r?)")  # fmt: skip
+                device = layer.shira_weight["default"].device
+                layer.shira_indices["default"] = indices[name].to(device=device, dtype=torch.int)
+
+    def summary(self) -> dict[str, Any]:
+        matched = {} if self.matched is None else {"matched_budget": self.matched}
+        mask = str(setting(self.shira.mask_type))
+        return {"shira": {"r": self.rank, "mask_type": mask, "seed": self.seed, **matched}}
+
+
+def _quiet_hook_warning(transformer: nn.Module) -> None:
+    """Tell peft's once-per-layer warning about hooks a SHiRA layer bypasses that it has warned
+    (its cache), without a warning: the policy's docstring says why they do not matter."""
+    from peft.tuners.shira import ShiraLayer, layer
+
+    warn = getattr(layer, "_warn_once_about_module_hooks", None)
+    if warn is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in transformer.modules():
+            if isinstance(module, ShiraLayer):
+                warn(module)

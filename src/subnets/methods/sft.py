@@ -83,6 +83,12 @@ class LotteryTicketSFT(MaskPolicy):
     def supports_mixed_batches(self) -> bool:
         return not self.sft.compose  # a composed step adds one language's SFT
 
+    @property
+    def matches_static_budget(self) -> bool:
+        """Whether k is a static subnetwork's budget (``sft.match=static``; with
+        ``masks.train=subnetwork``, the subnetwork-only one)."""
+        return setting(self.sft.match) == "static"
+
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         self.model, self.batcher = model, batcher
         # theta_0: bind runs on the freshly built model, before a resume loads a checkpoint

@@ -14,6 +14,7 @@ from subnets.checkpoint import phase_rng
 from subnets.config import setting
 from subnets.data.dataset import Batcher
 from subnets.files import atomic_write_json
+from subnets.masks.activation import language_neurons
 from subnets.masks.controls import split_half_agreement
 from subnets.masks.search import find_subnetwork, matching_parameters
 from subnets.masks.subnetwork import SubnetworkSet
@@ -41,7 +42,9 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
                  outputs: Outputs) -> SubnetworkSet:  # fmt: skip
     """Find every source language's subnetwork: optionally fine-tune a copy on the language
     (``masks.finetune_steps``), score heads (``masks.importance``), select a mask
-    (``masks.selection``; iterative pruning uses the language's dev split).
+    (``masks.selection``; iterative pruning uses the language's dev split). Activation scores
+    (``masks.importance=activation``, [subnets.masks.activation][]) compare the languages: every
+    language is measured first, on the model itself.
 
     Each language's search draws its random numbers (the fine-tuned copy's dropout) from
     generators seeded by the run's seed and the language (``phase_rng``),
@@ -53,6 +56,15 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
     needs_samples = setting(search.importance) == "fisher" or param_names
     iterative = setting(search.selection) == "iterative"
     history, reliability = {}, {}
+    neurons = None
+    if setting(search.importance) == "activation":  # the languages are compared: all measured first
+        with phase_rng(batcher.seed, "masks/activation", batcher.device):
+            neurons = language_neurons(model, {lang: batcher.fixed(data, search.batch_size, search.importance_batches,
+                                                                   "importance") for lang, data in sources.train.items()},
+                                       search.activation_quantile, split_half=True)  # fmt: skip
+        if search.finetune_steps:
+            log.info("masks.importance=activation measures the model as it is: masks.finetune_steps=%d is not used",
+                     search.finetune_steps)  # fmt: skip
     progress = bar(len(sources.train), "mask search", "language")
     for lang, data in sources.train.items():
         started = time.perf_counter()
@@ -84,6 +96,8 @@ def search_masks(model: nn.Module, search: Any, sources: SourceLanguages, batche
                 param_keep_ratio=search.param_keep_ratio,
                 param_scope=setting(search.param_scope),
                 split_half=True,
+                scores=None if neurons is None else neurons.scores[lang],
+                score_halves=None if neurons is None else neurons.halves.get(lang),
             )
         found.subnetwork.scores = found.importance
         masks[lang] = found.subnetwork

@@ -121,7 +121,8 @@ class SubnetworkPolicy(MaskPolicy):
     def settings(self) -> dict[str, Any]:
         """These subnetworks' settings by the names [SubnetworkConfig][subnets.hf.SubnetworkConfig] shares
         with ``masks.*`` and ``method.apply`` (what ``subnets-export`` records with the set)."""
-        names = ("units", "keep_ratio", "top_k", "min_heads_per_layer", "importance", "target_policy")
+        names = ("units", "keep_ratio", "top_k", "min_heads_per_layer", "importance", "target_policy",
+                 "activation_quantile")  # fmt: skip
         out = {name: setting(getattr(self.search, name)) for name in names}
         out |= {"apply": self.mode, "rule": "static" if self.control is None else "random"}
         return out if self.control is None else {**out, "seed": self.control.seed}
@@ -280,9 +281,12 @@ def _overlap_summary(masks: SubnetworkSet) -> dict[str, Any]:
 def subnetwork_budget(model: nn.Module, search: Any) -> int:
     """The parameters a static subnetwork of the ``masks.*`` settings (``search``) lets a language
     update inside the gated units: those its kept heads or neurons own (parameters no unit owns,
-    shared by every language, are not counted). The count is the same for every choice of units
-    when units of a kind are equal in size, as in every supported model; the first units are
-    taken. ``lora.match=static`` and ``sft.match=static`` size LoRA and LT-SFT by it.
+    shared by every language, are not counted). With ``masks.train=subnetwork`` (``search.train``)
+    only the weights its units own count, as only they train
+    ([train_subnetworks_only][subnets.masks.compact.train_subnetworks_only]: biases stay frozen).
+    The count is the same for every choice of units when units of a kind are equal in size, as in
+    every supported model; the first units are taken. ``lora.match=static``, ``shira.match=static``
+    and ``sft.match=static`` size LoRA, SHiRA and LT-SFT by it.
 
     Raises:
         SettingError: a selection whose size depends on the data (``masks.selection=iterative``)
@@ -290,7 +294,7 @@ def subnetwork_budget(model: nn.Module, search: Any) -> int:
     """
     selection = setting(search.selection)
     if selection == "iterative" or setting(search.params) != "none":
-        raise SettingError(f"a budget matched to a static subnetwork (lora.match / sft.match=static) needs a size known "
+        raise SettingError(f"a budget matched to a static subnetwork (lora.match / shira.match / sft.match=static) needs a size known "
                            f"before training: masks.selection=keep_ratio or top_k (is {selection}) and masks.params=none "
                            f"(is {setting(search.params)})")  # fmt: skip
     gates = model.gates
@@ -299,4 +303,9 @@ def subnetwork_budget(model: nn.Module, search: Any) -> int:
         mask = select_top_k(scores, int(search.top_k), search.min_heads_per_layer, gates.units)
     else:
         mask = select_keep_ratio(scores, float(search.keep_ratio), search.min_heads_per_layer, gates.units)
-    return sum(int(kept.sum()) for kept in unit_parameter_masks(model, mask).values())
+    masks = unit_parameter_masks(model, mask)
+    if setting(getattr(search, "train", "all")) == "subnetwork":  # the projection weights alone
+        weights = {id(getattr(m, "weight", None)) for m in model.modules()}
+        named = dict(model.named_parameters())
+        masks = {name: kept for name, kept in masks.items() if id(named[name]) in weights}
+    return sum(int(kept.sum()) for kept in masks.values())
