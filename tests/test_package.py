@@ -97,3 +97,40 @@ def test_every_console_script_is_a_cli_module():
         "subnets-report",
     }
     assert all(target.startswith("subnets.cli.") for target in scripts.values())
+
+
+def test_checkpoint_keys_are_defined_once():
+    """A checkpoint's keys are named once, in subnets.checkpoint_schema (issue 39): every module that
+    writes or reads a checkpoint uses those names, never the strings. Checked: the keys no other
+    part of the package uses as a key (a string used as an index ``x["sampler"]``, a dict key, a
+    membership test ``"sharded" in x``, the first argument of ``x.get``/``x.pop``, or a keyword
+    of ``x.update(...)``/``dict(...)``), so that a hit is a checkpoint key spelled out. The other
+    keys are common words used legitimately elsewhere: ``"step"``, ``"metric"`` and ``"method"`` in
+    records and results, ``"model"`` in run.json's identity, ``"optimizer"`` in the few-shot
+    settings, ``"rng"`` in the sampler's own state, ``"divergence"`` in results.json's status."""
+    keys = {"rng_ranks", "sharded", "scheduler", "sampler", "world_size"}
+
+    def spelled(node) -> list[str]:
+        strings = []
+        if isinstance(node, ast.Subscript):
+            strings.append(node.slice)
+        elif isinstance(node, ast.Dict):
+            strings += [k for k in node.keys if k is not None]
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            strings.append(node.left)
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in ("get", "pop", "setdefault") and node.args:
+                strings.append(node.args[0])
+            if name in ("update", "dict"):
+                return [k.arg for k in node.keywords if k.arg in keys]
+        return [s.value for s in strings if isinstance(s, ast.Constant) and s.value in keys]
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "checkpoint_schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            found += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {key!r}" for key in spelled(node)]
+    heading = "checkpoint keys spelled out, not subnets.checkpoint_schema's names:"
+    assert not found, "\n".join([heading, *found])

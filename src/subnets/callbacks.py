@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from subnets.checkpoint import remove_stale_shards, save_checkpoint
+from subnets.checkpoint_schema import Key
 from subnets.guards import LossGuard
 from subnets.sharding import save_sharded
 from subnets.update import StepResult
@@ -79,15 +80,15 @@ class Validation(Callback):
         if best:
             run.best = {"metric": metric, "step": run.step}
             path = run.paths.best_checkpoint
-            state = {"step": run.step, "metric": metric, "config": run.config()}
+            state = {Key.STEP: run.step, Key.METRIC: metric, Key.CONFIG: run.config()}
             if run.parallel.sharded:  # the model's shards, each process its own
-                state["sharded"] = save_sharded(path.parent / f"best-{run.step}.dcp", run.model).name
+                state[Key.SHARDED] = save_sharded(path.parent / f"best-{run.step}.dcp", run.model).name
             else:
-                state["model"] = run.model.state_dict()
+                state[Key.MODEL] = run.model.state_dict()
             if run.parallel.is_main:
-                save_checkpoint(path, {**state, "method": run.method.state_dict()})
+                save_checkpoint(path, {**state, Key.METHOD: run.method.state_dict()})
                 if run.parallel.sharded:
-                    remove_stale_shards(path.parent, "best", state["sharded"])
+                    remove_stale_shards(path.parent, "best", state[Key.SHARDED])
         return metric
 
 

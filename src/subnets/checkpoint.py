@@ -1,10 +1,10 @@
 """Checkpoints as single safetensors files, written atomically, and the generator states they hold.
 
 A checkpoint is one nested dictionary (model, optimizer, scheduler, step, config, method state,
-sampler and RNG states). Its tensors are stored as safetensors tensors; everything else (numbers,
-strings, lists, dictionaries with any keys) is stored as JSON in the file's metadata, with a
-reference where each tensor was. The file is written to a temporary name and renamed, so a
-crash never leaves a half-written checkpoint.
+sampler and RNG states; its keys: [Key][subnets.checkpoint_schema.Key]). Its tensors are stored as
+safetensors tensors; everything else (numbers, strings, lists, dictionaries with any keys) is
+stored as JSON in the file's metadata, with a reference where each tensor was. The file is
+written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from subnets.checkpoint_schema import Key
 from subnets.files import load_safetensors, save_safetensors
 from subnets.sharding import load_sharded, save_sharded
 
@@ -85,9 +86,9 @@ def drop_optimizer_state(path: str | os.PathLike) -> None:
     if not path.exists():
         return
     state = load_checkpoint(path)
-    if "optimizer" in state:
+    if Key.OPTIMIZER in state:
         before = path.stat().st_size
-        del state["optimizer"]
+        del state[Key.OPTIMIZER]
         save_checkpoint(path, state)
         log.info("dropped the optimizer state from %s: %.1f MB -> %.1f MB", path, before / 1e6,
                  path.stat().st_size / 1e6)  # fmt: skip
@@ -104,7 +105,7 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
         state = json.loads(state) if isinstance(state, str) else state
     except (KeyError, TypeError, ValueError):
         return None
-    return state.get("config") if isinstance(state, dict) else None
+    return state.get(Key.CONFIG) if isinstance(state, dict) else None
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -173,20 +174,20 @@ def save_training_state(run) -> Path:
     ``checkpoints/last-<step>.dcp/``, each process writing its own shards, and the file names
     that folder and holds every process's generators."""
     path, main = run.paths.last_checkpoint, run.parallel.is_main
-    state = {"step": run.step, "config": run.config()}
+    state = {Key.STEP: run.step, Key.CONFIG: run.config()}
     if run.parallel.sharded:
         folder = save_sharded(path.parent / f"last-{run.step}.dcp", run.model, run.optimizer)
-        state.update(sharded=folder.name, world_size=run.parallel.world_size,
-                     rng_ranks=run.parallel.gather(rng_state()))  # fmt: skip
+        state.update({Key.SHARDED: folder.name, Key.WORLD_SIZE: run.parallel.world_size,
+                      Key.RNG_RANKS: run.parallel.gather(rng_state())})  # fmt: skip
     elif main:
-        state.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+        state.update({Key.MODEL: run.model.state_dict(), Key.OPTIMIZER: run.optimizer.state_dict()})
     if main:
-        state.update(scheduler=run.scheduler.state_dict(), sampler=run.sampler.state_dict(),
-                     method=run.method.state_dict(), best=run.best, divergence=run.guard.state_dict(),
-                     rng=rng_state())  # fmt: skip
+        state.update({Key.SCHEDULER: run.scheduler.state_dict(), Key.SAMPLER: run.sampler.state_dict(),
+                      Key.METHOD: run.method.state_dict(), Key.BEST: run.best,
+                      Key.DIVERGENCE: run.guard.state_dict(), Key.RNG: rng_state()})  # fmt: skip
         save_checkpoint(path, state)
         if run.parallel.sharded:
-            remove_stale_shards(path.parent, "last", state["sharded"])
+            remove_stale_shards(path.parent, "last", state[Key.SHARDED])
         run.guard.checkpoint_written(run.step, None if run.guard.healthy else False)
     return path
 
@@ -207,22 +208,23 @@ def resume_training_state(run) -> bool:
             run.paths.drop_records_after(None)  # a run killed before its first checkpoint starts again
         return False
     state = load_checkpoint(path, run.device)
-    if "sharded" in state or run.parallel.sharded:
+    if Key.SHARDED in state or run.parallel.sharded:
         run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read once the model is sharded
     else:
-        load_model_state(run.model, state["model"], path, f"the settings of {run.paths.identity}")
-    run.method.load_state_dict(state["method"])  # first: masks.train=subnetwork lays out the optimizer
-    if "optimizer" in state:
-        run.optimizer.load_state_dict(state["optimizer"])
-    elif "sharded" not in state and state["step"] < run.cfg.train.steps:
+        load_model_state(run.model, state[Key.MODEL], path, f"the settings of {run.paths.identity}")
+    run.method.load_state_dict(state[Key.METHOD])  # first: masks.train=subnetwork lays out the optimizer
+    if Key.OPTIMIZER in state:
+        run.optimizer.load_state_dict(state[Key.OPTIMIZER])
+    elif Key.SHARDED not in state and state[Key.STEP] < run.cfg.train.steps:
         raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
-                         f"run finished at step {state['step']}): its training cannot be continued to "
+                         f"run finished at step {state[Key.STEP]}): its training cannot be continued to "
                          f"train.steps={run.cfg.train.steps}; start a new run")  # fmt: skip
-    for part, key in ((run.scheduler, "scheduler"), (run.sampler, "sampler"), (run.guard, "divergence")):
+    for part, key in ((run.scheduler, Key.SCHEDULER), (run.sampler, Key.SAMPLER),
+                      (run.guard, Key.DIVERGENCE)):  # fmt: skip
         part.load_state_dict(state[key])
-    run.step, run.best = state["step"], state["best"]
+    run.step, run.best = state[Key.STEP], state[Key.BEST]
     run.guard.checkpoint_written(run.step)
-    set_rng_state(state["rng_ranks"][run.parallel.rank] if "rng_ranks" in state else state["rng"])
+    set_rng_state(state[Key.RNG_RANKS][run.parallel.rank] if Key.RNG_RANKS in state else state[Key.RNG])
     if main:
         run.paths.drop_records_after(run.step)
     log.info("resumed from %s at step %d", path, run.step)
@@ -238,26 +240,26 @@ def restore_best_model(run) -> None:
             f"{path} is missing, but the run recorded a best model at step {run.best['step']}"
         )
     best = load_checkpoint(path, run.device)
-    if "sharded" in best:
-        load_sharded(path.parent / best["sharded"], run.model)
+    if Key.SHARDED in best:
+        load_sharded(path.parent / best[Key.SHARDED], run.model)
     else:
-        load_model_state(run.model, best["model"], path, f"the settings of {run.paths.identity}")
-    run.method.load_state_dict(best["method"])
+        load_model_state(run.model, best[Key.MODEL], path, f"the settings of {run.paths.identity}")
+    run.method.load_state_dict(best[Key.METHOD])
 
 
 def _sharded_checkpoint(run, path: Path, state: dict[str, Any]) -> Path:
     """The folder of shards a sharded checkpoint names, checked against ``run``'s processes."""
-    if "sharded" not in state:
+    if Key.SHARDED not in state:
         raise ValueError(f"{path} was written by an unsharded run; it continues with train.parallel=ddp")
     if not run.parallel.sharded:
         raise ValueError(f"{path} is sharded (train.parallel=fsdp): continue the run under torchrun with "
                          "train.parallel=fsdp, or write a whole checkpoint for evaluation and export with "
                          f"`python -m subnets.consolidate run={run.paths.root}`")  # fmt: skip
-    written, now = state["world_size"], run.parallel.world_size
+    written, now = state[Key.WORLD_SIZE], run.parallel.world_size
     if written != now:
         raise ValueError(f"{path} was written by {written} processes, this run has {now}: train.batch_size is per "
                          f"process, so a step's batch ({written} x train.batch_size sentences) and each process's "
                          f"generators would change; continue it with --nproc_per_node={written} "
                          f"(`python -m subnets.consolidate run={run.paths.root}` gives a whole checkpoint for "
                          "evaluation and export at any size)")  # fmt: skip
-    return path.parent / state["sharded"]
+    return path.parent / state[Key.SHARDED]

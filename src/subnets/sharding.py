@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from subnets.checkpoint_schema import Key
 from subnets.models.layouts import layer_list
 
 
@@ -103,9 +104,9 @@ def save_sharded(
     under the final name."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
-    state = {"model": get_model_state_dict(model)}
+    state = {Key.MODEL: get_model_state_dict(model)}
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state[Key.OPTIMIZER] = get_optimizer_state_dict(model, optimizer)
     if torch.distributed.get_rank() == 0 and partial.exists():
         shutil.rmtree(partial)
     torch.distributed.barrier()
@@ -131,19 +132,20 @@ def load_sharded(
     move) gets none after loading either, as in the run that wrote it."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: the sharded checkpoint is missing")
-    state = {"model": get_model_state_dict(model)}
+    state = {Key.MODEL: get_model_state_dict(model)}
     if optimizer is not None:
         # reading a fresh optimizer's state dict gives every parameter state; keep the saved ones
         saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        state["optimizer"]["state"] = {
-            name: values for name, values in state["optimizer"]["state"].items()
-            if any(f"optimizer.state.{name}.{key}" in saved for key in values)
+        state[Key.OPTIMIZER] = get_optimizer_state_dict(model, optimizer)
+        state[Key.OPTIMIZER]["state"] = {
+            name: values for name, values in state[Key.OPTIMIZER]["state"].items()
+            if any(f"{Key.OPTIMIZER}.state.{name}.{key}" in saved for key in values)
         }  # fmt: skip
     dcp.load(state, checkpoint_id=folder)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state[Key.MODEL])
     if optimizer is not None:  # not strict: the parameters left without state stay so
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        options = StateDictOptions(strict=False)
+        set_optimizer_state_dict(model, optimizer, state[Key.OPTIMIZER], options=options)
 
 
 def consolidated_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -154,12 +156,13 @@ def consolidated_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: the sharded checkpoint is missing")
     entries = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    prefix = f"{Key.MODEL}."
     model = {
-        key[len("model.") :]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        key[len(prefix) :]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
         for key, entry in entries.items()
-        if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model}, checkpoint_id=folder, no_dist=True)
+        dcp.load({Key.MODEL: model}, checkpoint_id=folder, no_dist=True)
     return model

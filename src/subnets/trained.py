@@ -29,6 +29,7 @@ from torch import nn
 
 from subnets.assemble import assemble, resolve_device
 from subnets.checkpoint import checkpoint_config, load_checkpoint, load_model_state
+from subnets.checkpoint_schema import Key
 from subnets.config import run_folder_name, setting, validate_config
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.languages import data_cache, data_root, load_run_data
@@ -266,15 +267,18 @@ def load_run(
     method.policy.bind(model, parts.batcher, list(cfg.languages.train))
     method.strategy.bind(model)
     state = load_checkpoint(path, parts.batcher.device)
-    if "model" not in state and "sharded" in state:
-        raise ValueError(f"{path} holds its model in shards ({state['sharded']}, train.parallel=fsdp): write the "
+    if Key.MODEL not in state and Key.SHARDED in state:
+        raise ValueError(f"{path} holds its model in shards ({state[Key.SHARDED]}, train.parallel=fsdp): write the "
                          f"whole model into it first with `python -m subnets.consolidate run={folder}`")  # fmt: skip
-    load_model_state(model, state["model"], path, _described_by(folder, cfg, path))
-    method.load_state_dict(state["method"])
+    load_model_state(model, state[Key.MODEL], path, _described_by(folder, cfg, path))
+    method.load_state_dict(state[Key.METHOD])
     model.eval()
-    best = {"metric": state["metric"], "step": state["step"]} if "metric" in state else state.get("best")
+    # best.safetensors: its own metric and step (in run.best's form); last.safetensors: the run's best
+    best = state.get(Key.BEST)
+    if Key.METRIC in state:
+        best = {"metric": state[Key.METRIC], "step": state[Key.STEP]}
     return TrainedRun(
-        folder, cfg, parts.task, model, parts.tokenizer, method, parts.batcher, path, state["step"], best
+        folder, cfg, parts.task, model, parts.tokenizer, method, parts.batcher, path, state[Key.STEP], best
     )
 
 

@@ -19,6 +19,7 @@ def consolidate_run(folder: str | Path) -> list[Path]:
     """Store the whole model in each sharded checkpoint of run ``folder``; returns the files
     written (a checkpoint that already holds its model is left as it is)."""
     from subnets.checkpoint import load_checkpoint, save_checkpoint
+    from subnets.checkpoint_schema import Key
     from subnets.runfolder import RunFolder
     from subnets.sharding import consolidated_model_state
 
@@ -31,14 +32,14 @@ def consolidate_run(folder: str | Path) -> list[Path]:
     with paths.lock():
         for path in checkpoints:
             state = load_checkpoint(path)
-            if "sharded" not in state:
+            if Key.SHARDED not in state:
                 raise ValueError(
                     f"{path} is not sharded (written without train.parallel=fsdp): nothing to consolidate"
                 )
-            if "model" in state:
+            if Key.MODEL in state:
                 continue
             save_checkpoint(
-                path, {**state, "model": consolidated_model_state(path.parent / state["sharded"])}
+                path, {**state, Key.MODEL: consolidated_model_state(path.parent / state[Key.SHARDED])}
             )
             written.append(path)
     return written
