@@ -431,3 +431,41 @@ def test_a_subnetwork_only_trainer_run_on_e5_small_reloads_in_another_process_wi
     ).eval()
     with torch.no_grad():
         assert not torch.equal(untrained(input_ids=inputs).logits, expected)
+
+
+def test_a_hand_written_loop_with_masked_optimizer_trains_the_subnetworks_alone():
+    from test_hf_save import tagging_data, tiny_tagger
+
+    from subnets.hf import SubnetworkConfig, find_subnetworks, masked_optimizer, with_subnetworks
+
+    data = {"de": tagging_data("de", 16, 0), "fr": tagging_data("fr", 16, 1)}
+    model = with_subnetworks(
+        tiny_tagger(), SubnetworkConfig(units="heads", keep_ratio=0.25, train="subnetwork")
+    )
+    find_subnetworks(model, data)
+    start = {k: v.clone() for k, v in model.model.state_dict().items()}
+    optimizer = masked_optimizer(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01), model
+    )
+    model.train()
+    for step in range(4):  # an accelerate-style loop: the model tells the optimizer what a step may update
+        code = ("de", "fr")[step % 2]
+        batch = {k: torch.tensor(v) for k, v in data[code][:8].items() if k != "language"}
+        model(**batch, language=code).loss.backward()
+        model.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        model.after_optimizer_step()
+    state = model.model.state_dict()
+    owned = {f"{p.name.removeprefix('model.')}.weight": p for p in model.subnetwork_parameters.projections}
+    union = torch.stack([s.unit_mask for s in model.masks.values()]).any(dim=0)
+    assert not union.all()  # some heads belong to no language: their rows must not move
+    for name, value in start.items():
+        if name in owned:
+            p = owned[name]
+            frozen = torch.ones_like(value, dtype=torch.bool).index_fill_(p.dim, p.index.long(), False)
+            assert torch.equal(state[name][frozen], value[frozen]) and not torch.equal(state[name], value), (
+                name
+            )
+        elif not name.startswith("classifier."):
+            assert torch.equal(state[name], value), name
