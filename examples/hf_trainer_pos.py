@@ -90,11 +90,11 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(arguments.model)
     collator = transformers.DataCollatorForTokenClassification(tokenizer)
     train, dev = {}, {}
-    for code in arguments.languages:
-        train[code] = tokenize(conllu_dataset(root / code / "train.conllu", code), tokenizer)
-        train[code] = train[code].select(range(min(arguments.train_sentences, len(train[code]))))
-        dev[code] = tokenize(conllu_dataset(root / code / "dev.conllu", code), tokenizer)
-        dev[code] = dev[code].select(range(min(arguments.dev_sentences, len(dev[code]))))
+    sizes = {"train": arguments.train_sentences, "dev": arguments.dev_sentences}
+    for code in arguments.languages:  # the first sentences of each file, tokenized
+        for split, data in (("train", train), ("dev", dev)):
+            rows = conllu_dataset(root / code / f"{split}.conllu", code)
+            data[code] = tokenize(rows.select(range(min(sizes[split], len(rows)))), tokenizer)
 
     transformers.set_seed(0)
     # float32: transformers 5 keeps a checkpoint's own precision (e5-small's is float16, slow on a CPU)

@@ -2,13 +2,11 @@
 prints its figures; one that needs ../shared and cannot find it says which variable to set.
 The figures' values are timings of a loaded machine: only their lines' shape is checked."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO
+from helpers import python
 from test_shared import E5_PATH, UD_ROOT, needs_e5, needs_ud
 
 BENCHMARKS = REPO / "benchmarks"
@@ -31,8 +29,10 @@ SMOKE = {
 
 
 def run(script: str, *arguments, cwd, env=None, timeout=300):
-    return subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *arguments], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    """``python benchmarks/<script>.py arguments`` in a new process (helpers.python: one that need not
+    import torch and the library again)."""
+    return python(BENCHMARKS / f"{script}.py", *arguments, cwd=cwd, timeout=timeout,
+                  env={"OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
 
 
 def test_every_benchmark_has_a_smoke_run():

@@ -1,4 +1,6 @@
-"""The command line, run as a subprocess: single runs, resume, multirun, a non-editable install."""
+"""The command line: a single run and its resume and a non-editable install as subprocesses; refusals
+and multiruns (the launchers' jobs in their own processes) in a process that need not import the
+library again (helpers.python)."""
 
 import json
 import os
@@ -8,6 +10,7 @@ import sys
 
 import pytest
 from conftest import REPO, TINY
+from helpers import python
 from hydra import compose, initialize_config_module
 
 from subnets.config import run_folder_name
@@ -19,6 +22,12 @@ def cli(*args, cwd, env=None, timeout=300):
         [sys.executable, "-m", "subnets.train", *args],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def forked_cli(*args, cwd, env=None, timeout=300):
+    """cli(), in a process forked from one that imported the library (helpers.python)."""
+    environment = {"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    return python("subnets.train", *args, cwd=cwd, env=environment, timeout=timeout)
 
 
 def test_single_run_in_its_folder_named_by_overrides_prints_las_writes_outputs_and_resumes(tmp_path):
@@ -70,17 +79,17 @@ def test_run_folder_names_are_single_unique_path_levels():
 
 def test_a_refused_run_prints_its_one_line_error_without_a_traceback(tmp_path):
     refused_settings = [*TINY, "+method=maml", "train.batches=mixed", f"hydra.run.dir={tmp_path / 'run'}"]
-    refused = cli(*refused_settings, cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    refused = forked_cli(*refused_settings, cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
     message = "train.batches=mixed: MAML episodes draw a batch per language"
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert [line for line in refused.stderr.splitlines() if message in line] == [refused.stderr.strip()]
-    verbose = cli(*refused_settings, "hydra.verbose=true", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    verbose = forked_cli(*refused_settings, "hydra.verbose=true", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and message in verbose.stderr
 
 
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    done = cli("-m", *TINY, "+method=baseline", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    done = forked_cli("-m", *TINY, "+method=baseline", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert len(results) == 2  # one folder per job
@@ -94,13 +103,13 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
 def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     args = ("-m", f"hydra/launcher={launcher}", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}")
-    done = cli(*args, cwd=tmp_path, timeout=600)
+    done = forked_cli(*args, cwd=tmp_path, timeout=600)  # (the launcher starts each job's own process)
     assert done.returncode == 0, done.stderr[-3000:]
     paths = sorted(sweep.glob("*/results.json"))
     assert sorted(json.loads(p.read_text())["seed"] for p in paths) == [1, 2]
     written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
 
-    again = cli(*args, cwd=tmp_path, timeout=600)
+    again = forked_cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == written
     for path in paths:  # each job said so in its log
@@ -108,7 +117,7 @@ def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, 
 
 
 def test_misspelt_setting_fails_with_its_name(tmp_path):
-    done = cli("train.stepz=3", cwd=tmp_path)
+    done = forked_cli("train.stepz=3", cwd=tmp_path)
     assert done.returncode != 0
     assert "stepz" in done.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))

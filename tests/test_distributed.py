@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import TINY, tiny_config
+from helpers import spawn
 
 from subnets.runner import Run
 
@@ -57,11 +57,7 @@ def _worker(rank: int, overrides: list[str], folder: str, port: int) -> None:
 def test_two_processes_agree_and_equal_one_process_on_the_combined_batch(tmp_path, method):
     settings = [*EXACT, *METHODS[method]]
     folder = tmp_path / "parallel"
-    mp.spawn(
-        _worker,
-        args=([*settings, "train.batch_size=4", "meta.query_size=4"], str(folder), free_port()),
-        nprocs=2,
-    )
+    spawn(_worker, ([*settings, "train.batch_size=4", "meta.query_size=4"], str(folder), free_port()))
     ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
     for name, tensor in ranks[0]["model"].items():
         assert torch.equal(tensor, ranks[1]["model"][name]), name  # bit-identical on both ranks

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO
+from helpers import python as fork_python
 from test_distributed import free_port
 from test_shared import E5_PATH, UD_ROOT, needs_e5, needs_ud
 
@@ -21,8 +22,10 @@ EXAMPLES = REPO / "examples"
 
 
 def python(*arguments, cwd, timeout=600):
-    return subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    """``python arguments`` (a script, or ``-m`` and a module) with W&B off, in a process that need not
+    import the library again (helpers.python)."""
+    target, *rest = arguments[1:] if arguments[0] == "-m" else arguments
+    return fork_python(target, *rest, cwd=cwd, timeout=timeout, env={"WANDB_MODE": "disabled"})
 
 
 def test_a_method_of_your_own_runs_from_its_folder_by_config_dir(tmp_path):
@@ -87,12 +90,10 @@ def test_an_accelerate_loop_with_two_processes_trains_mixed_batches_with_exact_m
 @pytest.mark.slow
 def test_trainer_pos_example_without_the_shared_data_names_what_to_set(tmp_path):
     missing = {"SUBNETS_UD_ROOT": str(tmp_path / "ud"), "SUBNETS_E5_PATH": str(tmp_path / "e5")}
-    done = subprocess.run([sys.executable, EXAMPLES / "hf_trainer_pos.py"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **missing})  # fmt: skip
+    done = fork_python(EXAMPLES / "hf_trainer_pos.py", cwd=tmp_path, env=missing)
     assert done.returncode == 2 and "Repo id" not in done.stderr
     assert done.stderr.endswith(f"not found at {tmp_path / 'ud'}: pass --ud-root or set SUBNETS_UD_ROOT\n")
-    done = subprocess.run([sys.executable, EXAMPLES / "hf_trainer_pos.py", "--ud-root", str(tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **missing})  # fmt: skip
+    done = fork_python(EXAMPLES / "hf_trainer_pos.py", "--ud-root", tmp_path, cwd=tmp_path, env=missing)
     assert done.returncode == 2 and "Repo id" not in done.stderr
     assert done.stderr.endswith(f"not found at {tmp_path / 'e5'}: pass --model or set SUBNETS_E5_PATH\n")
 

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from conftest import TINY, scores, tiny_config, tiny_transformer
+from helpers import python
 
 from subnets.checkpoint import load_checkpoint
 from subnets.data.batching import Collator, encode_words
@@ -55,9 +56,10 @@ KILLED_AFTER_CHECKPOINT = textwrap.dedent("""
 @pytest.mark.parametrize("method", [["+method=dynamic", "dynamic.update_every=2"], ["+method=maml_dynamic"]],
                          ids=["dynamic", "maml_dynamic"])  # fmt: skip
 def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path, method):
+    # (the kill in a python of its own; the uninterrupted and the resumed run in processes that need
+    # not import the library again: helpers.python)
     environment = {**os.environ, "WANDB_MODE": "disabled"}
-    reference = subprocess.run(train_command(tmp_path / "reference", *method), env=environment,
-                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    reference = python(*train_command(tmp_path / "reference", *method)[2:], env=environment)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     folder = tmp_path / "killed"
@@ -67,9 +69,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path, method):
     assert not (folder / "results.json").exists()  # it really died mid-run
     assert load_checkpoint(folder / "checkpoints" / "last.safetensors")["step"] == 8
 
-    resumed = subprocess.run(
-        train_command(folder, *method), env=environment, capture_output=True, text=True, timeout=300
-    )
+    resumed = python(*train_command(folder, *method)[2:], env=environment)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     results = [json.loads((tmp_path / r / "results.json").read_text()) for r in ("reference", "killed")]

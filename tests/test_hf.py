@@ -11,6 +11,7 @@ import datasets
 import pytest
 import torch
 import transformers
+from helpers import tagging_languages, tiny_tagger
 from torch import nn
 
 from subnets.hf import (
@@ -25,27 +26,10 @@ from subnets.masks import MaskMismatchError, unit_importance, unit_parameter_mas
 from subnets.masks.selection import select_keep_ratio
 from subnets.models.layouts import UnknownLayoutError
 
-VOCAB, LENGTH = 40, 8
-
-
-def tiny_tagger(layers: int = 2, seed: int = 0, dtype=torch.float32) -> nn.Module:
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                                     intermediate_size=64, num_labels=3, max_position_embeddings=32)  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.BertForTokenClassification(config).to(dtype)
-
-
-def tagging_data(language: str, n: int, shift: int) -> datasets.Dataset:
-    """Tokens whose tag is (token + shift) mod 3: languages that disagree about every token."""
-    generator = torch.Generator().manual_seed(shift + 7)
-    ids = torch.randint(5, VOCAB, (n, LENGTH), generator=generator)
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * LENGTH] * n,
-                                       "labels": ((ids + shift) % 3).tolist(), "language": [language] * n})  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def languages():
-    return {"de": tagging_data("de", 64, 0), "fr": tagging_data("fr", 64, 1)}
+    return tagging_languages(64)
 
 
 def training_args(folder, **overrides) -> transformers.TrainingArguments:

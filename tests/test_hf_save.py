@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 import transformers
-from torch import nn
+from helpers import tagging_data, tagging_languages, tiny_tagger
 from torch.utils.data import DataLoader
 
 from subnets.hf import (
@@ -25,27 +25,10 @@ from subnets.hf import (
     with_subnetworks,
 )
 
-VOCAB, LENGTH = 40, 8
-
-
-def tiny_tagger(seed: int = 0) -> nn.Module:
-    """A model built from a config (no hub name), the same weights for the same seed in any process."""
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, num_labels=3, max_position_embeddings=32)  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.BertForTokenClassification(config)
-
-
-def tagging_data(language: str | None, n: int, shift: int) -> datasets.Dataset:
-    generator = torch.Generator().manual_seed(shift + 7)
-    ids = torch.randint(5, VOCAB, (n, LENGTH), generator=generator)
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * LENGTH] * n,
-                                       "labels": ((ids + shift) % 3).tolist(), "language": [language] * n})  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def languages():
-    return {"de": tagging_data("de", 32, 0), "fr": tagging_data("fr", 32, 1)}
+    return tagging_languages(32)
 
 
 def train(model, folder, dataset, steps: int = 3, **kwargs) -> SubnetworkTrainer:

@@ -15,6 +15,7 @@ from collections import Counter
 
 import pytest
 from conftest import tiny_config
+from helpers import small_job
 
 from subnets.data.treebank import read_conllu
 from subnets.files import read_jsonl
@@ -22,23 +23,7 @@ from subnets.metrics import attachment_scores
 from subnets.runner import run
 
 SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
-BUDGET = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.vocab_size=2000",
-    "model.tiny.max_length=128",
-    "task.arc_dim=64",
-    "task.label_dim=32",
-    "languages.synthetic.train=300",
-    "languages.synthetic.dev=50",
-    "languages.synthetic.test=50",
-    "train.steps=200",
-    "train.batch_size=32",
-    "train.warmup_steps=20",
-    "train.eval_every=100",
-    "train.checkpoint_every=100",
-    "train.log_every=20",
-]
+BUDGET = small_job(steps=200, interval=100, log_every=20)
 
 
 def trivial_las(gold, label, direction):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
+from helpers import small_job
 from test_golden import flatten
 
 from subnets.files import read_jsonl
@@ -40,21 +41,7 @@ from subnets.runner import run
 
 PINS = Path(__file__).parent / "golden" / "small_job.json"
 SMALL_JOB = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.vocab_size=2000",
-    "model.tiny.max_length=128",
-    "task.arc_dim=64",
-    "task.label_dim=32",
-    "languages.synthetic.train=300",
-    "languages.synthetic.dev=50",
-    "languages.synthetic.test=50",
-    "train.steps=150",
-    "train.batch_size=32",
-    "train.warmup_steps=20",
-    "train.eval_every=75",
-    "train.checkpoint_every=75",
-    "train.log_every=15",
+    *small_job(steps=150, interval=75, log_every=15),
     "train.precision=fp64",
     "fewshot.repetitions=1",
     "fewshot.steps=5",

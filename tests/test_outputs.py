@@ -9,13 +9,12 @@ import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 from conftest import hashes, tiny_config
+from helpers import python
 
 from subnets import load_run
 from subnets.runner import run
@@ -43,8 +42,8 @@ def runs(tmp_path_factory):
 
 
 def cli(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    """``python -m module args``, in a process that need not import the library again (helpers.python)."""
+    return python(module, *args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
 
 def hidden_states(transformer, tokenizer):

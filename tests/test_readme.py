@@ -1,17 +1,19 @@
 """Every command in README.md runs as written (issue 28): the quick start's two commands are the
 ones .ci/run runs, and every ``python -m subnets...`` line of its code blocks runs from a fresh
 folder, in order, with settings that shorten a long run (``debug=tiny``, one few-shot repetition,
-small real-data caps) appended, and with the run folder the command itself would use."""
+small real-data caps) appended, and with the run folder the command itself would use (each in a
+new process that need not import the library again: helpers.python)."""
 
+import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
 from conftest import REPO
-from test_shared import E5_PATH, UD_ROOT, needs_e5, needs_ud
+from helpers import python
+from test_shared import E5_PATH, UD_ROOT, UD_SOURCES, UD_TARGETS, needs_e5, needs_ud
 
 from subnets.config import run_folder_name
 
@@ -20,7 +22,8 @@ BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS for line in block.splitlines() if line.strip()]
 SHORT = ["debug=tiny", "fewshot.repetitions=1", "fewshot.steps=1", "train.steps=6"]
 REAL = ["languages.max_train_sentences=24", "languages.max_eval_sentences=12", "fewshot.k=3",
-        "masks.importance_batches=2", "masks.batch_size=4", "masks.finetune_steps=0", "masks.after_steps=2", f"languages.ud_root={UD_ROOT}"]  # fmt: skip
+        "masks.importance_batches=2", "masks.batch_size=4", "masks.finetune_steps=0", "masks.after_steps=2", f"languages.ud_root={UD_ROOT}",
+        "train.batch_size=4", "analysis.cka_sentences=4", "analysis.conflict_batch_size=2"]  # fmt: skip
 
 
 def test_the_quick_start_is_what_ci_runs():
@@ -64,8 +67,14 @@ def test_every_readme_command_runs_in_order(tmp_path):
     commands = [c for c in COMMANDS[2:] if c.startswith("python -m subnets")]
     assert len(commands) >= 7  # methods, sweep, tasks, the UD study, evaluate, predict
     for command in commands:
-        done = subprocess.run(shortened(command), cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                              env=environment)  # fmt: skip
+        _, _, module, *arguments = shortened(command)
+        done = python(module, *arguments, cwd=tmp_path, env=environment, timeout=900)
         assert done.returncode == 0, (command, done.stderr[-3000:])
     assert (tmp_path / "parsed.conllu").read_text().count("\n\n") == 2  # predict wrote two parsed sentences
     assert len(list((tmp_path / "multirun" / "default").glob("*/results.json"))) == 9  # the 3 x 3 sweep
+    # The UD study by its settings alone: e5-small, static masks of the eight source languages,
+    # every target language of the manifest evaluated.
+    study = tmp_path / "outputs" / "default" / run_folder_name("+experiment=ud_fewshot,+method=static")
+    results = json.loads((study / "results.json").read_text())
+    assert set(results["target"]) == UD_TARGETS and set(results["sparsity"]) == UD_SOURCES
+    assert (study / "masks" / "overlap.png").exists()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED, TINY
+from helpers import python
 
 from subnets import report
 from subnets.config import compose_config
@@ -116,9 +115,7 @@ def test_report_writes_markdown_csv_and_figures(written_study):
 
 
 def test_report_on_a_folder_without_runs_says_so(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "subnets.report", str(tmp_path)], capture_output=True, text=True
-    )
+    done = python("subnets.report", tmp_path)
     assert done.returncode != 0 and f"no run folders with results.json under {tmp_path}" in done.stderr
 
 
@@ -149,12 +146,8 @@ needs_ud = pytest.mark.skipif(not os.path.isdir(UD_ROOT), reason=f"real UD data 
 def tiny_study(tmp_path_factory):
     """baseline and dynamic, seeds 1 and 2: the tiny model on three parallel PUD treebanks."""
     folder = tmp_path_factory.mktemp("study") / "multi"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "subnets.train", "-m", "+method=baseline,dynamic", "seed=1,2", *TINY_UD,
-         f"hydra.sweep.dir={folder}"],
-        cwd=folder.parent, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    done = python("subnets.train", "-m", "+method=baseline,dynamic", "seed=1,2", *TINY_UD, f"hydra.sweep.dir={folder}",
+                  cwd=folder.parent, env={"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
@@ -162,9 +155,7 @@ def tiny_study(tmp_path_factory):
 @needs_ud
 @pytest.mark.shared
 def test_report_command_on_a_real_multirun(tiny_study):
-    done = subprocess.run(
-        [sys.executable, "-m", "subnets.report", str(tiny_study)], capture_output=True, text=True
-    )
+    done = python("subnets.report", tiny_study)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tiny_study / "report"
     assert {p.name for p in out.glob("*.png")} == FIGURES

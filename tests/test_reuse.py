@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import SCORER, hashes, official_scorer, tiny_config, ud_job
+from helpers import python
 
 from subnets import load_run
 from subnets.data import read_conllu
@@ -60,8 +59,8 @@ def test_evaluating_a_run_on_its_own_languages_reproduces_it_and_changes_none_of
 
 
 def cli(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    """``python -m module args``, in a process that need not import the library again (helpers.python)."""
+    return python(module, *args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
 
 def test_evaluate_command_on_a_new_language_and_other_fewshot_settings(runs, tmp_path):

@@ -4,14 +4,15 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
-from conftest import TINY, Crash, tiny_config
+from conftest import TINY, tiny_config
+from helpers import python, spawn
 from test_distributed import free_port
 
 from subnets.assemble import check_settings
@@ -44,47 +45,49 @@ def _join(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: int, crash_at: int = 0,
-                kind: str = "last") -> None:  # fmt: skip
-    """One process of a sharded run (the runner's ``run``), crashing after the ``kind``
-    checkpoint (``last`` or ``best``) at step ``crash_at`` if given."""
+def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: int, copy_at: int = 0,
+                kind: str = "last", copy_to: str = "") -> None:  # fmt: skip
+    """One process of a sharded run (the runner's ``run``). With ``copy_at``, the run's folder as it
+    stands right after the ``kind`` checkpoint (``last`` or ``best``) of step ``copy_at`` is copied to
+    ``copy_to``, every process waiting: the files a run killed at that moment leaves, while this
+    run goes on uninterrupted."""
     _join(rank, world, port)
-    if crash_at:
+    if copy_at:
+
+        def copy_folder(training: Run) -> None:
+            training.parallel.barrier()  # every process has written its part
+            if training.parallel.is_main:
+                shutil.copytree(folder, copy_to)
+            training.parallel.barrier()
+
         if kind == "last":
             original = Run.save_checkpoint
 
-            def save_then_crash(self):
+            def save_then_copy(self):
                 path = original(self)
-                if self.step == crash_at:
-                    raise Crash(f"simulated crash after the checkpoint at step {crash_at}")
+                if self.step == copy_at:
+                    copy_folder(self)
                 return path
 
-            Run.save_checkpoint = save_then_crash
+            Run.save_checkpoint = save_then_copy
         else:
             validate = Validation.validate
 
-            def validate_then_crash(run):
-                metric = validate(run)
-                if run.step == crash_at:
-                    if run.parallel.is_main:  # (rank 0 writes the file)
-                        assert load_checkpoint(run.paths.best_checkpoint)["step"] == crash_at
-                    raise Crash(f"simulated crash after the best checkpoint at step {crash_at}")
+            def validate_then_copy(training):
+                metric = validate(training)
+                if training.step == copy_at:
+                    if training.parallel.is_main:  # (rank 0 writes the file)
+                        assert load_checkpoint(training.paths.best_checkpoint)["step"] == copy_at
+                    copy_folder(training)
                 return metric
 
-            Validation.validate = staticmethod(validate_then_crash)
-        try:
-            run(tiny_config(*overrides), folder)
-        except Crash:
-            return
-        raise AssertionError("the run did not crash")
+            Validation.validate = staticmethod(validate_then_copy)
     run(tiny_config(*overrides), folder)
 
 
-def sharded_run(folder, overrides, world: int = 2, crash_at: int = 0, kind: str = "last") -> dict:
-    mp.spawn(
-        _run_worker, args=(world, list(overrides), str(folder), free_port(), crash_at, kind), nprocs=world
-    )
-    return {} if crash_at else json.loads((folder / "results.json").read_text())
+def sharded_run(folder, overrides, world: int = 2, copy_at: int = 0, kind: str = "last", copy_to="") -> dict:
+    spawn(_run_worker, (world, list(overrides), str(folder), free_port(), copy_at, kind, str(copy_to)), world)
+    return json.loads((folder / "results.json").read_text())
 
 
 def last_model(folder) -> dict[str, torch.Tensor]:
@@ -214,7 +217,7 @@ def _masked_step_worker(rank: int, port: int, folder: str, architecture: str) ->
 
 @pytest.mark.parametrize("architecture", list(TINY_MODELS))
 def test_masked_optimizer_on_shards_equals_the_whole_step_and_freezes_to_the_bit(tmp_path, architecture):
-    mp.spawn(_masked_step_worker, args=(free_port(), str(tmp_path), architecture), nprocs=2)
+    spawn(_masked_step_worker, (free_port(), str(tmp_path), architecture))
     saved = torch.load(tmp_path / "step.pt")
     whole, sharded, initial = saved["whole"], saved["sharded"], saved["initial"]
     for name, mask in saved["masks"].items():
@@ -245,10 +248,12 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_re
 ):
     # (the clm case: the scalar mix of layers gets no gradient under a language-model head, so
     # the saved shards hold no optimizer state for it, and loading them used to refuse)
+    # The uninterrupted run's folder copied right after that checkpoint is what a kill then leaves.
     settings = [*TASK_SETTINGS[task], *METHODS[method], "train.parallel=fsdp", "train.batch_size=4"]
-    reference = sharded_run(tmp_path / "reference", settings)
-    crash_at = {"last": 8, "best": 6}[kind]
-    sharded_run(tmp_path / "resumed", settings, crash_at=crash_at, kind=kind)
+    killed_at = {"last": 8, "best": 6}[kind]
+    reference = sharded_run(tmp_path / "reference", settings, copy_at=killed_at, kind=kind,
+                            copy_to=tmp_path / "resumed")  # fmt: skip
+    assert not (tmp_path / "resumed" / "results.json").exists()
     checkpoint = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.safetensors")
     assert checkpoint["step"] == (8 if kind == "last" else 4)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng_ranks"]) == 2
@@ -270,7 +275,7 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_re
     logged = [{r["step"]: r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r}
               for name in ("reference", "resumed")]  # fmt: skip
     assert list(logged[0]) == list(logged[1]) == [3, 6, 9, 12]  # each step once
-    # (the interval around the crash began before it: the resumed log holds its last steps alone)
+    # (the interval around the kill began before it: the resumed log holds its last steps alone)
     for step in {3, 6, 9, 12} - {9 if kind == "last" else 6}:
         assert logged[0][step] == logged[1][step]
 
@@ -288,19 +293,13 @@ def test_torchrun_command_then_consolidate_and_evaluate(tmp_path):
     losses = training_losses(folder)
     assert losses[-1] < losses[0] - 0.3  # bf16 layers with activation checkpointing learn
 
-    evaluate = [
-        sys.executable,
-        "-m",
-        "subnets.evaluate",
-        f"run={folder}",
-        f"output={tmp_path / 'evaluation'}",
-    ]
-    refused = subprocess.run(evaluate, capture_output=True, text=True, env=environment, timeout=300)
+    evaluate = ["subnets.evaluate", f"run={folder}", f"output={tmp_path / 'evaluation'}"]
+    refused = python(*evaluate, env=environment)
     assert refused.returncode == 1 and "python -m subnets.consolidate" in refused.stderr
 
     assert consolidate_run(folder) == [folder / "checkpoints" / "last.safetensors",
                                        folder / "checkpoints" / "best.safetensors"]  # fmt: skip
-    evaluated = subprocess.run(evaluate, capture_output=True, text=True, env=environment, timeout=300)
+    evaluated = python(*evaluate, env=environment)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     for language, scores in results["source"].items():  # one process, the consolidated best model
@@ -388,7 +387,7 @@ def _importance_worker(rank: int, port: int, folder: str) -> None:
 
 
 def test_unit_importance_and_fisher_per_unit_on_shards_equal_the_whole_model(tmp_path):
-    mp.spawn(_importance_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    spawn(_importance_worker, (free_port(), str(tmp_path)))
     saved = torch.load(tmp_path / "importance.pt")
     (importance, fisher), (sharded_importance, sharded_fisher) = saved["whole"], saved["sharded"]
     assert importance.shape == (2, 4 + 72) and fisher.abs().sum() > 0

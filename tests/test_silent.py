@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 from conftest import TINY, scores, tiny_config
+from helpers import python
 
 from subnets.data.hf import read_dataset_split
 from subnets.data.treebank import ConlluError
@@ -23,8 +24,8 @@ from subnets.trained import evaluate_run, load_run
 
 
 def cli(module, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    """``python -m module args``, in a process that need not import the library again (helpers.python)."""
+    return python(module, *args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
 
 # ---------------------------------------------------------------- 1. divergence from the start

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import crash_after_checkpoint, scores, step_on, tiny_config
+from helpers import changed_outside, masked_step
 
 import subnets.methods.static as static
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
@@ -38,24 +39,17 @@ def test_static_run_writes_masks_and_figure(tmp_path):
 def test_heads_outside_a_languages_subnetwork_receive_no_update_from_its_batches(tmp_path, mode):
     experiment = Run(tiny_config(*KEEP_HALF, f"method.apply={mode}"), tmp_path)
     experiment.setup()
-    model, method = experiment.model, experiment.method.policy
+    method = experiment.method.policy
     try:
         for _ in range(6):
-            lang = experiment.sampler.next_language()
-            owned = unit_parameter_masks(model, method.masks[lang].unit_mask)
-            before = {name: p.detach().clone() for name, p in model.named_parameters()}
-            step_on(experiment, lang)
-            after = dict(model.named_parameters())
-            moved_inside = False
-            for name, mask in owned.items():
-                if mode == "forward":
-                    # gated off, the heads get no gradient from the batch (AdamW's decay and
-                    # momentum from other languages' steps may still move them: not exact)
-                    assert not after[name].grad[~mask].any(), (lang, name)
-                else:
-                    assert torch.equal(after[name][~mask], before[name][~mask]), (lang, name)
-                moved_inside |= not torch.equal(after[name][mask], before[name][mask])
-            assert moved_inside
+            lang, owned, before, after = masked_step(experiment)
+            if mode == "forward":
+                # gated off, the heads get no gradient from the batch (AdamW's decay and
+                # momentum from other languages' steps may still move them: not exact)
+                assert not any(after[name].grad[~mask].any() for name, mask in owned.items()), lang
+            else:
+                assert not changed_outside(owned, before, after), lang
+            assert any(not torch.equal(after[name][mask], before[name][mask]) for name, mask in owned.items())
             gates = method.gates(lang)
             assert (gates is None) == (mode == "gradient")
     finally:
@@ -158,12 +152,7 @@ def test_masks_after_steps_are_searched_on_the_shared_model_at_that_step(tmp_pat
             again = search_masks(model, policy.search, experiment.source_languages(), experiment.batcher,
                                           experiment.outputs)  # fmt: skip
             assert all(torch.equal(again[lang].unit_mask, policy.masks[lang].unit_mask) for lang in again)
-        lang = experiment.sampler.next_language()
-        owned = unit_parameter_masks(model, policy.masks[lang].unit_mask)
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        step_on(experiment, lang)
-        after = dict(model.named_parameters())
-        assert all(torch.equal(after[n][~m], before[n][~m]) for n, m in owned.items())  # masked from then on
+        assert not changed_outside(*masked_step(experiment)[1:])  # masked from then on
     finally:
         experiment.close()
     from_start = run(tiny_config(*KEEP_HALF), tmp_path / "from_start")

@@ -28,9 +28,11 @@ REAL = ["languages.train=[en_ewt,it_isdt]", "languages.dev=[bg_btb]", "languages
 @needs_ud
 @needs_e5
 def test_masked_language_modelling_on_real_ud_text_with_e5_small_and_static_neuron_masks(tmp_path):
+    # 4 steps of 4 sentences (a step through e5-small's 250k-word output layer costs seconds): measured
+    # perplexity 25079 (en_ewt) and 10017 (it_isdt), against 82593 and 28217 after one step of 8
     settings = ["+method=static", "masks.units=neurons", "masks.selection=keep_ratio", "masks.finetune_steps=0",
-                "masks.importance_batches=2", "masks.batch_size=4", "train.steps=10", "train.eval_every=10",
-                "train.checkpoint_every=10", "languages.max_eval_sentences=12"]  # fmt: skip
+                "masks.importance_batches=2", "masks.batch_size=4", "train.steps=4", "train.eval_every=4",
+                "train.checkpoint_every=4", "train.batch_size=4", "languages.max_eval_sentences=12"]  # fmt: skip
     cfg = compose_config(["+experiment=ud_e5", "task=mlm", *REAL, *settings, f"languages.ud_root={UD_ROOT}",
                           f"model.name_or_path={E5_PATH}"])  # fmt: skip
     results = run(cfg, tmp_path)

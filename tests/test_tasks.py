@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
+from helpers import python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -362,16 +363,13 @@ def test_prediction_files_read_back(ner_run, tmp_path):
 
 
 def test_predict_command_and_the_old_parse_name_annotate_in_the_tasks_format(ner_run, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     folder, _ = ner_run
     source = write(tmp_path / "input.txt", "wino lue qexy\n")
     for module in ("subnets.predict", "subnets.parse"):
         output = tmp_path / f"{module}.conll"
-        done = subprocess.run([sys.executable, "-m", module, f"run={folder}", f"input={source}", f"output={output}"],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+        done = python(
+            module, f"run={folder}", f"input={source}", f"output={output}", env={"WANDB_MODE": "disabled"}
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "task ner" in done.stdout and len(output.read_text().split("\n")[0].split("\t")) == 2
 

@@ -4,12 +4,11 @@ Each test is a case an audit found failing (issue 12)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import SCORER, TINY, hashes, official_scorer, scores, tiny_config, ud_job
+from helpers import python
 
 from subnets.checkpoint import load_checkpoint
 from subnets.config import SettingError
@@ -101,8 +100,8 @@ def test_another_model_at_the_same_path_is_refused(tmp_path):
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "subnets.train", *TINY, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    """``python -m subnets.train debug=tiny args`` (helpers.python)."""
+    return python("subnets.train", *TINY, *args, cwd=cwd, env={"WANDB_MODE": "disabled"})
 
 
 def test_a_refused_command_rewrites_nothing_in_the_folder(tmp_path):

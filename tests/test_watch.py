@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from conftest import TINY, tiny_config
+from helpers import python
 
 from subnets.runner import run
 from subnets.tracking import Tracker, wandb_mode
@@ -20,9 +17,8 @@ PHASE_LINES = ["mask search, syn_svo: kept 4 of 8 units", "step 3/12  loss", "st
 
 def test_a_run_off_a_terminal_logs_progress_and_phases_to_train_log_and_stderr(tmp_path):
     folder = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "subnets.train", *TINY, *STATIC, f"hydra.run.dir={folder}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    done = python("subnets.train", *TINY, *STATIC, f"hydra.run.dir={folder}", cwd=tmp_path,
+                  env={"WANDB_MODE": "disabled"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     log = (folder / "train.log").read_text()
     for line in PHASE_LINES:
