@@ -66,7 +66,7 @@ def main() -> None:
         vars(args).update(model="tiny", batch_size=4, length=16, rounds=1, repeats=1)
 
     plain = base_model(args.model).eval()  # no dropout: the variants compute the same kind of pass
-    wrapped = with_subnetworks(copy.deepcopy(plain), SubnetworkConfig(units="heads"))
+    wrapped = with_subnetworks(copy.deepcopy(plain), SubnetworkConfig(units="heads", apply="both"))
     generator = torch.Generator().manual_seed(0)
     for code in LANGUAGES:  # half the heads of each layer, drawn per language
         scores = torch.rand(wrapped.gates.shape, generator=generator)

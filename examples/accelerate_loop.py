@@ -63,9 +63,10 @@ def main() -> None:
     transformers.set_seed(0)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, num_labels=3, max_position_embeddings=32)  # fmt: skip
-    model = with_subnetworks(
-        transformers.BertForTokenClassification(config), SubnetworkConfig(units="heads", keep_ratio=0.5)
-    )
+    # apply="both": the two languages' tags conflict, so each runs through its own heads (the
+    # default, "gradient", restricts only what a language's steps update)
+    subnetworks = SubnetworkConfig(units="heads", keep_ratio=0.5, apply="both")
+    model = with_subnetworks(transformers.BertForTokenClassification(config), subnetworks)
     train = {code: language_data(code, 128, seed) for seed, code in enumerate(SHIFTS)}
     test = {code: language_data(code, 64, 10 + seed) for seed, code in enumerate(SHIFTS)}
     collate = LanguageCollator(transformers.default_data_collator)
