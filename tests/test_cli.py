@@ -1,6 +1,6 @@
-"""The command line: a single run and its resume and a non-editable install as subprocesses; refusals
-and multiruns (the launchers' jobs in their own processes) in a process that need not import the
-library again (helpers.python)."""
+"""The command line: a single run and its resume, the launchers' multiruns and a non-editable install as
+subprocesses; refusals and in-process multiruns in a process that need not import the library again
+(helpers.python)."""
 
 import json
 import os
@@ -103,13 +103,15 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
 def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     args = ("-m", f"hydra/launcher={launcher}", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}")
-    done = forked_cli(*args, cwd=tmp_path, timeout=600)  # (the launcher starts each job's own process)
+    # A real interpreter: the launchers start worker processes (joblib's loky, submitit) whose idle
+    # executors a forked helpers.python process would wait on at exit until its timeout.
+    done = cli(*args, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     paths = sorted(sweep.glob("*/results.json"))
     assert sorted(json.loads(p.read_text())["seed"] for p in paths) == [1, 2]
     written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
 
-    again = forked_cli(*args, cwd=tmp_path, timeout=600)
+    again = cli(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == written
     for path in paths:  # each job said so in its log
