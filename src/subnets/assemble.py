@@ -63,7 +63,8 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
     """Refuse ``masks.path`` for a method whose policy would not read it, ``masks.after_steps``
     for one that searches its masks before training only (dynamic.init=static), an
     ``after_steps`` that contradicts ``masks.path`` or leaves no masked training,
-    ``train.compile`` with second-order MAML, and ``masks.importance=activation`` where it does not
+    ``train.compile`` with second-order MAML, ``train.precision=bf16_base`` without subnetwork-only
+    training, and ``masks.importance=activation`` where it does not
     apply ([check_activation_importance][subnets.assemble.check_activation_importance])."""
     policy = method.policy
     name = f"method {cfg.method.name} ({type(policy).__name__})"
@@ -80,6 +81,14 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
         )
     if setting(cfg.masks.train) == "subnetwork":
         check_subnetwork_only(cfg, method)
+    if setting(cfg.train.precision) == "bf16_base" and (
+        setting(cfg.masks.train) != "subnetwork" or not isinstance(policy, SubnetworkPolicy)
+    ):
+        raise SettingError(f"train.precision=bf16_base with +method={cfg.method.name} and masks.train="
+                           f"{setting(cfg.masks.train)}: the transformer's weights are stored in bfloat16 and frozen, "
+                           "and only training the subnetworks alone keeps fp32 master copies of what it trains; use "
+                           "masks.train=subnetwork with +method=static, dynamic or random, or train.precision=bf16 "
+                           "(autocast over fp32 weights)")  # fmt: skip
     if setting(cfg.masks.importance) == "activation":
         check_activation_importance(cfg, method)
     dynamic = getattr(policy, "dynamic", None)

@@ -35,6 +35,9 @@ class Batches(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast, fp32 weights and optimizer (with fsdp: layers gathered in bf16)
+    # the transformer's weights stored in bf16 and frozen (masks.train=subnetwork only), under autocast;
+    # the subnetworks' values (an fp32 master copy), the task head and the optimizer state in fp32
+    bf16_base = "bf16_base"
     # weights, activations and optimizer state in float64: slower, for checks of numerics
     fp64 = "fp64"
 

@@ -181,7 +181,9 @@ class TrainConfig:
     # false: a finished run's last checkpoint is rewritten without the optimizer state (AdamW's
     # two moments per parameter); evaluation still works, continuing its training does not
     keep_optimizer_state: bool = True
-    precision: Precision = Precision.fp32  # bf16: the encoder under autocast; fp64: all in float64
+    # bf16: the encoder under autocast; bf16_base: also its weights stored in bf16 (frozen, masks.train=
+    # subnetwork: fp32 master values); fp64: all in float64
+    precision: Precision = Precision.fp32
     compile: bool = False  # torch.compile of the encoder (in place: checkpoint names unchanged)
     parallel: Parallel = Parallel.ddp  # under torchrun: whole replicas (ddp) or FSDP2 shards (fsdp)
 

@@ -34,7 +34,7 @@ from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.files import atomic_write_json
 from subnets.masks import core
-from subnets.masks.compact import train_subnetworks_only
+from subnets.masks.compact import subnetwork_parameters, train_subnetworks_only
 from subnets.masks.controls import random_jaccard_matrix
 from subnets.masks.importance import unit_importance
 from subnets.masks.selection import per_kind, select_keep_ratio, select_top_k
@@ -258,12 +258,26 @@ class SubnetworkPolicy(MaskPolicy):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": None if self.masks is None else self.masks.state_dict()}
+        """The masks and, with ``masks.train=subnetwork`` on a half-precision base, the subnetworks' fp32
+        master values (the model's dense weights hold them rounded)."""
+        state = {"masks": None if self.masks is None else self.masks.state_dict()}
+        values = subnetwork_parameters(self.model) if self.model is not None else None
+        if (
+            values is not None
+            and values.projections
+            and values.projections[0].module.weight.dtype != torch.float32
+        ):
+            state["values"] = {name: v.detach().clone() for name, v in values.named_parameters()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("masks") is not None:
             shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()} if self.model else None
             self.set_masks(SubnetworkSet.from_state_dict(state["masks"], shapes))
+        if state.get("values"):
+            with torch.no_grad():
+                for name, value in subnetwork_parameters(self.model).named_parameters():
+                    value.copy_(state["values"][name])
 
 
 def _overlap_summary(masks: SubnetworkSet) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: A
     [Encoder][subnets.models.encoder.Encoder] (scalar mix with ``model.mix_dropout``; every dropout inside it
     set to ``model.encoder_dropout`` when given; its word embeddings frozen with ``model.freeze_embeddings``:
     ``requires_grad=False``, so no optimizer holds them; run under bfloat16 autocast with
-    ``train.precision=bf16``, in float64 with ``fp64``; gates on the units of ``masks.units``, found by
+    ``train.precision=bf16`` (and its weights stored in bfloat16 with ``bf16_base``), in float64 with ``fp64``; gates on the units of ``masks.units``, found by
     ``model.layout`` or the detected layout): the head
     of ``task`` (a [Task][subnets.tasks.Task]; default: built from ``cfg.task``), which first
     checks that it fits the model and its ``tokenizer``."""
@@ -73,7 +73,9 @@ def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: A
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.encoder_dropout
     precision = getattr(cfg.train.precision, "value", cfg.train.precision)
-    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision == "bf16" else None,
+    if precision == "bf16_base":
+        transformer.to(torch.bfloat16)
+    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision.startswith("bf16") else None,
                       units=str(getattr(cfg.masks.units, "value", cfg.masks.units)), layout=cfg.model.layout)  # fmt: skip
     if task is None:
         from subnets.tasks import build_task
