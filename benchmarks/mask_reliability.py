@@ -144,7 +144,7 @@ def main() -> None:
         # the shared model after 50 steps of multilingual (baseline) training
         if "after50" in states:
             start = time.perf_counter()
-            while experiment.step < after:
+            while experiment.state.step < after:
                 experiment.train_step()
             print(f"  ({after} training steps: {time.perf_counter() - start:.1f} s)", flush=True)
             results = {lang: batch_gradients(experiment.model, batches[lang]) for lang in batches}

@@ -90,8 +90,8 @@ def step_on(run, lang: str):
     policy = run.method.policy
     result = run.method.strategy.train_on(batch, run.model, run.optimizer, policy,
                                           clip_norm=run.cfg.train.clip_norm, scheduler=run.scheduler)  # fmt: skip
-    run.step += 1
-    policy.after_step(run.step, result)
+    run.state.step += 1
+    policy.after_step(run.state.step, result)
     return result
 
 
@@ -107,7 +107,7 @@ def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
 
     def save_then_crash(self):
         path = original(self)
-        if self.step == step:
+        if self.state.step == step:
             raise Crash(f"simulated crash after the checkpoint at step {step}")
         return path
 

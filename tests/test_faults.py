@@ -41,7 +41,7 @@ KILLED_AFTER_CHECKPOINT = textwrap.dedent("""
 
     def save_then_die(self):
         path = save(self)
-        if self.step == 8:
+        if self.state.step == 8:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
@@ -219,7 +219,7 @@ def test_overwrite_reruns_a_finished_run_from_scratch(tmp_path, monkeypatch):
     (tmp_path / "stale.txt").write_text("from an earlier run")
     trained = []
     original = Run.train
-    monkeypatch.setattr(Run, "train", lambda self: trained.append(self.step) or original(self))
+    monkeypatch.setattr(Run, "train", lambda self: trained.append(self.state.step) or original(self))
     assert scores(run(tiny_config("overwrite=true"), tmp_path)) == scores(first)
     assert trained == [0]  # trained again, from step 0
     assert not (tmp_path / "stale.txt").exists()

@@ -85,6 +85,20 @@ def test_no_module_over_400_lines_and_no_class_over_250():
     assert len((PACKAGE / "runner.py").read_text().splitlines()) < 300  # the recipe stays short (issue 27)
 
 
+def test_the_training_state_and_the_checkpoint_files_take_no_run():
+    """The seam below the recipe (issue 39): the training state, the checkpoint files and their keys,
+    the shards and the loss guards are handed what they use, never the Run (no parameter named ``run``,
+    ``training`` or ``experiment``). Failed before the training state (checkpoint.py: 4 functions took the run)."""
+    taking = []
+    for name in ("training_state.py", "checkpoint.py", "checkpoint_schema.py", "sharding.py", "guards.py"):
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = [a.arg for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]]
+                if {"run", "training", "experiment"} & set(arguments):
+                    taking.append(f"{name}: {node.name}")
+    assert not taking, taking
+
+
 def test_every_console_script_is_a_cli_module():
     import tomllib
 

@@ -323,3 +323,29 @@ def test_the_report_tables_the_training_languages_scores_where_runs_have_them(wr
     assert (
         "## Gains over the baseline (source LAS)" in text and "static: +10.00 LAS over the baseline" in text
     )
+
+
+def test_a_rate_sweep_chooses_each_methods_rate_on_the_training_languages_never_the_targets(tmp_path):
+    import yaml
+
+    sweep = {  # (method, rate, seed): (the training languages' development LAS, the target's LAS)
+        ("lora", 1e-4, 1): (60.0, 45.0), ("lora", 1e-3, 1): (64.0, 40.0), ("lora", 3e-3, 1): (62.0, 50.0),
+        ("static", 1e-4, 1): (70.0, 45.0), ("static", 1e-4, 2): (72.0, 45.0), ("static", 1e-3, 1): (71.0, 52.0),
+    }  # fmt: skip
+    for (method, rate, seed), (source, target) in sweep.items():
+        folder = tmp_path / f"{method},{rate},{seed}"
+        (folder / ".hydra").mkdir(parents=True)
+        results = {"method": method, "seed": seed, "data": "ud", "target": {"xx": {"split": "test", "las": target}},
+                   "source": {"aa": {"split": "dev", "las": source - 1}, "bb": {"split": "dev", "las": source + 1}}}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(results))
+        overrides = [f"+method={method}", f"train.lr_encoder={rate}", f"seed={seed}", "lora.match=static"]
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    runs = report.load_runs(tmp_path)
+    assert report.rate_sweep(runs) == {"lora": {1e-4: [60.0], 1e-3: [64.0], 3e-3: [62.0]},
+                                       "static": {1e-4: [70.0, 72.0], 1e-3: [71.0]}}  # fmt: skip
+    # lora: 64 at 1e-3 (the target would pick 3e-3); static: 71 at both (mean of two seeds), the smaller
+    assert report.chosen_rates(runs) == {"lora": 1e-3, "static": 1e-4}
+    text = report.write_report(tmp_path).read_text()
+    assert "## Learning rates" in text
+    assert "| lora | 60.00 | **64.00** | 62.00 | 0.001 |" in text
+    assert "| static | **71.00** | 71.00 | - | 0.0001 |" in text

@@ -1,5 +1,6 @@
 """The runner in process: outputs, checkpoints, resume, config errors."""
 
+import copy
 import json
 
 import pytest
@@ -192,6 +193,44 @@ def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp
     (tmp_path / "dropped" / "results.json").unlink()
     with pytest.raises(ValueError, match="holds no optimizer state.*cannot be continued to train.steps=12"):
         run(tiny_config(), tmp_path / "dropped")
+
+
+def identical(a, b) -> bool:
+    """Nested states equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_training_state_loads_what_its_state_dict_holds(tmp_path):
+    """TrainingState.state_dict / load_state_dict: a second run of the same settings, loaded with the
+    first's state after 3 steps, holds the same state (model, optimizer, masks, sampler, guard, step,
+    best, generators) and takes the same next step."""
+    from subnets.checkpoint import rng_state, set_rng_state
+    from subnets.checkpoint_schema import Key
+
+    first, second = (Run(tiny_config("+method=dynamic"), tmp_path / name) for name in ("first", "second"))
+    for training in (first, second):
+        training.setup()
+    for _ in range(3):
+        first.train_step()
+    first.state.best = {"metric": 12.5, "step": 2}
+    saved = copy.deepcopy(first.state.state_dict())  # (a state dict holds the live tensors)
+    second.state.load_state_dict(saved, tmp_path / "first" / "last.safetensors", train_steps=12)
+    loaded = second.state.state_dict()
+    assert (loaded[Key.STEP], loaded[Key.BEST]) == (3, {"metric": 12.5, "step": 2})
+    for key in (Key.MODEL, Key.OPTIMIZER, Key.METHOD, Key.SAMPLER, Key.DIVERGENCE, Key.RNG, Key.SCHEDULER):
+        assert identical(loaded[key], saved[key]), key
+    generators = rng_state()  # (one process: each step draws from the same global generators)
+    steps = []
+    for training in (first, second):
+        set_rng_state(generators)
+        steps.append(training.train_step()[0])
+    assert steps[0].loss == steps[1].loss and steps[0].language == steps[1].language
 
 
 @pytest.mark.parametrize("method", ["baseline", "maml"])

@@ -65,7 +65,7 @@ def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: 
 
             def save_then_copy(self):
                 path = original(self)
-                if self.step == copy_at:
+                if self.state.step == copy_at:
                     copy_folder(self)
                 return path
 
@@ -75,7 +75,7 @@ def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: 
 
             def validate_then_copy(training):
                 metric = validate(training)
-                if training.step == copy_at:
+                if training.state.step == copy_at:
                     if training.parallel.is_main:  # (rank 0 writes the file)
                         assert load_checkpoint(training.paths.best_checkpoint)["step"] == copy_at
                     copy_folder(training)

@@ -246,6 +246,7 @@ def test_a_runner_run_trains_the_union_of_its_subnetworks_and_the_task_head_alon
     ("overrides", "message"),
     [(["+method=baseline"], "no language subnetworks"), (["+method=maml_static"], "MAML"),
      (["+method=static", "method.apply=forward"], "forward gating alone"),
+     (["+method=static", "masks.after_steps=3"], "until the masks exist every parameter would train"),
      (["+method=dynamic", "train.parallel=fsdp"], "FSDP2")],
 )  # fmt: skip
 def test_training_the_subnetworks_alone_is_refused_where_it_cannot_run(overrides, message):

@@ -125,6 +125,10 @@ def check_subnetwork_only(cfg: DictConfig, method: Method) -> None:
     if not isinstance(method.strategy, BatchStep):
         raise SettingError(f"{name}: MAML's inner steps run on functional copies of whole parameters (torch.func), "
                            "not on the subnetworks' values; use +method=static, dynamic or random")  # fmt: skip
+    if cfg.masks.after_steps > 0:
+        raise SettingError(f"{name} and masks.after_steps={cfg.masks.after_steps}: until the masks exist every "
+                           "parameter would train, as in full fine-tuning; find them before training "
+                           "(masks.after_steps=0, on the pretrained model)")  # fmt: skip
     if setting(cfg.method.apply) == "forward":
         raise SettingError(f"{name} and method.apply=forward: forward gating alone updates every parameter; use "
                            "method.apply=gradient or both")  # fmt: skip

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from subnets.checkpoint import remove_stale_shards, save_checkpoint
-from subnets.checkpoint_schema import Key
 from subnets.guards import LossGuard
-from subnets.sharding import save_sharded
 from subnets.update import StepResult
 
 log = logging.getLogger(__name__)
@@ -32,10 +29,10 @@ class Callback:
         """Before the first step of this process (step 0, or the step a resume starts from)."""
 
     def after_step(self, run, result: StepResult) -> None:
-        """After step ``run.step`` (its update, the policy's after-step hook and logging are done)."""
+        """After step ``run.state.step`` (its update, the policy's after-step hook and logging are done)."""
 
     def after_interval(self, run, record: dict[str, float]) -> None:
-        """After the log interval ending at ``run.step`` (``record``: its mean losses)."""
+        """After the log interval ending at ``run.state.step`` (``record``: its mean losses)."""
 
 
 class Guard(Callback):
@@ -46,13 +43,13 @@ class Guard(Callback):
         self.guard = guard
 
     def after_interval(self, run, record: dict[str, float]) -> None:
-        self.guard.after_interval(run.step, record["train/loss"])
+        self.guard.after_interval(run.state.step, record["train/loss"])
 
 
 class Validation(Callback):
     """The development evaluation every ``every`` steps and at the last (rank 0): the mean of the
     development languages' primary metric; the best model so far goes to
-    ``checkpoints/best.safetensors`` (``run.best``: its metric and step)."""
+    ``checkpoints/best.safetensors`` (``run.state.best``: its metric and step)."""
 
     def __init__(self, every: int):
         self.every = every
@@ -60,7 +57,7 @@ class Validation(Callback):
     def after_step(self, run, result: StepResult) -> None:
         # sharded (train.parallel=fsdp), every process takes part in the forward passes
         evaluates = run.parallel.is_main or run.parallel.sharded
-        if evaluates and (run.step % self.every == 0 or run.step == run.cfg.train.steps):
+        if evaluates and (run.state.step % self.every == 0 or run.state.step == run.cfg.train.steps):
             with run.clock("dev_evaluation"):
                 self.validate(run)
 
@@ -74,21 +71,11 @@ class Validation(Callback):
         metrics, record = run.evaluator.development(run.model, run.data.dev, policy.eval_gates)
         run.log(record)
         metric = record["dev/metric"]
-        best = run.task.better(metric, None if run.best is None else run.best["metric"])
-        log.info("development evaluation at step %d: %s; metric %.2f%s", run.step,
+        best = run.task.better(metric, None if run.state.best is None else run.state.best["metric"])
+        log.info("development evaluation at step %d: %s; metric %.2f%s", run.state.step,
                  ", ".join(f"{code} {m:.2f}" for code, m in metrics.items()), metric, " (best so far)" if best else "")  # fmt: skip
         if best:
-            run.best = {"metric": metric, "step": run.step}
-            path = run.paths.best_checkpoint
-            state = {Key.STEP: run.step, Key.METRIC: metric, Key.CONFIG: run.config()}
-            if run.parallel.sharded:  # the model's shards, each process its own
-                state[Key.SHARDED] = save_sharded(path.parent / f"best-{run.step}.dcp", run.model).name
-            else:
-                state[Key.MODEL] = run.model.state_dict()
-            if run.parallel.is_main:
-                save_checkpoint(path, {**state, Key.METHOD: run.method.state_dict()})
-                if run.parallel.sharded:
-                    remove_stale_shards(path.parent, "best", state[Key.SHARDED])
+            run.state.save_best(metric)
         return metric
 
 
@@ -96,7 +83,7 @@ class TrainEnd(Callback):
     """The method's end-of-training hook (its mask history and figures), at the last step (rank 0)."""
 
     def after_step(self, run, result: StepResult) -> None:
-        if run.parallel.is_main and run.step == run.cfg.train.steps:
+        if run.parallel.is_main and run.state.step == run.cfg.train.steps:
             run.method.policy.on_train_end(run.outputs)
 
 
@@ -109,14 +96,16 @@ class Conflict(Callback):
 
     def measure(self, run) -> None:
         with run.clock("analyses"):
-            run.analyses.conflict(run.model, run.data.train, run.method.policy, run.step, run.method.name)
+            run.analyses.conflict(
+                run.model, run.data.train, run.method.policy, run.state.step, run.method.name
+            )
 
     def on_start(self, run) -> None:
-        if self.every > 0 and run.step == 0 and run.parallel.is_main:
+        if self.every > 0 and run.state.step == 0 and run.parallel.is_main:
             self.measure(run)
 
     def after_step(self, run, result: StepResult) -> None:
-        if self.every > 0 and run.step % self.every == 0 and run.parallel.is_main:
+        if self.every > 0 and run.state.step % self.every == 0 and run.parallel.is_main:
             self.measure(run)
 
 
@@ -128,6 +117,6 @@ class Checkpoint(Callback):
         self.every, self.guard = every, guard
 
     def after_step(self, run, result: StepResult) -> None:
-        if (run.step % self.every == 0 and self.guard.healthy) or run.step == run.cfg.train.steps:
+        if (run.state.step % self.every == 0 and self.guard.healthy) or run.state.step == run.cfg.train.steps:
             with run.clock("checkpoints"):
                 run.save_checkpoint()

@@ -25,7 +25,6 @@ import torch
 
 from subnets.checkpoint_schema import Key
 from subnets.files import load_safetensors, save_safetensors
-from subnets.sharding import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
@@ -166,100 +165,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_training_state(run) -> Path:
-    """Write ``run``'s full training state (a [Run][subnets.runner.Run]: model, optimizer,
-    scheduler, sampler, method, best model, loss guard, generators; its config) to its
-    ``checkpoints/last.safetensors`` (rank 0 only) and tell its loss guard. Sharded
-    (``train.parallel=fsdp``; call it on every process), the model and the optimizer go to
-    ``checkpoints/last-<step>.dcp/``, each process writing its own shards, and the file names
-    that folder and holds every process's generators."""
-    path, main = run.paths.last_checkpoint, run.parallel.is_main
-    state = {Key.STEP: run.step, Key.CONFIG: run.config()}
-    if run.parallel.sharded:
-        folder = save_sharded(path.parent / f"last-{run.step}.dcp", run.model, run.optimizer)
-        state.update({Key.SHARDED: folder.name, Key.WORLD_SIZE: run.parallel.world_size,
-                      Key.RNG_RANKS: run.parallel.gather(rng_state())})  # fmt: skip
-    elif main:
-        state.update({Key.MODEL: run.model.state_dict(), Key.OPTIMIZER: run.optimizer.state_dict()})
-    if main:
-        state.update({Key.SCHEDULER: run.scheduler.state_dict(), Key.SAMPLER: run.sampler.state_dict(),
-                      Key.METHOD: run.method.state_dict(), Key.BEST: run.best,
-                      Key.DIVERGENCE: run.guard.state_dict(), Key.RNG: rng_state()})  # fmt: skip
-        save_checkpoint(path, state)
-        if run.parallel.sharded:
-            remove_stale_shards(path.parent, "last", state[Key.SHARDED])
-        run.guard.checkpoint_written(run.step, None if run.guard.healthy else False)
-    return path
-
-
 def remove_stale_shards(folder: Path, kind: str, kept: str) -> None:
     """Delete the sharded checkpoints ``<kind>-<step>.dcp`` in ``folder`` other than ``kept``."""
     for stale in folder.glob(f"{kind}-*.dcp"):
         if stale.name != kept:
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def resume_training_state(run) -> bool:
-    """Restore ``run`` from its ``checkpoints/last.safetensors`` if there is one (and drop the
-    records a killed run logged after it); returns whether it resumed."""
-    path, main = run.paths.last_checkpoint, run.parallel.is_main
-    if not path.exists():
-        if main:
-            run.paths.drop_records_after(None)  # a run killed before its first checkpoint starts again
-        return False
-    state = load_checkpoint(path, run.device)
-    if Key.SHARDED in state or run.parallel.sharded:
-        run.sharded_checkpoint = _sharded_checkpoint(run, path, state)  # read once the model is sharded
-    else:
-        load_model_state(run.model, state[Key.MODEL], path, f"the settings of {run.paths.identity}")
-    run.method.load_state_dict(state[Key.METHOD])  # first: masks.train=subnetwork lays out the optimizer
-    if Key.OPTIMIZER in state:
-        run.optimizer.load_state_dict(state[Key.OPTIMIZER])
-    elif Key.SHARDED not in state and state[Key.STEP] < run.cfg.train.steps:
-        raise ValueError(f"{path} holds no optimizer state (train.keep_optimizer_state=false dropped it when the "
-                         f"run finished at step {state[Key.STEP]}): its training cannot be continued to "
-                         f"train.steps={run.cfg.train.steps}; start a new run")  # fmt: skip
-    for part, key in ((run.scheduler, Key.SCHEDULER), (run.sampler, Key.SAMPLER),
-                      (run.guard, Key.DIVERGENCE)):  # fmt: skip
-        part.load_state_dict(state[key])
-    run.step, run.best = state[Key.STEP], state[Key.BEST]
-    run.guard.checkpoint_written(run.step)
-    set_rng_state(state[Key.RNG_RANKS][run.parallel.rank] if Key.RNG_RANKS in state else state[Key.RNG])
-    if main:
-        run.paths.drop_records_after(run.step)
-    log.info("resumed from %s at step %d", path, run.step)
-    return True
-
-
-def restore_best_model(run) -> None:
-    """Put the best model ``run`` recorded (``checkpoints/best.safetensors``, its shards for a
-    sharded run) and its method state back into ``run``."""
-    path = run.paths.best_checkpoint
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing, but the run recorded a best model at step {run.best['step']}"
-        )
-    best = load_checkpoint(path, run.device)
-    if Key.SHARDED in best:
-        load_sharded(path.parent / best[Key.SHARDED], run.model)
-    else:
-        load_model_state(run.model, best[Key.MODEL], path, f"the settings of {run.paths.identity}")
-    run.method.load_state_dict(best[Key.METHOD])
-
-
-def _sharded_checkpoint(run, path: Path, state: dict[str, Any]) -> Path:
-    """The folder of shards a sharded checkpoint names, checked against ``run``'s processes."""
-    if Key.SHARDED not in state:
-        raise ValueError(f"{path} was written by an unsharded run; it continues with train.parallel=ddp")
-    if not run.parallel.sharded:
-        raise ValueError(f"{path} is sharded (train.parallel=fsdp): continue the run under torchrun with "
-                         "train.parallel=fsdp, or write a whole checkpoint for evaluation and export with "
-                         f"`python -m subnets.consolidate run={run.paths.root}`")  # fmt: skip
-    written, now = state[Key.WORLD_SIZE], run.parallel.world_size
-    if written != now:
-        raise ValueError(f"{path} was written by {written} processes, this run has {now}: train.batch_size is per "
-                         f"process, so a step's batch ({written} x train.batch_size sentences) and each process's "
-                         f"generators would change; continue it with --nproc_per_node={written} "
-                         f"(`python -m subnets.consolidate run={run.paths.root}` gives a whole checkpoint for "
-                         "evaluation and export at any size)")  # fmt: skip
-    return path.parent / state[Key.SHARDED]

@@ -1,11 +1,11 @@
 """The keys of a run's checkpoints, named once.
 
 A checkpoint ([save_checkpoint][subnets.checkpoint.save_checkpoint]) is one dictionary:
-``checkpoints/last.safetensors`` ([save_training_state][subnets.checkpoint.save_training_state])
+``checkpoints/last.safetensors`` ([TrainingState.save][subnets.training_state.TrainingState.save])
 holds the whole training state, ``checkpoints/best.safetensors``
-([Validation][subnets.callbacks.Validation]) the best model so far. Resume, best-model restore,
+([TrainingState.save_best][subnets.training_state.TrainingState.save_best]) the best model so far. Resume, best-model restore,
 [load_run][subnets.trained.load_run] (evaluation, prediction, export) and
-[consolidate_run][subnets.cli.consolidate.consolidate_run] read them with these names. The strings
+``subnets.consolidate`` read them with these names. The strings
 are the file format: changing one leaves every checkpoint written before unreadable.
 """
 

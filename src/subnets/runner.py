@@ -19,13 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from subnets.analysis.recorder import Analyses
 from subnets.assemble import assemble, check_inputs, check_settings, make_optimizer, resolve_device, training
 from subnets.callbacks import Checkpoint, Conflict, Guard, TrainEnd, Validation
-from subnets.checkpoint import (
-    drop_optimizer_state,
-    restore_best_model,
-    resume_training_state,
-    save_training_state,
-    seed_everything,
-)
+from subnets.checkpoint import drop_optimizer_state, seed_everything
 from subnets.config import setting
 from subnets.distributed import DataParallel
 from subnets.evaluate import Evaluator
@@ -39,6 +33,7 @@ from subnets.results import format_results
 from subnets.runfolder import RunFolder
 from subnets.sharding import load_sharded, shard_task_model
 from subnets.tracking import Tracker
+from subnets.training_state import TrainingState
 from subnets.update import StepResult
 
 log = logging.getLogger(__name__)
@@ -49,14 +44,14 @@ class Run:
     [final_evaluation][subnets.runner.Run.final_evaluation], [save_checkpoint][subnets.runner.Run.save_checkpoint].
     Attributes after ``setup``: ``task``, ``data`` (``RunData``), ``model``, ``tokenizer``, ``batcher``,
     ``method`` (its ``policy`` and ``strategy``), ``optimizer``, ``scheduler``, ``sampler``, ``evaluator``,
-    ``callbacks``, ``parallel`` (this process's place in a ``torchrun`` job)."""
+    ``callbacks``, ``parallel`` (this process's place in a ``torchrun`` job), ``state`` (the step, the best
+    result and all that checkpoints hold: [TrainingState][subnets.training_state.TrainingState])."""
 
     def __init__(self, cfg: DictConfig, folder: str | os.PathLike):
         self.cfg, self.paths, self.folder = cfg, RunFolder(folder), Path(folder)
-        self.step, self.best = 0, None  # best: {"metric": float, "step": int}
-        self.sharded_checkpoint: Path | None = None  # train.parallel=fsdp: the shards a resume reads
         self.clock, self.started = Clock(), time.perf_counter()  # seconds per phase, for results.json
         self.parallel, self.tracker = DataParallel(), Tracker(self.folder, enabled=False)
+        self.state = TrainingState(self.paths, self.parallel, {})  # filled in by setup
         train = cfg.train
         divergence = DivergenceGuard(train.divergence_factor, train.divergence_patience)
         self.guard = LossGuard(self.folder, train.max_nonfinite_steps, divergence, self.paths.last_checkpoint)
@@ -100,10 +95,12 @@ class Run:
         parts = training(self.parts, self.parallel)
         self.optimizer, self.scheduler, self.sampler, self.batches = (
             parts.optimizer, parts.scheduler, parts.sampler, parts.batches)  # fmt: skip
+        self.state = TrainingState(self.paths, self.parallel, self.config(), self.model, self.method, self.optimizer,
+                                   self.scheduler, self.sampler, self.guard, self.device)  # fmt: skip
         policy = self.method.policy
         if main:
             self.paths.record(identity, record)
-        self.resumed = resume_training_state(self)
+        self.resumed = self.state.resume(cfg.train.steps)
         self.clock.add("setup", time.perf_counter() - started)
         if main:
             self.tracker.start_wandb(cfg.wandb, cfg.name, self.config())
@@ -111,7 +108,7 @@ class Run:
                 policy.prepare(self.model, self.source_languages(), self.outputs)
             if cfg.analysis.cka_sentences > 0 and not self.resumed:
                 with self.clock("analyses"):
-                    self.analyses.cka(self.model, self.data.evaluated, policy.eval_gates, "before", self.step)
+                    self.analyses.cka(self.model, self.data.evaluated, policy.eval_gates, "before", 0)
         if self.parallel.world_size > 1:  # every process starts from rank 0's masks and model
             state = self.parallel.broadcast(self.method.state_dict() if main else None)
             if not main:
@@ -120,8 +117,8 @@ class Run:
             self.parallel.broadcast_parameters(self.model)
         if self.parallel.sharded:  # FSDP2: shard the model, then read a resumed run's shards
             shard_task_model(self.model, self.optimizer, bf16=setting(cfg.train.precision) == "bf16")
-            if self.sharded_checkpoint is not None:
-                load_sharded(self.sharded_checkpoint, self.model, self.optimizer)
+            if self.state.shards is not None:
+                load_sharded(self.state.shards, self.model, self.optimizer)
 
     def use(self, parts) -> None:
         """Take what [assemble][subnets.assemble.assemble] built (or what a trained run holds)."""
@@ -153,7 +150,7 @@ class Run:
     def log(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
         """Append ``record`` (at the current step) to metrics.jsonl and send it, and any
         matplotlib ``images``, to W&B (rank 0 only)."""
-        self.tracker.log(self.step, record, images)
+        self.tracker.log(self.state.step, record, images)
 
     def close(self) -> None:
         """Finish the W&B run (each Hydra job gets its own) and leave the process group."""
@@ -161,29 +158,29 @@ class Run:
         self.parallel.close()
 
     def save_checkpoint(self) -> Path:
-        """Write the full training state to ``checkpoints/last.safetensors`` (rank 0 only;
-        ``save_training_state``)."""
-        return save_training_state(self)
+        """Write the full training state to ``checkpoints/last.safetensors``
+        ([TrainingState.save][subnets.training_state.TrainingState.save])."""
+        return self.state.save()
 
     def train(self) -> None:
         """The training loop, from the current step to ``train.steps``: the method's step, the
         log interval, then the callbacks ([subnets.callbacks][])."""
         train, main = self.cfg.train, self.parallel.is_main
-        if self.step >= train.steps:
+        if self.state.step >= train.steps:
             return
-        progress = bar(train.steps, "train", "step", initial=self.step, enabled=main)
+        progress = bar(train.steps, "train", "step", initial=self.state.step, enabled=main)
         totals: dict[str, float] = {}
-        start, first_step = time.perf_counter(), self.step
+        start, first_step = time.perf_counter(), self.state.step
         for callback in self.callbacks:
             callback.on_start(self)
-        while self.step < train.steps:
+        while self.state.step < train.steps:
             with self.clock("training_steps"):
                 result, extra = self.train_step()
             progress.update(1)
             values = {"loss": result.loss, **result.losses, "grad_norm": result.grad_norm, "steps": 1,
                       "skipped_steps": float(result.skipped), "words": result.words, **extra}  # fmt: skip
             totals = {key: totals.get(key, 0.0) + value for key, value in values.items()}
-            if self.step % train.log_every == 0 or self.step == train.steps:
+            if self.state.step % train.log_every == 0 or self.state.step == train.steps:
                 n, words = totals.pop("steps"), totals.pop("words")
                 record = {f"train/{k}": v / n for k, v in totals.items()}
                 record["train/words_per_second"] = words / (time.perf_counter() - start)
@@ -194,9 +191,9 @@ class Run:
                 totals, start = {}, time.perf_counter()
                 if main:
                     elapsed = time.perf_counter() - self.started
-                    eta = duration(elapsed / (self.step - first_step) * (train.steps - self.step))
+                    eta = duration(elapsed / (self.state.step - first_step) * (train.steps - self.state.step))
                     lr = self.optimizer.param_groups[0]["lr"]
-                    log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.step,
+                    log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.state.step,
                              train.steps, loss, lr, speed, duration(elapsed), eta)  # fmt: skip
                 for callback in self.callbacks:
                     callback.after_interval(self, record)
@@ -213,20 +210,22 @@ class Run:
             self.model, self.batches, self.optimizer, self.method.policy, batch_size=train.batch_size,
             clip_norm=train.clip_norm, scheduler=self.scheduler, parallel=self.parallel,
         )  # fmt: skip
-        self.step += 1
-        self.guard.after_step(self.step, result.loss, result.skipped, result.language, result.grad_norm)
-        return result, self.method.policy.after_step(self.step, result)
+        self.state.step += 1
+        self.guard.after_step(self.state.step, result.loss, result.skipped, result.language, result.grad_norm)
+        return result, self.method.policy.after_step(self.state.step, result)
 
     def final_evaluation(self) -> dict[str, Any]:
         """Evaluate the best model on every language and split; write predictions and results.json."""
-        if self.best is not None:
-            restore_best_model(self)
+        if self.state.best is not None:
+            self.state.restore_best()
         policy = self.method.policy
         with self.clock("final_evaluation"):
             policy.prepare_evaluation(self.model, self.data.support)
         if self.cfg.analysis.cka_sentences > 0:
             with self.clock("analyses"):
-                self.analyses.cka(self.model, self.data.evaluated, policy.eval_gates, "after", self.step)
+                self.analyses.cka(
+                    self.model, self.data.evaluated, policy.eval_gates, "after", self.state.step
+                )
         status = self.guard.status()
         if status["status"] == "diverged":
             divergence = status["divergence"]
@@ -278,7 +277,7 @@ def _train_and_evaluate(training: Run, record: Mapping[str, str] | None) -> tupl
     try:
         training.setup(record)
         main = training.parallel.is_main
-        finished = training.resumed and training.step >= cfg.train.steps and paths.results.exists()
+        finished = training.resumed and training.state.step >= cfg.train.steps and paths.results.exists()
         if finished:
             message = f"{paths.root} already finished; its results are in {paths.results} (overwrite=true reruns it)"
             log.info(message)

@@ -368,7 +368,7 @@ def _evaluation(trained: TrainedRun, output: Path) -> Run:
     cfg = trained.cfg
     evaluation = Run(cfg, output)
     evaluation.use(trained)
-    evaluation.step, evaluation.best = trained.step, trained.best
+    evaluation.state.step, evaluation.state.best = trained.step, trained.best
     with evaluation.clock("setup"):
         cache = data_cache(cfg.languages)
         data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, output), trained.task, seed=cfg.seed,

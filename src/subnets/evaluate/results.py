@@ -24,11 +24,13 @@ def write_results(run, about: Mapping[str, Any]) -> dict[str, Any]:
         scores = run.evaluator.languages(run.model, data.evaluated, policy.eval_gates,
                                          lambda code, split: run.paths.predictions(f"{code}-{split}{task.prediction_suffix}")
                                          if main else None)  # fmt: skip
-    best_step, dev_metric = (run.best["step"], run.best["metric"]) if run.best else (None, None)
+    best_step, dev_metric = (
+        (run.state.best["step"], run.state.best["metric"]) if run.state.best else (None, None)
+    )
     support = {code: {"split": d.split, "sentences": len(d)} for code, d in data.support.items()}
     role = {"order": cfg.method.report_order, "control_of": cfg.method.control_of}  # declared by the method
     results = {"method": run.method.name, "method_role": role, "task": task.describe(), "seed": cfg.seed,
-               "data": setting(cfg.languages.source), "steps": run.step, "best_step": best_step,
+               "data": setting(cfg.languages.source), "steps": run.state.step, "best_step": best_step,
                "dev_metric": dev_metric, **about, "skipped_sentences": data.skipped, "support": support,
                "parameters": policy.parameter_budget(run.model, list(cfg.languages.train)),
                **policy.summary(), **scores, **run.evaluator.means(scores)}  # fmt: skip

@@ -17,6 +17,10 @@ The report goes to ``<folder>/report/`` (``--out`` to change it)::
     overlap_typology.png      mask overlap against URIEL syntactic similarity
     cka.png                   linear CKA between parallel languages, before and after training
 
+A sweep over ``train.lr_encoder`` adds the development scores per rate and the rate each method
+would continue at ([chosen_rates][subnets.report.rates.chosen_rates]: the training languages'
+development sets decide, never the targets).
+
 Each piece is also a function ([load_runs][subnets.report.load_runs],
 [score_table][subnets.report.score_table], [significance][subnets.report.significance], the ``*_figure``
 functions) for notebooks.
@@ -33,6 +37,7 @@ from subnets.report.figures import (
     overlap_typology_figure,
     scores_figure,
 )
+from subnets.report.rates import chosen_rates, rate_sweep, rate_table
 from subnets.report.runs import BASELINE, Run, first_per_method, load_runs, methods_of, role, task_record
 from subnets.report.scores import (
     cka_summary,
@@ -51,9 +56,9 @@ from subnets.report.scores import (
 from subnets.report.write import write_report
 
 __all__ = [
-    "BASELINE", "FIGURES", "Run", "cka_figure", "cka_summary", "conflict_figure", "conflict_matrices_figure",
+    "BASELINE", "FIGURES", "Run", "chosen_rates", "cka_figure", "cka_summary", "conflict_figure", "conflict_matrices_figure",
     "conflict_over_time", "control_pairs", "dev_curve_figure", "dynamic_masks_figure", "first_per_method", "holm",
     "load_runs", "markdown_table", "mask_overlap_figure", "mask_reliability", "methods_of", "overlap_typology",
-    "overlap_typology_figure", "role", "score_table", "scores", "scores_figure", "significance",
+    "overlap_typology_figure", "rate_sweep", "rate_table", "role", "score_table", "scores", "scores_figure", "significance",
     "significance_statement", "task_record", "wilcoxon_test", "write_report",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from subnets.report.figures import FIGURES, _pyplot, scores_figure
+from subnets.report.rates import rate_table
 from subnets.report.runs import BASELINE, load_runs, methods_of, task_record
 from subnets.report.scores import (
     cka_summary,
@@ -86,6 +87,9 @@ def write_report(
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {b['method']} | {b['trainable']:,} | {b['updated']:,.0f} | {score(b['zeroshot'])} | "
                   f"{score(b['fewshot'])} | {test(b['vs_baseline'])} | {test(b['vs_control'])} |" for b in budgets]  # fmt: skip
+    rates = rate_table(runs)
+    if rates:
+        lines += ["", "## Learning rates", "", *rates]
     for setting, title in (("fewshot", "few-shot"), ("zeroshot", "zero-shot"), ("source", "source")):
         if not scores(runs, setting, primary):
             continue

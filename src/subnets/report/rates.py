@@ -1,0 +1,80 @@
+"""Learning rates chosen per method from a sweep, on the training languages' development sets.
+
+A sparse or low-rank method compared at full fine-tuning's rate is not a fair comparison, so a study
+sweeps each method's rate (``-m +method=lora,static train.lr_encoder=1e-5,1e-4,1e-3 seed=1``) and
+continues each at the rate its source languages' development score prefers, never at the one its
+target languages would: [rate_sweep][subnets.report.rates.rate_sweep] holds each method's scores per
+rate, [chosen_rates][subnets.report.rates.chosen_rates] the rate picked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from statistics import mean
+
+from subnets.report.runs import Run
+from subnets.results import task_of
+
+RATE = "train.lr_encoder"
+
+
+def _rate(run: Run, setting: str) -> float | None:
+    """The rate a run's command line set (None: the default, which a sweep does not vary)."""
+    for override in run.settings:
+        name, _, value = override.partition("=")
+        if name.lstrip("+") == setting:
+            return float(value)
+    return None
+
+
+def _label(run: Run, shared: set[str], setting: str) -> str:
+    """The run's method and the settings that set it apart from the other runs, the rate aside."""
+    differing = [s for s in run.settings if s not in shared and s.partition("=")[0].lstrip("+") != setting]
+    return run.results["method"] + (f" ({', '.join(differing)})" if differing else "")
+
+
+def rate_sweep(runs: Sequence[Run], setting: str = RATE) -> dict[str, dict[float, list[float]]]:
+    """Method (labelled by its other settings) -> rate -> the mean primary metric of the training
+    languages' development sets (results.json ``source``), one value per seed. Runs whose command
+    line does not set ``setting`` are left out."""
+    swept = [r for r in runs if _rate(r, setting) is not None]
+    if not swept:
+        return {}
+    shared = set.intersection(*(set(r.settings) for r in swept))
+    out: dict[str, dict[float, list[float]]] = {}
+    for run in swept:
+        primary = task_of(run.results)["primary_metric"]
+        by_rate = out.setdefault(_label(run, shared, setting), {})
+        development = [scores[primary] for scores in run.results["source"].values()]
+        by_rate.setdefault(_rate(run, setting), []).append(mean(development))
+    return {method: dict(sorted(by_rate.items())) for method, by_rate in out.items()}
+
+
+def chosen_rates(runs: Sequence[Run], setting: str = RATE) -> dict[str, float]:
+    """Method -> the rate of [rate_sweep][subnets.report.rates.rate_sweep] with the best mean development
+    score (the highest, or the lowest for a metric where lower is better); a tie goes to the smaller rate."""
+    lower = bool(runs) and task_of(runs[0].results).get("lower_is_better", False)
+    sign = 1 if lower else -1
+    return {method: min(by_rate, key=lambda rate: (sign * mean(by_rate[rate]), rate))
+            for method, by_rate in rate_sweep(runs, setting).items()}  # fmt: skip
+
+
+def rate_table(runs: Sequence[Run], setting: str = RATE) -> list[str]:
+    """Markdown lines: the sweep's development scores (method x rate, mean over seeds), the chosen rate in
+    bold and last; no lines for runs that sweep no rate."""
+    sweep = rate_sweep(runs, setting)
+    if not sweep:
+        return []
+    chosen = chosen_rates(runs, setting)
+    rates = sorted({rate for by_rate in sweep.values() for rate in by_rate})
+    primary = task_of(runs[0].results)["primary_metric"].upper()
+    lines = [f"| method | {' | '.join(f'{setting}={rate:g}' for rate in rates)} | chosen |",
+             "|---" * (len(rates) + 2) + "|"]  # fmt: skip
+    for method, by_rate in sweep.items():
+        cells = []
+        for rate in rates:
+            cell = f"{mean(by_rate[rate]):.2f}" if rate in by_rate else "-"
+            cells.append(f"**{cell}**" if rate == chosen[method] else cell)
+        lines.append(f"| {method} | {' | '.join(cells)} | {chosen[method]:g} |")
+    return [f"Mean {primary} of the training languages' development sets (mean over the seeds run at each rate); "
+            "the rate chosen is the best one's, never the target languages'.", "", *lines]  # fmt: skip
