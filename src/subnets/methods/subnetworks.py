@@ -262,11 +262,7 @@ class SubnetworkPolicy(MaskPolicy):
         master values (the model's dense weights hold them rounded)."""
         state = {"masks": None if self.masks is None else self.masks.state_dict()}
         values = subnetwork_parameters(self.model) if self.model is not None else None
-        if (
-            values is not None
-            and values.projections
-            and values.projections[0].module.weight.dtype != torch.float32
-        ):
+        if values is not None and any(p.values.dtype != p.module.weight.dtype for p in values.projections):
             state["values"] = {name: v.detach().clone() for name, v in values.named_parameters()}
         return state
 
