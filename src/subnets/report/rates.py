@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from statistics import mean
 
-from subnets.report.runs import Run
-from subnets.results import task_of
+from subnets.report.runs import Run, task_record
 
 RATE = "train.lr_encoder"
 
@@ -40,10 +39,10 @@ def rate_sweep(runs: Sequence[Run], setting: str = RATE) -> dict[str, dict[float
     swept = [r for r in runs if _rate(r, setting) is not None]
     if not swept:
         return {}
+    primary = task_record(swept)["primary_metric"]
     shared = set.intersection(*(set(r.settings) for r in swept))
     out: dict[str, dict[float, list[float]]] = {}
     for run in swept:
-        primary = task_of(run.results)["primary_metric"]
         by_rate = out.setdefault(_label(run, shared, setting), {})
         development = [scores[primary] for scores in run.results["source"].values()]
         by_rate.setdefault(_rate(run, setting), []).append(mean(development))
@@ -53,10 +52,14 @@ def rate_sweep(runs: Sequence[Run], setting: str = RATE) -> dict[str, dict[float
 def chosen_rates(runs: Sequence[Run], setting: str = RATE) -> dict[str, float]:
     """Method -> the rate of [rate_sweep][subnets.report.rates.rate_sweep] with the best mean development
     score (the highest, or the lowest for a metric where lower is better); a tie goes to the smaller rate."""
-    lower = bool(runs) and task_of(runs[0].results).get("lower_is_better", False)
-    sign = 1 if lower else -1
+    sweep = rate_sweep(runs, setting)
+    return _chosen(sweep, bool(sweep) and task_record(runs).get("lower_is_better", False))
+
+
+def _chosen(sweep: dict[str, dict[float, list[float]]], lower_is_better: bool) -> dict[str, float]:
+    sign = 1 if lower_is_better else -1
     return {method: min(by_rate, key=lambda rate: (sign * mean(by_rate[rate]), rate))
-            for method, by_rate in rate_sweep(runs, setting).items()}  # fmt: skip
+            for method, by_rate in sweep.items()}  # fmt: skip
 
 
 def rate_table(runs: Sequence[Run], setting: str = RATE) -> list[str]:
@@ -65,9 +68,10 @@ def rate_table(runs: Sequence[Run], setting: str = RATE) -> list[str]:
     sweep = rate_sweep(runs, setting)
     if not sweep:
         return []
-    chosen = chosen_rates(runs, setting)
+    task = task_record(runs)
+    chosen = _chosen(sweep, task.get("lower_is_better", False))
     rates = sorted({rate for by_rate in sweep.values() for rate in by_rate})
-    primary = task_of(runs[0].results)["primary_metric"].upper()
+    primary = task["primary_metric"].upper()
     lines = [f"| method | {' | '.join(f'{setting}={rate:g}' for rate in rates)} | chosen |",
              "|---" * (len(rates) + 2) + "|"]  # fmt: skip
     for method, by_rate in sweep.items():
