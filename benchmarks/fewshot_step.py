@@ -59,7 +59,7 @@ def main() -> None:
     transformer, tokenizer = build_encoder(
         cfg.model, seed=0, texts=[" ".join(s.forms) for s in test.examples]
     )
-    model = build_model(cfg, transformer)
+    model = build_model(cfg.model, transformer, Parsing())
     optimizer = MaskedOptimizer(
         torch.optim.AdamW(parameter_groups(model, 5e-5, 1e-3, 0.01)), model.named_parameters()
     )

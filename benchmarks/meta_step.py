@@ -62,7 +62,7 @@ def setup(model_name: str):
         d.tokenize(tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = build_model(cfg, transformer).to(device)
+    model = build_model(cfg.model, transformer, Parsing()).to(device)
     batcher = Batcher(Collator(tokenizer, max_subwords(transformer, tokenizer)), device)
 
     def batch(d, start):

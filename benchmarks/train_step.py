@@ -77,7 +77,7 @@ def build(model_name: str, sentences_per_language: int):
     for d in data:
         d.tokenize(tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(cfg, transformer).to(device)
+    model = build_model(cfg.model, transformer, Parsing()).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, 5e-5, 1e-3, 0.01))
     return model, optimizer, Collator(tokenizer, max_subwords(transformer, tokenizer)), data, device
 

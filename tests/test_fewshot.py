@@ -10,7 +10,8 @@ from conftest import tiny_config
 from subnets.config import compose_config
 from subnets.data.support import draw_support, support_pool, support_split
 from subnets.data.treebank import read_conllu
-from subnets.fewshot import fine_tune
+from subnets.evaluate.fewshot import fine_tune
+from subnets.evaluate.results import few_shot_results
 from subnets.runner import Run, run
 
 
@@ -32,7 +33,7 @@ def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
     pool = support_pool(treebank, test, 6, trained.task)  # where support comes from now: the test file
     assert pool is test
     trained.data.support_pools[code] = pool
-    result = trained.few_shot()["languages"][code]
+    result = few_shot_results(trained.evaluation())["languages"][code]
     predicted = read_conllu(trained.folder / "predictions" / "fewshot" / f"{code}-test.conllu").examples
     for repetition, run_ in enumerate(result["runs"]):
         support, _ = draw_support(pool, test, 6, run_["seed"])
@@ -49,7 +50,7 @@ def test_support_from_the_test_file_never_reaches_the_scored_set(trained):
 
 
 def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
-    result = trained.few_shot()
+    result = few_shot_results(trained.evaluation())
     for summary in result["languages"].values():
         las = np.array([r["las"] for r in summary["runs"]])
         assert summary["las_mean"] == pytest.approx(las.mean())
@@ -58,7 +59,7 @@ def test_repetitions_are_summarised_by_mean_and_sample_sd(trained):
     assert result["mean"]["las"] == pytest.approx(
         np.mean([s["las_mean"] for s in result["languages"].values()])
     )
-    again = trained.few_shot()
+    again = few_shot_results(trained.evaluation())
     assert again == result  # seeded: the same draws and the same fine-tuning
 
 
@@ -177,7 +178,7 @@ def test_each_repetition_starts_from_the_trained_model_which_is_left_unchanged(t
 
     model = trained.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = trained.few_shot()
+    result = few_shot_results(trained.evaluation())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # bit for bit
     assert model.training  # its mode too
     # the last repetition of the last language, by hand on a copy of the trained model

@@ -69,34 +69,85 @@ def test_public_api_imports_in_a_fresh_interpreter():
     assert all(hasattr(subnets, name) for name in subnets.__all__)
 
 
-def test_no_module_over_400_lines_and_no_class_over_250():
-    """The house rule (issue 28): small rooms. A module or class that outgrows it is split."""
-    too_long = []
-    for path in PACKAGE.rglob("*.py"):
-        text = path.read_text()
-        if len(text.splitlines()) > 400:
-            too_long.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())} lines")
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
-                too_long.append(
-                    f"{path.relative_to(PACKAGE)}: class {node.name}, {node.end_lineno - node.lineno + 1} lines"
-                )
-    assert not too_long, too_long
-    assert len((PACKAGE / "runner.py").read_text().splitlines()) < 300  # the recipe stays short (issue 27)
+# The package's layers, lowest first: a module imports only from layers below its own (issue 39).
+# Exempt: the package's __init__ (the public API re-exports every layer) and the ``python -m`` shims,
+# which only call their command-line module.
+LAYERS = [
+    {"config", "configs", "files", "progress", "results", "checkpoint_schema", "guards"},  # settings, files, records
+    {"data", "distributed", "runfolder", "checkpoint", "tracking"},  # data, processes, run folders
+    {"metrics", "models", "identity", "trained_folder"},
+    {"sharding"},
+    {"optim"},
+    {"masks"},  # the subnetwork core
+    {"update", "analysis"},
+    {"meta", "tasks"},
+    {"methods"},
+    {"evaluate", "training_state", "callbacks"},  # scoring and few-shot; the recipe's parts
+    {"assemble"},
+    {"runner"},  # the recipe
+    {"trained"},  # trained runs reused
+    {"hf", "report"},
+    {"cli"},
+]
+SHIMS = {"train", "evaluate.__main__", "report.__main__", "consolidate", "export", "parse", "predict"}
+# What a Run holds that nothing else does: a parameter read for these is the recipe handed down.
+RUN_ATTRIBUTES = {"state", "cfg", "parallel", "paths", "callbacks", "evaluator", "clock", "tracker", "guard",
+                  "sampler", "scheduler", "optimizer", "batches", "analyses", "parts"}  # fmt: skip
 
 
-def test_the_training_state_and_the_checkpoint_files_take_no_run():
-    """The seam below the recipe (issue 39): the training state, the checkpoint files and their keys,
-    the shards and the loss guards are handed what they use, never the Run (no parameter named ``run``,
-    ``training`` or ``experiment``). Failed before the training state (checkpoint.py: 4 functions took the run)."""
+UNITS = set().union(*LAYERS)
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, layer in enumerate(LAYERS) if top in layer)
+
+
+def test_every_module_has_a_layer_and_imports_only_from_the_layers_below():
+    """No import from a lower module to a higher one (e.g. the model builder importing the tasks,
+    the trained-run loader building a Run, few-shot and evaluation importing each other), wherever
+    the import is: function bodies and TYPE_CHECKING blocks included."""
+    names = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    units = {name.split(".")[1] for name in names if name != "subnets"}
+    assert units - SHIMS - {"__main__"} == UNITS, "each top-level module or package belongs to one layer"
+    upward = []
+    for name, path in names.items():
+        if name == "subnets" or name.removeprefix("subnets.") in SHIMS:
+            continue
+        for imported in imports_of(path):
+            if imported == "subnets" or imported.split(".")[1] == name.split(".")[1]:
+                continue
+            top = imported.split(".")[1]
+            if top not in UNITS:  # a name from the package's root: the public API, above every layer
+                if top not in units:
+                    upward.append(f"{name} imports {imported} (the package's public API)")
+            elif layer_of(imported) >= layer_of(name):
+                upward.append(f"{name} imports {imported}")
+    assert not upward, upward
+
+
+def test_no_function_below_the_recipe_takes_the_run():
+    """Below the recipe (subnets.runner) functions are handed what they use, never the Run: no
+    parameter of any other module is read for what only a Run holds (its state, settings, folder,
+    processes, optimizer, callbacks...), and only the public API and the training command import
+    the runner. Failed before issue 39's seams (the results writer, few-shot, callbacks and
+    checkpoint functions took the run; the evaluation built one)."""
     taking = []
-    for name in ("training_state.py", "checkpoint.py", "checkpoint_schema.py", "sharding.py", "guards.py"):
-        for node in ast.walk(ast.parse((PACKAGE / name).read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                arguments = [a.arg for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]]
-                if {"run", "training", "experiment"} & set(arguments):
-                    taking.append(f"{name}: {node.name}")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "runner.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            names = {a.arg for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]}
+            read = {(n.value.id, n.attr) for n in ast.walk(node)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in names}  # fmt: skip
+            for parameter, attribute in read:
+                if parameter in ("run", "training", "experiment") and attribute in RUN_ATTRIBUTES:
+                    taking.append(f"{path.relative_to(PACKAGE)}: {node.name}({parameter}.{attribute})")
     assert not taking, taking
+    importing = {module_name(p) for p in PACKAGE.rglob("*.py") if "subnets.runner" in imports_of(p)}
+    assert importing <= {"subnets", "subnets.cli.train"}, importing
 
 
 def test_every_console_script_is_a_cli_module():

@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from subnets.checkpoint import load_checkpoint
+from subnets.evaluate.results import few_shot_results
 from subnets.files import read_jsonl
 from subnets.metrics import score_conllu
 from subnets.runner import Run, run
@@ -245,7 +246,7 @@ def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_pat
     before = {name: p.detach().clone() for name, p in experiment.model.named_parameters()}
     try:
         experiment.train()
-        experiment.few_shot()
+        few_shot_results(experiment.evaluation())
     finally:
         experiment.close()
     name = next(n for n, p in experiment.model.named_parameters() if p is embeddings)

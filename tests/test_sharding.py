@@ -16,7 +16,6 @@ from helpers import python, spawn
 from test_distributed import free_port
 
 from subnets.assemble import check_settings
-from subnets.callbacks import Validation
 from subnets.checkpoint import load_checkpoint
 from subnets.cli.consolidate import consolidate_run
 from subnets.config import SettingError
@@ -71,7 +70,7 @@ def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: 
 
             Run.save_checkpoint = save_then_copy
         else:
-            validate = Validation.validate
+            validate = Run.validate
 
             def validate_then_copy(training):
                 metric = validate(training)
@@ -81,7 +80,7 @@ def _run_worker(rank: int, world: int, overrides: list[str], folder: str, port: 
                     copy_folder(training)
                 return metric
 
-            Validation.validate = staticmethod(validate_then_copy)
+            Run.validate = validate_then_copy
     run(tiny_config(*overrides), folder)
 
 

@@ -20,7 +20,7 @@ from subnets.config import Config, compose_config, default_config
 from subnets.data import Batch, Collator, LanguageSampler, Sentence, read_conllu, write_conllu
 from subnets.data.dataset import Batcher, LanguageData, load_language
 from subnets.evaluate import Evaluator, evaluate, predict
-from subnets.fewshot import few_shot, fine_tune
+from subnets.evaluate.fewshot import few_shot, fine_tune
 from subnets.masks import (
     Subnetwork,
     SubnetworkSet,

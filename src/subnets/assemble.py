@@ -30,9 +30,7 @@ from subnets.data.languages import RunData, data_cache, data_root, load_run_data
 from subnets.data.sampling import LanguageSampler
 from subnets.distributed import DataParallel
 from subnets.identity import model_fingerprint
-from subnets.methods.base import BatchStep, Method, NoMasks, TrainingBatches
-from subnets.methods.episodes import MAMLEpisodes
-from subnets.methods.subnetworks import SubnetworkPolicy
+from subnets.methods.base import Method, TrainingBatches
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.tasks.base import Task, build_task
@@ -70,7 +68,7 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
     name = f"method {cfg.method.name} ({type(policy).__name__})"
     if setting(cfg.train.parallel) == "fsdp":
         check_sharding_settings(cfg, method)
-    if cfg.train.compile and isinstance(method.strategy, MAMLEpisodes) and not cfg.meta.first_order:
+    if cfg.train.compile and method.strategy.functional and not cfg.meta.first_order:
         raise SettingError("train.compile=true with meta.first_order=false: a compiled encoder has no double "
                            "backward through MAML's inner steps; use first-order MAML or train.compile=false")  # fmt: skip
     if cfg.masks.path and not getattr(policy, "uses_masks_path", False):
@@ -82,7 +80,7 @@ def check_method_settings(cfg: DictConfig, method: Method) -> None:
     if setting(cfg.masks.train) == "subnetwork":
         check_subnetwork_only(cfg, method)
     if setting(cfg.train.precision) == "bf16_base" and (
-        setting(cfg.masks.train) != "subnetwork" or not isinstance(policy, SubnetworkPolicy)
+        setting(cfg.masks.train) != "subnetwork" or not policy.has_subnetworks
     ):
         raise SettingError(f"train.precision=bf16_base with +method={cfg.method.name} and masks.train="
                            f"{setting(cfg.masks.train)}: the transformer's weights are stored in bfloat16 and frozen, "
@@ -118,11 +116,11 @@ def check_subnetwork_only(cfg: DictConfig, method: Method) -> None:
     name = f"masks.train=subnetwork with +method={cfg.method.name}"
     if getattr(method.policy, "matches_static_budget", False):
         return  # lora / shira / sft.match=static: sized to a subnetwork-only budget (subnetwork_budget)
-    if not isinstance(method.policy, SubnetworkPolicy):
+    if not method.policy.has_subnetworks:
         raise SettingError(f"{name}: the method has no language subnetworks to train alone; use a static, dynamic or "
                            "random method (+method=static, dynamic, random), or size a comparison method to the "
                            "subnetwork-only budget (lora.match, shira.match or sft.match=static)")  # fmt: skip
-    if not isinstance(method.strategy, BatchStep):
+    if method.strategy.functional:
         raise SettingError(f"{name}: MAML's inner steps run on functional copies of whole parameters (torch.func), "
                            "not on the subnetworks' values; use +method=static, dynamic or random")  # fmt: skip
     if cfg.masks.after_steps > 0:
@@ -156,23 +154,33 @@ def check_activation_importance(cfg: DictConfig, method: Method) -> None:
                            "with; use masks.target_policy=support or full")  # fmt: skip
 
 
-def check_settings(cfg: DictConfig) -> None:
+@dataclass
+class CheckedSettings:
+    """What [check_settings][subnets.assemble.check_settings] built to check the settings: the method
+    and the task (not yet fitted to any data), which [assemble][subnets.assemble.assemble] then uses."""
+
+    method: Method
+    task: Task
+
+
+def check_settings(cfg: DictConfig) -> CheckedSettings:
     """The settings alone (``validate_config``), those of the method
     ([check_method_settings][subnets.assemble.check_method_settings]) and of the task (its constructor): what
-    is refused before any file is read or written."""
+    is refused before any file is read or written. Returns the method and the task it built."""
     validate_config(cfg)
-    check_method_settings(cfg, build_method(cfg))
-    build_task(cfg)
+    method = build_method(cfg)
+    check_method_settings(cfg, method)
+    return CheckedSettings(method, build_task(cfg))
 
 
 def check_sharding_settings(cfg: DictConfig, method: Method) -> None:
     """Refuse what ``train.parallel=fsdp`` does not run ([subnets.sharding][]), with why."""
     name = f"+method={cfg.method.name}"
-    if not isinstance(method.strategy, BatchStep):
+    if method.strategy.functional:
         raise SettingError(f"train.parallel=fsdp: {name} meta-learns (MAML), whose inner steps run on functional "
                            "copies of whole parameters (torch.func), which FSDP2's sharded parameters are not; "
                            "first- and second-order MAML run with train.parallel=ddp")  # fmt: skip
-    if not isinstance(method.policy, (NoMasks, SubnetworkPolicy)):
+    if not method.policy.supports_sharding:
         raise SettingError(f"train.parallel=fsdp: {name} ({type(method.policy).__name__}) copies or wraps the "
                            "model, which FSDP2 does not allow once it is sharded; the baseline, static, dynamic "
                            "and random methods run sharded, the others with train.parallel=ddp")  # fmt: skip
@@ -218,6 +226,7 @@ def assemble(
     read_data: bool = True,
     read_train: bool = True,
     accept: Callable[[RunData | None, dict[str, str]], None] | None = None,
+    checked: CheckedSettings | None = None,
 ) -> Parts:
     """Build the run ``cfg`` describes in ``folder``: the method, the task, the data (synthetic
     languages are written into ``folder/data``; the tiny model's tokenizer is trained on the
@@ -231,15 +240,18 @@ def assemble(
         read_train: read the training splits (an evaluation does not).
         accept: called with the data and the model's fingerprint once both are read, before
             anything else happens (a run folder checks that they are the ones it holds).
+        checked: the settings as [check_settings][subnets.assemble.check_settings] checked them (its method
+            and task are used); None: checked here.
 
     Every example read is checked against the task ([check][subnets.tasks.base.Task.check]: a label
     the training data never had is an error naming its file and line); a task that does not
     fit the model is refused ([use_model][subnets.tasks.base.Task.use_model]).
     """
     folder = Path(folder)
-    method = build_method(cfg)
-    check_method_settings(cfg, method)
-    task = build_task(cfg, task_state)
+    checked = checked or check_settings(cfg)
+    method, task = checked.method, checked.task
+    if task_state is not None:
+        task.load_state_dict(task_state)
     cache = data_cache(cfg.languages)
     data = None
     if read_data:
@@ -256,7 +268,14 @@ def assemble(
         accept(data, fingerprint)
     if data is not None:
         data.tokenize(tokenizer, cache)
-    model = build_model(cfg, transformer, task, tokenizer).to(device)
+    model = build_model(
+        cfg.model,
+        transformer,
+        task,
+        tokenizer,
+        precision=setting(cfg.train.precision),
+        units=setting(cfg.masks.units),
+    ).to(device)
     if cfg.model.gradient_checkpointing:
         if not getattr(transformer, "supports_gradient_checkpointing", False):
             raise SettingError(f"model.gradient_checkpointing=true: {type(transformer).__name__} has no activation "
@@ -307,7 +326,7 @@ def training(parts: Parts, parallel: DataParallel) -> Training:
                          f"too few in {', '.join(small)}")  # fmt: skip
     sampler = LanguageSampler(sizes, cfg.train.batch_size, cfg.train.sampling_alpha, cfg.seed)
     mixed = setting(cfg.train.batches) == "mixed"
-    if mixed and not isinstance(strategy, BatchStep):
+    if mixed and not strategy.supports_mixed_batches:
         raise SettingError(f"train.batches=mixed: MAML episodes draw a batch per language; use train.batches=grouped "
                            f"with +method={cfg.method.name}")  # fmt: skip
     if mixed and not policy.supports_mixed_batches:
@@ -330,6 +349,5 @@ def check_inputs(cfg: DictConfig) -> None:
     method, the task, the data (synthetic languages written into a temporary folder) and the
     model ([assemble][subnets.assemble.assemble] there). ``overwrite=true`` calls it before it deletes
     anything."""
-    check_settings(cfg)
     with tempfile.TemporaryDirectory() as folder:
-        assemble(cfg, folder)
+        assemble(cfg, folder)  # which checks the settings first

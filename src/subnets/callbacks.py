@@ -1,13 +1,15 @@
 """What the training loop does besides training, as small callbacks: the loss guard, the
 development evaluation, the method's end-of-training hook, the gradient-conflict analysis and
 the checkpoint. [subnets.runner.Run.train][] calls each in order after every step (and,
-for the guard, after every log interval); each says when it acts from its own settings.
+for the guard, after every log interval) with a [Loop][subnets.callbacks.Loop], the loop's view
+of the run (its step, its place in a ``torchrun`` job, and what a callback may ask of it); each
+says when it acts from its own settings.
 
 A callback of your own has the same three hooks (each optional) and goes into
 ``Run.callbacks``::
 
-    class StopAtLoss:
-        def after_step(self, run, result):
+    class StopAtLoss(Callback):
+        def after_step(self, loop, result):
             if result.loss < 0.01:
                 raise StopIteration
 """
@@ -15,24 +17,53 @@ A callback of your own has the same three hooks (each optional) and goes into
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from subnets.guards import LossGuard
+from subnets.progress import Clock
 from subnets.update import StepResult
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Loop:
+    """The training loop as a callback sees it.
+
+    Attributes: ``steps`` (the last step, ``train.steps``), ``is_main`` (rank 0), ``evaluates``
+    (this process takes part in evaluations: rank 0, or every process of a sharded run),
+    ``validate`` (the development evaluation now; returns its metric and keeps the best model),
+    ``save`` (the last checkpoint now), ``log`` (a record at this step to metrics.jsonl and W&B),
+    ``clock`` (seconds per phase, for results.json); ``step`` is the step just done."""
+
+    current_step: Callable[[], int]
+    steps: int
+    is_main: bool
+    evaluates: bool
+    validate: Callable[[], float | None]
+    save: Callable[[], Path]
+    log: Callable[[dict[str, Any]], None]
+    clock: Clock
+
+    @property
+    def step(self) -> int:
+        return self.current_step()
+
+
 class Callback:
     """Hooks of the training loop (each a no-op here)."""
 
-    def on_start(self, run) -> None:
+    def on_start(self, loop: Loop) -> None:
         """Before the first step of this process (step 0, or the step a resume starts from)."""
 
-    def after_step(self, run, result: StepResult) -> None:
-        """After step ``run.state.step`` (its update, the policy's after-step hook and logging are done)."""
+    def after_step(self, loop: Loop, result: StepResult) -> None:
+        """After step ``loop.step`` (its update, the policy's after-step hook and logging are done)."""
 
-    def after_interval(self, run, record: dict[str, float]) -> None:
-        """After the log interval ending at ``run.state.step`` (``record``: its mean losses)."""
+    def after_interval(self, loop: Loop, record: dict[str, float]) -> None:
+        """After the log interval ending at ``loop.step`` (``record``: its mean losses)."""
 
 
 class Guard(Callback):
@@ -42,71 +73,50 @@ class Guard(Callback):
     def __init__(self, guard: LossGuard):
         self.guard = guard
 
-    def after_interval(self, run, record: dict[str, float]) -> None:
-        self.guard.after_interval(run.state.step, record["train/loss"])
+    def after_interval(self, loop: Loop, record: dict[str, float]) -> None:
+        self.guard.after_interval(loop.step, record["train/loss"])
 
 
 class Validation(Callback):
-    """The development evaluation every ``every`` steps and at the last (rank 0): the mean of the
-    development languages' primary metric; the best model so far goes to
-    ``checkpoints/best.safetensors`` (``run.state.best``: its metric and step)."""
+    """The development evaluation ([Run.validate][subnets.runner.Run.validate]) every ``every``
+    steps and at the last, on the processes that evaluate."""
 
     def __init__(self, every: int):
         self.every = every
 
-    def after_step(self, run, result: StepResult) -> None:
-        # sharded (train.parallel=fsdp), every process takes part in the forward passes
-        evaluates = run.parallel.is_main or run.parallel.sharded
-        if evaluates and (run.state.step % self.every == 0 or run.state.step == run.cfg.train.steps):
-            with run.clock("dev_evaluation"):
-                self.validate(run)
-
-    @staticmethod
-    def validate(run) -> float | None:
-        """Evaluate the development languages now; returns their mean primary metric."""
-        if not run.data.dev:
-            return None
-        policy = run.method.policy
-        policy.prepare_evaluation(run.model, run.data.support)
-        metrics, record = run.evaluator.development(run.model, run.data.dev, policy.eval_gates)
-        run.log(record)
-        metric = record["dev/metric"]
-        best = run.task.better(metric, None if run.state.best is None else run.state.best["metric"])
-        log.info("development evaluation at step %d: %s; metric %.2f%s", run.state.step,
-                 ", ".join(f"{code} {m:.2f}" for code, m in metrics.items()), metric, " (best so far)" if best else "")  # fmt: skip
-        if best:
-            run.state.save_best(metric)
-        return metric
+    def after_step(self, loop: Loop, result: StepResult) -> None:
+        if loop.evaluates and (loop.step % self.every == 0 or loop.step == loop.steps):
+            with loop.clock("dev_evaluation"):
+                loop.validate()
 
 
 class TrainEnd(Callback):
-    """The method's end-of-training hook (its mask history and figures), at the last step (rank 0)."""
+    """``end``, the method's end-of-training hook (its mask history and figures), at the last step (rank 0)."""
 
-    def after_step(self, run, result: StepResult) -> None:
-        if run.parallel.is_main and run.state.step == run.cfg.train.steps:
-            run.method.policy.on_train_end(run.outputs)
+    def __init__(self, end: Callable[[], None]):
+        self.end = end
+
+    def after_step(self, loop: Loop, result: StepResult) -> None:
+        if loop.is_main and loop.step == loop.steps:
+            self.end()
 
 
 class Conflict(Callback):
-    """Gradient conflict between the languages at step 0 and every ``every`` steps (rank 0;
-    ``analysis.conflict_every``, 0: never)."""
+    """``measure(step)``, the gradient conflict between the languages, at step 0 and every ``every``
+    steps (rank 0; ``analysis.conflict_every``, 0: never)."""
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, measure: Callable[[int], None]):
+        self.every, self.measure = every, measure
 
-    def measure(self, run) -> None:
-        with run.clock("analyses"):
-            run.analyses.conflict(
-                run.model, run.data.train, run.method.policy, run.state.step, run.method.name
-            )
+    def on_start(self, loop: Loop) -> None:
+        if self.every > 0 and loop.step == 0 and loop.is_main:
+            with loop.clock("analyses"):
+                self.measure(loop.step)
 
-    def on_start(self, run) -> None:
-        if self.every > 0 and run.state.step == 0 and run.parallel.is_main:
-            self.measure(run)
-
-    def after_step(self, run, result: StepResult) -> None:
-        if self.every > 0 and run.state.step % self.every == 0 and run.parallel.is_main:
-            self.measure(run)
+    def after_step(self, loop: Loop, result: StepResult) -> None:
+        if self.every > 0 and loop.step % self.every == 0 and loop.is_main:
+            with loop.clock("analyses"):
+                self.measure(loop.step)
 
 
 class Checkpoint(Callback):
@@ -116,7 +126,7 @@ class Checkpoint(Callback):
     def __init__(self, every: int, guard: LossGuard):
         self.every, self.guard = every, guard
 
-    def after_step(self, run, result: StepResult) -> None:
-        if (run.state.step % self.every == 0 and self.guard.healthy) or run.state.step == run.cfg.train.steps:
-            with run.clock("checkpoints"):
-                run.save_checkpoint()
+    def after_step(self, loop: Loop, result: StepResult) -> None:
+        if (loop.step % self.every == 0 and self.guard.healthy) or loop.step == loop.steps:
+            with loop.clock("checkpoints"):
+                loop.save()

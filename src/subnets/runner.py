@@ -17,13 +17,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from subnets.analysis.recorder import Analyses
-from subnets.assemble import assemble, check_inputs, check_settings, make_optimizer, resolve_device, training
-from subnets.callbacks import Checkpoint, Conflict, Guard, TrainEnd, Validation
+from subnets.assemble import (
+    CheckedSettings,
+    assemble,
+    check_inputs,
+    check_settings,
+    make_optimizer,
+    resolve_device,
+    training,
+)
+from subnets.callbacks import Checkpoint, Conflict, Guard, Loop, TrainEnd, Validation
 from subnets.checkpoint import drop_optimizer_state, seed_everything
 from subnets.config import setting
 from subnets.distributed import DataParallel
 from subnets.evaluate import Evaluator
-from subnets.evaluate.results import run_few_shot, write_results
+from subnets.evaluate.results import Evaluation, write_results
 from subnets.files import read_json
 from subnets.guards import DivergenceGuard, LossGuard
 from subnets.identity import data_fingerprint, identity_differences, refuse, saved_identity
@@ -55,16 +63,18 @@ class Run:
         train = cfg.train
         divergence = DivergenceGuard(train.divergence_factor, train.divergence_patience)
         self.guard = LossGuard(self.folder, train.max_nonfinite_steps, divergence, self.paths.last_checkpoint)
-        self.callbacks = [Guard(self.guard), Validation(train.eval_every), TrainEnd(),
-                          Conflict(cfg.analysis.conflict_every), Checkpoint(train.checkpoint_every, self.guard)]  # fmt: skip
+        self.callbacks = [Guard(self.guard), Validation(train.eval_every), TrainEnd(self.end_training),
+                          Conflict(cfg.analysis.conflict_every, self.measure_conflict),
+                          Checkpoint(train.checkpoint_every, self.guard)]  # fmt: skip
 
-    def setup(self, record: Mapping[str, str] | None = None) -> None:
-        """Check the settings, build everything ([assemble][subnets.assemble.assemble]), the optimizer
+    def setup(self, record: Mapping[str, str] | None = None, checked: CheckedSettings | None = None) -> None:
+        """Check the settings (unless ``checked`` holds what [check_settings][subnets.assemble.check_settings]
+        returned for them), build everything ([assemble][subnets.assemble.assemble]), the optimizer
         and the sampler, and resume from the folder's last checkpoint. A folder that holds another
         run (other settings, data or model, ``subnets.identity``) is refused before anything in
         it is written; ``record`` (e.g. Hydra's ``.hydra/*.yaml``) is written once it is accepted."""
         cfg = self.cfg
-        check_settings(cfg)
+        checked = checked or check_settings(cfg)
         saved = saved_identity(self.paths, self.config(), cfg.resume)
         self.folder.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -87,7 +97,14 @@ class Run:
                         "default job loses about 8 development LAS); the setting is meant for pretrained encoders")  # fmt: skip
         device = resolve_device(cfg.train.device, self.parallel)
         self.use(
-            assemble(cfg, self.folder, device=device, accept=accept, task_state=(saved or {}).get("task"))
+            assemble(
+                cfg,
+                self.folder,
+                device=device,
+                accept=accept,
+                task_state=(saved or {}).get("task"),
+                checked=checked,
+            )
         )
         identity["task"] = self.task.state_dict()
         if cfg.train.compile:  # in place: parameter names, unit-gate hooks and checkpoints are unchanged
@@ -162,6 +179,37 @@ class Run:
         ([TrainingState.save][subnets.training_state.TrainingState.save])."""
         return self.state.save()
 
+    def loop(self) -> Loop:
+        """The loop as the [callbacks][subnets.callbacks] see it."""
+        return Loop(lambda: self.state.step, self.cfg.train.steps, self.parallel.is_main,
+                    self.parallel.is_main or self.parallel.sharded,  # sharded, every process takes part in forwards
+                    self.validate, self.save_checkpoint, self.log, self.clock)  # fmt: skip
+
+    def validate(self) -> float | None:
+        """Evaluate the development languages now: their mean primary metric, logged; the best model so
+        far goes to ``checkpoints/best.safetensors`` (``state.best``: its metric and step)."""
+        if not self.data.dev:
+            return None
+        policy = self.method.policy
+        policy.prepare_evaluation(self.model, self.data.support)
+        metrics, record = self.evaluator.development(self.model, self.data.dev, policy.eval_gates)
+        self.log(record)
+        metric, best = record["dev/metric"], self.state.best
+        better = self.task.better(metric, None if best is None else best["metric"])
+        log.info("development evaluation at step %d: %s; metric %.2f%s", self.state.step,
+                 ", ".join(f"{code} {m:.2f}" for code, m in metrics.items()), metric, " (best so far)" if better else "")  # fmt: skip
+        if better:
+            self.state.save_best(metric)
+        return metric
+
+    def end_training(self) -> None:
+        """The method's end-of-training hook (its mask history and figures)."""
+        self.method.policy.on_train_end(self.outputs)
+
+    def measure_conflict(self, step: int) -> None:
+        """The gradient conflict between the training languages at ``step`` (``analysis.conflict_every``)."""
+        self.analyses.conflict(self.model, self.data.train, self.method.policy, step, self.method.name)
+
     def train(self) -> None:
         """The training loop, from the current step to ``train.steps``: the method's step, the
         log interval, then the callbacks ([subnets.callbacks][])."""
@@ -170,9 +218,9 @@ class Run:
             return
         progress = bar(train.steps, "train", "step", initial=self.state.step, enabled=main)
         totals: dict[str, float] = {}
-        start, first_step = time.perf_counter(), self.state.step
+        start, first_step, loop = time.perf_counter(), self.state.step, self.loop()
         for callback in self.callbacks:
-            callback.on_start(self)
+            callback.on_start(loop)
         while self.state.step < train.steps:
             with self.clock("training_steps"):
                 result, extra = self.train_step()
@@ -196,9 +244,9 @@ class Run:
                     log.info("step %d/%d  loss %.4f  lr %.2e  %.0f words/s  elapsed %s  ETA %s", self.state.step,
                              train.steps, loss, lr, speed, duration(elapsed), eta)  # fmt: skip
                 for callback in self.callbacks:
-                    callback.after_interval(self, record)
+                    callback.after_interval(loop, record)
             for callback in self.callbacks:
-                callback.after_step(self, result)
+                callback.after_step(loop, result)
         progress.close()
 
     def train_step(self) -> tuple[StepResult, dict[str, float]]:
@@ -232,15 +280,13 @@ class Run:
             log.warning("the run ended with its training loss diverging (since step %d, above %s): its results are "
                         "those of a diverged run (results.json status: diverged)", divergence["since_step"],
                         divergence["reference"])  # fmt: skip
-        return self.write_results(status)
+        return write_results(self.evaluation(), status)
 
-    def write_results(self, about: Mapping[str, Any]) -> dict[str, Any]:
-        """``write_results`` of this run (results.json)."""
-        return write_results(self, about)
-
-    def few_shot(self) -> dict[str, Any]:
-        """``run_few_shot`` of this run."""
-        return run_few_shot(self)
+    def evaluation(self) -> Evaluation:
+        """What the final evaluation scores: the model as it is now, with this run's method, data and folder."""
+        return Evaluation(self.cfg, self.model, self.method, self.task, self.data, self.batcher, self.tokenizer,
+                          self.paths, self.state.step, self.state.best, self.parallel.is_main, self.clock,
+                          self.started, self.log)  # fmt: skip
 
 
 def run(
@@ -256,12 +302,12 @@ def run(
     paths, main = RunFolder(folder), int(os.environ.get("RANK", "0")) == 0
     with run_log(folder):  # into the folder's train.log once it exists (Hydra makes it first)
         try:
-            check_settings(cfg)  # before the folder is made or locked
+            checked = check_settings(cfg)  # before the folder is made or locked
             with paths.lock() if main else nullcontext():
                 if cfg.overwrite and main:
                     check_inputs(cfg)
                     paths.clear()
-                results, trained = _train_and_evaluate(Run(cfg, paths.root), record)
+                results, trained = _train_and_evaluate(Run(cfg, paths.root), record, checked)
         except Exception as error:
             log.error("%s: %s", type(error).__name__, error)
             raise
@@ -270,12 +316,14 @@ def run(
     return results
 
 
-def _train_and_evaluate(training: Run, record: Mapping[str, str] | None) -> tuple[dict[str, Any], bool]:
+def _train_and_evaluate(
+    training: Run, record: Mapping[str, str] | None, checked: CheckedSettings
+) -> tuple[dict[str, Any], bool]:
     """The results (rank 0; the other ranks an empty dict) and whether this call trained (False:
     the folder held a finished run)."""
     cfg, paths = training.cfg, training.paths
     try:
-        training.setup(record)
+        training.setup(record, checked)
         main = training.parallel.is_main
         finished = training.resumed and training.state.step >= cfg.train.steps and paths.results.exists()
         if finished:

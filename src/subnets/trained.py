@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +28,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from subnets.assemble import assemble, resolve_device
+from subnets.assemble import assemble, check_settings, resolve_device
 from subnets.checkpoint import checkpoint_config, load_checkpoint, load_model_state
 from subnets.checkpoint_schema import Key
-from subnets.config import run_folder_name, setting, validate_config
+from subnets.config import run_folder_name, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.data.languages import data_cache, data_root, load_run_data
 from subnets.data.treebank import Sentence, unparsed
 from subnets.evaluate import Evaluator, predict
-from subnets.fewshot import few_shot
+from subnets.evaluate.fewshot import few_shot
+from subnets.evaluate.results import Evaluation, write_results
 from subnets.files import check_output_path, read_json
 from subnets.identity import config_differences
 from subnets.methods.base import Method
-from subnets.progress import run_log
+from subnets.progress import Clock, run_log
 from subnets.results import format_results
 from subnets.runfolder import RunFolder
-from subnets.runner import Run
 from subnets.tasks import Parsing, Task
 from subnets.trained_folder import apply_overrides, checkpoint_file, read_run_config
 
@@ -200,7 +201,7 @@ class TrainedRun:
         predictions: str | os.PathLike | None = None,
         **settings: Any,
     ) -> dict[str, Any]:
-        """The few-shot protocol ([subnets.fewshot.few_shot][]) on one language from a copy of
+        """The few-shot protocol ([subnets.evaluate.fewshot.few_shot][]) on one language from a copy of
         the model: support examples drawn from ``support_pool`` (default: from ``test``, and then
         left out of it), the run's ``fewshot.*`` settings unless ``settings`` (``k``,
         ``repetitions``, ``steps``, ``lr_encoder``, ...) say otherwise."""
@@ -244,7 +245,7 @@ def load_run(
     cfg = apply_overrides(read_run_config(folder), overrides)
     if device is not None:
         cfg.train.device = device
-    validate_config(cfg)
+    checked = check_settings(cfg)
     path = checkpoint_file(folder, checkpoint)
     identity = read_json(folder / "run.json", "the run's identity")
     tokenizer_folder = folder / "tokenizer"
@@ -262,7 +263,7 @@ def load_run(
                              "point model.name_or_path at that model")  # fmt: skip
 
     parts = assemble(cfg, folder, device=resolve_device(cfg.train.device), task_state=identity.get("task", {}),
-                     read_data=False, accept=same_model)  # fmt: skip
+                     read_data=False, accept=same_model, checked=checked)  # fmt: skip
     model, method = parts.model, parts.method
     method.policy.bind(model, parts.batcher, list(cfg.languages.train))
     method.strategy.bind(model)
@@ -328,7 +329,7 @@ def evaluate_run(
         evaluation = _evaluation(trained, output)
         about = {"evaluated": {"run": str(trained.folder), "checkpoint": str(trained.checkpoint),
                                "step": trained.step, "overrides": list(overrides)}}  # fmt: skip
-        results = evaluation.write_results(about)
+        results = write_results(evaluation, about)
     print(format_results(results))
     print(f"evaluated {trained.checkpoint} (step {trained.step}); results in {output / 'results.json'}")
     return results
@@ -362,21 +363,18 @@ def _check_evaluation_output(output: Path, folder: str | os.PathLike, overrides:
                               "another folder")  # fmt: skip
 
 
-def _evaluation(trained: TrainedRun, output: Path) -> Run:
-    """A [Run][subnets.runner.Run] in ``output`` that evaluates ``trained`` on the languages
-    of its config, with no training; only ``output`` is written (its synthetic data)."""
-    cfg = trained.cfg
-    evaluation = Run(cfg, output)
-    evaluation.use(trained)
-    evaluation.state.step, evaluation.state.best = trained.step, trained.best
-    with evaluation.clock("setup"):
+def _evaluation(trained: TrainedRun, output: Path) -> Evaluation:
+    """What ``python -m subnets.evaluate`` scores: ``trained`` on the languages of its config, written
+    into ``output`` (only ``output`` is written: results, predictions and its synthetic data)."""
+    cfg, clock, started = trained.cfg, Clock(), time.perf_counter()
+    with clock("setup"):
         cache = data_cache(cfg.languages)
         data = load_run_data(cfg.languages, cfg.fewshot, data_root(cfg.languages, output), trained.task, seed=cfg.seed,
                              needs_support=trained.method.policy.needs_support, read_train=False, cache=cache)  # fmt: skip
         for language in data.all():
             trained.task.check(language.examples, f"{language.code} {language.split} ({language.path})")
         data.tokenize(trained.tokenizer, cache)
-        evaluation.data = data
-    with evaluation.clock("final_evaluation"):
+    with clock("final_evaluation"):
         trained.method.policy.prepare_evaluation(trained.model, data.support)
-    return evaluation
+    return Evaluation(cfg, trained.model, trained.method, trained.task, data, trained.batcher, trained.tokenizer,
+                      RunFolder(output), trained.step, trained.best, clock=clock, started=started)  # fmt: skip

@@ -94,6 +94,8 @@ class MaskPolicy:
     schedule_restart: int | None = None  # a step at which the learning-rate schedule starts again
     uses_masks_path = False  # whether it reads a saved mask set (masks.path); else that setting is refused
     uses_after_steps = False  # whether it can search its masks during training (masks.after_steps)
+    has_subnetworks = False  # language subnetworks that can train alone (masks.train=subnetwork, bf16_base)
+    supports_sharding = False  # whether it runs on an FSDP2-sharded model (it neither copies nor wraps it)
 
     def bind(self, model: nn.Module, batcher: Batcher, languages: list[str]) -> None:
         """Cheap set-up on the model, its batches and the training ``languages`` (build the
@@ -194,6 +196,8 @@ class MaskPolicy:
 class NoMasks(MaskPolicy):
     """Every language uses and updates every unit (the baseline)."""
 
+    supports_sharding = True
+
 
 class TrainingBatches:
     """The batches a step strategy draws: a language by the run's temperature sampling, then
@@ -242,6 +246,11 @@ class TrainingBatches:
 class StepStrategy:
     """How one outer training step is computed (see [BatchStep][subnets.methods.base.BatchStep], and
     [MAMLEpisodes][subnets.methods.episodes.MAMLEpisodes])."""
+
+    # whether its steps run on functional copies of whole parameters (torch.func: MAML's inner loop),
+    # which neither sharded parameters nor the subnetworks' own values are
+    functional = False
+    supports_mixed_batches = True  # whether a batch may mix languages (train.batches=mixed)
 
     def bind(self, model: nn.Module) -> None:
         """Cheap set-up on the model (before a resume restores ``state_dict``)."""

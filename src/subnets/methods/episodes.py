@@ -29,6 +29,9 @@ class MAMLEpisodes(StepStrategy):
         meta: the ``meta.*`` settings (``MetaConfig``).
     """
 
+    functional = True
+    supports_mixed_batches = False  # an episode draws a batch per language
+
     def __init__(self, meta: Any):
         self.meta = meta
         self.maml: MAML | None = None

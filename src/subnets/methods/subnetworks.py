@@ -80,6 +80,9 @@ class SubnetworkPolicy(MaskPolicy):
             when the policy is bound.
     """
 
+    has_subnetworks = True
+    supports_sharding = True
+
     def __init__(self, search: Any, apply: str = "gradient", control: RandomControl | None = None):
         self.search, self.control = search, control
         self.mode = str(setting(apply))

@@ -6,7 +6,7 @@ Example (what the runner and the benchmarks do)::
 
     cfg = compose_config(["model=e5_small"])
     transformer, tokenizer = build_encoder(cfg.model, seed=cfg.seed)
-    model = build_model(cfg, transformer)
+    model = build_model(cfg.model, transformer, Parsing())
 """
 
 from __future__ import annotations
@@ -57,30 +57,33 @@ def build_encoder(
     return transformer, tokenizer
 
 
-def build_model(cfg: Any, transformer: nn.Module, task: Any = None, tokenizer: Any = None) -> nn.Module:
-    """The task model of ``cfg`` on ``transformer`` wrapped as an
-    [Encoder][subnets.models.encoder.Encoder] (scalar mix with ``model.mix_dropout``; every dropout inside it
-    set to ``model.encoder_dropout`` when given; its word embeddings frozen with ``model.freeze_embeddings``:
-    ``requires_grad=False``, so no optimizer holds them; run under bfloat16 autocast with
-    ``train.precision=bf16`` (and its weights stored in bfloat16 with ``bf16_base``), in float64 with ``fp64``; gates on the units of ``masks.units``, found by
-    ``model.layout`` or the detected layout): the head
-    of ``task`` (a [Task][subnets.tasks.Task]; default: built from ``cfg.task``), which first
-    checks that it fits the model and its ``tokenizer``."""
-    if cfg.model.freeze_embeddings:
+def build_model(
+    model: Any,
+    transformer: nn.Module,
+    task: Any,
+    tokenizer: Any = None,
+    *,
+    precision: str = "fp32",
+    units: str = "heads",
+) -> nn.Module:
+    """The model of ``task`` (a [Task][subnets.tasks.Task], which first checks that it fits the
+    model and its ``tokenizer``) on ``transformer``, wrapped as an [Encoder][subnets.models.encoder.Encoder]
+    with the ``model.*`` settings ``model``: a scalar mix with ``model.mix_dropout``; every dropout
+    inside it set to ``model.encoder_dropout`` when given; its word embeddings frozen with
+    ``model.freeze_embeddings`` (``requires_grad=False``, so no optimizer holds them); gates on
+    ``units`` (``masks.units``: heads, neurons or both), found by ``model.layout`` or the detected
+    layout. ``precision`` (``train.precision``): ``bf16`` runs it under bfloat16 autocast, ``bf16_base``
+    also stores the transformer's weights in bfloat16, ``fp64`` makes it float64."""
+    if model.freeze_embeddings:
         transformer.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.model.encoder_dropout is not None:
+    if model.encoder_dropout is not None:
         for module in transformer.modules():
             if isinstance(module, torch.nn.Dropout):
-                module.p = cfg.model.encoder_dropout
-    precision = getattr(cfg.train.precision, "value", cfg.train.precision)
+                module.p = model.encoder_dropout
     if precision == "bf16_base":
         transformer.to(torch.bfloat16)
-    encoder = Encoder(transformer, cfg.model.mix_dropout, torch.bfloat16 if precision.startswith("bf16") else None,
-                      units=str(getattr(cfg.masks.units, "value", cfg.masks.units)), layout=cfg.model.layout)  # fmt: skip
-    if task is None:
-        from subnets.tasks import build_task
-
-        task = build_task(cfg)
+    autocast = torch.bfloat16 if precision.startswith("bf16") else None
+    encoder = Encoder(transformer, model.mix_dropout, autocast, units=units, layout=model.layout)
     task.use_model(transformer, tokenizer, encoder.gates.layout.causal)
-    model = task.build_model(encoder)
-    return model.double() if precision == "fp64" else model
+    built = task.build_model(encoder)
+    return built.double() if precision == "fp64" else built
