@@ -73,7 +73,15 @@ def test_public_api_imports_in_a_fresh_interpreter():
 # Exempt: the package's __init__ (the public API re-exports every layer) and the ``python -m`` shims,
 # which only call their command-line module.
 LAYERS = [
-    {"config", "configs", "files", "progress", "results", "checkpoint_schema", "guards"},  # settings, files, records
+    {
+        "config",
+        "configs",
+        "files",
+        "progress",
+        "results",
+        "checkpoint_schema",
+        "guards",
+    },  # settings, files, records
     {"data", "distributed", "runfolder", "checkpoint", "tracking"},  # data, processes, run folders
     {"metrics", "models", "identity", "trained_folder"},
     {"sharding"},
