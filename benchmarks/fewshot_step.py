@@ -35,7 +35,7 @@ from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.optim.masked import MaskedOptimizer
 from subnets.tasks import Parsing
-from subnets.update import parameter_groups, training_step
+from subnets.training.update import parameter_groups, training_step
 
 
 def main() -> None:

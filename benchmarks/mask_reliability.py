@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from shared_paths import e5_path, ud_root
 
-from subnets.checkpoint import phase_rng
 from subnets.config import compose_config
 from subnets.masks.controls import split_half_agreement
 from subnets.masks.dynamic import ImportanceEMA
 from subnets.masks.importance import finetuned_copy, normalize_importance, unit_importance
 from subnets.masks.selection import select_keep_ratio
-from subnets.runner import Run
+from subnets.runs.checkpoint import phase_rng
+from subnets.training.runner import Run
 
 BATCHES = 32  # per language and model state; options use the first N
 SIZES = (2, 8, 16, 32)

@@ -42,7 +42,7 @@ from subnets.meta import MAML, MetaTask
 from subnets.models.build import build_encoder, build_model
 from subnets.models.encoder import max_subwords
 from subnets.tasks import Parsing
-from subnets.update import parameter_groups
+from subnets.training.update import parameter_groups
 
 LANGUAGES = ["en_ewt", "ko_kaist"]
 INNER_LR = {"encoder": 1e-3, "head": 1e-2}

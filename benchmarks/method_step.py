@@ -28,13 +28,13 @@ import torch
 from shared_paths import e5_path
 from task_step import interleaved
 
-from subnets.assemble import assemble
 from subnets.config import compose_config
 from subnets.masks.subnetwork import unit_parameter_masks
 from subnets.methods.adapters import LoraPolicy
 from subnets.methods.sft import ticket
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
-from subnets.update import parameter_groups, training_step
+from subnets.training.assemble import assemble
+from subnets.training.update import parameter_groups, training_step
 
 
 def measure(model: str, args) -> dict[str, float]:

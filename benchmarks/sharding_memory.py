@@ -4,7 +4,7 @@ A tiny-but-not-trivial Qwen2-style decoder (about 40M parameters, built from a c
 weights) is trained for a few masked AdamW steps (:class:`~subnets.optim.MaskedOptimizer`, half
 the query heads of every layer updated) under ``torchrun`` with 2 processes, once with every
 process holding the whole model (ddp) and once sharded with FSDP2
-(:func:`subnets.sharding.shard_model`: each decoder layer, then the rest). Each process reports
+(:func:`subnets.parallel.sharding.shard_model`: each decoder layer, then the rest). Each process reports
 
 * the bytes of parameters, gradients and optimizer state it holds, counted from the tensors'
   local storage (each storage once, FSDP2's padding included), and their ratio fsdp / ddp;
@@ -84,7 +84,7 @@ ESTIMATED = {
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of this process's parameters, gradients and optimizer state (each storage once)."""
-    from subnets.sharding import local
+    from subnets.parallel.sharding import local
 
     seen: set[int] = set()
 
@@ -109,7 +109,7 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 def worker(parallel: str, steps: int, output: str, config: dict) -> None:
     """One process of the torchrun job: build, (shard), train ``steps`` masked steps, report."""
     from subnets.optim import MaskedOptimizer
-    from subnets.sharding import shard_model
+    from subnets.parallel.sharding import shard_model
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

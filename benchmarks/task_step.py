@@ -2,7 +2,7 @@
 
 For each task (parsing, UPOS tagging, NER, classification, masked LM; causal LM with the tiny
 Qwen2 decoder) and model (the tiny random BERT, multilingual-e5-small), it builds the run as the
-runner does (:func:`subnets.assemble.assemble`, on the synthetic languages and their NER and
+runner does (:func:`subnets.training.assemble.assemble`, on the synthetic languages and their NER and
 classification variants), draws language-homogeneous training batches and reports:
 
 * the baseline step (forward, backward, clipping, AdamW) in seconds and examples' words per second;
@@ -30,11 +30,11 @@ import time
 import torch
 from shared_paths import e5_path
 
-from subnets.assemble import assemble
 from subnets.config import compose_config
 from subnets.masks.subnetwork import unit_parameter_masks
 from subnets.optim.masked import MaskedOptimizer
-from subnets.update import parameter_groups, training_step
+from subnets.training.assemble import assemble
+from subnets.training.update import parameter_groups, training_step
 
 TASKS = {"parsing": ["task=parsing"], "pos": ["task=pos"], "ner": ["task=ner"],
          "classification": ["task=classification"], "mlm": ["task=mlm"], "clm": ["task=clm", "model=tiny_qwen2"]}  # fmt: skip

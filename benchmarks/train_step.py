@@ -57,7 +57,7 @@ from subnets.models.encoder import max_subwords
 from subnets.models.gates import HeadGates, NeuronGates, UnitGates
 from subnets.optim.masked import MaskedOptimizer
 from subnets.tasks import Parsing
-from subnets.update import parameter_groups, training_step
+from subnets.training.update import parameter_groups, training_step
 
 LANGUAGES = ["en_ewt", "ko_kaist", "ar_pud", "cs_pud"]
 

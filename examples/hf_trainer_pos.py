@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--train-sentences", type=int, default=400, help="per language")
     parser.add_argument("--dev-sentences", type=int, default=100, help="per language")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--search-sentences", type=int, default=64, help="per language, to find the subnetworks"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep-ratio", type=float, default=0.75)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -107,7 +110,8 @@ def main() -> None:
         **dtype,
     )
     model = with_subnetworks(base, SubnetworkConfig(units="heads", keep_ratio=arguments.keep_ratio))
-    find_subnetworks(model, {code: data.select(range(64)) for code, data in train.items()}, batch_size=16,
+    find_subnetworks(model, {code: data.select(range(min(arguments.search_sentences, len(data)))) for code, data in train.items()},
+                     batch_size=16,
                      collate_fn=collator)  # fmt: skip
     for code, subnetwork in model.masks.items():
         print(f"{code}: keeps {subnetwork.num_units_kept} of {subnetwork.unit_mask.numel()} heads")

@@ -101,7 +101,7 @@ class Crash(RuntimeError):
 
 def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
     """Run ``cfg`` in ``folder`` until the checkpoint at ``step`` is written, then crash."""
-    from subnets.runner import Run, run
+    from subnets.training.runner import Run, run
 
     original = Run.save_checkpoint
 

@@ -41,7 +41,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # The library, imported once by the fork server of spawn(): each process it starts is a fork of a
 # process that has imported these and done nothing else.
-_PRELOAD = ["subnets.runner", "subnets.sharding", "subnets.cli.consolidate", "subnets.tasks",
+_PRELOAD = ["subnets.training.runner", "subnets.parallel.sharding", "subnets.cli.consolidate", "subnets.tasks",
             "transformers.models.bert.modeling_bert", "transformers.models.qwen2.modeling_qwen2",
             "torch.distributed.fsdp", "torch.distributed.checkpoint"]  # fmt: skip
 

@@ -13,7 +13,6 @@ import torch
 from conftest import tiny_config, tiny_transformer
 from torch import nn
 
-from subnets.assemble import check_settings
 from subnets.config import SettingError
 from subnets.files import read_jsonl
 from subnets.masks.activation import (
@@ -27,7 +26,8 @@ from subnets.masks.controls import split_half_agreement
 from subnets.masks.search import find_subnetwork
 from subnets.masks.selection import select_top_k
 from subnets.models.gates import NeuronGates
-from subnets.runner import run
+from subnets.training.assemble import check_settings
+from subnets.training.runner import run
 
 
 # ---------------------------------------------------------------- a stub whose activations are given

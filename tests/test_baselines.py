@@ -9,7 +9,7 @@ from conftest import crash_after_checkpoint, scores, step_on, tiny_config, ud_jo
 
 from subnets.config import SettingError
 from subnets.methods.language_sft import LanguageDeltas
-from subnets.runner import Run, run
+from subnets.training.runner import Run, run
 
 
 def set_up(tmp_path, *overrides) -> Run:

@@ -9,7 +9,7 @@ from test_shared import E5_PATH, needs_e5
 
 from subnets.config import SettingError
 from subnets.methods.subnetworks import subnetwork_budget
-from subnets.runner import Run, run
+from subnets.training.runner import Run, run
 
 SEARCH = [
     "masks.selection=keep_ratio",

@@ -7,8 +7,8 @@ from conftest import REPO
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from subnets.assemble import build_method
 from subnets.config import TASK_SCHEMAS, Config, compose_config
+from subnets.training.assemble import build_method
 
 CONFIGS = REPO / "src" / "subnets" / "configs"
 GROUPS = ["model", "task", "languages", "method", "experiment", "budget", "debug", "fewshot", "debug_task"]

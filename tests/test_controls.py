@@ -19,7 +19,7 @@ from subnets.masks.controls import (
     split_half_agreement,
 )
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
-from subnets.runner import run
+from subnets.training.runner import run
 
 
 def mask_set() -> SubnetworkSet:

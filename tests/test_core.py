@@ -16,7 +16,7 @@ from subnets.masks import Subnetwork, SubnetworkSet, find_subnetwork
 from subnets.methods.dynamic import DynamicMasks, EMARule
 from subnets.methods.subnetworks import RandomControl, SubnetworkPolicy
 from subnets.optim.masked import MaskedOptimizer
-from subnets.update import StepResult, apply_update
+from subnets.training.update import StepResult, apply_update
 
 VOCAB, LENGTH = 40, 8
 

@@ -11,8 +11,8 @@ from subnets.data import dataset, read_conllu
 from subnets.data.cache import DataCache
 from subnets.data.dataset import load_language
 from subnets.data.discovery import discover_languages
-from subnets.runner import run
 from subnets.tasks import Parsing, parsing
+from subnets.training.runner import run
 
 
 def test_a_run_gives_the_same_results_without_the_cache_and_with_it_cold_or_warm(

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, tiny_config
 from helpers import spawn
 
-from subnets.runner import Run
+from subnets.training.runner import Run
 
 # Dropout off, so that the two processes' half batches and the one process's whole batch see
 # the same network; each process trains on 4 sentences (MAML: 4 query sentences, the support

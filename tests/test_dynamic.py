@@ -14,8 +14,8 @@ from subnets.masks.dynamic import HardConcreteGates, ImportanceEMA, reselect
 from subnets.masks.importance import unit_importance
 from subnets.masks.selection import select_keep_ratio
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
-from subnets.runner import Run, run
-from subnets.update import training_step
+from subnets.training.runner import Run, run
+from subnets.training.update import training_step
 
 DYNAMIC = ["+method=dynamic", "dynamic.update_every=4"]
 FROZEN = ["train.lr_encoder=0", "train.lr_head=0", "train.weight_decay=0", "train.warmup_steps=0"]
@@ -121,7 +121,7 @@ def test_learned_gates_reach_their_target_sparsity(tmp_path):
                 "masks.keep_ratio=0.5", "dynamic.gate_lr=0.1"]  # fmt: skip
     results = run(tiny_config(*settings), tmp_path)
     history = json.loads((tmp_path / "masks" / "history.json").read_text())
-    from subnets.checkpoint import load_checkpoint
+    from subnets.runs.checkpoint import load_checkpoint
 
     learned = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")["method"]["learned"]
     gates = HardConcreteGates(list(history), (2, 4), beta=0.6667)

@@ -104,14 +104,14 @@ def test_trainer_pos_example_without_the_shared_data_names_what_to_set(tmp_path)
 @needs_ud
 @needs_e5
 def test_trainer_pos_example_learns_upos_on_real_treebanks_through_subnetworks(tmp_path):
-    done = python(EXAMPLES / "hf_trainer_pos.py", "--ud-root", str(UD_ROOT), "--model", str(E5_PATH), "--steps", "20", "--train-sentences", "120", "--dev-sentences",
-                  "40", "--lr", "5e-4", "--output", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
+    done = python(EXAMPLES / "hf_trainer_pos.py", "--ud-root", str(UD_ROOT), "--model", str(E5_PATH), "--steps", "20", "--batch-size", "8", "--search-sentences", "32",
+                  "--train-sentences", "120", "--dev-sentences", "40", "--lr", "5e-4", "--output", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     kept = [line for line in done.stdout.splitlines() if "keeps" in line]
     assert kept == [f"{code}: keeps 108 of 144 heads" for code in ("en_ewt", "it_isdt", "ko_kaist")]
     accuracy = {line.split(":")[0]: float(line.split("accuracy ")[1]) for line in done.stdout.splitlines()
                 if "UPOS accuracy" in line}  # fmt: skip
-    # measured 73.3, 79.6, 62.7 after 20 steps; an untrained tagger is near 1/17
+    # measured 70.6, 78.4, 61.5 after 20 steps of 8 sentences; an untrained tagger is near 1/17
     assert set(accuracy) == {"en_ewt", "it_isdt", "ko_kaist"} and min(accuracy.values()) > 50
     assert sum(accuracy.values()) / 3 > 62
     assert (tmp_path / "out" / "subnetworks" / "README.md").exists()

@@ -24,8 +24,8 @@ from subnets.files import read_jsonl
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
 from subnets.models.gates import UnitGates
 from subnets.models.layouts import UnknownLayoutError
-from subnets.runner import Run, run
-from subnets.trained import load_run
+from subnets.runs.trained import load_run
+from subnets.training.runner import Run, run
 
 ARCHITECTURES = ["modernbert", "mt5", "qwen2"]
 NEURONS = ["+method=static", "masks.units=neurons", "masks.selection=keep_ratio", "masks.finetune_steps=2",

@@ -13,16 +13,16 @@ import torch
 from conftest import TINY, scores, tiny_config, tiny_transformer
 from helpers import python
 
-from subnets.checkpoint import load_checkpoint
 from subnets.data.batching import Collator, encode_words
 from subnets.data.treebank import Sentence
 from subnets.files import read_jsonl
-from subnets.guards import DivergenceGuard
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer
-from subnets.runner import Run, run
-from subnets.update import linear_schedule, training_step
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.training.guards import DivergenceGuard
+from subnets.training.runner import Run, run
+from subnets.training.update import linear_schedule, training_step
 
 
 def train_command(run_dir, *extra):
@@ -35,7 +35,7 @@ def train_command(run_dir, *extra):
 KILLED_AFTER_CHECKPOINT = textwrap.dedent("""
     import os, signal
     from subnets.cli.train import main
-    from subnets.runner import Run
+    from subnets.training.runner import Run
 
     save = Run.save_checkpoint
 

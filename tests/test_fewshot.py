@@ -12,7 +12,7 @@ from subnets.data.support import draw_support, support_pool, support_split
 from subnets.data.treebank import read_conllu
 from subnets.evaluate.fewshot import fine_tune
 from subnets.evaluate.results import few_shot_results
-from subnets.runner import Run, run
+from subnets.training.runner import Run, run
 
 
 @pytest.fixture

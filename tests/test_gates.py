@@ -8,10 +8,11 @@ units bit-identical while the kept ones move.
 """
 
 import copy
+import runpy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_family, tiny_transformer
+from conftest import FAMILIES, REPO, tiny_family, tiny_transformer
 from torch import nn
 
 from subnets.masks.importance import fisher_per_unit
@@ -19,7 +20,6 @@ from subnets.masks.subnetwork import unit_parameter_masks
 from subnets.models.gates import HeadGates, NeuronGates, UnitGates
 from subnets.models.layouts import (
     AttentionLayout,
-    FeedForwardLayout,
     ModelLayout,
     UnknownLayoutError,
     detect_layout,
@@ -367,41 +367,17 @@ def test_deepcopy_gives_independent_gates():
     assert not torch.allclose(hidden(clone.transformer), reference, atol=1e-4)
 
 
-class Blocks(nn.Module):
-    """A model no known layout fits: its own names for everything."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = type("Config", (), {"num_attention_heads": 2, "num_hidden_layers": 2})()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "qkv": nn.Linear(8, 24),
-                    "proj": nn.Linear(8, 8),
-                    "up": nn.Linear(8, 16),
-                    "down": nn.Linear(16, 8),
-                }
-            )  # fmt: skip
-            for _ in range(2)
-        )
-
-    def forward(self, x):
-        for block in self.blocks:
-            q, k, v = block["qkv"](x).unflatten(-1, (3, 2, 4)).unbind(-3)  # [B, T, heads, 4]
-            weights = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k), dim=-1)
-            x = x + block["proj"](torch.einsum("bhts,bshd->bthd", weights, v).flatten(-2))
-            x = x + block["down"](torch.relu(block["up"](x)))
-        return x
+# The toy encoder of examples/custom_layout.py (its own names for everything: no known layout fits)
+CUSTOM_LAYOUT = runpy.run_path(str(REPO / "examples" / "custom_layout.py"))
 
 
 def test_an_unknown_model_is_an_error_that_says_what_to_declare_and_a_declared_layout_works():
-    model = Blocks()
+    model = CUSTOM_LAYOUT["MyEncoder"]()
     with pytest.raises(UnknownLayoutError, match="Declare its layout: model.layout"):
         HeadGates(model)
-    layout = ModelLayout(AttentionLayout(layers="blocks", output="proj", qkv="qkv"),
-                         FeedForwardLayout(layers="blocks", inputs=["up"], output="down"))  # fmt: skip
+    layout = CUSTOM_LAYOUT["LAYOUT"]
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="cannot probe the layout of Blocks with token ids"):
+    with pytest.raises(ValueError, match="cannot probe the layout of MyEncoder with token ids"):
         UnitGates(model, "both", layout=layout)
     gates = UnitGates(model, "both", layout=layout, check=lambda m: m(x))  # the probe runs the model on x
     assert gates.units == {"heads": 2, "neurons": 16} and gates.head_dim == 4
@@ -416,5 +392,5 @@ def test_an_unknown_model_is_an_error_that_says_what_to_declare_and_a_declared_l
         model.blocks[1]["proj"].weight[:, :4] = 0
     assert torch.allclose(gated, model(x), atol=1e-6)
     wrong = ModelLayout(AttentionLayout(layers="blocks", output="out", qkv="qkv"))
-    with pytest.raises(UnknownLayoutError, match="does not fit Blocks"):
+    with pytest.raises(UnknownLayoutError, match="does not fit MyEncoder"):
         HeadGates(model, layout=wrong)

@@ -20,7 +20,7 @@ from helpers import small_job
 from subnets.data.treebank import read_conllu
 from subnets.files import read_jsonl
 from subnets.metrics import attachment_scores
-from subnets.runner import run
+from subnets.training.runner import run
 
 SOURCES = ["syn_svo", "syn_sov", "syn_vso", "syn_osv"]
 BUDGET = small_job(steps=200, interval=100, log_every=20)

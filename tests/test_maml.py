@@ -17,7 +17,7 @@ from subnets.files import read_jsonl
 from subnets.meta import MAML, MetaTask
 from subnets.models.encoder import Encoder, train_subword_tokenizer
 from subnets.models.parser import DependencyParser
-from subnets.runner import Run, run
+from subnets.training.runner import Run, run
 
 
 def sentence(words, heads):

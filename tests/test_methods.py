@@ -37,7 +37,7 @@ from helpers import small_job
 from test_golden import flatten
 
 from subnets.files import read_jsonl
-from subnets.runner import run
+from subnets.training.runner import run
 
 PINS = Path(__file__).parent / "golden" / "small_job.json"
 SMALL_JOB = [

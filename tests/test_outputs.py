@@ -17,7 +17,7 @@ from conftest import hashes, tiny_config
 from helpers import python
 
 from subnets import load_run
-from subnets.runner import run
+from subnets.training.runner import run
 
 RUNS = {
     "static": ["+method=static", "masks.finetune_steps=2"],  # method.apply=gradient (the default)
@@ -189,7 +189,7 @@ def test_a_lora_run_exports_its_merged_transformer(runs, tmp_path):
 
 # ---------------------------------------------------------------- evaluate (5)
 def test_evaluate_refuses_an_output_holding_another_runs_evaluation(runs, tmp_path):
-    from subnets.trained import evaluate_run
+    from subnets.runs.trained import evaluate_run
 
     output = tmp_path / "evaluation"
     evaluate_run(runs("static"), output=output)
@@ -208,7 +208,7 @@ def test_evaluate_refuses_an_output_holding_another_runs_evaluation(runs, tmp_pa
 
 # ---------------------------------------------------------------- checkpoints (6, 7)
 def test_a_run_start_removes_the_stale_temporary_files_of_killed_writes_only(tmp_path):
-    from subnets.runfolder import RunFolder
+    from subnets.runs.folder import RunFolder
 
     stale = [
         tmp_path / "checkpoints" / ".last.safetensors.a1b2c3d_.tmp",
@@ -231,7 +231,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from subnets.checkpoint import load_checkpoint, save_checkpoint
+    from subnets.runs.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.safetensors"
     save_checkpoint(path, {"step": 4, "weight": torch.ones(3)})

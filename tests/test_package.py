@@ -73,27 +73,19 @@ def test_public_api_imports_in_a_fresh_interpreter():
 # Exempt: the package's __init__ (the public API re-exports every layer) and the ``python -m`` shims,
 # which only call their command-line module.
 LAYERS = [
-    {
-        "config",
-        "configs",
-        "files",
-        "progress",
-        "results",
-        "checkpoint_schema",
-        "guards",
-    },  # settings, files, records
-    {"data", "distributed", "runfolder", "checkpoint", "tracking"},  # data, processes, run folders
-    {"metrics", "models", "identity", "trained_folder"},
-    {"sharding"},
+    {"config", "configs", "files", "progress", "runs.results", "runs.checkpoint_schema", "training.guards"},
+    {"data", "parallel.distributed", "runs.folder", "runs.checkpoint", "training.tracking"},
+    {"metrics", "models", "runs.identity", "runs.trained_folder"},
+    {"parallel.sharding"},
     {"optim"},
     {"masks"},  # the subnetwork core
-    {"update", "analysis"},
+    {"training.update", "analysis"},
     {"meta", "tasks"},
     {"methods"},
-    {"evaluate", "training_state", "callbacks"},  # scoring and few-shot; the recipe's parts
-    {"assemble"},
-    {"runner"},  # the recipe
-    {"trained"},  # trained runs reused
+    {"evaluate", "training.state", "training.callbacks"},  # scoring and few-shot; the recipe's parts
+    {"training.assemble"},
+    {"training.runner"},  # the recipe
+    {"runs.trained"},  # trained runs reused
     {"hf", "report"},
     {"cli"},
 ]
@@ -104,11 +96,17 @@ RUN_ATTRIBUTES = {"state", "cfg", "parallel", "paths", "callbacks", "evaluator",
 
 
 UNITS = set().union(*LAYERS)
+FOLDERS = {"training", "runs", "parallel"}  # folders whose modules sit in different layers
+
+
+def unit_of(module: str) -> str:
+    """``subnets.training.runner`` -> ``training.runner``; ``subnets.masks.core`` -> ``masks``."""
+    parts = module.split(".")[1:]
+    return ".".join(parts[:2]) if parts[0] in FOLDERS and len(parts) > 1 else parts[0]
 
 
 def layer_of(module: str) -> int:
-    top = module.split(".")[1]
-    return next(i for i, layer in enumerate(LAYERS) if top in layer)
+    return next(i for i, layer in enumerate(LAYERS) if unit_of(module) in layer)
 
 
 def test_every_module_has_a_layer_and_imports_only_from_the_layers_below():
@@ -116,26 +114,33 @@ def test_every_module_has_a_layer_and_imports_only_from_the_layers_below():
     the trained-run loader building a Run, few-shot and evaluation importing each other), wherever
     the import is: function bodies and TYPE_CHECKING blocks included."""
     names = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    units = {name.split(".")[1] for name in names if name != "subnets"}
-    assert units - SHIMS - {"__main__"} == UNITS, "each top-level module or package belongs to one layer"
+    modules = {name for name in names if name != "subnets" and name.removeprefix("subnets.") not in FOLDERS}
+    units = {unit_of(name) for name in modules}
+    assert units - SHIMS - {"__main__"} == UNITS, (
+        "each top-level module, package or folder module has one layer"
+    )
     upward = []
-    for name, path in names.items():
-        if name == "subnets" or name.removeprefix("subnets.") in SHIMS:
+    for name in sorted(modules):
+        if name.removeprefix("subnets.") in SHIMS:
             continue
-        for imported in imports_of(path):
-            if imported == "subnets" or imported.split(".")[1] == name.split(".")[1]:
+        for imported in imports_of(names[name]):
+            if imported == "subnets" or imported.removeprefix("subnets.") in FOLDERS:
                 continue
-            top = imported.split(".")[1]
-            if top not in UNITS:  # a name from the package's root: the public API, above every layer
-                if top not in units:
-                    upward.append(f"{name} imports {imported} (the package's public API)")
+            if unit_of(imported) == unit_of(name):
+                continue
+            if (
+                imported.split(".")[1] not in units | FOLDERS
+            ):  # a name from the package's root: the public API
+                upward.append(f"{name} imports {imported} (the package's public API)")
+            elif unit_of(imported) not in UNITS:  # a name imported from a folder's __init__
+                upward.append(f"{name} imports {imported} (import the module inside the folder)")
             elif layer_of(imported) >= layer_of(name):
                 upward.append(f"{name} imports {imported}")
     assert not upward, upward
 
 
 def test_no_function_below_the_recipe_takes_the_run():
-    """Below the recipe (subnets.runner) functions are handed what they use, never the Run: no
+    """Below the recipe (subnets.training.runner) functions are handed what they use, never the Run: no
     parameter of any other module is read for what only a Run holds (its state, settings, folder,
     processes, optimizer, callbacks...), and only the public API and the training command import
     the runner. Failed before issue 39's seams (the results writer, few-shot, callbacks and
@@ -154,7 +159,7 @@ def test_no_function_below_the_recipe_takes_the_run():
                 if parameter in ("run", "training", "experiment") and attribute in RUN_ATTRIBUTES:
                     taking.append(f"{path.relative_to(PACKAGE)}: {node.name}({parameter}.{attribute})")
     assert not taking, taking
-    importing = {module_name(p) for p in PACKAGE.rglob("*.py") if "subnets.runner" in imports_of(p)}
+    importing = {module_name(p) for p in PACKAGE.rglob("*.py") if "subnets.training.runner" in imports_of(p)}
     assert importing <= {"subnets", "subnets.cli.train"}, importing
 
 
@@ -173,7 +178,7 @@ def test_every_console_script_is_a_cli_module():
 
 
 def test_checkpoint_keys_are_defined_once():
-    """A checkpoint's keys are named once, in subnets.checkpoint_schema (issue 39): every module that
+    """A checkpoint's keys are named once, in subnets.runs.checkpoint_schema (issue 39): every module that
     writes or reads a checkpoint uses those names, never the strings. Checked: the keys no other
     part of the package uses as a key (a string used as an index ``x["sampler"]``, a dict key, a
     membership test ``"sharded" in x``, the first argument of ``x.get``/``x.pop``, or a keyword
@@ -205,5 +210,5 @@ def test_checkpoint_keys_are_defined_once():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             found += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {key!r}" for key in spelled(node)]
-    heading = "checkpoint keys spelled out, not subnets.checkpoint_schema's names:"
+    heading = "checkpoint keys spelled out, not subnets.runs.checkpoint_schema's names:"
     assert not found, "\n".join([heading, *found])

@@ -8,7 +8,7 @@ from helpers import changed_outside, masked_step
 
 from subnets.files import read_jsonl
 from subnets.models.encoder import Encoder
-from subnets.runner import Run
+from subnets.training.runner import Run
 
 
 def encoder_inputs(seed=0, batch=3, length=11):
@@ -115,7 +115,7 @@ def test_a_compiled_static_run_learns_and_its_masked_updates_stay_exact(tmp_path
 
 def test_compile_is_refused_with_second_order_maml(tmp_path):
     from subnets.config import SettingError
-    from subnets.runner import run
+    from subnets.training.runner import run
 
     with pytest.raises(SettingError, match="no double backward"):
         run(tiny_config("+method=maml", "train.compile=true", "meta.first_order=false"), tmp_path / "run")

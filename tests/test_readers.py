@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_config, write_ud_root
 
-from subnets.assemble import assemble
 from subnets.data.examples import DataError
+from subnets.runs.trained import TrainedRun
 from subnets.tasks import NER, Classification, LanguageModelling, Parsing, Tagging
-from subnets.trained import TrainedRun
+from subnets.training.assemble import assemble
 
 CONLLU = "# sent_id = s1\n# text = wino lue\n1\twino\t_\t_\t_\t_\t0\troot\t_\t_\n2\tlue\t_\t_\t_\t_\t1\tobj\t_\t_\n\n"
 CONLL = "-DOCSTART- O\n\nAnna\tB-PER\nreads\tO\n\nin\tO\nRiga\tB-LOC\n"

@@ -14,8 +14,8 @@ from helpers import python
 
 from subnets import load_run
 from subnets.data import read_conllu
-from subnets.runner import run
-from subnets.trained import evaluate_run
+from subnets.runs.trained import evaluate_run
+from subnets.training.runner import run
 
 METHODS = {
     # forward gates at evaluation, so that each language's subnetwork changes the predictions

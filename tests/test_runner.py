@@ -9,11 +9,11 @@ from conftest import crash_after_checkpoint, scores, tiny_config
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from subnets.checkpoint import load_checkpoint
 from subnets.evaluate.results import few_shot_results
 from subnets.files import read_jsonl
 from subnets.metrics import score_conllu
-from subnets.runner import Run, run
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.training.runner import Run, run
 
 
 def test_run_writes_every_output(tmp_path):
@@ -161,7 +161,7 @@ def test_skip_mode_counts_invalid_sentences(tmp_path):
 
 
 def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp_path):
-    from subnets.trained import evaluate_run
+    from subnets.runs.trained import evaluate_run
 
     kept = run(tiny_config(), tmp_path / "kept")
     dropped = run(tiny_config("train.keep_optimizer_state=false"), tmp_path / "dropped")
@@ -188,7 +188,7 @@ def test_keep_optimizer_state_false_drops_it_from_a_finished_runs_checkpoint(tmp
     # a checkpoint without it cannot continue a run that has not finished
     state = load_checkpoint(tmp_path / "dropped" / last)
     state["step"] = 8
-    from subnets.checkpoint import save_checkpoint
+    from subnets.runs.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "dropped" / last, state)
     (tmp_path / "dropped" / "results.json").unlink()
@@ -211,8 +211,8 @@ def test_a_training_state_loads_what_its_state_dict_holds(tmp_path):
     """TrainingState.state_dict / load_state_dict: a second run of the same settings, loaded with the
     first's state after 3 steps, holds the same state (model, optimizer, masks, sampler, guard, step,
     best, generators) and takes the same next step."""
-    from subnets.checkpoint import rng_state, set_rng_state
-    from subnets.checkpoint_schema import Key
+    from subnets.runs.checkpoint import rng_state, set_rng_state
+    from subnets.runs.checkpoint_schema import Key
 
     first, second = (Run(tiny_config("+method=dynamic"), tmp_path / name) for name in ("first", "second"))
     for training in (first, second):
@@ -239,7 +239,7 @@ def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_pat
     experiment = Run(
         tiny_config(f"+method={method}", "model.freeze_embeddings=true", "train.steps=30"), tmp_path
     )
-    with caplog.at_level("WARNING", logger="subnets.runner"):
+    with caplog.at_level("WARNING", logger="subnets.training.runner"):
         experiment.setup()
     assert "freezes its random initial embeddings" in caplog.text  # the tiny model's are random
     embeddings = experiment.model.encoder.transformer.get_input_embeddings().weight
@@ -260,9 +260,9 @@ def test_frozen_word_embeddings_stay_bit_identical_while_the_rest_learns(tmp_pat
 def test_mixed_batches_run_each_language_through_its_subnetwork_and_update_the_union(tmp_path, monkeypatch):
     """train.batches=mixed: a step holds several languages, each part gated by its own language,
     the update mask is the union of theirs, and the same seed gives the same run."""
-    from subnets import update
     from subnets.config import SettingError
     from subnets.masks.subnetwork import SubnetworkSet
+    from subnets.training import update
 
     seen = []
     original = update.training_step

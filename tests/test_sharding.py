@@ -15,14 +15,14 @@ from conftest import TINY, tiny_config
 from helpers import python, spawn
 from test_distributed import free_port
 
-from subnets.assemble import check_settings
-from subnets.checkpoint import load_checkpoint
 from subnets.cli.consolidate import consolidate_run
 from subnets.config import SettingError
 from subnets.files import read_jsonl
 from subnets.optim import MaskedOptimizer
-from subnets.runner import Run, run
-from subnets.sharding import consolidated_model_state
+from subnets.parallel.sharding import consolidated_model_state
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.training.assemble import check_settings
+from subnets.training.runner import Run, run
 
 # Dropout off, so that two processes' half batches and one process's whole batch see the same
 # network; each process trains on 4 sentences, the single process on all 8.
@@ -353,7 +353,7 @@ def _importance_worker(rank: int, port: int, folder: str) -> None:
     """Unit importance and Fisher per unit of a tiny Qwen2 decoder, whole, then sharded."""
     from subnets.masks import fisher_information, fisher_per_unit, unit_importance
     from subnets.models.gates import UnitGates
-    from subnets.sharding import shard_model
+    from subnets.parallel.sharding import shard_model
 
     _join(rank, 2, port)
     torch.distributed.init_process_group("gloo")

@@ -77,7 +77,7 @@ def test_e5_small_forward_backward_on_real_batches():
 @pytest.mark.parametrize("method", [["+method=dynamic", "dynamic.update_every=2"]], ids=["dynamic"])
 def test_methods_run_on_real_ud_with_e5_by_settings_only(tmp_path, method):
     from subnets.config import compose_config
-    from subnets.runner import run
+    from subnets.training.runner import run
 
     budget = ["languages.max_train_sentences=16", "languages.max_eval_sentences=4", "train.steps=4",
               "train.eval_every=4", "train.batch_size=4", "masks.batch_size=4", "wandb.mode=disabled",

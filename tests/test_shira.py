@@ -11,11 +11,11 @@ from test_methods import SMALL_JOB
 from test_tasks import BOUNDS, LEARN
 
 from subnets import load_run
-from subnets.checkpoint import load_checkpoint
 from subnets.config import SettingError
 from subnets.files import read_jsonl
-from subnets.runner import Run, run
-from subnets.trained import evaluate_run
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.runs.trained import evaluate_run
+from subnets.training.runner import Run, run
 
 
 def test_shira_updates_exactly_its_coordinates_and_the_task_head(tmp_path):

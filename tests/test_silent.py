@@ -17,10 +17,10 @@ from helpers import python
 
 from subnets.data.hf import read_dataset_split
 from subnets.data.treebank import ConlluError
-from subnets.guards import DivergenceGuard
-from subnets.runfolder import RunFolder, RunFolderInUse
-from subnets.runner import run
-from subnets.trained import evaluate_run, load_run
+from subnets.runs.folder import RunFolder, RunFolderInUse
+from subnets.runs.trained import evaluate_run, load_run
+from subnets.training.guards import DivergenceGuard
+from subnets.training.runner import run
 
 
 def cli(module, *args, cwd=None):
@@ -233,7 +233,7 @@ def test_a_cache_that_cannot_be_written_warns_and_its_folders_follow_the_umask(
 # ---------------------------------------------------------------- 6. two runs in one folder
 HOLD = textwrap.dedent("""
     import sys, time
-    from subnets.runfolder import RunFolder
+    from subnets.runs.folder import RunFolder
     with RunFolder(sys.argv[1]).lock():
         print("locked", flush=True)
         time.sleep(120)
@@ -258,7 +258,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_naming_the_holder_and_a_stale_
         os.kill(holder.pid, signal.SIGKILL)  # killed: its lock file stays behind, its lock does not
         holder.wait()
     assert (folder / ".lock").exists()
-    with caplog.at_level(logging.WARNING, logger="subnets.runfolder"):
+    with caplog.at_level(logging.WARNING, logger="subnets.runs.folder"):
         results = run(tiny_config("fewshot.repetitions=0"), folder)
     assert results["steps"] == 12 and "took over the lock of a process that is gone" in caplog.text
     assert not (folder / ".lock").exists()  # released at the end
@@ -309,7 +309,7 @@ def test_a_language_that_is_not_a_training_language_is_named_in_a_warning(tmp_pa
     run(tiny_config("+method=dynamic", "fewshot.repetitions=0"), folder)
     trained = load_run(folder)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="subnets.trained"):
+    with caplog.at_level(logging.WARNING, logger="subnets.runs.trained"):
         trained.parse([["wino", "lue"]], language="syn_svo")
         assert not caplog.text
         trained.parse([["wino", "lue"]], language="syn_sov_typo")

@@ -10,7 +10,7 @@ from helpers import changed_outside, masked_step
 import subnets.methods.static as static
 from subnets.masks.subnetwork import MaskMismatchError, SubnetworkSet, unit_parameter_masks
 from subnets.methods.static import search_masks
-from subnets.runner import Run, run
+from subnets.training.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4"]
 KEEP_HALF = [*STATIC, "masks.selection=keep_ratio", "masks.keep_ratio=0.5"]
@@ -188,8 +188,8 @@ def test_a_run_with_masks_after_steps_resumes_to_the_same_result(tmp_path, monke
 )
 def test_masks_after_steps_is_refused_where_it_cannot_apply(tmp_path, overrides, message):
     """(Where no mask is searched, as for the baseline, it is unused like the other search settings.)"""
-    from subnets.assemble import build_method, check_method_settings
     from subnets.config import SettingError
+    from subnets.training.assemble import build_method, check_method_settings
 
     unused = tiny_config("+method=dynamic", "masks.after_steps=4")  # no search: unused, as at budget=cpu
     check_method_settings(unused, build_method(unused))

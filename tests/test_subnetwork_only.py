@@ -11,8 +11,6 @@ import torch
 from conftest import SOURCES, crash_after_checkpoint, tiny_config, tiny_transformer
 from test_shared import E5_PATH, needs_e5
 
-from subnets.checkpoint import load_checkpoint
-from subnets.checkpoint_schema import Key
 from subnets.config import SettingError
 from subnets.config.compose import compose_config
 from subnets.masks import Subnetwork
@@ -21,7 +19,9 @@ from subnets.masks.core import update_mask
 from subnets.masks.subnetwork import unit_parameter_masks
 from subnets.models.gates import UnitGates
 from subnets.optim.masked import MaskedOptimizer
-from subnets.runner import Run, run
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.runs.checkpoint_schema import Key
+from subnets.training.runner import Run, run
 
 STEPS = 6
 
@@ -250,7 +250,7 @@ def test_a_runner_run_trains_the_union_of_its_subnetworks_and_the_task_head_alon
      (["+method=dynamic", "train.parallel=fsdp"], "FSDP2")],
 )  # fmt: skip
 def test_training_the_subnetworks_alone_is_refused_where_it_cannot_run(overrides, message):
-    from subnets.assemble import check_settings
+    from subnets.training.assemble import check_settings
 
     with pytest.raises(SettingError, match=message):
         check_settings(compose_config([*overrides, "masks.train=subnetwork"]))
@@ -258,7 +258,7 @@ def test_training_the_subnetworks_alone_is_refused_where_it_cannot_run(overrides
 
 @pytest.mark.parametrize("overrides", [["+method=static"], ["+method=lora", "masks.train=subnetwork"]])
 def test_a_bf16_base_is_refused_unless_the_subnetworks_train_alone(overrides):
-    from subnets.assemble import check_settings
+    from subnets.training.assemble import check_settings
 
     with pytest.raises(SettingError, match="train.precision=bf16_base .* fp32 master copies"):
         check_settings(compose_config([*overrides, "lora.match=static", "train.precision=bf16_base"]))
@@ -376,7 +376,7 @@ def test_the_export_of_a_subnetwork_only_run_holds_each_language_as_an_exact_lor
     from subnets.hf.export import export_run
     from subnets.masks.core import gate_values
     from subnets.models.build import build_encoder
-    from subnets.trained import load_run
+    from subnets.runs.trained import load_run
 
     cfg = tiny_config(*STATIC, *QUICK, "method.apply=both", "masks.units=both")
     run(cfg, tmp_path / "run")

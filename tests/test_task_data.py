@@ -14,7 +14,7 @@ from test_shared import E5_PATH, UD_ROOT, needs_e5, needs_ud
 
 from subnets.config import compose_config
 from subnets.data.treebank import read_conllu
-from subnets.runner import run
+from subnets.training.runner import run
 
 REAL = ["languages.train=[en_ewt,it_isdt]", "languages.dev=[bg_btb]", "languages.target=[br_keb]",
         "languages.max_train_sentences=200", "languages.max_eval_sentences=40", "train.steps=30",

@@ -16,11 +16,11 @@ from subnets.config import SettingError
 from subnets.data.examples import DataError
 from subnets.data.synthetic import SyntheticLanguage, role_spans, subject_class
 from subnets.files import read_jsonl
-from subnets.runner import run
+from subnets.runs.trained import evaluate_run, load_run
 from subnets.tasks import NER, Classification, LanguageModelling
 from subnets.tasks.classification import TextExample
 from subnets.tasks.tagging import TaggedSentence
-from subnets.trained import evaluate_run, load_run
+from subnets.training.runner import run
 
 TASKS = ["ner", "classification", "tagging", "mlm"]  # with the tiny BERT; clm with the tiny Qwen2
 QUICK = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2",
@@ -118,7 +118,7 @@ def test_masking_draws_exactly_as_transformers_collator():
 
 def test_a_masked_lm_batch_with_nothing_masked_has_a_zero_loss_not_nan(tmp_path):
     # 15% of a few short sentences can be no token (a process's share of a sharded batch)
-    from subnets.runner import Run
+    from subnets.training.runner import Run
 
     run = Run(tiny_config("task=mlm"), tmp_path)
     try:

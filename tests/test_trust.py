@@ -10,11 +10,11 @@ import torch
 from conftest import SCORER, TINY, hashes, official_scorer, scores, tiny_config, ud_job
 from helpers import python
 
-from subnets.checkpoint import load_checkpoint
 from subnets.config import SettingError
 from subnets.data.treebank import ConlluError, read_conllu
 from subnets.files import read_jsonl
-from subnets.runner import Run, run
+from subnets.runs.checkpoint import load_checkpoint
+from subnets.training.runner import Run, run
 
 STATIC = ["+method=static", "masks.finetune_steps=5", "masks.importance_batches=2", "masks.batch_size=4",
           "masks.selection=keep_ratio"]  # fmt: skip

@@ -6,8 +6,8 @@ import pytest
 from conftest import TINY, tiny_config
 from helpers import python
 
-from subnets.runner import run
-from subnets.tracking import Tracker, wandb_mode
+from subnets.training.runner import run
+from subnets.training.tracking import Tracker, wandb_mode
 
 STATIC = ["+method=static", "masks.finetune_steps=2", "masks.selection=top_k", "masks.top_k=4"]
 PHASE_LINES = ["mask search, syn_svo: kept 4 of 8 units", "step 3/12  loss", "step 12/12  loss",

@@ -15,7 +15,6 @@ from subnets.analysis import (
     overlap_typology_correlation,
     typological_similarity,
 )
-from subnets.assemble import Parts, assemble, build_method, build_task
 from subnets.config import Config, compose_config, default_config
 from subnets.data import Batch, Collator, LanguageSampler, Sentence, read_conllu, write_conllu
 from subnets.data.dataset import Batcher, LanguageData, load_language
@@ -57,11 +56,12 @@ from subnets.models.layouts import AttentionLayout, FeedForwardLayout, ModelLayo
 from subnets.models.lm import LanguageModel
 from subnets.models.parser import DependencyParser
 from subnets.optim import MaskedOptimizer, UpdateMask
-from subnets.runfolder import RunFolder
-from subnets.runner import Run, run
+from subnets.runs.folder import RunFolder
+from subnets.runs.trained import TrainedRun, evaluate_run, load_run
 from subnets.tasks import NER, Classification, LanguageModelling, Parsing, Tagging, Task
-from subnets.trained import TrainedRun, evaluate_run, load_run
-from subnets.update import apply_update, training_step
+from subnets.training.assemble import Parts, assemble, build_method, build_task
+from subnets.training.runner import Run, run
+from subnets.training.update import apply_update, training_step
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ unit) and measures language B's metric (default: masked-LM perplexity,
 their language raise its own perplexity (the diagonal) more than the others' (off the
 diagonal); the table reports the two means either way.
 
-Example (a masked-LM run whose masks are neurons; [load_run][subnets.trained.load_run])::
+Example (a masked-LM run whose masks are neurons; [load_run][subnets.runs.trained.load_run])::
 
     trained = load_run("outputs/mlm_activation")
     data = {lang: trained.data(f"data/{lang}/test.txt", lang, "test") for lang in trained.languages}
@@ -182,7 +182,7 @@ def deactivation_table(
     gates' values and the CPU random state are restored, also when the metric raises.
 
     Args:
-        model: the model (e.g. [TrainedRun.model][subnets.trained.TrainedRun]).
+        model: the model (e.g. [TrainedRun.model][subnets.runs.trained.TrainedRun]).
         batches_by_language: language B -> its batches (a list or tuple, an iterator, or one
             batch), each evaluated once per row and once ungated.
         neurons_by_language: language A -> the neurons to zero: a

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from subnets.config import SettingError
-from subnets.runfolder import RunFolderInUse
+from subnets.runs.folder import RunFolderInUse
 
 
 def split_arguments(

@@ -18,10 +18,10 @@ from subnets.cli import main_of, split_arguments
 def consolidate_run(folder: str | Path) -> list[Path]:
     """Store the whole model in each sharded checkpoint of run ``folder``; returns the files
     written (a checkpoint that already holds its model is left as it is)."""
-    from subnets.checkpoint import load_checkpoint, save_checkpoint
-    from subnets.checkpoint_schema import Key
-    from subnets.runfolder import RunFolder
-    from subnets.sharding import consolidated_model_state
+    from subnets.parallel.sharding import consolidated_model_state
+    from subnets.runs.checkpoint import load_checkpoint, save_checkpoint
+    from subnets.runs.checkpoint_schema import Key
+    from subnets.runs.folder import RunFolder
 
     paths, written = RunFolder(folder), []
     checkpoints = [p for p in (paths.last_checkpoint, paths.best_checkpoint) if p.exists()]

@@ -1,6 +1,6 @@
 """``python -m subnets.evaluate run=<run folder> [checkpoint=best|last] [output=<folder>] [overwrite=true] [overrides]``
 
-Evaluates a trained run (``subnets.trained.evaluate_run``) on the languages and settings
+Evaluates a trained run (``subnets.runs.trained.evaluate_run``) on the languages and settings
 the overrides name, for example::
 
     python -m subnets.evaluate run=outputs/default/+method=dynamic languages.target=[syn_vos]
@@ -13,7 +13,7 @@ overrides; one of another run or settings is refused unless ``overwrite=true``.
 
 from subnets.cli import main_of, split_arguments
 from subnets.cli.export import flag
-from subnets.trained import evaluate_run
+from subnets.runs.trained import evaluate_run
 
 
 def evaluate_command(argv: list[str]) -> None:

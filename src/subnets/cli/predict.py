@@ -1,7 +1,7 @@
 """``python -m subnets.predict run=<run folder> input=<file> output=<file> [language=<code>]
 [support=<file>] [format=auto|...] [checkpoint=best|last] [train.device=cpu]``
 
-Annotates ``input`` with a trained run (``subnets.trained.TrainedRun.predict_file``) into
+Annotates ``input`` with a trained run (``subnets.runs.trained.TrainedRun.predict_file``) into
 ``output``, in the run's task's format: for parsing and tagging, CoNLL-U (any columns present
 are kept; the predicted ones are filled in) or plain text with one pre-tokenized sentence per
 line (``format=conllu|text``); for NER, CoNLL (a token per line; ``format=conll``) or text, into
@@ -17,7 +17,7 @@ or a device (``output=/dev/stdout``) is written through, never replaced.
 
 from subnets.cli import main_of, split_arguments
 from subnets.files import check_output_path
-from subnets.trained import load_run
+from subnets.runs.trained import load_run
 
 
 def predict_command(argv: list[str]) -> None:

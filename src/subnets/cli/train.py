@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from subnets.cli import REFUSALS, traceback_wanted
 from subnets.config import register_configs
-from subnets.runner import run
+from subnets.training.runner import run
 
 register_configs()
 DIVERGED_EXIT_STATUS = 3

@@ -42,7 +42,7 @@ class Precision(str, Enum):
     fp64 = "fp64"
 
 
-class Parallel(str, Enum):  # under torchrun (subnets.distributed, subnets.sharding)
+class Parallel(str, Enum):  # under torchrun (subnets.parallel.distributed, subnets.parallel.sharding)
     ddp = "ddp"  # every process holds the whole model; gradients averaged over processes
     fsdp = "fsdp"  # FSDP2: each layer, then the rest, sharded (parameters, gradients, optimizer state)
 

@@ -190,7 +190,7 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode | None = None  # None: $WANDB_MODE, else offline (subnets.tracking.wandb_mode)
+    mode: WandbMode | None = None  # None: $WANDB_MODE, else offline (subnets.training.tracking.wandb_mode)
     verbose: bool = False  # W&B's own console output (its run summary); off keeps the results table last
     project: str = "subnets"
     entity: str | None = None

@@ -120,7 +120,7 @@ class Batcher:
         """All of ``data`` as one batch if its padded size (sentences x the longest sentence's
         subwords) is at most ``max_tokens``; else its sentences sorted by length and cut into
         batches that each stay within ``max_tokens`` (a longer sentence alone), for
-        [training_step][subnets.update.training_step] to accumulate: one long sentence then no longer
+        [training_step][subnets.training.update.training_step] to accumulate: one long sentence then no longer
         pads every other one to its length."""
         if data.pieces is None:
             raise ValueError(f"{data.code} {data.split}: tokenize the data before batching it")

@@ -21,7 +21,7 @@ from subnets.evaluate import Evaluator
 from subnets.methods.base import MaskPolicy
 from subnets.optim.masked import MaskedOptimizer
 from subnets.progress import bar
-from subnets.update import parameter_groups, training_step
+from subnets.training.update import parameter_groups, training_step
 
 log = logging.getLogger(__name__)
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}

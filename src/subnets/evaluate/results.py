@@ -22,7 +22,7 @@ from subnets.evaluate.fewshot import few_shot
 from subnets.files import atomic_write_json
 from subnets.methods.base import Method
 from subnets.progress import Clock
-from subnets.runfolder import RunFolder
+from subnets.runs.folder import RunFolder
 from subnets.tasks.base import Task
 
 

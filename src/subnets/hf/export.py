@@ -82,7 +82,7 @@ def export_run(run: str | os.PathLike, output: str | os.PathLike, checkpoint: st
             ``+method=language_lora`` run.
     """
     from subnets.methods.adapters import LanguageLora, LoraPolicy
-    from subnets.trained import load_run
+    from subnets.runs.trained import load_run
 
     run, output = Path(run), Path(output)
     replace = _check_output(run, output, overwrite)  # before the run is loaded

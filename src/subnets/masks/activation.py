@@ -51,7 +51,7 @@ neuron writes, and because every layout the library knows exposes it at the same
 that one measurement runs on every family without a hook of its own on the activation function.
 
 Attention heads have no such activation: the runner refuses ``masks.importance=activation``
-with ``masks.units=heads`` or ``both`` (``subnets.assemble.check_method_settings``).
+with ``masks.units=heads`` or ``both`` (``subnets.training.assemble.check_method_settings``).
 
 Example (any Hugging Face model)::
 

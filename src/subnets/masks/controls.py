@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from math import comb
 
 import numpy as np
 import torch
+from scipy.stats import hypergeom
 
 from subnets.masks.selection import Units, per_kind
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
@@ -80,7 +80,7 @@ def random_like(masks: SubnetworkSet, seed: int) -> SubnetworkSet:
 
 def _hypergeometric(n: int, a: int, b: int) -> np.ndarray:
     """P(I = i), i = 0..min(a, b), for the overlap of random subsets of sizes a and b of n items."""
-    return np.array([comb(a, i) * comb(n - a, b - i) / comb(n, b) for i in range(min(a, b) + 1)])
+    return hypergeom.pmf(np.arange(min(a, b) + 1), n, a, b)
 
 
 def expected_random_jaccard(
@@ -126,8 +126,11 @@ def random_jaccard_matrix(masks: SubnetworkSet) -> tuple[list[str], np.ndarray]:
     [expected_random_jaccard][subnets.masks.controls.expected_random_jaccard] for each pair's unit counts (the
     chance level of [SubnetworkSet.jaccard][subnets.masks.subnetwork.SubnetworkSet.jaccard])."""
     languages = list(masks)
-    matrix = np.array([[chance_jaccard(masks[a].unit_mask, masks[b].unit_mask, masks.units) for b in languages]
-                       for a in languages])  # fmt: skip
+    matrix = np.zeros((len(languages), len(languages)))
+    for i, a in enumerate(languages):
+        for j in range(i, len(languages)):  # symmetric
+            b = languages[j]
+            matrix[i, j] = matrix[j, i] = chance_jaccard(masks[a].unit_mask, masks[b].unit_mask, masks.units)
     return languages, matrix
 
 

@@ -27,7 +27,7 @@ from subnets.masks.dynamic import ImportanceEMA, reselect
 from subnets.masks.selection import Units
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet, unit_parameter_masks
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
-from subnets.sharding import local, local_mask
+from subnets.parallel.sharding import local, local_mask
 
 
 def gate_values(subnetwork: Subnetwork | None, apply: str) -> torch.Tensor | None:

@@ -115,7 +115,7 @@ def fisher_information(
         parameters: names of the parameters to score (default: all that require grad).
     Returns:
         name -> tensor of the parameter's shape, on the CPU; for a model sharded with FSDP2
-        ([subnets.sharding][]; every process scoring the same batches), each process's
+        ([subnets.parallel.sharding][]; every process scoring the same batches), each process's
         shards (DTensors): ``full_tensor()`` gives a whole one,
         [fisher_per_unit][subnets.masks.importance.fisher_per_unit] takes them.
     """

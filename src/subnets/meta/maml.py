@@ -45,9 +45,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from subnets.distributed import DataParallel
 from subnets.models.gates import gate_probe
-from subnets.update import apply_update
+from subnets.parallel.distributed import DataParallel
+from subnets.training.update import apply_update
 
 Params = dict[str, torch.Tensor]
 

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from subnets.data.dataset import Batcher, LanguageData
-from subnets.distributed import DataParallel
 from subnets.masks.core import union_update_mask
-from subnets.update import StepResult, training_step
+from subnets.parallel.distributed import DataParallel
+from subnets.training.update import StepResult, training_step
 
 
 @dataclass

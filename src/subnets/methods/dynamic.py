@@ -21,7 +21,7 @@ from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
 from subnets.methods.base import Outputs, SourceLanguages
 from subnets.methods.static import static_masks
 from subnets.methods.subnetworks import RandomControl, SubnetworkPolicy
-from subnets.update import StepResult
+from subnets.training.update import StepResult
 
 
 class ScoreRule:

@@ -19,7 +19,7 @@ from torch import nn
 
 from subnets.meta.maml import MAML, MetaTask
 from subnets.methods.base import MaskPolicy, StepStrategy, TrainingBatches
-from subnets.update import StepResult
+from subnets.training.update import StepResult
 
 
 class MAMLEpisodes(StepStrategy):

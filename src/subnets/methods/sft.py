@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from subnets.checkpoint import phase_rng
 from subnets.config import SettingError, setting
 from subnets.data.dataset import Batcher, LanguageData
 from subnets.masks.importance import finetuned_copy
@@ -47,7 +46,8 @@ from subnets.methods.language_sft import (
 )
 from subnets.methods.subnetworks import subnetwork_budget
 from subnets.optim.masked import MaskedOptimizer, UpdateMask
-from subnets.update import StepResult
+from subnets.runs.checkpoint import phase_rng
+from subnets.training.update import StepResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from torch import nn
 
-from subnets.checkpoint import phase_rng
 from subnets.config import setting
 from subnets.data.dataset import Batcher
 from subnets.files import atomic_write_json
@@ -21,7 +20,8 @@ from subnets.masks.subnetwork import SubnetworkSet
 from subnets.methods.base import Outputs, SourceLanguages
 from subnets.methods.subnetworks import RandomControl, SubnetworkPolicy
 from subnets.progress import bar
-from subnets.update import StepResult
+from subnets.runs.checkpoint import phase_rng
+from subnets.training.update import StepResult
 
 log = logging.getLogger(__name__)
 

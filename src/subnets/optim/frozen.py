@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from subnets.sharding import local_mask
+from subnets.parallel.sharding import local_mask
 
 
 class FrozenCoordinates:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim.adam import adam
 
 from subnets.optim.frozen import FrozenCoordinates
-from subnets.sharding import local
+from subnets.parallel.sharding import local
 
 MaskKey = str | nn.Parameter | torch.Tensor
 
@@ -46,7 +46,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
       any coordinate of the tensor is updated; a tensor masked entirely is skipped, counters
       and all, exactly as if it had no gradient.
 
-    Sharded parameters (DTensors, as FSDP2 makes them: [subnets.sharding][]) take whole
+    Sharded parameters (DTensors, as FSDP2 makes them: [subnets.parallel.sharding][]) take whole
     masks too: each process saves and restores only the coordinates of its own shard, so the
     step is the unsharded step, shard by shard (whether a tensor is masked entirely is decided
     on the whole mask, so every process skips or steps it alike).

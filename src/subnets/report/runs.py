@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from subnets.results import task_of
+from subnets.runs.results import task_of
 
 BASELINE = "baseline"  # the method every other is compared with
 
