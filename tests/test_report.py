@@ -242,8 +242,16 @@ def test_runs_of_one_method_with_other_settings_are_reported_apart_and_against_t
         (written_study / "+method=static,seed=1" / "results.json").read_text()
     )
     for run in written_study.glob("*/results.json"):
-        extra = ["method.apply=both"] if run.parent == variant else []
-        overrides = ["name=study", f"+method={json.loads(run.read_text())['method']}", *extra, "seed=1"]
+        method = json.loads(run.read_text())["method"]
+        # every random run sets masks.keep_ratio: it tells random from no other random run, so no label shows it
+        extra = (
+            ["method.apply=both"]
+            if run.parent == variant
+            else ["masks.keep_ratio=0.25"]
+            if method == "random"
+            else []
+        )
+        overrides = ["name=study", f"+method={method}", *extra, "seed=1"]
         (run.parent / ".hydra").mkdir()
         (run.parent / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     runs = report.load_runs(written_study)

@@ -24,7 +24,7 @@ def role(results: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class Run:
     """One finished run: its folder, method label (the method's name, and the settings that set
-    it apart from the other runs of the folder), seed and ``results.json``."""
+    it apart from the other runs of that method in the folder), seed and ``results.json``."""
 
     path: Path
     method: str
@@ -64,11 +64,14 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
             raise ValueError(f"{path}: not a results.json written by subnets ({error})") from error
     if not runs:
         raise FileNotFoundError(f"no run folders with results.json under {folder}")
-    shared = set.intersection(*(set(r.settings) for r in runs))
+    # each run labelled by the settings that tell it from the other runs of its method (a rate, a variant)
+    labels = []
     for run in runs:
-        differing = [s for s in run.settings if s not in shared]
-        if differing:
-            run.method = f"{run.method} ({', '.join(differing)})"
+        same = [r for r in runs if r.method == run.method]
+        differing = [s for s in run.settings if not all(s in r.settings for r in same)]
+        labels.append(f"{run.method} ({', '.join(differing)})" if differing else run.method)
+    for run, label in zip(runs, labels):
+        run.method = label
     return sorted(runs, key=lambda r: (role(r.results)["order"], r.method, r.seed))
 
 
