@@ -347,6 +347,9 @@ def test_a_rate_sweep_chooses_each_methods_rate_on_the_training_languages_never_
                    "source": {"aa": {"split": "dev", "las": source - 1}, "bb": {"split": "dev", "las": source + 1}}}  # fmt: skip
         (folder / "results.json").write_text(json.dumps(results))
         overrides = [f"+method={method}", f"train.lr_encoder={rate}", f"seed={seed}", "lora.match=static"]
+        if (method, rate) == ("lora", 3e-3):  # the default rate: not on the command line, in the config
+            overrides.remove(f"train.lr_encoder={rate}")
+            (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"train": {"lr_encoder": rate}}))
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     runs = report.load_runs(tmp_path)
     assert report.rate_sweep(runs) == {"lora": {1e-4: [60.0], 1e-3: [64.0], 3e-3: [62.0]},

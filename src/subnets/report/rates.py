@@ -17,8 +17,8 @@ from subnets.report.runs import Run, task_record
 RATE = "train.lr_encoder"
 
 
-def _rate(run: Run, setting: str) -> float | None:
-    """The rate a run's command line set (None: the default, which a sweep does not vary)."""
+def _set_rate(run: Run, setting: str) -> float | None:
+    """The rate a run's command line set (None: it used the default)."""
     for override in run.settings:
         name, _, value = override.partition("=")
         if name.lstrip("+") == setting:
@@ -26,24 +26,39 @@ def _rate(run: Run, setting: str) -> float | None:
     return None
 
 
-def _label(run: Run, shared: set[str], setting: str) -> str:
-    """The run's method and the settings that set it apart from the other runs, the rate aside."""
-    differing = [s for s in run.settings if s not in shared and s.partition("=")[0].lstrip("+") != setting]
+def _rate(run: Run, setting: str) -> float | None:
+    """The rate a run trained with: its command line's, or the default its recorded config holds
+    (``.hydra/config.yaml``; None without one)."""
+    rate = _set_rate(run, setting)
+    config = run.path / ".hydra" / "config.yaml"
+    if rate is None and config.exists():
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(OmegaConf.load(config), setting)
+        rate = None if value is None else float(value)
+    return rate
+
+
+def _label(run: Run, runs: Sequence[Run], setting: str) -> str:
+    """The run's method and the settings that set it apart from the method's other runs, the rate aside."""
+    same = [r for r in runs if r.results["method"] == run.results["method"]]
+    differing = [s for s in run.settings
+                 if not all(s in r.settings for r in same) and s.partition("=")[0].lstrip("+") != setting]  # fmt: skip
     return run.results["method"] + (f" ({', '.join(differing)})" if differing else "")
 
 
 def rate_sweep(runs: Sequence[Run], setting: str = RATE) -> dict[str, dict[float, list[float]]]:
     """Method (labelled by its other settings) -> rate -> the mean primary metric of the training
-    languages' development sets (results.json ``source``), one value per seed. Runs whose command
-    line does not set ``setting`` are left out."""
-    swept = [r for r in runs if _rate(r, setting) is not None]
+    languages' development sets (results.json ``source``), one value per seed. A method is in the
+    sweep when its command lines set ``setting``; its runs at the default rate count at that rate."""
+    methods = {r.results["method"] for r in runs if _set_rate(r, setting) is not None}
+    swept = [r for r in runs if r.results["method"] in methods and _rate(r, setting) is not None]
     if not swept:
         return {}
     primary = task_record(swept)["primary_metric"]
-    shared = set.intersection(*(set(r.settings) for r in swept))
     out: dict[str, dict[float, list[float]]] = {}
     for run in swept:
-        by_rate = out.setdefault(_label(run, shared, setting), {})
+        by_rate = out.setdefault(_label(run, swept, setting), {})
         development = [scores[primary] for scores in run.results["source"].values()]
         by_rate.setdefault(_rate(run, setting), []).append(mean(development))
     return {method: dict(sorted(by_rate.items())) for method, by_rate in out.items()}
