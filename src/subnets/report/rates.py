@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from statistics import mean
 
-from subnets.report.runs import Run, task_record
+from subnets.report.runs import Run, method_label, task_record
 
 RATE = "train.lr_encoder"
 
@@ -39,28 +39,22 @@ def _rate(run: Run, setting: str) -> float | None:
     return rate
 
 
-def _label(run: Run, runs: Sequence[Run], setting: str) -> str:
-    """The run's method and the settings that set it apart from the method's other runs, the rate aside."""
-    same = [r for r in runs if r.results["method"] == run.results["method"]]
-    differing = [s for s in run.settings
-                 if not all(s in r.settings for r in same) and s.partition("=")[0].lstrip("+") != setting]  # fmt: skip
-    return run.results["method"] + (f" ({', '.join(differing)})" if differing else "")
-
-
 def rate_sweep(runs: Sequence[Run], setting: str = RATE) -> dict[str, dict[float, list[float]]]:
     """Method (labelled by its other settings) -> rate -> the mean primary metric of the training
     languages' development sets (results.json ``source``), one value per seed. A method is in the
     sweep when its command lines set ``setting``; its runs at the default rate count at that rate."""
     methods = {r.results["method"] for r in runs if _set_rate(r, setting) is not None}
-    swept = [r for r in runs if r.results["method"] in methods and _rate(r, setting) is not None]
-    if not swept:
+    rated = [(r, _rate(r, setting)) for r in runs if r.results["method"] in methods]
+    rated = [(run, rate) for run, rate in rated if rate is not None]
+    if not rated:
         return {}
+    swept = [run for run, _ in rated]
     primary = task_record(swept)["primary_metric"]
     out: dict[str, dict[float, list[float]]] = {}
-    for run in swept:
-        by_rate = out.setdefault(_label(run, swept, setting), {})
+    for run, rate in rated:
+        by_rate = out.setdefault(method_label(run, swept, ignore=setting), {})
         development = [scores[primary] for scores in run.results["source"].values()]
-        by_rate.setdefault(_rate(run, setting), []).append(mean(development))
+        by_rate.setdefault(rate, []).append(mean(development))
     return {method: dict(sorted(by_rate.items())) for method, by_rate in out.items()}
 
 

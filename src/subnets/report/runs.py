@@ -64,15 +64,20 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
             raise ValueError(f"{path}: not a results.json written by subnets ({error})") from error
     if not runs:
         raise FileNotFoundError(f"no run folders with results.json under {folder}")
-    # each run labelled by the settings that tell it from the other runs of its method (a rate, a variant)
-    labels = []
-    for run in runs:
-        same = [r for r in runs if r.method == run.method]
-        differing = [s for s in run.settings if not all(s in r.settings for r in same)]
-        labels.append(f"{run.method} ({', '.join(differing)})" if differing else run.method)
+    labels = [method_label(run, runs) for run in runs]
     for run, label in zip(runs, labels):
         run.method = label
     return sorted(runs, key=lambda r: (role(r.results)["order"], r.method, r.seed))
+
+
+def method_label(run: Run, runs: Sequence[Run], ignore: str | None = None) -> str:
+    """The run's method and the settings that tell it from the other runs of that method in ``runs``
+    (a rate, a variant), the setting ``ignore`` aside; settings every run of the method shares are left out."""
+    method = run.results["method"]
+    same = [r for r in runs if r.results["method"] == method]
+    differing = [s for s in run.settings
+                 if not all(s in r.settings for r in same) and s.partition("=")[0].lstrip("+") != ignore]  # fmt: skip
+    return method + (f" ({', '.join(differing)})" if differing else "")
 
 
 def _settings(folder: Path) -> tuple[str, ...]:
