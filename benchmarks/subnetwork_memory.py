@@ -6,11 +6,14 @@ backward, step) on the same batches:
 
 * ``subnetwork``: :func:`~subnets.masks.compact.train_subnetworks_only` with one static random
   subnetwork of ``--share`` of the heads and ``--share`` of the feed-forward neurons (drawn over
-  all layers, at least one of each): the transformer frozen, a ``subnetwork_values`` tensor for the
-  owned rows or columns of each projection;
+  all layers, at least one of each; ``--units heads`` or ``neurons`` for one kind only): the
+  transformer frozen, a ``subnetwork_values`` tensor for the owned rows or columns of each
+  projection;
 * ``lora``: LoRA (peft) on every projection the units own (query, key, value and attention
   output; feed-forward input and output projections), the rank chosen so that LoRA trains as
   many parameters as the subnetwork, as near as a whole rank comes;
+* ``shira``: SHiRA (peft's sparse high-rank adapter, a random mask) on the same projections at
+  LoRA's rank, so the same count;
 * ``full``: full fine-tuning (every parameter).
 
 The models: a Qwen2-style decoder with the geometry of Qwen2-0.5B (24 layers, hidden 896, 14
@@ -40,6 +43,7 @@ Usage::
 
     python benchmarks/subnetwork_memory.py                   # qwen2 and e5, 1% of the units
     python benchmarks/subnetwork_memory.py --models qwen2 --share 0.05 --steps 5
+    python benchmarks/subnetwork_memory.py --models e5 --units neurons --share 0.25 --batch-size 16  # the efficient study's budget
     python benchmarks/subnetwork_memory.py --smoke           # a tiny decoder and encoder: does it run
 
 Run it alone: timings on two cores are disturbed by any other job.
@@ -81,7 +85,7 @@ ESTIMATED = {
                      dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
 }  # fmt: skip
-METHODS = ("subnetwork", "lora", "full")
+METHODS = ("subnetwork", "lora", "shira", "full")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -158,7 +162,7 @@ def lora_rank(count: int, modules: dict[str, nn.Module]) -> tuple[int, int]:
 def prepare(name: str, method: str, args):
     """The model of ``name`` set up for ``method``: ``(model, trainable parameters, loss, facts)``."""
     model, transformer, loss, what = build(name, args.smoke)
-    gates = UnitGates(transformer, "both")
+    gates = UnitGates(transformer, args.units)
     subnetwork = random_subnetwork(gates, args.share)
     modules = projections(transformer, gates)
     count = subnetwork_count(gates, subnetwork.unit_mask, modules)
@@ -176,6 +180,12 @@ def prepare(name: str, method: str, args):
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(modules),
                                  bias="none")  # fmt: skip
         model = peft.get_peft_model(model, config)
+    elif method == "shira":
+        import peft
+
+        model = peft.get_peft_model(
+            model, peft.ShiraConfig(r=rank, target_modules=list(modules), random_seed=0)
+        )
     gates.remove()  # the gates are only for finding the units; none of the methods gates them
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad], loss, facts
@@ -288,11 +298,21 @@ def timing_worker(name: str, args) -> dict:
     return {method: statistics.median(t) for method, t in times.items()}
 
 
+def run_job(job: str, args) -> dict:
+    """``job`` (``model:method`` or ``model:timing``) in this process: its report."""
+    name, what = job.split(":")
+    return timing_worker(name, args) if what == "timing" else method_worker(name, what, args)
+
+
 def spawn(job: str, args) -> dict:
-    """Run ``job`` (``model:method`` or ``model:timing``) in a fresh process; its JSON report."""
+    """Run ``job`` in a fresh process, so that its memory is its own: its JSON report. A smoke run
+    (``--smoke``) runs it in this process instead: it checks that every part runs, not the figures,
+    and spares ten interpreters."""
+    if args.smoke:
+        return run_job(job, args)
     command = [sys.executable, __file__, "--worker", job, "--share", str(args.share), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
-               "--length", str(args.length), *(["--smoke"] if args.smoke else [])]  # fmt: skip
+               "--length", str(args.length), "--units", args.units, *(["--smoke"] if args.smoke else [])]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{job} failed:\n{done.stderr[-3000:]}")
@@ -311,7 +331,7 @@ def goal(name: str, what: str, value: float, met: bool) -> None:
 
 
 def report(name: str, args) -> None:
-    results = {method: spawn(f"{name}:{method}", args) for method in ("lora", "subnetwork", "full")}
+    results = {method: spawn(f"{name}:{method}", args) for method in ("lora", "subnetwork", "shira", "full")}
     timing = spawn(f"{name}:timing", args)
     facts = results["subnetwork"]
     kept = ", ".join(f"{facts['kept'][k]} of {facts['layers'] * n} {k}" for k, n in facts["units"].items())
@@ -346,9 +366,10 @@ def report(name: str, args) -> None:
     goal(name, "subnetwork step time / LoRA's (interleaved), <= 1.05", interleaved, interleaved <= 1.05)
 
 
-def estimate(share: float, gpu_gb: float = 80.0) -> None:
+def estimate(share: float, units: str, gpu_gb: float = 80.0) -> None:
     """Memory computed for the published layouts (not measured), activations excluded."""
-    print(f"\nComputed, not measured: one {gpu_gb:.0f} GB GPU, {share:.1%} of the heads and of the neurons (drawn as "
+    kinds = "of the heads and of the neurons" if units == "both" else f"of the {units}"
+    print(f"\nComputed, not measured: one {gpu_gb:.0f} GB GPU, {share:.1%} {kinds} (drawn as "
           "above), activations excluded. Frozen weights bf16 (2 B a parameter; fp32: 4 B) for subnetwork and LoRA; "
           "trainable parameters 16 B each (fp32 value, gradient and two AdamW moments); full fine-tuning 16 B a "
           "parameter (bf16 weights and gradients, fp32 master copy and moments; the same as all fp32)")  # fmt: skip
@@ -357,7 +378,7 @@ def estimate(share: float, gpu_gb: float = 80.0) -> None:
     for name, (config_class, values) in ESTIMATED.items():
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config_class(**values))
-        gates = UnitGates(model.model, "both", check=False)
+        gates = UnitGates(model.model, units, check=False)
         modules = projections(model.model, gates)
         count = subnetwork_count(gates, random_subnetwork(gates, share).unit_mask, modules)
         rank, per_rank = lora_rank(count, modules)
@@ -382,6 +403,12 @@ def main() -> None:
     parser.add_argument(
         "--share", type=float, default=0.01, help="share of the heads and of the neurons trained"
     )
+    parser.add_argument(
+        "--units",
+        choices=("heads", "neurons", "both"),
+        default="both",
+        help="the kinds of unit the subnetwork holds (and whose projections LoRA and SHiRA adapt)",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps (distinct batches)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
@@ -395,9 +422,7 @@ def main() -> None:
     if args.smoke:
         vars(args).update(steps=1, warmup=1, rounds=1, batch_size=2, length=16)
     if args.worker:
-        name, job = args.worker.split(":")
-        result = timing_worker(name, args) if job == "timing" else method_worker(name, job, args)
-        print(json.dumps(result))
+        print(json.dumps(run_job(args.worker, args)))
         return
     for name in args.models.split(","):
         if name == "e5" and not args.smoke and not (Path(E5_PATH) / "config.json").is_file():
@@ -405,7 +430,7 @@ def main() -> None:
                   "copy of intfloat/multilingual-e5-small")  # fmt: skip
             continue
         report(name, args)
-    estimate(args.share)
+    estimate(args.share, args.units)
 
 
 if __name__ == "__main__":

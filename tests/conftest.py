@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``first`` (the longest) run first, so that under ``pytest -n`` no worker
-    starts one of them while the others are finishing."""
-    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+    """Tests marked ``first`` (the longest) run first, then the other slow ones, so that under
+    ``pytest -n`` no worker starts a long test while the others are finishing."""
+    items.sort(
+        key=lambda item: (item.get_closest_marker("first") is None, item.get_closest_marker("slow") is None)
+    )
 
 
 SHARED = Path(os.environ.get("SUBNETS_SHARED", REPO.parent / "shared"))
@@ -121,6 +124,32 @@ def crash_after_checkpoint(monkeypatch, cfg, folder, step: int = 8) -> None:
 def _data_cache(tmp_path_factory):
     """One treebank cache for the session (subnets.data.cache), not the user's."""
     os.environ["SUBNETS_CACHE_DIR"] = str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="session")
+def mlm_run(tmp_path_factory) -> Path:
+    """The tiny BERT after masked language modelling on the synthetic languages (helpers.LEARN):
+    a folder holding the ``run`` and its last checkpoint exported to ``export``. Made once a session:
+    under pytest -n the first worker that needs it makes it, holding a lock, and the others reuse it."""
+    import fcntl
+
+    from helpers import LEARN
+
+    from subnets.hf.export import export_run
+    from subnets.training.runner import run
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common folder
+    folder = shared / "mlm_run"
+    with open(shared / "mlm_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "export" / "config.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            torch.manual_seed(0)
+            run(tiny_config("task=mlm", *LEARN), folder / "run")
+            export_run(folder / "run", folder / "export", checkpoint="last")
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,13 @@ def small_job(steps: int, interval: int, log_every: int) -> list[str]:
             f"train.checkpoint_every={interval}", f"train.log_every={log_every}"]  # fmt: skip
 
 
+# The learning job of the tasks' tests (tests/test_tasks.py, tests/test_subnetwork_only.py): the
+# small model, 300 sentences per language, 300 steps, no few-shot.
+LEARN = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=2000",
+         "languages.synthetic.train=300", "languages.synthetic.dev=50", "languages.synthetic.test=50",
+         "train.steps=300", "train.batch_size=32", "train.warmup_steps=30", "train.eval_every=100",
+         "train.checkpoint_every=100", "train.log_every=30", "fewshot.repetitions=0"]  # fmt: skip
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # The library, imported once by the fork server of spawn(): each process it starts is a fork of a

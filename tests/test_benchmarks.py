@@ -21,8 +21,8 @@ SMOKE = {
     "meta_step": ([needs_ud], rf"^tiny \| first \| subnets \| {N} \| {N} \|", 1),
     "method_step": ([], rf"^tiny( +{N}){{4}}$", 1),
     "sharding_memory": ([], rf"^(ddp|fsdp) +[01]( +{N}){{5}}$|^fsdp / ddp, bytes held per rank .*: {N} |^\S+B .* (yes|no) / (yes|no)$", 8),
-    "subnetwork_memory": ([], rf"^(qwen2|e5) +(subnetwork|lora|full) +\d+( +({N}|nan)){{8}}$|^goal (qwen2|e5): .*: ({N}|nan) "
-                          rf"(PASS|MISS)$|^(Qwen2-7B|Llama-3.1-8B) +(subnetwork|lora r=\d+|full) +{N}B +{N}M +{N} +{N} +(yes|no) / (yes|no)$", 18),
+    "subnetwork_memory": ([], rf"^(qwen2|e5) +(subnetwork|lora|shira|full) +\d+( +({N}|nan)){{8}}$|^goal (qwen2|e5): .*: ({N}|nan) "
+                          rf"(PASS|MISS)$|^(Qwen2-7B|Llama-3.1-8B) +(subnetwork|lora r=\d+|full) +{N}B +{N}M +{N} +{N} +(yes|no) / (yes|no)$", 20),
     "task_step": ([], rf"^(parsing|pos|ner|classification|mlm|clm) +tiny +{N} +{N} +\w+ +{N}$", 6),
     "train_step": ([needs_ud], rf"^tiny +\S+ +\S.* +({N}|skipped)( +<= {N})?$", 16),
 }  # fmt: skip

@@ -5,10 +5,11 @@ it learns parsing and tagging through the runner."""
 import pytest
 import torch
 from conftest import crash_after_checkpoint, scores, step_on, tiny_config
+from helpers import LEARN
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 from test_methods import SMALL_JOB
-from test_tasks import BOUNDS, LEARN
+from test_tasks import BOUNDS
 
 from subnets import load_run
 from subnets.config import SettingError

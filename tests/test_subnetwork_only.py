@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import SOURCES, crash_after_checkpoint, tiny_config, tiny_transformer
+from helpers import LEARN
 from test_shared import E5_PATH, needs_e5
 
 from subnets.config import SettingError
@@ -302,10 +303,6 @@ LEARNS = {"tagging": ("static", "upos", 60.0, []), "tagging-bf16_base": ("static
           "parsing": ("random", "las", 28.0, []), "ner": ("static", "f1", 12.0, []),
           "classification": ("static", "accuracy", 48.0, []), "mlm": ("static", "perplexity", 280.0, []),
           "clm": ("dynamic", "perplexity", 620.0, [])}  # fmt: skip
-LEARN = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=2000",
-         "languages.synthetic.train=300", "languages.synthetic.dev=50", "languages.synthetic.test=50",
-         "train.steps=300", "train.batch_size=32", "train.warmup_steps=30", "train.eval_every=100",
-         "train.checkpoint_every=100", "train.log_every=30", "fewshot.repetitions=0"]  # fmt: skip
 SUBNETWORKS = ["masks.train=subnetwork", "masks.units=both", "masks.selection=keep_ratio", "masks.finetune_steps=10",
                "dynamic.update_every=50"]  # fmt: skip
 
@@ -334,17 +331,6 @@ def clause_structure_root(folder) -> str:
     return f"languages.ud_root={root}"
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """The tiny BERT after masked language modelling on the synthetic languages, exported."""
-    from subnets.hf.export import export_run
-
-    folder = tmp_path_factory.mktemp("pretrained")
-    run(tiny_config("task=mlm", *LEARN), folder / "run")
-    export_run(folder / "run", folder / "export", checkpoint="last")
-    return folder / "export"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(LEARNS))
 def test_a_subnetwork_only_run_learns_every_task(tmp_path, case, request):
@@ -354,7 +340,7 @@ def test_a_subnetwork_only_run_learns_every_task(tmp_path, case, request):
     task = case.split("-")[0]
     model = ["task=clm", "model=tiny_qwen2"] if task == "clm" else [f"task={task}"]
     if task != "clm":
-        model.append(f"model.name_or_path={request.getfixturevalue('pretrained')}")
+        model.append(f"model.name_or_path={request.getfixturevalue('mlm_run') / 'export'}")
     if task == "classification":
         model += ["languages.source=ud", clause_structure_root(tmp_path / "data")]
     results = run(tiny_config(*model, f"+method={method}", *LEARN, *SUBNETWORKS, *extra), tmp_path / "run")
