@@ -47,6 +47,7 @@ SMALL_JOB = [
     "fewshot.steps=5",
     "masks.finetune_steps=20",
     "masks.importance_batches=2",
+    "masks.batch_size=16",  # the pins' search (debug=tiny's is 8 sentences a batch)
 ]
 # Static masks keep one head per layer (top_k=2 of 2 layers): the geometry in which maml_static
 # once diverged; neuron masks keep a share (a number of units cannot be shared between kinds).
