@@ -1,0 +1,99 @@
+"""The efficient study's figure: target LAS against the parameters trained per language and against
+the peak memory of a training step, each method at its chosen rate, mean and sd over seeds.
+
+    python docs/study/efficient/budget_figure.py   # writes docs/study/efficient/budget.png
+
+It reads the runs in ``runs/`` (their ``results.json``; for the subnetworks, few-shot with each
+target's own subnetwork from ``evaluations/masks.target_policy=support``). The memory is measured
+by ``benchmarks/subnetwork_memory.py`` at the study's budget, not by the runs (MEMORY_MB below).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).parent
+# The chosen rate of each method (the source languages' development LAS; report.md, "Learning rates").
+METHODS = {
+    "baseline": ("full fine-tuning", "0.0005"),
+    "lora": ("LoRA r 96", "0.001"),
+    "shira": ("SHiRA r 96", "0.001"),
+    "static": ("subnetworks, gradient-selected", "0.001"),
+    "activation": ("subnetworks, LAPE", "0.001"),
+    "random": ("subnetworks, random", "0.001"),
+}
+# Step peak memory in MB (resident growth over one AdamW step from no gradients and no optimizer
+# state) on multilingual-e5-small, batches of 16 x 64 tokens, measured by
+#   python benchmarks/subnetwork_memory.py --models e5 --units neurons --share 0.25 --batch-size 16
+# a quarter of the neurons (3,538,944 parameters) for every subnetwork; LoRA and SHiRA at rank 77 on
+# the feed-forward projections (3,548,160; the study's adapters sit on the attention projections at
+# rank 96, the same count); full fine-tuning every parameter.
+MEMORY_MB = {"baseline": 1104.3, "lora": 638.8, "shira": 631.8, "static": 513.9, "activation": 513.9,
+             "random": 513.9}  # fmt: skip
+
+
+def fewshot_las(results: dict) -> float:
+    return statistics.mean(
+        statistics.mean(r["las"] for r in language["runs"])
+        for language in results["fewshot"]["languages"].values()
+    )
+
+
+def method_scores(method: str, rate: str) -> dict[str, list[float]] | None:
+    """Per seed: parameters trained per language, zero-shot and few-shot LAS (mean over targets)."""
+    out = {"parameters": [], "zeroshot": [], "fewshot": []}
+    folders = sorted(HERE.glob(f"runs/{method}-lr{rate}-seed*"))
+    support = [f / "evaluations" / "masks.target_policy=support" / "results.json" for f in folders]
+    if any(s.exists() for s in support):  # a subnetwork method: only the seeds evaluated so
+        folders, support = zip(*[(f, s) for f, s in zip(folders, support) if s.exists()])
+    for folder, evaluation in zip(folders, support):
+        results = json.loads((folder / "results.json").read_text())
+        fewshot = json.loads(evaluation.read_text()) if evaluation.exists() else results
+        out["parameters"].append(statistics.mean(results["parameters"]["updated"].values()))
+        out["zeroshot"].append(results["target_mean"]["las"])
+        out["fewshot"].append(fewshot_las(fewshot))
+    return out if out["parameters"] else None
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    for index, (method, (label, rate)) in enumerate(METHODS.items()):
+        scores = method_scores(method, rate)
+        if scores is None:
+            continue
+        color, seeds = f"C{index}", len(scores["fewshot"])
+        nudge = 1 + 0.03 * (
+            index - 2.5
+        )  # the matched methods share a count: spread apart (at most 8%) to be seen
+        for axis, x in (
+            (axes[0], nudge * scores["parameters"][0] / 1e6),
+            (axes[1], MEMORY_MB[method]),
+        ):
+            for setting, marker in (("zeroshot", "o"), ("fewshot", "s")):
+                values = scores[setting]
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                axis.errorbar(x, statistics.mean(values), yerr=sd, fmt=marker, color=color, capsize=3,
+                              label=f"{label} ({seeds} seed{'s' * (seeds > 1)})" if setting == "fewshot" else None)  # fmt: skip
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("parameters trained per language (millions, log scale)")
+    axes[1].set_xlabel("peak memory of a training step (MB, benchmarks/subnetwork_memory.py)")
+    axes[0].set_ylabel("LAS, mean of 8 target languages")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.suptitle(
+        "UD parsing, multilingual-e5-small, 150 steps: zero-shot (circles), few-shot k=20 (squares)"
+    )
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.savefig(HERE / "budget.png", dpi=120)
+    print(HERE / "budget.png")
+
+
+if __name__ == "__main__":
+    main()
