@@ -161,6 +161,8 @@ def lora_rank(count: int, modules: dict[str, nn.Module]) -> tuple[int, int]:
 
 def prepare(name: str, method: str, args):
     """The model of ``name`` set up for ``method``: ``(model, trainable parameters, loss, facts)``."""
+    import peft
+
     model, transformer, loss, what = build(name, args.smoke)
     gates = UnitGates(transformer, args.units)
     subnetwork = random_subnetwork(gates, args.share)
@@ -175,14 +177,10 @@ def prepare(name: str, method: str, args):
         trained = train_subnetworks_only(model, [subnetwork], transformer, gates=gates)
         assert trained.numel() == count, (trained.numel(), count)
     elif method == "lora":
-        import peft
-
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(modules),
                                  bias="none")  # fmt: skip
         model = peft.get_peft_model(model, config)
     elif method == "shira":
-        import peft
-
         model = peft.get_peft_model(
             model, peft.ShiraConfig(r=rank, target_modules=list(modules), random_seed=0)
         )
@@ -312,7 +310,7 @@ def spawn(job: str, args) -> dict:
         return run_job(job, args)
     command = [sys.executable, __file__, "--worker", job, "--share", str(args.share), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
-               "--length", str(args.length), "--units", args.units, *(["--smoke"] if args.smoke else [])]  # fmt: skip
+               "--length", str(args.length), "--units", args.units]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{job} failed:\n{done.stderr[-3000:]}")
