@@ -87,38 +87,39 @@ def test_a_refused_run_prints_its_one_line_error_without_a_traceback(tmp_path):
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and message in verbose.stderr
 
 
-def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
+def test_multirun_sweep_gives_one_folder_per_job_and_a_rerun_overwrites_nothing(tmp_path):
     sweep = tmp_path / "sweep"
-    done = forked_cli("-m", *TINY, "+method=baseline", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ("-m", *TINY, "+method=baseline", "seed=1,2", f"hydra.sweep.dir={sweep}")
+    done = forked_cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    paths = sorted(sweep.glob("*/results.json"))
+    results = [json.loads(p.read_text()) for p in paths]
     assert len(results) == 2  # one folder per job
     by_seed = {r["seed"]: r for r in results}
     assert sorted(by_seed) == [1, 2]
     assert by_seed[1]["source"] != by_seed[2]["source"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher, rerun", [("parallel", True), ("slurm_local", False)])
-def test_launcher_sweep_runs_every_job_and_a_rerun_overwrites_nothing(tmp_path, launcher, rerun):
-    """Each launcher runs every job of a sweep in its own folder; a rerun of the sweep finds each
-    job finished and writes nothing (checked once: the check is in ``run``, not in the launcher)."""
-    sweep = tmp_path / "sweep"
-    args = ("-m", f"hydra/launcher={launcher}", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}")
-    # A real interpreter: the launchers start worker processes (joblib's loky, submitit) whose idle
-    # executors a forked helpers.python process would wait on at exit until its timeout.
-    done = cli(*args, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    paths = sorted(sweep.glob("*/results.json"))
-    assert sorted(json.loads(p.read_text())["seed"] for p in paths) == [1, 2]
+    # a rerun finds each job finished and writes nothing (the check is in run, whatever the launcher)
     written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
-    if not rerun:
-        return
-    again = cli(*args, cwd=tmp_path, timeout=600)
+    again = forked_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == written
     for path in paths:  # each job said so in its log
         assert "already finished" in (path.parent / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["parallel", "slurm_local"])
+def test_launcher_sweep_runs_every_job_in_its_own_folder(tmp_path, launcher):
+    """Each launcher runs every job of a sweep in its own folder (a rerun's check is in ``run``,
+    whatever the launcher: test_multirun_sweep_gives_one_folder_per_job_and_a_rerun_overwrites_nothing)."""
+    sweep = tmp_path / "sweep"
+    # A real interpreter: the launchers start worker processes (joblib's loky, submitit) whose idle
+    # executors a forked helpers.python process would wait on at exit until its timeout.
+    done = cli("-m", f"hydra/launcher={launcher}", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+               timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = sorted(sweep.glob("*/results.json"))
+    assert sorted(json.loads(p.read_text())["seed"] for p in paths) == [1, 2]
 
 
 def test_misspelt_setting_fails_with_its_name(tmp_path):

@@ -66,24 +66,3 @@ def test_e5_small_forward_backward_on_real_batches():
         layer0 = model.encoder.transformer.encoder.layer[0].attention.self.query.weight
         assert layer0.grad is not None and layer0.grad.abs().sum() > 0
         model.zero_grad()
-
-
-@pytest.mark.slow
-@pytest.mark.first
-@needs_ud
-@needs_e5
-# (static masks on the same data and encoder: README's UD study command, tests/test_readme.py,
-# checks the same languages and the masks' figure)
-@pytest.mark.parametrize("method", [["+method=dynamic", "dynamic.update_every=2"]], ids=["dynamic"])
-def test_methods_run_on_real_ud_with_e5_by_settings_only(tmp_path, method):
-    from subnets.config import compose_config
-    from subnets.training.runner import run
-
-    budget = ["languages.max_train_sentences=16", "languages.max_eval_sentences=4", "train.steps=4",
-              "train.eval_every=4", "train.batch_size=4", "masks.batch_size=4", "wandb.mode=disabled",
-              "fewshot.k=2", "fewshot.repetitions=1", "fewshot.steps=1"]  # fmt: skip
-    env = [f"languages.ud_root={UD_ROOT}", f"model.name_or_path={E5_PATH}"]
-    results = run(compose_config(["+experiment=ud_e5", *method, *budget, *env]), tmp_path)
-    assert set(results["target"]) == UD_TARGETS
-    assert set(results["sparsity"]) == UD_SOURCES
-    assert (tmp_path / "masks" / "overlap.png").exists()

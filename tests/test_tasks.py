@@ -136,6 +136,38 @@ def test_a_masked_lm_batch_with_nothing_masked_has_a_zero_loss_not_nan(tmp_path)
     assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
 
 
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_a_language_models_loss_and_scores_are_those_of_its_whole_output_layer(tmp_path, task):
+    # the output layer runs on the predicted tokens alone: the same loss and per-sentence scores
+    # as the logits of every token with the others ignored
+    import torch.nn.functional as F
+
+    from subnets.training.runner import Run
+
+    run = Run(tiny_config(f"task={task}", *(["model=tiny_qwen2"] if task == "clm" else [])), tmp_path)
+    try:
+        run.setup()
+        model = run.model.eval()
+        batch = run.batches.next_batch("syn_svo", 8)
+        with torch.no_grad():
+            inputs, labels = model.inputs_and_labels(batch)
+            logits = model.logits(model.encoder.tokens(inputs, batch.attention_mask))
+            loss = model(batch).loss
+            scores = model.predict(batch)
+    finally:
+        run.close()
+    assert (labels != -100).sum() < labels.numel()  # some tokens are not predicted
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item(), rel=1e-6
+    )
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    for b, (summed, count, right) in enumerate(scores):
+        predicted = labels[b] != -100
+        assert count == int(predicted.sum())
+        assert summed == pytest.approx(float(nll[b][predicted].double().sum()), rel=1e-6)
+        assert right == int((logits[b].argmax(-1) == labels[b])[predicted].sum())
+
+
 # ---------------------------------------------------------------- readers and their errors
 def write(path, text):
     path.write_text(text, encoding="utf-8")

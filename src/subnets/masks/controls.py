@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.stats import hypergeom
 
 from subnets.masks.selection import Units, per_kind
 from subnets.masks.subnetwork import Subnetwork, SubnetworkSet
@@ -80,6 +79,8 @@ def random_like(masks: SubnetworkSet, seed: int) -> SubnetworkSet:
 
 def _hypergeometric(n: int, a: int, b: int) -> np.ndarray:
     """P(I = i), i = 0..min(a, b), for the overlap of random subsets of sizes a and b of n items."""
+    from scipy.stats import hypergeom  # scipy.stats costs most of a second at import: only where used
+
     return hypergeom.pmf(np.arange(min(a, b) + 1), n, a, b)
 
 

@@ -56,8 +56,12 @@ def ticket(moved: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """The ``k`` coordinates with the largest ``moved`` values over all tensors together (ties
     broken by position), as boolean masks by name."""
     flat = torch.cat([v.detach().flatten().double().cpu() for v in moved.values()])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.sort(-flat, stable=True).indices[:k]] = True
+    # what a stable sort's first k would keep, without sorting every coordinate of a large model:
+    # all above the k-th largest value, then the first of those equal to it
+    threshold = -torch.kthvalue(-flat, k).values
+    chosen = flat > threshold
+    tied = (flat == threshold).nonzero().flatten()
+    chosen[tied[: k - int(chosen.sum())]] = True
     masks, start = {}, 0
     for name, value in moved.items():
         masks[name] = chosen[start : start + value.numel()].view(value.shape)

@@ -126,29 +126,33 @@ class LanguageModel(TaskModel):
             batch.input_ids, batch.special, self.mask_id, self.vocab_size, self.mlm_probability, generator
         )
 
-    def _nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predicted(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits and labels of the predicted tokens only (``[predicted, vocabulary]`` and
+        ``[predicted]``), and the ``[batch, tokens]`` mask of where they are. The output layer runs
+        on those tokens alone: a masked LM predicts 15% of them, and a multilingual vocabulary
+        (e5-small's 250k words) makes that layer most of a step."""
         inputs, labels = self.inputs_and_labels(batch)
         hidden = self.encoder.tokens(inputs, batch.attention_mask)
-        logits = self.logits(hidden)
-        return logits, labels
+        predicted = labels != -100
+        return self.logits(hidden[predicted]), labels[predicted], predicted
 
     def forward(self, batch) -> TaskOutput:
-        logits, labels = self._nll(batch)
-        if (labels == -100).all():  # nothing masked in a small batch: no loss, not 0/0 = NaN
-            loss = logits.sum() * 0.0
-        else:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits, labels, _ = self._predicted(batch)
+        # nothing masked in a small batch: no loss, not 0/0 = NaN
+        loss = logits.sum() * 0.0 if labels.numel() == 0 else F.cross_entropy(logits, labels)
         return TaskOutput(loss, {"lm": loss.detach()})
 
     @torch.no_grad()
     def predict(self, batch) -> list[tuple[float, int, int]]:
-        logits, labels = self._nll(batch)
-        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-        nll = nll.view(labels.shape)
-        predicted = labels != -100
-        right = (logits.argmax(-1) == labels) & predicted
-        return [(float(nll[b][predicted[b]].double().sum()), int(predicted[b].sum()), int(right[b].sum()))
-                for b in range(labels.shape[0])]  # fmt: skip
+        logits, labels, predicted = self._predicted(batch)
+        nll = F.cross_entropy(logits, labels, reduction="none").double()
+        right = (logits.argmax(-1) == labels).long()
+        example = predicted.nonzero()[:, 0]  # the example of each predicted token, in order
+        size = predicted.shape[0]
+        summed = torch.zeros(size, dtype=torch.float64, device=nll.device).index_add_(0, example, nll)
+        correct = torch.zeros(size, dtype=torch.long, device=nll.device).index_add_(0, example, right)
+        counts = predicted.sum(dim=1)
+        return [(float(summed[b]), int(counts[b]), int(correct[b])) for b in range(size)]
 
     def sentence_representations(self, batch) -> torch.Tensor:
         hidden = self.encoder.tokens(batch.input_ids, batch.attention_mask)
