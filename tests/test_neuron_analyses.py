@@ -246,3 +246,41 @@ def test_deactivating_a_languages_activation_selected_neurons_changes_its_perple
     with torch.no_grad(), model.gates.applied(gates):
         assert table["metric"][0][0] == pytest.approx(perplexity(model, data["a"]))
     assert model.gates.values is None and not model.training
+
+
+# ---------------------------------------------------------------- the study's script
+def test_the_studys_deactivation_script_zeroes_the_runs_and_lapes_neurons_of_a_masked_lm_run(tmp_path):
+    """docs/study/efficient/deactivation.py on a tiny masked-LM run with activation-selected neurons:
+    a table for the run's own masks and one for LAPE's share, each row zeroing as many neurons as
+    its selection holds, every metric its language's baseline plus the change."""
+    import json
+
+    from conftest import REPO, tiny_config
+    from helpers import python
+
+    from subnets.training.runner import run
+
+    settings = ["task=mlm", "+method=static", "masks.units=neurons", "masks.importance=activation",
+                "masks.selection=keep_ratio", "masks.keep_ratio=0.25", "train.steps=4", "fewshot.repetitions=0"]  # fmt: skip
+    results = run(tiny_config(*settings), tmp_path / "run")
+    script = REPO / "docs" / "study" / "efficient" / "deactivation.py"
+    done = python(script, str(tmp_path / "run"), "--share", "0.05", "--batches", "2", "--output", "table.json",
+                  cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads((tmp_path / "table.json").read_text())
+    layers, neurons = 2, 64  # debug=tiny's model
+    languages = list(results["sparsity"])
+    for name, per_language in (
+        ("masks", round(0.25 * layers * neurons)),
+        ("lape", round(0.05 * layers * neurons)),
+    ):
+        table = found[name]
+        assert table["deactivated"] == languages and table["evaluated"] == languages
+        assert table["neurons"] == dict.fromkeys(languages, per_language)
+        for changes, metrics in zip(table["change"], table["metric"]):
+            for lang, change, metric in zip(languages, changes, metrics):
+                assert metric == pytest.approx(table["baseline"][lang] + change)
+        diagonal = [table["change"][i][i] for i in range(len(languages))]
+        assert table["diagonal"] == pytest.approx(sum(diagonal) / len(diagonal))
+        assert f"{name}: perplexity change" in done.stdout
+    assert found["masks"]["baseline"] == found["lape"]["baseline"]  # the same batches, ungated
