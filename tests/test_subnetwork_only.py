@@ -421,7 +421,8 @@ def test_the_trainer_trains_dynamic_subnetworks_alone_across_reselections(tmp_pa
 E5_SCRIPT = """
 import sys, torch, transformers
 from subnets.hf import SubnetworkModel
-base = transformers.AutoModelForTokenClassification.from_pretrained(sys.argv[1], num_labels=3)
+dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+base = transformers.AutoModelForTokenClassification.from_pretrained(sys.argv[1], num_labels=3, **dtype)
 model = SubnetworkModel.from_pretrained(base, sys.argv[2])
 model.eval()
 with torch.no_grad(), model.language("fr"):
@@ -449,7 +450,9 @@ def test_a_subnetwork_only_trainer_run_on_e5_small_reloads_in_another_process_wi
 
     data = {"de": tagged("de", 0), "fr": tagged("fr", 1)}
     torch.manual_seed(0)  # the new classifier: seeded as in the second process
-    base = transformers.AutoModelForTokenClassification.from_pretrained(str(E5_PATH), num_labels=3)
+    # e5-small's checkpoint is float16, which transformers 5 keeps: float32 as the guide loads it
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    base = transformers.AutoModelForTokenClassification.from_pretrained(str(E5_PATH), num_labels=3, **dtype)
     model = with_subnetworks(base, SubnetworkConfig(units="both", keep_ratio=0.05, train="subnetwork"))
     find_subnetworks(model, data, max_batches=1)  # which units does not matter here: one batch scores them
     trained = model.subnetwork_parameters.numel()
@@ -469,7 +472,7 @@ def test_a_subnetwork_only_trainer_run_on_e5_small_reloads_in_another_process_wi
                     str(tmp_path / "out.pt")], check=True, env=environment)  # fmt: skip
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
     untrained = transformers.AutoModelForTokenClassification.from_pretrained(
-        str(E5_PATH), num_labels=3
+        str(E5_PATH), num_labels=3, **dtype
     ).eval()
     with torch.no_grad():
         assert not torch.equal(untrained(input_ids=inputs).logits, expected)
