@@ -99,6 +99,11 @@ class SubnetworkModel(nn.Module):
         self.base_fingerprint = fingerprint(model)
         if masks is not None:
             self.set_masks(masks)
+        half = [n for n, p in model.named_parameters() if p.dtype == torch.float16 and p.device.type == "cpu"]
+        if half:  # transformers 5 keeps a checkpoint's precision (e5-small's is float16)
+            log.warning("%d of the model's parameters (%s, ...) are float16 on the CPU: their forward and backward "
+                        "run many times slower there and training loses precision; load the model with "
+                        "dtype=torch.float32", len(half), half[0])  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:
         try:
