@@ -1,28 +1,36 @@
-"""The efficient study's figure: target LAS against the parameters trained per language and against
-the peak memory of a training step, each method at its chosen rate, mean and sd over seeds.
+"""The efficient study's figure: the target score against the parameters trained per language and
+against the peak memory of a training step, each method at its chosen rate, mean and sd over seeds.
 
-    python docs/study/efficient/budget_figure.py   # writes docs/study/efficient/budget.png
+    python docs/study/efficient/budget_figure.py                 # parsing: writes budget.png
+    python docs/study/efficient/budget_figure.py --task tagging  # UPOS: writes tagging/budget.png
 
-It reads the runs in ``runs/`` (their ``results.json``; for the subnetworks, few-shot with each
-target's own subnetwork from ``evaluations/masks.target_policy=support``). The memory is measured
-by ``benchmarks/subnetwork_memory.py`` at the study's budget, not by the runs (MEMORY_MB below).
+It reads the runs in ``runs/`` (``tagging/runs/``), named ``<method>-lr<rate>-seed<seed>``: their
+``results.json``, and for the subnetworks few-shot with each target's own subnetwork from
+``evaluations/masks.target_policy=support`` where it was run (the union's few-shot otherwise). Each
+method's rate is the study's choice: the best mean score of the source languages' development sets
+at seed 1, never the targets'. The memory is measured by ``benchmarks/subnetwork_memory.py`` at the
+study's budget, not by the runs (MEMORY_MB below; the encoder's step, the same for both tasks).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# The chosen rate of each method (the source languages' development LAS; report.md, "Learning rates").
 METHODS = {
-    "baseline": ("full fine-tuning", "0.0005"),
-    "lora": ("LoRA r 96", "0.001"),
-    "shira": ("SHiRA r 96", "0.001"),
-    "static": ("subnetworks, gradient-selected", "0.001"),
-    "activation": ("subnetworks, LAPE", "0.001"),
-    "random": ("subnetworks, random", "0.001"),
+    "baseline": "full fine-tuning",
+    "lora": "LoRA r 96",
+    "shira": "SHiRA r 96",
+    "static": "subnetworks, gradient-selected",
+    "activation": "subnetworks, LAPE",
+    "random": "subnetworks, random",
+}
+TASKS = {
+    "parsing": ("runs", "las", "UD parsing", "LAS"),
+    "tagging": ("tagging/runs", "upos", "UPOS tagging", "UPOS"),
 }
 # Step peak memory in MB (resident growth over one AdamW step from no gradients and no optimizer
 # state) on multilingual-e5-small, batches of 16 x 64 tokens, measured by
@@ -34,17 +42,28 @@ MEMORY_MB = {"baseline": 1104.3, "lora": 638.8, "shira": 631.8, "static": 513.9,
              "random": 513.9}  # fmt: skip
 
 
-def fewshot_las(results: dict) -> float:
+def fewshot_score(results: dict, metric: str) -> float:
     return statistics.mean(
-        statistics.mean(r["las"] for r in language["runs"])
+        statistics.mean(r[metric] for r in language["runs"])
         for language in results["fewshot"]["languages"].values()
     )
 
 
-def method_scores(method: str, rate: str) -> dict[str, list[float]] | None:
-    """Per seed: parameters trained per language, zero-shot and few-shot LAS (mean over targets)."""
+def chosen_rate(runs: Path, method: str, metric: str) -> str | None:
+    """The rate of ``method``'s seed-1 run with the best mean source development score."""
+    scores = {
+        folder.name.split("-lr")[1].rsplit("-seed", 1)[0]: json.loads((folder / "results.json").read_text())
+        for folder in runs.glob(f"{method}-lr*-seed1")
+        if (folder / "results.json").exists()
+    }
+    scores = {rate: results["source_mean"][metric] for rate, results in scores.items() if rate != "default"}
+    return max(scores, key=scores.get) if scores else None
+
+
+def method_scores(runs: Path, method: str, rate: str, metric: str) -> dict[str, list[float]] | None:
+    """Per seed: parameters trained per language, zero-shot and few-shot score (mean over targets)."""
     out = {"parameters": [], "zeroshot": [], "fewshot": []}
-    folders = sorted(HERE.glob(f"runs/{method}-lr{rate}-seed*"))
+    folders = sorted(runs.glob(f"{method}-lr{rate}-seed*"))
     support = [f / "evaluations" / "masks.target_policy=support" / "results.json" for f in folders]
     if any(s.exists() for s in support):  # a subnetwork method: only the seeds evaluated so
         folders, support = zip(*[(f, s) for f, s in zip(folders, support) if s.exists()])
@@ -52,21 +71,27 @@ def method_scores(method: str, rate: str) -> dict[str, list[float]] | None:
         results = json.loads((folder / "results.json").read_text())
         fewshot = json.loads(evaluation.read_text()) if evaluation.exists() else results
         out["parameters"].append(statistics.mean(results["parameters"]["updated"].values()))
-        out["zeroshot"].append(results["target_mean"]["las"])
-        out["fewshot"].append(fewshot_las(fewshot))
+        out["zeroshot"].append(results["target_mean"][metric])
+        out["fewshot"].append(fewshot_score(fewshot, metric))
     return out if out["parameters"] else None
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=list(TASKS), default="parsing")
+    args = parser.parse_args()
+    folder, metric, title, name = TASKS[args.task]
+    runs = HERE / folder
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
-    for index, (method, (label, rate)) in enumerate(METHODS.items()):
-        scores = method_scores(method, rate)
-        if scores is None:
+    for index, (method, label) in enumerate(METHODS.items()):
+        rate = chosen_rate(runs, method, metric)
+        scores = rate and method_scores(runs, method, rate, metric)
+        if not scores:
             continue
         color, seeds = f"C{index}", len(scores["fewshot"])
         nudge = 1 + 0.03 * (
@@ -80,19 +105,20 @@ def main() -> None:
                 values = scores[setting]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 axis.errorbar(x, statistics.mean(values), yerr=sd, fmt=marker, color=color, capsize=3,
-                              label=f"{label} ({seeds} seed{'s' * (seeds > 1)})" if setting == "fewshot" else None)  # fmt: skip
+                              label=f"{label}, {float(rate):g} ({seeds} seed{'s' * (seeds > 1)})" if setting == "fewshot" else None)  # fmt: skip
     axes[0].set_xscale("log")
     axes[0].set_xlabel("parameters trained per language (millions, log scale)")
     axes[1].set_xlabel("peak memory of a training step (MB, benchmarks/subnetwork_memory.py)")
-    axes[0].set_ylabel("LAS, mean of 8 target languages")
+    axes[0].set_ylabel(f"{name}, mean of 8 target languages")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     figure.suptitle(
-        "UD parsing, multilingual-e5-small, 150 steps: zero-shot (circles), few-shot k=20 (squares)"
+        f"{title}, multilingual-e5-small, 150 steps: zero-shot (circles), few-shot k=20 (squares)"
     )
     figure.tight_layout(rect=(0, 0.12, 1, 1))
-    figure.savefig(HERE / "budget.png", dpi=120)
-    print(HERE / "budget.png")
+    output = runs.parent / "budget.png"
+    figure.savefig(output, dpi=120)
+    print(output)
 
 
 if __name__ == "__main__":
