@@ -6,10 +6,11 @@ against the peak memory of a training step, each method at its chosen rate, mean
 
 It reads the runs in ``runs/`` (``tagging/runs/``), named ``<method>-lr<rate>-seed<seed>``: their
 ``results.json``, and for the subnetworks few-shot with each target's own subnetwork from
-``evaluations/masks.target_policy=support`` where it was run (the union's few-shot otherwise). Each
-method's rate is the study's choice: the best mean score of the source languages' development sets
-at seed 1, never the targets'. The memory is measured by ``benchmarks/subnetwork_memory.py`` at the
-study's budget, not by the runs (MEMORY_MB below; the encoder's step, the same for both tasks).
+``evaluations/masks.target_policy=support`` (only the seeds so evaluated; a method with none: the
+union's few-shot). Each method's rate is the study's choice: the best mean score of the source
+languages' development sets at seed 1, never the targets'. The memory is measured by
+``benchmarks/subnetwork_memory.py`` at the study's budget, not by the runs (MEMORY_MB below; the
+encoder's step, the same for both tasks).
 """
 
 from __future__ import annotations
