@@ -424,8 +424,8 @@ def test_the_trainer_trains_dynamic_subnetworks_alone_across_reselections(tmp_pa
 E5_SCRIPT = """
 import sys, torch, transformers
 from subnets.hf import SubnetworkModel
-dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
-base = transformers.AutoModelForTokenClassification.from_pretrained(sys.argv[1], num_labels=3, **dtype)
+from subnets.models.encoder import float32_weights
+base = transformers.AutoModelForTokenClassification.from_pretrained(sys.argv[1], num_labels=3, **float32_weights())
 model = SubnetworkModel.from_pretrained(base, sys.argv[2])
 model.eval()
 with torch.no_grad(), model.language("fr"):
@@ -445,6 +445,7 @@ def test_a_subnetwork_only_trainer_run_on_e5_small_reloads_in_another_process_wi
     from test_hf_save import train
 
     from subnets.hf import SubnetworkConfig, find_subnetworks, with_subnetworks
+    from subnets.models.encoder import float32_weights
 
     def tagged(code: str, shift: int) -> datasets.Dataset:
         ids = torch.randint(1000, 30000, (24, 12), generator=torch.Generator().manual_seed(shift))
@@ -454,7 +455,7 @@ def test_a_subnetwork_only_trainer_run_on_e5_small_reloads_in_another_process_wi
     data = {"de": tagged("de", 0), "fr": tagged("fr", 1)}
     torch.manual_seed(0)  # the new classifier: seeded as in the second process
     # e5-small's checkpoint is float16, which transformers 5 keeps: float32 as the guide loads it
-    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    dtype = float32_weights()
     base = transformers.AutoModelForTokenClassification.from_pretrained(str(E5_PATH), num_labels=3, **dtype)
     model = with_subnetworks(base, SubnetworkConfig(units="both", keep_ratio=0.05, train="subnetwork"))
     find_subnetworks(model, data, max_batches=1)  # which units does not matter here: one batch scores them

@@ -114,10 +114,15 @@ def max_subwords(transformer: nn.Module, tokenizer) -> int:
     return int(limit) if limit is not None else 512
 
 
+def float32_weights() -> dict[str, torch.dtype]:
+    """``from_pretrained``'s keyword argument for float32 weights: ``dtype`` on transformers 5 (which
+    otherwise keeps a checkpoint's precision, e5-small's float16), ``torch_dtype`` before."""
+    return {"dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype": torch.float32}
+
+
 def load_pretrained(name_or_path: str, attn_implementation: str | None = None) -> tuple[nn.Module, object]:
     """``AutoModel`` and fast ``AutoTokenizer`` from a hub name or a local folder, in float32."""
-    dtype_key = "dtype" if TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
-    kwargs = {dtype_key: torch.float32}
+    kwargs = float32_weights()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
