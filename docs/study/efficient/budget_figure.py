@@ -50,15 +50,16 @@ def fewshot_score(results: dict, metric: str) -> float:
     )
 
 
-def chosen_rate(runs: Path, method: str, metric: str) -> str | None:
-    """The rate of ``method``'s seed-1 run with the best mean source development score."""
-    scores = {
-        folder.name.split("-lr")[1].rsplit("-seed", 1)[0]: json.loads((folder / "results.json").read_text())
-        for folder in runs.glob(f"{method}-lr*-seed1")
-        if (folder / "results.json").exists()
-    }
-    scores = {rate: results["source_mean"][metric] for rate, results in scores.items() if rate != "default"}
-    return max(scores, key=scores.get) if scores else None
+def chosen_rates_by_folder(runs: Path) -> dict[str, str]:
+    """Method (as the folders name it) -> the rate ``subnets.report`` chooses from the seed-1 sweep
+    (its "Learning rates" rule), written as the folders write it."""
+    from subnets.report.rates import RATE, chosen_rates
+    from subnets.report.runs import load_runs, method_label
+
+    sweep = [run for run in load_runs(runs) if run.results["seed"] == 1]
+    chosen = chosen_rates(sweep)
+    labels = {run.path.name.split("-lr")[0]: method_label(run, sweep, ignore=RATE) for run in sweep}
+    return {method: f"{chosen[label]:g}" for method, label in labels.items() if label in chosen}
 
 
 def method_scores(runs: Path, method: str, rate: str, metric: str) -> dict[str, list[float]] | None:
@@ -89,8 +90,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    rates = chosen_rates_by_folder(runs)
     for index, (method, label) in enumerate(METHODS.items()):
-        rate = chosen_rate(runs, method, metric)
+        rate = rates.get(method)
         scores = rate and method_scores(runs, method, rate, metric)
         if not scores:
             continue
